@@ -1,0 +1,2297 @@
+#!/usr/bin/env python3
+"""reverse_search: find a picture, or its near-duplicates, in your own folders.
+
+Reads params.json, hashes the images under ``img_dirs`` into an SQLite
+database, keeps a rebuildable index of the hashes in ``bk_dir`` and runs one
+operation: build, update, search, find_duplicates or export.
+
+    python reverse_search.py                  # the operation in params.json
+    python reverse_search.py search photo.jpg --distance-threshold 6
+    python reverse_search.py --help
+
+Hamming distances are counted in bits (XOR, then popcount).  Every engine
+returns exactly the set a brute-force comparison of all hashes returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+__version__ = "1.0.0"
+
+PARAMS_NAME = "params.json"
+DB_NAME = "images.db"
+INDEX_NAME = "hashes.idx"
+BKTREE_NAME = "bktree.idx"
+SCHEMA_VERSION = 1
+INDEX_FORMAT = 1
+INDEX_MAGIC = b"REVERSE-SEARCH-INDEX\n"
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class ReverseSearchError(Exception):
+    """A failure the user can act on: printed as one message, no traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(ReverseSearchError):
+    """Bad params.json or command line."""
+
+    exit_code = 2
+
+
+class StoreError(ReverseSearchError):
+    """The database, index or output folder cannot be used."""
+
+
+class SkipFile(ReverseSearchError):
+    """One image cannot be hashed; it is recorded and the run goes on."""
+
+
+# ============================================================================
+# Config
+# ============================================================================
+
+OPERATIONS = ("build", "update", "search", "find_duplicates", "export")
+HASH_METHODS = ("ahash", "phash", "phash_simple", "dhash", "dhash_vertical",
+                "whash", "whash_db4", "colorhash")
+HASH_MODES = ("fast", "exact")
+ENGINES = ("auto", "scan", "mih", "bktree")
+FORMATS = ("text", "json", "csv")
+DEFAULT_EXTENSIONS = [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
+                      ".dib", ".tif", ".tiff", ".webp", ".avif", ".heic",
+                      ".heif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
+                      ".jp2", ".j2k", ".pcx", ".psd"]
+PATH_KEYS = ("db_dir", "bk_dir", "input_dir", "output_dir")
+
+
+def _key(default, help_text, *, choices=None, minimum=None, maximum=None,
+         path=False):
+    """A config field: default plus what --help, validation and README use."""
+    meta = {"help": help_text, "choices": choices, "minimum": minimum,
+            "maximum": maximum, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Every setting, with its default.  params.json and flags override it."""
+
+    operation: str = _key(
+        "search", "what to run", choices=OPERATIONS)
+    img_dirs: list = _key(
+        ["examples/images"], "folders of your collection (searched recursively)",
+        path=True)
+    input_dir: str = _key(
+        "examples/queries", "folder (or single image) to search for", path=True)
+    db_dir: str = _key(
+        "db", "folder of the SQLite database", path=True)
+    bk_dir: str = _key(
+        "index", "folder of the index cache (rebuilt when missing or stale)",
+        path=True)
+    output_dir: str = _key(
+        "results", "folder where result files are written", path=True)
+    hash_method: str = _key(
+        "dhash", "perceptual hash", choices=HASH_METHODS)
+    hash_size: int = _key(
+        8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit",
+        minimum=2, maximum=32)
+    colorhash_binbits: int = _key(
+        3, "bits per colour bin for colorhash (hash has 14 * binbits bits)",
+        minimum=1, maximum=8)
+    hash_mode: str = _key(
+        "fast", "fast: reduced-size decoding, EXIF rotation, alpha and 16-bit "
+        "handled; exact: plain ImageHash values, bit for bit",
+        choices=HASH_MODES)
+    distance_method: str = _key(
+        "hamming", "distance between hashes (bits that differ)",
+        choices=("hamming",))
+    distance_threshold: int = _key(
+        5, "largest distance that counts as a match (0 = identical hash)",
+        minimum=0)
+    stop_on_first_match: bool = _key(
+        False, "search: report only the nearest match of each query")
+    engine: str = _key(
+        "auto", "search engine: auto picks the fastest exact one",
+        choices=ENGINES)
+    workers: int = _key(
+        0, "processes that hash images (0 = one per CPU core)", minimum=0)
+    output_format: str = _key(
+        "text", "what is printed on stdout", choices=FORMATS)
+    extensions: list = _key(
+        DEFAULT_EXTENSIONS, "file name endings to consider ([] = every file)")
+    follow_symlinks: bool = _key(
+        True, "follow symbolic links to files and folders")
+    max_image_pixels: int = _key(
+        178956970, "images with more pixels are skipped before decoding",
+        minimum=1)
+    max_file_mb: int = _key(
+        1024, "files larger than this many MiB are skipped", minimum=1)
+    lock_timeout: float = _key(
+        10.0, "seconds to wait for another run that is writing the database",
+        minimum=0)
+
+    # ---- derived values (not keys) ----
+    @property
+    def spec(self) -> HashSpec:
+        return HashSpec(self.hash_method, self.hash_size,
+                        self.colorhash_binbits, self.hash_mode)
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.db_dir, DB_NAME)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+@dataclass
+class Run:
+    """One invocation: the settings plus what only the command line gives."""
+
+    config: Config
+    params_path: str
+    queries: list
+    quiet: bool = False
+    debug: bool = False
+
+
+def default_params_path() -> str:
+    """params.json beside the script, or beside the executable when frozen."""
+    if getattr(sys, "frozen", False):
+        here = os.path.dirname(os.path.abspath(sys.executable))
+    else:
+        here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(here, PARAMS_NAME)
+
+
+def default_params() -> dict:
+    return {name: f.default if f.default is not dataclasses.MISSING
+            else f.default_factory() for name, f in CONFIG_FIELDS.items()}
+
+
+def write_default_params(path: str) -> None:
+    text = json.dumps(default_params(), indent=2) + "\n"
+    with open(path, "x", encoding="utf-8") as fh:  # "x": never overwrite
+        fh.write(text)
+
+
+def read_params(path: str) -> dict:
+    """The JSON object in params.json, or a ConfigError that says why not."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror}).") from None
+    try:
+        text = data.decode("utf-8-sig")  # tolerate the BOM Notepad writes
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}). Save the file as UTF-8.") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+            f"{exc.msg}. Check quotes, commas and brackets there.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a JSON object like {{\"img_dirs\": [\"photos\"]}}, "
+            f"found a {_json_type(raw)}.")
+    return raw
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else "object"
+
+
+def _check_value(name: str, value, where: str):
+    """Type-check one key; returns the value in its Python type."""
+    f = CONFIG_FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    expected = {"str": "a string", "int": "a whole number", "bool": "true or false",
+                "float": "a number", "list": "a list of strings"}[kind]
+    ok = {"str": isinstance(value, str),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "bool": isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "list": isinstance(value, list) and all(isinstance(v, str) for v in value)}
+    if kind == "list" and isinstance(value, str):
+        value, ok["list"] = [value], True  # one folder given as a plain string
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value, ok["int"] = int(value), True
+    if not ok[kind]:
+        raise ConfigError(f"{where}: key '{name}' must be {expected}, "
+                          f"got {_json_type(value)} {json.dumps(value)[:60]}.")
+    return float(value) if kind == "float" else value
+
+
+def _check_range(name: str, value, where: str) -> None:
+    meta = CONFIG_FIELDS[name].metadata
+    choices, lo, hi = meta["choices"], meta["minimum"], meta["maximum"]
+    if choices and value not in choices:
+        near = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"{where}: key '{name}' is '{value}', expected one of "
+                          f"{', '.join(choices)}.{hint}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        span = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
+        raise ConfigError(f"{where}: key '{name}' is {value}, expected {span}.")
+
+
+def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
+    """Defaults < params.json < command-line flags, checked as they merge."""
+    base = os.path.dirname(os.path.abspath(params_path))
+    values = {}
+    for name, value in raw.items():
+        if name not in CONFIG_FIELDS:
+            near = difflib.get_close_matches(name, CONFIG_FIELDS, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else \
+                "remove it (README.md lists every key)."
+            raise ConfigError(f"{params_path}: unknown key '{name}': {hint}")
+        values[name] = _resolve(name, _check_value(name, value, params_path), base)
+    for name, value in overrides.items():
+        values[name] = _resolve(name, value, os.getcwd())
+    cfg = Config(**values)
+    for name in CONFIG_FIELDS:
+        where = "command line" if name in overrides else params_path
+        _check_range(name, getattr(cfg, name), where)
+    _check_hash_settings(cfg, params_path)
+    return cfg
+
+
+def _resolve(name: str, value, base: str):
+    """Paths in params.json are relative to its folder; flags to the cwd."""
+    if not CONFIG_FIELDS[name].metadata["path"]:
+        return value
+    fix = lambda p: os.path.abspath(os.path.join(base, os.path.expanduser(p)))
+    return [fix(p) for p in value] if isinstance(value, list) else fix(value)
+
+
+def _check_hash_settings(cfg: Config, where: str) -> None:
+    if cfg.hash_method.startswith("whash") and cfg.hash_size & (cfg.hash_size - 1):
+        raise ConfigError(f"{where}: key 'hash_size' is {cfg.hash_size}, but "
+                          f"{cfg.hash_method} needs a power of 2 (2, 4, 8, 16, 32).")
+    if cfg.distance_threshold > cfg.spec.bits:
+        raise ConfigError(
+            f"{where}: key 'distance_threshold' is {cfg.distance_threshold}, but "
+            f"{cfg.spec.describe()} hashes have only {cfg.spec.bits} bits.")
+    if not cfg.img_dirs:
+        raise ConfigError(f"{where}: key 'img_dirs' is empty; list at least one "
+                          f"folder of images.")
+
+
+def check_folders(cfg: Config, where: str, names: Sequence[str]) -> None:
+    """The folders an operation reads from must exist and be folders."""
+    for name in names:
+        paths = cfg.img_dirs if name == "img_dirs" else [getattr(cfg, name)]
+        for path in paths:
+            if name == "input_dir" and os.path.isfile(path):
+                continue  # a single query image is fine
+            if not os.path.exists(path):
+                raise ConfigError(f"{where}: key '{name}': folder {path} does not "
+                                  f"exist. Create it or correct the path.")
+            if not os.path.isdir(path):
+                raise ConfigError(f"{where}: key '{name}': {path} is a file, not "
+                                  f"a folder.")
+    for name in ("db_dir", "bk_dir", "output_dir"):
+        path = getattr(cfg, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{where}: key '{name}': {path} is a file, not a "
+                              f"folder.")
+
+
+# ============================================================================
+# Database
+# ============================================================================
+#
+# SQLite is the truth; everything else is rebuilt from it.  Hashes of up to
+# 64 bits are stored as signed 64-bit integers (SQLite has no unsigned type),
+# longer ones as big-endian BLOBs.  Paths that are not valid UTF-8 (possible on
+# Linux) are stored as BLOBs of their raw bytes, so every file keeps its row.
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id        INTEGER PRIMARY KEY,
+    path      TEXT NOT NULL UNIQUE,
+    size      INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    digest    BLOB,
+    hash,
+    width     INTEGER,
+    height    INTEGER,
+    error     TEXT,
+    hashed_at REAL
+);
+CREATE INDEX IF NOT EXISTS images_size ON images(size);
+"""
+
+
+@dataclass
+class ImageRow:
+    """One file of the collection, as stored."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    digest: bytes | None = None
+    hash: int | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    id: int | None = None
+
+
+@dataclass
+class RowState:
+    """What update needs to know about a stored file to skip it."""
+
+    size: int
+    mtime_ns: int
+    ok: bool
+
+
+def path_to_db(path: str):
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def path_from_db(value) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def hash_to_db(value: int | None, bits: int):
+    if value is None:
+        return None
+    if bits <= 64:
+        return value - (1 << 64) if value >= 1 << 63 else value
+    return value.to_bytes(8 * ((bits + 63) // 64), "big")
+
+
+def hash_from_db(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return int.from_bytes(value, "big")
+    return value + (1 << 64) if value < 0 else value
+
+
+class Store:
+    """The SQLite database of one collection, behind a few small methods."""
+
+    ROW_COLUMNS = "path, size, mtime_ns, digest, hash, width, height, error, id"
+
+    def __init__(self, path: str, create: bool = False):
+        self.path = path
+        if not create and not os.path.exists(path):
+            raise StoreError(f"no database at {path}; run build first.")
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=30)
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path} was written by a newer reverse_search (schema "
+                    f"{version}, this one knows {SCHEMA_VERSION}); upgrade, or "
+                    f"use another db_dir.")
+            self._migrate(version)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot use database {path}: {exc}. Move it away "
+                             f"and run build.") from None
+
+    def _migrate(self, version: int) -> None:
+        if version == SCHEMA_VERSION:
+            return
+        with self.db:  # version 0: a new file
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)",
+                            (uuid.uuid4().hex,))
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta ----
+    def meta(self) -> dict:
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
+    def set_meta(self, **values) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                [(k, str(v)) for k, v in values.items()])
+
+    def hash_kind(self) -> str | None:
+        return self.meta().get("hash_kind")
+
+    def fingerprint(self) -> str:
+        """Changes whenever the stored hashes change (every write bumps it)."""
+        meta = self.meta()
+        count = self.db.execute("SELECT count(*) FROM images").fetchone()[0]
+        return f"{meta['db_id']}:{meta['generation']}:{count}"
+
+    # ---- writes: each call is one transaction ----
+    def start_kind(self, spec: HashSpec) -> None:
+        """Record the hash kind; drop hashes of any other kind."""
+        if self.hash_kind() != spec.kind:
+            with self.db:
+                self.db.execute("DELETE FROM images")
+                self._bump()
+        import PIL
+        import imagehash
+        self.set_meta(hash_kind=spec.kind, hash_method=spec.method,
+                      hash_size=spec.size, hash_bits=spec.bits,
+                      hash_mode=spec.mode, colorhash_binbits=spec.binbits,
+                      pillow=PIL.__version__,
+                      imagehash=getattr(imagehash, "__version__", "?"),
+                      tool=__version__)
+
+    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO images (path, size, mtime_ns, digest, hash, width, "
+                "height, error, hashed_at) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+                "mtime_ns=excluded.mtime_ns, digest=excluded.digest, "
+                "hash=excluded.hash, width=excluded.width, "
+                "height=excluded.height, error=excluded.error, "
+                "hashed_at=excluded.hashed_at",
+                [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
+                  hash_to_db(r.hash, bits), r.width, r.height, r.error, now)
+                 for r in rows])
+            self._bump()
+
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        keys = [(path_to_db(p),) for p in paths]
+        with self.db:
+            self.db.executemany("DELETE FROM images WHERE path = ?", keys)
+            self._bump()
+        return len(keys)
+
+    def _bump(self) -> None:
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                        "WHERE key = 'generation'")
+
+    # ---- reads ----
+    def states(self) -> dict:
+        """path -> RowState for every stored file (what update compares)."""
+        return {path_from_db(p): RowState(s, m, e is None) for p, s, m, e in
+                self.db.execute("SELECT path, size, mtime_ns, error FROM images")}
+
+    def hashed_with_size(self, size: int) -> dict:
+        """digest -> ImageRow of the hashed files of this size (moves, copies)."""
+        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
+                              "size = ? AND hash IS NOT NULL", (size,))
+        return {row.digest: row for row in map(self._row, cur)}
+
+    def hash_arrays(self, words: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, hashes) of every hashed image; hashes is (N, words) uint64."""
+        cur = self.db.execute("SELECT id, hash FROM images WHERE hash IS NOT "
+                              "NULL ORDER BY id")
+        ids, values = [], []
+        for row_id, value in cur:
+            ids.append(row_id)
+            values.append(value)
+        ids = np.array(ids, dtype=np.int64)
+        if words == 1:
+            hashes = np.array(values, dtype=np.int64).view(np.uint64)
+            return ids, hashes.reshape(-1, 1)
+        raw = b"".join(values)
+        hashes = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        return ids, hashes.reshape(-1, words)
+
+    def rows_by_id(self, ids: Iterable[int]) -> dict:
+        ids = sorted({int(i) for i in ids})
+        rows = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
+                                  f"WHERE id IN ({marks})", part)
+            rows.update((r.id, r) for r in map(self._row, cur))
+        return rows
+
+    def iter_rows(self) -> Iterator[ImageRow]:
+        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images ORDER BY path")
+        return map(self._row, cur)
+
+    def counts(self) -> tuple[int, int]:
+        """(images hashed, files that failed)."""
+        return self.db.execute("SELECT count(hash), count(error) FROM images"
+                               ).fetchone()
+
+    @staticmethod
+    def _row(r) -> ImageRow:
+        return ImageRow(path_from_db(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
+                        r[5], r[6], r[7], r[8])
+
+
+class RunLock:
+    """One writer per database: a second run waits, then stops with a message."""
+
+    def __init__(self, db_path: str, timeout: float):
+        self.path = db_path + ".lock"
+        self.timeout = timeout
+        self.fh = None
+
+    def __enter__(self) -> RunLock:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.fh = open(self.path, "a+b")
+        deadline = time.monotonic() + self.timeout
+        while not self._try_lock():
+            if time.monotonic() >= deadline:
+                self.fh.close()
+                raise StoreError(
+                    f"another reverse_search run is writing {self.path[:-5]} "
+                    f"(waited {self.timeout:g} s, see lock_timeout); try again "
+                    f"when it has finished.")
+            time.sleep(0.1)
+        return self
+
+    def _try_lock(self) -> bool:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(self.fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()  # closing releases the lock on every platform
+
+
+# ============================================================================
+# Hashing
+# ============================================================================
+
+@dataclass(frozen=True)
+class HashSpec:
+    """Which hash, how big, and how images are decoded for it."""
+
+    method: str = "dhash"
+    size: int = 8
+    binbits: int = 3
+    mode: str = "fast"
+
+    @property
+    def bits(self) -> int:
+        return 14 * self.binbits if self.method == "colorhash" else self.size ** 2
+
+    @property
+    def words(self) -> int:
+        return (self.bits + 63) // 64
+
+    @property
+    def kind(self) -> str:
+        """Equal kinds give comparable hashes; anything else means rehash."""
+        size = f"b{self.binbits}" if self.method == "colorhash" else self.size
+        return f"{self.method}/{size}/{self.mode}"
+
+    def describe(self) -> str:
+        size = (f"binbits {self.binbits}" if self.method == "colorhash"
+                else f"size {self.size}")
+        return f"{self.method} ({size}, {self.bits} bits, {self.mode} mode)"
+
+    @property
+    def work_side(self) -> int:
+        """Pixels on the short side that the hash's own resize starts from."""
+        target = {"phash": 4 * self.size, "phash_simple": 4 * self.size,
+                  "whash": 8 * self.size, "whash_db4": 8 * self.size,
+                  "colorhash": 32}.get(self.method, self.size + 1)
+        return max(64, 4 * target)
+
+
+def _hash_function(spec: HashSpec):
+    import imagehash
+    s = spec.size
+    scale = 8 * s if spec.mode == "fast" else None  # fixed scale: resize-proof
+    return {
+        "ahash": lambda im: imagehash.average_hash(im, s),
+        "phash": lambda im: imagehash.phash(im, s),
+        "phash_simple": lambda im: imagehash.phash_simple(im, s),
+        "dhash": lambda im: imagehash.dhash(im, s),
+        "dhash_vertical": lambda im: imagehash.dhash_vertical(im, s),
+        "whash": lambda im: imagehash.whash(im, s, image_scale=scale),
+        "whash_db4": lambda im: imagehash.whash(im, s, image_scale=scale,
+                                                mode="db4"),
+        "colorhash": lambda im: imagehash.colorhash(im, spec.binbits),
+    }[spec.method]
+
+
+def hash_to_int(image_hash) -> int:
+    """An ImageHash as an int whose hex equals str(image_hash)."""
+    bits = np.asarray(image_hash.hash, dtype=bool).ravel()
+    value = int.from_bytes(np.packbits(bits).tobytes(), "big")
+    return value >> (-bits.size % 8)
+
+
+def hash_hex(value: int, bits: int) -> str:
+    return format(value, f"0{(bits + 3) // 4}x")
+
+
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM",
+           5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int
+                     ) -> tuple[int, int, int]:
+    """(hash, width, height) of an encoded image, or SkipFile."""
+    from PIL import Image
+    im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    if width * height > max_pixels:
+        raise SkipFile(f"too many pixels: {width}x{height} is over "
+                       f"max_image_pixels ({max_pixels:,}); not decoded")
+    if spec.mode == "exact":
+        return hash_to_int(_hash_function(spec)(im)), width, height
+    orientation = _exif_orientation(im)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    im = prepare_image(im, spec, orientation)
+    return hash_to_int(_hash_function(spec)(im)), width, height
+
+
+def _exif_orientation(im) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # damaged EXIF is common and harmless: ignore it
+        return 1
+
+
+def prepare_image(im, spec: HashSpec, orientation: int = 1):
+    """Decode small, flatten to 8-bit L or RGB, apply the EXIF rotation."""
+    from PIL import Image
+    grey = spec.method != "colorhash"
+    side = spec.work_side
+    if im.format == "JPEG":
+        im.draft("L" if grey else "RGB", (side, side))
+    im.seek(0)  # first frame of an animation
+    im = to_8bit(im)
+    factor = min(im.size) // side
+    if factor >= 2:
+        im = im.reduce(factor)
+    if orientation in _ORIENT:
+        im = im.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
+    return im.convert("L") if grey else im.convert("RGB")
+
+
+def to_8bit(im):
+    """L or RGB with 8 bits per channel: transparency over white, 16 bits scaled."""
+    from PIL import Image
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        im.load()
+        return im
+    if mode == "P" and "transparency" not in im.info or mode == "1":
+        return im.convert("RGB" if mode == "P" else "L")
+    if mode in ("P", "PA", "RGBA", "LA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _scale_to_8bit(im)
+    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+
+
+def _scale_to_8bit(im):
+    """16-bit, 32-bit and float greys to 0..255 by scaling, never clipping."""
+    from PIL import Image
+    a = np.asarray(im).astype(np.float64)
+    lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+    if im.mode.startswith("I;16") or 255 < hi <= 65535 and lo >= 0:
+        a = a / 257.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+@dataclass
+class HashTask:
+    """A file to hash; known digests let a moved or copied file skip decoding."""
+
+    path: str
+    known: frozenset = frozenset()
+
+
+@dataclass
+class HashResult:
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    digest: bytes | None = None
+    hash: int | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    reused: bool = False
+
+    def row(self) -> ImageRow:
+        return ImageRow(self.path, self.size, self.mtime_ns, self.digest,
+                        self.hash, self.width, self.height, self.error)
+
+
+@dataclass(frozen=True)
+class HashJob:
+    """What every worker needs, sent once when it starts."""
+
+    spec: HashSpec
+    max_pixels: int
+    max_bytes: int
+
+
+def hash_file(task: HashTask, job: HashJob) -> HashResult:
+    """Read a file once, digest its bytes, decode from the same buffer."""
+    result = HashResult(task.path)
+    try:
+        with open(task.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
+            if st.st_size > job.max_bytes:
+                raise SkipFile(f"file is {st.st_size / 2**20:,.0f} MiB, over "
+                               f"max_file_mb ({job.max_bytes // 2**20})")
+            data = fh.read()
+        result.digest = hashlib.blake2b(data, digest_size=16).digest()
+        if result.digest in task.known:
+            result.reused = True
+            return result
+        if not data:
+            raise SkipFile("empty file (0 bytes)")
+        result.hash, result.width, result.height = hash_image_bytes(
+            data, job.spec, job.max_pixels)
+    except SkipFile as exc:
+        result.error = str(exc)
+    except OSError as exc:
+        result.error = describe_os_error(exc)
+    except MemoryError:
+        result.error = "out of memory while decoding"
+    except Exception as exc:  # any decoder failure: record it, go on
+        result.error = describe_image_error(exc)
+    return result
+
+
+def describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file vanished or is a broken link"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno is None:  # Pillow's own OSErrors carry only a message
+        return describe_image_error(exc)
+    return f"cannot read: {exc.strerror or exc}"
+
+
+def describe_image_error(exc: Exception) -> str:
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read (unknown format or damaged)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too many pixels: {exc}"
+    text = str(exc).split("\n")[0][:200]
+    if "truncated" in text or "broken data stream" in text:
+        return f"truncated or damaged image ({text})"
+    return f"cannot decode: {type(exc).__name__}: {text}"
+
+
+# ---- workers ----
+
+_JOB: HashJob | None = None
+
+
+def _worker_init(job: HashJob) -> None:
+    global _JOB
+    _JOB = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _quiet_decoders()
+
+
+def _worker_hash(task: HashTask) -> HashResult:
+    return hash_file(task, _JOB)
+
+
+def _quiet_decoders() -> None:
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = None  # we refuse by our own limit, before decoding
+    warnings.simplefilter("ignore")  # EXIF and palette warnings, pywt borders
+    try:
+        import pillow_heif
+        pillow_heif.register_heif_opener()
+    except ImportError:
+        pass
+
+
+class Hasher:
+    """Hashes files in worker processes (spawn, so every OS behaves alike)."""
+
+    def __init__(self, job: HashJob, workers: int):
+        self.job = job
+        self.workers = workers
+        self.pool = None
+
+    def __enter__(self) -> Hasher:
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+
+    def map(self, tasks: list) -> Iterator[HashResult]:
+        """Results in completion order.  Small batches stay in this process."""
+        if self.workers <= 1 or len(tasks) < 4 and self.pool is None:
+            _quiet_decoders()
+            for task in tasks:
+                yield hash_file(task, self.job)
+            return
+        if self.pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ctx.Pool(self.workers, _worker_init, (self.job,))
+        yield from self.pool.imap_unordered(_worker_hash, tasks, chunksize=4)
+
+
+# ---- finding files ----
+
+@dataclass
+class FoundFile:
+    path: str
+    size: int
+    mtime_ns: int
+    error: str | None = None
+
+
+@dataclass
+class Walk:
+    """Walks img_dirs; remembers folders it could not read."""
+
+    roots: list
+    extensions: list
+    follow_symlinks: bool = True
+    skip_dirs: tuple = ()
+    unreadable: list = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[FoundFile]:
+        seen_dirs = set()
+        skip = {os.path.normcase(os.path.abspath(d)) for d in self.skip_dirs}
+        for root in self.roots:
+            yield from self._walk(root, seen_dirs, skip)
+
+    def _walk(self, top: str, seen_dirs: set, skip: set) -> Iterator[FoundFile]:
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                st = os.stat(folder)
+                key = (st.st_dev, st.st_ino)
+                if key in seen_dirs:  # symlink loop or overlapping roots
+                    continue
+                seen_dirs.add(key)
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                self.unreadable.append((folder, describe_os_error(exc)))
+                continue
+            subdirs = []
+            for entry in entries:
+                found = self._entry(entry, skip, subdirs)
+                if found is not None:
+                    yield found
+            stack.extend(reversed(subdirs))
+
+    def _entry(self, entry, skip: set, subdirs: list) -> FoundFile | None:
+        try:
+            is_link = entry.is_symlink()
+            if is_link and not self.follow_symlinks:
+                return None
+            if entry.is_dir():
+                if os.path.normcase(entry.path) not in skip:
+                    subdirs.append(entry.path)
+                return None
+            if not self._wanted(entry.name):
+                return None
+            if is_link and not os.path.exists(entry.path):
+                st = entry.stat(follow_symlinks=False)
+                return FoundFile(entry.path, 0, st.st_mtime_ns,
+                                 "broken symbolic link")
+            if not entry.is_file():
+                return None  # fifos, sockets, devices
+            st = entry.stat()
+            return FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            return FoundFile(entry.path, 0, 0, describe_os_error(exc))
+
+    def _wanted(self, name: str) -> bool:
+        if not self.extensions:
+            return True
+        return os.path.splitext(name)[1].lower() in self.extensions
+
+
+# ============================================================================
+# Index
+# ============================================================================
+#
+# The index file in bk_dir is a cache of the database: a header (format, tool
+# version, hash kind, database fingerprint) and numpy arrays, loaded without
+# pickle.  Engines work on the distinct hashes only; images that share a hash
+# are found through img_order/img_starts (a CSR map, outside any tree).
+
+def bit_distance(a: int, b: int) -> int:
+    """Hamming distance of two hashes held as Python ints."""
+    return (a ^ b).bit_count()
+
+
+def distances(hashes: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Hamming distance of each row of (N, W) uint64 hashes to one query."""
+    if hashes.shape[1] == 1:
+        return np.bitwise_count(hashes[:, 0] ^ query[0])
+    return np.bitwise_count(hashes ^ query).sum(axis=1, dtype=np.uint16)
+
+
+def row_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distance of row i of a to row i of b."""
+    return np.bitwise_count(a ^ b).sum(axis=1, dtype=np.uint16)
+
+
+def int_to_words(value: int, words: int) -> np.ndarray:
+    return np.array([(value >> (64 * (words - 1 - w))) & (2**64 - 1)
+                     for w in range(words)], dtype=np.uint64)
+
+
+def words_to_ints(hashes: np.ndarray) -> list:
+    if hashes.shape[1] == 1:
+        return hashes[:, 0].tolist()
+    return [int.from_bytes(row.astype(">u8").tobytes(), "big") for row in hashes]
+
+
+def write_container(path: str, header: dict, arrays: dict) -> None:
+    """Header plus arrays, written to a temporary file and renamed into place."""
+    header = dict(header, arrays=list(arrays))
+    blob = json.dumps(header).encode("utf-8")
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(INDEX_MAGIC + len(blob).to_bytes(8, "little") + blob)
+            for array in arrays.values():
+                np.lib.format.write_array(fh, np.ascontiguousarray(array),
+                                          allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _ignored(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_container(path: str) -> tuple[dict, dict]:
+    """(header, arrays); ValueError or OSError when the file is not one."""
+    with open(path, "rb") as fh:
+        if fh.read(len(INDEX_MAGIC)) != INDEX_MAGIC:
+            raise ValueError("not an index file")
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size < 2**20:
+            raise ValueError("damaged header")
+        header = json.loads(fh.read(size).decode("utf-8"))
+        arrays = {name: np.lib.format.read_array(fh, allow_pickle=False)
+                  for name in header["arrays"]}
+    return header, arrays
+
+
+class _ignored:
+    def __init__(self, *exc):
+        self.exc = exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, self.exc)
+
+
+# ---- engines: each answers search() and pairs() over distinct hashes ----
+
+class ScanEngine:
+    """Vectorised popcount over every hash: no build cost, exact."""
+
+    name = "scan"
+
+    def __init__(self, hashes: np.ndarray):
+        self.hashes = hashes
+
+    def search(self, query: np.ndarray, radius: int):
+        d = distances(self.hashes, query)
+        pos = np.flatnonzero(d <= radius)
+        return pos, d[pos]
+
+    def pairs(self, radius: int, block_bytes: int = 64 * 2**20):
+        """All (i, j, d) with i < j and d <= radius, a block of rows at a time."""
+        h, n = self.hashes, len(self.hashes)
+        rows = max(1, block_bytes // max(1, 8 * n * h.shape[1]))
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            d = np.bitwise_count(h[start:stop, None, :] ^ h[None, start:, :]
+                                 ).sum(axis=2, dtype=np.uint16)
+            i, j = np.nonzero(d <= radius)
+            keep = j > i  # j counts from start too, so this means i < j
+            i, j = i[keep], j[keep]
+            yield i + start, j + start, d[i, j]
+
+
+def _flip_masks(bits: int, most: int) -> np.ndarray:
+    """Every value of `bits` bits with at most `most` bits set."""
+    from itertools import combinations
+    out = [0]
+    for k in range(1, min(most, bits) + 1):
+        out.extend(sum(1 << b for b in combo)
+                   for combo in combinations(range(bits), k))
+    return np.array(out, dtype=np.uint64)
+
+
+def _ball(bits: int, most: int) -> int:
+    return sum(math.comb(bits, k) for k in range(min(most, bits) + 1))
+
+
+@dataclass
+class Chunk:
+    """A run of bits of every hash: word column, shift and width."""
+
+    word: int
+    shift: int
+    bits: int
+
+    def values(self, hashes: np.ndarray) -> np.ndarray:
+        col = hashes[:, self.word] >> np.uint64(self.shift)
+        return col & np.uint64((1 << self.bits) - 1)
+
+
+def plan_chunks(total_bits: int, words: int, parts: int) -> list:
+    """Split the hash into about `parts` chunks that never cross a word."""
+    bounds = [round(k * total_bits / parts) for k in range(parts + 1)]
+    chunks = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        while lo < hi:  # bit p lives in word (words-1-p//64) at shift p%64
+            word_end = (lo // 64 + 1) * 64
+            top = min(hi, word_end)
+            chunks.append(Chunk(words - 1 - lo // 64, lo % 64, top - lo))
+            lo = top
+    return chunks
+
+
+class MIHEngine:
+    """Multi-index hashing: a hash within r bits of the query agrees with it
+    within r // m bits on at least one of m chunks (pigeonhole).  Probe those
+    chunk neighbourhoods, then verify the candidates with popcount."""
+
+    name = "mih"
+    TABLE_BITS = 22  # chunks up to this wide get a direct bucket table
+
+    def __init__(self, hashes: np.ndarray, total_bits: int, parts: int):
+        self.hashes = hashes
+        self.chunks = plan_chunks(total_bits, hashes.shape[1], parts)
+        self.tables = [self._table(c) for c in self.chunks]
+        self._masks = {}
+
+    def _table(self, chunk: Chunk):
+        vals = chunk.values(self.hashes)
+        order = np.argsort(vals, kind="stable").astype(np.int64)
+        if chunk.bits <= self.TABLE_BITS:
+            counts = np.bincount(vals.astype(np.int64), minlength=1 << chunk.bits)
+            starts = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=starts[1:])
+            return order, None, starts
+        return order, vals[order], None
+
+    def masks(self, bits: int, most: int) -> np.ndarray:
+        key = (bits, most)
+        if key not in self._masks:
+            self._masks[key] = _flip_masks(bits, most)
+        return self._masks[key]
+
+    def _ranges(self, k: int, probes: np.ndarray):
+        """(first, count) into table k's order for each probe value."""
+        order, sorted_vals, starts = self.tables[k]
+        if starts is not None:
+            p = probes.astype(np.int64)
+            return starts[p], starts[p + 1] - starts[p]
+        lo = np.searchsorted(sorted_vals, probes, "left")
+        hi = np.searchsorted(sorted_vals, probes, "right")
+        return lo, hi - lo
+
+    def search(self, query: np.ndarray, radius: int):
+        most = radius // len(self.chunks)
+        found = []
+        for k, chunk in enumerate(self.chunks):
+            qv = chunk.values(query[None, :])[0]
+            first, count = self._ranges(k, qv ^ self.masks(chunk.bits, most))
+            found.append(self.tables[k][0][_expand(first, count)])
+        cand = np.unique(np.concatenate(found))
+        d = distances(self.hashes[cand], query)
+        keep = d <= radius
+        return cand[keep], d[keep]
+
+    def pairs(self, radius: int, budget: int = 4_000_000):
+        """All (i, j, d), i < j, d <= radius; each pair once."""
+        most = radius // len(self.chunks)
+        n = len(self.hashes)
+        found = []
+        for k, chunk in enumerate(self.chunks):
+            masks = self.masks(chunk.bits, most)
+            vals = chunk.values(self.hashes)
+            order = self.tables[k][0]
+            step = max(1, budget // (4 * len(masks)))
+            for start in range(0, n, step):
+                items = np.arange(start, min(n, start + step))
+                probes = (vals[items, None] ^ masks[None, :]).ravel()
+                owners = np.repeat(items, len(masks))
+                first, count = self._ranges(k, probes)
+                for sel, idx in _expand_windows(first, count, budget):
+                    i, j = owners[sel], order[idx]
+                    keep = j > i
+                    i, j = i[keep], j[keep]
+                    d = row_distances(self.hashes[i], self.hashes[j])
+                    near = d <= radius
+                    found.append((i[near], j[near], d[near]))
+        yield from _dedupe_pairs(found, n)
+
+
+def _expand(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Concatenate the ranges [first, first + count)."""
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(first - (np.cumsum(count) - count), count)
+    return offsets + np.arange(total, dtype=np.int64)
+
+
+def _expand_windows(first, count, budget):
+    """(probe index per element, element) in windows of about `budget`."""
+    ends = np.cumsum(count)
+    total = int(ends[-1]) if len(ends) else 0
+    for lo in range(0, total, budget):
+        flat = np.arange(lo, min(total, lo + budget), dtype=np.int64)
+        sel = np.searchsorted(ends, flat, side="right")
+        yield sel, first[sel] + (flat - (ends[sel] - count[sel]))
+
+
+def _dedupe_pairs(found: list, n: int):
+    if not found:
+        return
+    i = np.concatenate([f[0] for f in found])
+    j = np.concatenate([f[1] for f in found])
+    d = np.concatenate([f[2] for f in found])
+    key, first = np.unique(i * n + j, return_index=True)
+    yield i[first], j[first], d[first]
+
+
+class BKTreeEngine:
+    """pybktree over the distinct hashes, with an integer popcount distance."""
+
+    name = "bktree"
+
+    def __init__(self, hashes: np.ndarray, tree=None):
+        import pybktree
+        self.values = words_to_ints(hashes)
+        self.position = {v: p for p, v in enumerate(self.values)}
+        self.words = hashes.shape[1]
+        self.tree = tree or pybktree.BKTree(bit_distance, self.values)
+
+    def search(self, query: np.ndarray, radius: int):
+        q = words_to_ints(query[None, :])[0]
+        hits = self.tree.find(q, radius)
+        pos = np.array([self.position[v] for _, v in hits], dtype=np.int64)
+        return pos, np.array([d for d, _ in hits], dtype=np.int64)
+
+    def pairs(self, radius: int):
+        for p, value in enumerate(self.values):
+            hits = [(self.position[v], d) for d, v in self.tree.find(value, radius)]
+            hits = [(q, d) for q, d in hits if q > p]
+            if hits:
+                j = np.array([q for q, _ in hits], dtype=np.int64)
+                yield np.full(len(j), p), j, np.array([d for _, d in hits])
+
+
+# Rough costs in seconds, measured on the reference machine (bench_index.py);
+# only their ratios matter: they choose between exact engines.
+COST_SCAN = 1.0e-9      # per hash word scanned
+COST_PROBE = 4.0e-8     # per chunk probe
+COST_CAND = 3.0e-8      # per candidate verified
+COST_CALL = 2.0e-5      # per chunk per query (numpy call overhead)
+
+
+def plan_mih(n: int, total_bits: int, words: int, radius: int,
+             all_pairs: bool) -> tuple[int, float]:
+    """(chunk count, estimated seconds) of the cheapest multi-index plan."""
+    best = (2, math.inf)
+    for parts in range(2, min(total_bits, 64) + 1):
+        chunks = plan_chunks(total_bits, words, parts)
+        if max(c.bits for c in chunks) > 32:
+            continue
+        most = radius // len(chunks)
+        cost = sum(COST_CALL + _ball(c.bits, most)
+                   * (COST_PROBE + n / 2**c.bits * COST_CAND) for c in chunks)
+        cost *= n if all_pairs else 1
+        if cost < best[1]:
+            best = (parts, cost)
+    return best
+
+
+def choose_engine(n: int, total_bits: int, words: int, radius: int,
+                  all_pairs: bool) -> str:
+    """'scan' or 'mih', whichever the cost model says is cheaper."""
+    scan = n * words * COST_SCAN * (n / 2 if all_pairs else 1)
+    mih = plan_mih(n, total_bits, words, radius, all_pairs)[1]
+    return "mih" if mih < scan else "scan"
+
+
+@dataclass
+class FlatIndex:
+    """Image ids and hashes, plus the distinct hashes the engines search."""
+
+    ids: np.ndarray         # (N,) database ids
+    hashes: np.ndarray      # (N, W) uint64
+    distinct: np.ndarray    # (U, W) uint64, sorted
+    img_order: np.ndarray   # image positions grouped by distinct hash
+    img_starts: np.ndarray  # (U + 1,) CSR offsets into img_order
+    bits: int
+    kind: str = ""
+    fingerprint: str = ""
+    engines: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, hashes: np.ndarray, bits: int):
+        if hashes.shape[1] == 1:
+            distinct, inverse = np.unique(hashes[:, 0], return_inverse=True)
+            distinct = distinct.reshape(-1, 1)
+        else:
+            distinct, inverse = np.unique(hashes, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        order = np.argsort(inverse, kind="stable")
+        starts = np.zeros(len(distinct) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(inverse, minlength=len(distinct)), out=starts[1:])
+        return cls(ids, hashes, distinct, order, starts, bits)
+
+    def arrays(self) -> dict:
+        return {"ids": self.ids, "hashes": self.hashes, "distinct": self.distinct,
+                "img_order": self.img_order, "img_starts": self.img_starts}
+
+    def images_of(self, distinct_pos: np.ndarray) -> list:
+        """Image positions behind each distinct hash position."""
+        s = self.img_starts
+        return [self.img_order[s[p]:s[p + 1]] for p in distinct_pos]
+
+    def engine(self, name: str, radius: int, all_pairs: bool = False,
+               bktree_path: str = ""):
+        """The engine `name` ('auto' picks), built once and kept."""
+        n, words = len(self.distinct), self.distinct.shape[1]
+        if name == "auto":
+            name = choose_engine(n, self.bits, words, radius, all_pairs)
+        key = name
+        if name == "mih":
+            key = ("mih", plan_mih(n, self.bits, words, radius, all_pairs)[0])
+        if key not in self.engines:
+            if name == "scan":
+                self.engines[key] = ScanEngine(self.distinct)
+            elif name == "mih":
+                self.engines[key] = MIHEngine(self.distinct, self.bits, key[1])
+            else:
+                self.engines[key] = load_bktree(self, bktree_path)
+        return self.engines[key]
+
+
+def index_header(spec: HashSpec, fingerprint: str, engine: str) -> dict:
+    return {"format": INDEX_FORMAT, "tool": __version__, "kind": spec.kind,
+            "bits": spec.bits, "fingerprint": fingerprint, "engine": engine}
+
+
+def _check_header(header: dict, spec: HashSpec, fingerprint: str, engine: str):
+    """None when the header fits, else why the file must be rebuilt."""
+    if header.get("format") != INDEX_FORMAT or header.get("engine") != engine:
+        return "is from another version"
+    if header.get("kind") != spec.kind:
+        return f"holds {header.get('kind')} hashes"
+    if header.get("fingerprint") != fingerprint:
+        return "is older than the database"
+    return None
+
+
+def save_index(cfg: Config, store: Store) -> FlatIndex:
+    """Rebuild the index file from the database."""
+    spec = cfg.spec
+    fingerprint = store.fingerprint()
+    ids, hashes = store.hash_arrays(spec.words)
+    flat = FlatIndex.from_arrays(ids, hashes, spec.bits)
+    path = os.path.join(cfg.bk_dir, INDEX_NAME)
+    try:
+        write_container(path, index_header(spec, fingerprint, "flat"),
+                        flat.arrays())
+    except OSError as exc:
+        raise StoreError(f"cannot write the index {path}: "
+                         f"{exc.strerror or exc} (check bk_dir).") from None
+    flat.kind, flat.fingerprint = spec.kind, fingerprint
+    return flat
+
+
+def load_index(cfg: Config, store: Store, ui: Console) -> FlatIndex:
+    """The index file if it matches the database, else a rebuilt one."""
+    spec, path = cfg.spec, os.path.join(cfg.bk_dir, INDEX_NAME)
+    fingerprint = store.fingerprint()
+    try:
+        header, arrays = read_container(path)
+        reason = _check_header(header, spec, fingerprint, "flat")
+        if reason is None:
+            flat = FlatIndex(**arrays, bits=spec.bits)
+            _check_shapes(flat, spec.words)
+            flat.kind, flat.fingerprint = spec.kind, fingerprint
+            return flat
+    except FileNotFoundError:
+        reason = "is missing"
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        reason = "is damaged"
+    ui.notice(f"index {path} {reason}: rebuilding it from the database.")
+    return save_index(cfg, store)
+
+
+def _check_shapes(flat: FlatIndex, words: int) -> None:
+    n, u = len(flat.ids), len(flat.distinct)
+    ok = (flat.hashes.shape == (n, words) and flat.distinct.shape == (u, words)
+          and flat.img_order.shape == (n,) and flat.img_starts.shape == (u + 1,)
+          and (n == 0 or int(flat.img_starts[-1]) == n))
+    if not ok:
+        raise ValueError("arrays do not fit together")
+
+
+def load_bktree(flat: FlatIndex, path: str) -> BKTreeEngine:
+    """The pickled BK-tree if its header fits, else a new one (and saved).
+    Unpickling runs code from the file: bk_dir must be trusted (README)."""
+    import pickle
+    with _ignored(OSError, ValueError, KeyError, TypeError, EOFError,
+                  pickle.UnpicklingError, AttributeError, ImportError):
+        header, arrays = read_container(path)
+        if header.get("fingerprint") == flat.fingerprint and \
+                header.get("kind") == flat.kind and \
+                header.get("engine") == "bktree":
+            tree = pickle.loads(arrays["tree"].tobytes())
+            return BKTreeEngine(flat.distinct, tree)
+    engine = BKTreeEngine(flat.distinct)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 100_000))
+    try:
+        blob = pickle.dumps(engine.tree, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        sys.setrecursionlimit(limit)
+    header = {"format": INDEX_FORMAT, "tool": __version__, "kind": flat.kind,
+              "fingerprint": flat.fingerprint, "engine": "bktree"}
+    try:
+        write_container(path, header, {"tree": np.frombuffer(blob, np.uint8)})
+    except OSError as exc:
+        raise StoreError(f"cannot write the BK-tree {path}: "
+                         f"{exc.strerror or exc} (check bk_dir).") from None
+    return engine
+
+
+# ============================================================================
+# Operations
+# ============================================================================
+
+class Console:
+    """Notices and progress on stderr; stdout carries only results."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.notices = []
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def progress(self, total: int | None, what: str):
+        if self.quiet or not sys.stderr.isatty():
+            return _NoProgress()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return _NoProgress()
+        return tqdm(total=total, desc=what, unit="img", file=sys.stderr,
+                    dynamic_ncols=True, leave=False)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@dataclass
+class Failure:
+    path: str
+    error: str
+
+
+@dataclass
+class UpdateReport:
+    """What build or update did."""
+
+    operation: str
+    database: str
+    hash_kind: str
+    files: int = 0
+    hashed: int = 0
+    reused: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+    failures: list = field(default_factory=list)
+    unreadable_dirs: list = field(default_factory=list)
+
+
+class BatchWriter:
+    """Rows go to SQLite in batched transactions, never one commit per row."""
+
+    def __init__(self, store: Store, bits: int, rows: int = 500,
+                 seconds: float = 2.0):
+        self.store, self.bits = store, bits
+        self.limit, self.seconds = rows, seconds
+        self.pending = []
+        self.last = time.monotonic()
+
+    def add(self, row: ImageRow) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.limit or \
+                time.monotonic() - self.last > self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.upsert(self.pending, self.bits)
+            self.pending = []
+        self.last = time.monotonic()
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _walk(cfg: Config, roots: list) -> Walk:
+    exts = [e.lower() if e.startswith(".") else "." + e.lower()
+            for e in cfg.extensions]
+    return Walk(roots, exts, cfg.follow_symlinks,
+                skip_dirs=(cfg.db_dir, cfg.bk_dir, cfg.output_dir))
+
+
+def _job(cfg: Config) -> HashJob:
+    return HashJob(cfg.spec, cfg.max_image_pixels, cfg.max_file_mb * 2**20)
+
+
+def sync_store(cfg: Config, store: Store, ui: Console, operation: str
+               ) -> UpdateReport:
+    """Bring the database in line with the files under img_dirs."""
+    spec, start = cfg.spec, time.monotonic()
+    if store.hash_kind() not in (None, spec.kind):
+        ui.notice(f"{store.path} holds {store.hash_kind()} hashes; params ask "
+                  f"for {spec.kind}: rehashing every file.")
+    store.start_kind(spec)
+    states = store.states()
+    report = UpdateReport(operation, store.path, spec.describe())
+    walk, seen = _walk(cfg, cfg.img_dirs), set()
+    total = sum(1 for _ in _walk(cfg, cfg.img_dirs)) if sys.stderr.isatty() \
+        and not ui.quiet else None
+    writer = BatchWriter(store, spec.bits)
+    try:
+        with Hasher(_job(cfg), cfg.worker_count) as hasher, \
+                ui.progress(total, operation) as bar:
+            for batch in _batched(walk, 1000):
+                tasks = _plan_batch(batch, states, store, seen, writer, report)
+                bar.update(len(batch) - len(tasks))
+                for result in hasher.map(tasks):
+                    _record(result, store, writer, report, _job(cfg))
+                    bar.update(1)
+    finally:
+        writer.flush()  # keep every file hashed so far, even on Ctrl-C
+    report.unreadable_dirs = [Failure(p, e) for p, e in walk.unreadable]
+    report.removed = _drop_missing(store, states, seen, walk.unreadable)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _plan_batch(batch, states, store, seen, writer, report) -> list:
+    """Tasks for the files that need hashing; the rest is counted here."""
+    tasks = []
+    for found in batch:
+        seen.add(found.path)
+        report.files += 1
+        if found.error:
+            writer.add(ImageRow(found.path, found.size, found.mtime_ns,
+                                error=found.error))
+            report.failed += 1
+            report.failures.append(Failure(found.path, found.error))
+            continue
+        old = states.get(found.path)
+        if old and old.ok and old.size == found.size and \
+                old.mtime_ns == found.mtime_ns:
+            report.unchanged += 1
+            continue
+        known = frozenset(store.hashed_with_size(found.size)) if states else ()
+        tasks.append(HashTask(found.path, frozenset(known)))
+    return tasks
+
+
+def _record(result: HashResult, store: Store, writer: BatchWriter,
+            report: UpdateReport, job: HashJob) -> None:
+    if result.reused:  # same bytes as a stored file: copy its hash
+        source = store.hashed_with_size(result.size).get(result.digest)
+        if source is None:
+            result = hash_file(HashTask(result.path), job)
+        else:
+            result.hash, result.width, result.height = \
+                source.hash, source.width, source.height
+            report.reused += 1
+    if result.error:
+        report.failed += 1
+        report.failures.append(Failure(result.path, result.error))
+    elif not result.reused:
+        report.hashed += 1
+    writer.add(result.row())
+
+
+def _drop_missing(store: Store, states: dict, seen: set, unreadable: list) -> int:
+    """Forget files that are gone, but not those in folders we could not read."""
+    blocked = tuple(folder.rstrip(os.sep) + os.sep for folder, _ in unreadable)
+    gone = [p for p in states if p not in seen and not p.startswith(blocked)]
+    return store.delete_paths(gone) if gone else 0
+
+
+def op_build(cfg: Config, ui: Console) -> UpdateReport:
+    """Hash everything into a new database; an old one is replaced at the end."""
+    check_folders(cfg, "build", ["img_dirs"])
+    with RunLock(cfg.db_path, cfg.lock_timeout):
+        target = cfg.db_path
+        if os.path.exists(cfg.db_path):
+            target = cfg.db_path + ".new"  # resumed if a build was interrupted
+        store = _open_store(target, create=True)
+        try:
+            report = sync_store(cfg, store, ui, "build")
+        finally:
+            store.close()
+        if target != cfg.db_path:
+            _settle(cfg.db_path)
+            os.replace(target, cfg.db_path)
+        report.database = cfg.db_path
+        store = _open_store(cfg.db_path)
+        try:
+            save_index(cfg, store)
+        finally:
+            store.close()
+    return report
+
+
+def _settle(path: str) -> None:
+    """Open and close a database so SQLite finishes any hot journal first."""
+    with _ignored(sqlite3.Error):
+        con = sqlite3.connect(path)
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        con.close()
+
+
+def _open_store(path: str, create: bool = False) -> Store:
+    try:
+        return Store(path, create)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot open database {path}: {exc}.") from None
+
+
+def op_update(cfg: Config, ui: Console) -> UpdateReport:
+    """Add new files, rehash changed ones, forget deleted ones."""
+    if not os.path.exists(cfg.db_path):
+        ui.notice(f"no database at {cfg.db_path} yet: building it.")
+        return op_build(cfg, ui)
+    check_folders(cfg, "update", ["img_dirs"])
+    with RunLock(cfg.db_path, cfg.lock_timeout):
+        store = _open_store(cfg.db_path)
+        try:
+            report = sync_store(cfg, store, ui, "update")
+            save_index(cfg, store)
+        finally:
+            store.close()
+    return report
+
+
+def ready_store(cfg: Config, ui: Console) -> Store:
+    """The database, built first when missing, rehashed when of another kind."""
+    if not os.path.exists(cfg.db_path):
+        ui.notice(f"no database at {cfg.db_path} yet: building it first.")
+        op_build(cfg, ui)
+    store = _open_store(cfg.db_path)
+    if store.hash_kind() != cfg.spec.kind:
+        store.close()
+        op_update(cfg, ui)
+        store = _open_store(cfg.db_path)
+    return store
+
+
+@dataclass
+class Match:
+    path: str
+    hash: str
+    distance: int
+    width: int | None = None
+    height: int | None = None
+    size: int = 0
+    mtime_ns: int = 0
+    keep: bool = False
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hash: str | None
+    matches: list = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SearchReport:
+    database: str
+    engine: str
+    images: int
+    queries: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Group:
+    images: list  # of Match; the first is the one the keep rule keeps
+
+
+@dataclass
+class DuplicatesReport:
+    database: str
+    engine: str
+    images: int
+    groups: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _match(row: ImageRow, bits: int, distance: int) -> Match:
+    return Match(row.path, hash_hex(row.hash, bits), int(distance), row.width,
+                 row.height, row.size, row.mtime_ns)
+
+
+def query_files(run: Run) -> list:
+    cfg = run.config
+    sources = [os.path.abspath(q) for q in run.queries] or [cfg.input_dir]
+    files, dirs = [], []
+    for source in sources:
+        if os.path.isdir(source):
+            dirs.append(source)
+        elif os.path.exists(source):
+            files.append(source)
+        else:
+            raise ConfigError(f"search: query {source} does not exist.")
+    files += [f.path for f in _walk(cfg, dirs)]
+    return sorted(set(files))
+
+
+def op_search(run: Run, ui: Console) -> SearchReport:
+    """For each query image, the stored images within the threshold."""
+    cfg, start = run.config, time.monotonic()
+    if not run.queries:
+        check_folders(cfg, "search", ["input_dir"])
+    paths = query_files(run)
+    store = ready_store(cfg, ui)
+    try:
+        flat = load_index(cfg, store, ui)
+        radius, spec = cfg.distance_threshold, cfg.spec
+        engine = flat.engine(cfg.engine, radius, False,
+                             os.path.join(cfg.bk_dir, BKTREE_NAME))
+        report = SearchReport(cfg.db_path, engine.name, len(flat.ids))
+        with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
+            results = sorted(hasher.map([HashTask(p) for p in paths]),
+                             key=lambda r: r.path)
+        found = [_search_one(r, flat, engine, radius, cfg) for r in results]
+        rows = store.rows_by_id(int(flat.ids[p]) for _, hits in found
+                                for p, _ in hits)
+        for result, hits in found:
+            query = QueryResult(result.path, None if result.hash is None else
+                                hash_hex(result.hash, spec.bits),
+                                error=result.error)
+            query.matches = [_match(rows[int(flat.ids[p])], spec.bits, d)
+                             for p, d in hits]
+            query.matches.sort(key=lambda m: (m.distance, m.path))
+            if cfg.stop_on_first_match:
+                query.matches = query.matches[:1]
+            report.queries.append(query)
+    finally:
+        store.close()
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
+                cfg: Config) -> tuple:
+    """(result, [(image position, distance), ...])."""
+    if result.hash is None:
+        return result, []
+    query = int_to_words(result.hash, flat.distinct.shape[1])
+    pos, dist = engine.search(query, radius)
+    hits = [(int(p), int(d)) for images, d in zip(flat.images_of(pos), dist)
+            for p in images]
+    return result, hits
+
+
+def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
+    """Groups of images within the threshold of each other."""
+    cfg, start = run.config, time.monotonic()
+    store = ready_store(cfg, ui)
+    try:
+        flat = load_index(cfg, store, ui)
+        radius = cfg.distance_threshold
+        engine = flat.engine(cfg.engine, radius, True,
+                             os.path.join(cfg.bk_dir, BKTREE_NAME))
+        members = duplicate_groups(flat, engine, radius)
+        rows = store.rows_by_id(int(flat.ids[p]) for g in members for p in g)
+        groups = [_group([rows[int(flat.ids[p])] for p in g], flat.hashes[g],
+                         cfg.spec.bits) for g in members]
+        groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
+                                   g.images[0].path))
+        failures = [Failure(r.path, r.error) for r in store.iter_rows()
+                    if r.error]
+        report = DuplicatesReport(cfg.db_path, engine.name, len(flat.ids),
+                                  groups, failures)
+    finally:
+        store.close()
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def duplicate_groups(flat: FlatIndex, engine, radius: int) -> list:
+    """Image positions of each group (connected components of near pairs)."""
+    u = len(flat.distinct)
+    found = list(engine.pairs(radius)) if radius > 0 and u > 1 else []
+    a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+    b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+    labels = components(u, a.astype(np.int64), b.astype(np.int64))
+    per_hash = np.diff(flat.img_starts)
+    size = np.bincount(labels, weights=per_hash, minlength=u)
+    order = np.argsort(labels, kind="stable")
+    cuts = np.flatnonzero(np.diff(labels[order])) + 1
+    groups = []
+    for part in np.split(order, cuts):
+        if len(part) and size[labels[part[0]]] >= 2:
+            groups.append(np.concatenate(flat.images_of(part)))
+    return groups
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Union-find over edges (a, b): each node's label is its smallest node."""
+    parent = np.arange(n, dtype=np.int64)
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+        live = lo != hi
+        if not live.any():
+            break
+        np.minimum.at(parent, hi[live], lo[live])
+        while True:  # pointer jumping until every node points at a root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+        a, b = a[live], b[live]
+    return parent
+
+
+def keep_order(row: ImageRow) -> tuple:
+    """The keep rule: most pixels, then largest file, then oldest, then path."""
+    pixels = (row.width or 0) * (row.height or 0)
+    return (-pixels, -row.size, row.mtime_ns, row.path)
+
+
+def _group(rows: list, hashes: np.ndarray, bits: int) -> Group:
+    best = min(range(len(rows)), key=lambda k: keep_order(rows[k]))
+    dist = row_distances(hashes, np.broadcast_to(hashes[best], hashes.shape))
+    members = [_match(row, bits, d) for row, d in zip(rows, dist)]
+    members[best].keep = True
+    members.sort(key=lambda m: (not m.keep, m.distance, m.path))
+    return Group(members)
+
+
+def _reclaimable(group: Group) -> int:
+    return sum(m.size for m in group.images if not m.keep)
+
+
+@dataclass
+class ExportReport:
+    database: str
+    hash_kind: str
+    rows: Iterable  # ImageRow, streamed from the database
+    bits: int
+
+
+def op_export(cfg: Config, ui: Console) -> ExportReport:
+    """Every stored file with its hash, size, dimensions, mtime and error."""
+    if not os.path.exists(cfg.db_path):
+        raise ConfigError(f"export: no database at {cfg.db_path}; run build "
+                          f"first (or check db_dir).")
+    store = _open_store(cfg.db_path)
+    kind = store.hash_kind() or cfg.spec.kind
+    bits = int(store.meta().get("hash_bits", cfg.spec.bits))
+    return ExportReport(cfg.db_path, kind, store.iter_rows(), bits)
+
+
+# ============================================================================
+# Reports
+# ============================================================================
+
+def shown(path: str) -> str:
+    """A path safe to print: undecodable bytes become \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                           "backslashreplace")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _iso(mtime_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
+
+
+def settings_of(cfg: Config) -> dict:
+    return {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+
+
+def _match_json(m: Match) -> dict:
+    return {"path": shown(m.path), "hash": m.hash, "distance": m.distance,
+            "width": m.width, "height": m.height, "size": m.size,
+            "mtime": _iso(m.mtime_ns), "keep": m.keep}
+
+
+def _failures_json(failures: list) -> list:
+    return [{"path": shown(f.path), "error": f.error} for f in failures]
+
+
+def to_json(report, cfg: Config) -> dict:
+    """The one JSON document of a run (also written to output_dir)."""
+    head = {"operation": cfg.operation, "tool_version": __version__,
+            "settings": settings_of(cfg)}
+    if isinstance(report, UpdateReport):
+        body = {k: v for k, v in dataclasses.asdict(report).items()
+                if k not in ("failures", "unreadable_dirs", "operation")}
+        body["seconds"] = round(report.seconds, 3)
+        body["failures"] = _failures_json(report.failures)
+        body["unreadable_dirs"] = _failures_json(report.unreadable_dirs)
+    elif isinstance(report, SearchReport):
+        body = {"database": report.database, "engine": report.engine,
+                "images": report.images, "seconds": round(report.seconds, 3),
+                "queries": [{"query": shown(q.query), "hash": q.hash,
+                             "error": q.error,
+                             "matches": [_match_json(m) for m in q.matches]}
+                            for q in report.queries]}
+        body["failures"] = [{"path": q["query"], "error": q["error"]}
+                            for q in body["queries"] if q["error"]]
+    else:
+        body = {"database": report.database, "engine": report.engine,
+                "images": report.images, "seconds": round(report.seconds, 3),
+                "group_count": len(report.groups),
+                "duplicates": sum(len(g.images) - 1 for g in report.groups),
+                "bytes_reclaimable": sum(map(_reclaimable, report.groups)),
+                "groups": [{"images": [_match_json(m) for m in g.images]}
+                           for g in report.groups],
+                "failures": _failures_json(report.failures)}
+    return {**head, **body}
+
+
+def csv_rows(report) -> Iterator[list]:
+    """Header row, then one row per match, group member, failure or image."""
+    if isinstance(report, SearchReport):
+        yield ["query", "query_hash", "match", "match_hash", "distance",
+               "width", "height", "size", "error"]
+        for q in report.queries:
+            if not q.matches:
+                yield [shown(q.query), q.hash, "", "", "", "", "", "", q.error]
+            for m in q.matches:
+                yield [shown(q.query), q.hash, shown(m.path), m.hash, m.distance,
+                       m.width, m.height, m.size, ""]
+    elif isinstance(report, DuplicatesReport):
+        yield ["group", "keep", "path", "hash", "distance", "width", "height",
+               "size", "mtime"]
+        for n, g in enumerate(report.groups, 1):
+            for m in g.images:
+                yield [n, int(m.keep), shown(m.path), m.hash, m.distance,
+                       m.width, m.height, m.size, _iso(m.mtime_ns)]
+    elif isinstance(report, UpdateReport):
+        yield ["path", "error"]
+        for f in report.failures + report.unreadable_dirs:
+            yield [shown(f.path), f.error]
+
+
+def text_lines(report) -> Iterator[str]:
+    if isinstance(report, UpdateReport):
+        for f in report.failures:
+            yield f"skipped {shown(f.path)}: {f.error}"
+        for f in report.unreadable_dirs:
+            yield f"could not read folder {shown(f.path)}: {f.error}"
+    elif isinstance(report, SearchReport):
+        for q in report.queries:
+            yield from _query_text(q)
+    else:
+        for n, g in enumerate(report.groups, 1):
+            yield (f"group {n}: {len(g.images)} images, "
+                   f"{human_bytes(_reclaimable(g))} reclaimable")
+            for m in g.images:
+                tag = "keep" if m.keep else f"d={m.distance}"
+                yield f"  {tag:<6} {shown(m.path)}  {_dims(m)}"
+        if report.failures:
+            yield f"{len(report.failures)} files could not be read " \
+                  f"(see update's output or export)."
+
+
+def _query_text(q: QueryResult) -> Iterator[str]:
+    if q.error:
+        yield f"{shown(q.query)}: cannot hash: {q.error}"
+        return
+    yield f"{shown(q.query)}  [{q.hash}]"
+    if not q.matches:
+        yield "  no match"
+    for m in q.matches:
+        yield f"  d={m.distance:<4} {shown(m.path)}  {_dims(m)}"
+
+
+def _dims(m: Match) -> str:
+    return f"{m.width}x{m.height}, {human_bytes(m.size)}"
+
+
+def summary_line(report) -> str:
+    if isinstance(report, UpdateReport):
+        rate = report.hashed / report.seconds if report.seconds else 0.0
+        return (f"{report.operation}: {report.files} files, {report.hashed} "
+                f"hashed, {report.reused} reused, {report.unchanged} unchanged, "
+                f"{report.failed} failed, {report.removed} removed in "
+                f"{report.seconds:.1f} s ({rate:.0f} images/s)")
+    if isinstance(report, SearchReport):
+        hit = sum(1 for q in report.queries if q.matches)
+        return (f"search: {len(report.queries)} queries, {hit} with matches, "
+                f"{report.images} images searched ({report.engine}) in "
+                f"{report.seconds:.2f} s")
+    dupes = sum(len(g.images) - 1 for g in report.groups)
+    return (f"find_duplicates: {len(report.groups)} groups, {dupes} duplicates, "
+            f"{human_bytes(sum(map(_reclaimable, report.groups)))} reclaimable, "
+            f"{report.images} images ({report.engine}) in {report.seconds:.2f} s")
+
+
+def write_results(report, cfg: Config) -> list:
+    """<operation>.json and .csv in output_dir, each written atomically."""
+    base = os.path.join(cfg.output_dir, cfg.operation)
+    doc = json.dumps(to_json(report, cfg), indent=1, ensure_ascii=False)
+    with _output_errors(cfg.output_dir):
+        _atomic_write(base + ".json", lambda fh: fh.write(doc + "\n"))
+        _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
+            csv_rows(report)))
+    return [base + ".json", base + ".csv"]
+
+
+def export_rows(report: ExportReport) -> Iterator[list]:
+    yield ["path", "hash", "size", "width", "height", "mtime", "error"]
+    for r in report.rows:
+        yield [shown(r.path), "" if r.hash is None else hash_hex(r.hash, report.bits),
+               r.size, r.width, r.height, _iso(r.mtime_ns), r.error or ""]
+
+
+def write_export(report: ExportReport, cfg: Config, out) -> list:
+    """Stream every row to export.csv (and stdout in the chosen format)."""
+    path = os.path.join(cfg.output_dir, "export.csv")
+    keys = ["path", "hash", "size", "width", "height", "mtime", "error"]
+    fmt = cfg.output_format
+
+    def body(fh):
+        file_csv, out_csv = csv.writer(fh), csv.writer(out)
+        first = True
+        if fmt == "json":
+            out.write(json.dumps({"operation": "export", "tool_version":
+                                  __version__, "database": report.database,
+                                  "hash_kind": report.hash_kind})[:-1]
+                      + ', "images": [')
+        for n, row in enumerate(export_rows(report)):
+            file_csv.writerow(row)
+            if fmt == "csv" or fmt == "text" and n:
+                out_csv.writerow(row) if fmt == "csv" else \
+                    out.write("\t".join(map(str, row)) + "\n")
+            elif fmt == "json" and n:
+                out.write(("\n" if first else ",\n") + json.dumps(
+                    dict(zip(keys, row)), ensure_ascii=False))
+                first = False
+        if fmt == "json":
+            out.write("\n]}\n")
+
+    with _output_errors(cfg.output_dir):
+        _atomic_write(path, body)
+    return [path]
+
+
+class _output_errors:
+    """OSError while writing results -> one StoreError naming the folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise StoreError(f"cannot write results to {self.folder}: "
+                             f"{exc.strerror or exc} (check output_dir).") from None
+        return False
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with _ignored(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def emit(report, run: Run, ui: Console) -> None:
+    """Print the report on stdout in output_format and save the result files."""
+    cfg = run.config
+    if isinstance(report, ExportReport):
+        written = write_export(report, cfg, sys.stdout)
+    else:
+        written = write_results(report, cfg)
+        if cfg.output_format == "json":
+            print(json.dumps(to_json(report, cfg), indent=1, ensure_ascii=False))
+        elif cfg.output_format == "csv":
+            csv.writer(sys.stdout).writerows(csv_rows(report))
+        elif not run.quiet:
+            for line in text_lines(report):
+                print(line)
+        ui.notice(summary_line(report))
+    ui.notice("results: " + ", ".join(shown(p) for p in written))
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"command line: {message} (see --help).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="reverse_search",
+        description="Reverse image search and near-duplicate finder for your "
+                    "own folders. Settings come from params.json; every key "
+                    "can be overridden for one run by the flag of the same "
+                    "name. With no arguments, runs the operation in "
+                    "params.json.",
+        epilog="Examples:  reverse_search.py build --img-dirs ~/Photos   |   "
+               "reverse_search.py search ~/query.jpg --distance-threshold 8   "
+               "|   reverse_search.py find_duplicates --format json")
+    p.add_argument("operation", nargs="?", choices=OPERATIONS,
+                   help="what to run (default: 'operation' in params.json)")
+    p.add_argument("queries", nargs="*", metavar="QUERY",
+                   help="search: image files or folders to look for "
+                        "(default: input_dir)")
+    p.add_argument("--params", metavar="FILE",
+                   help=f"settings file (default: {PARAMS_NAME} beside the "
+                        f"program; created on first run)")
+    p.add_argument("--format", dest="output_format", choices=FORMATS,
+                   default=None, help="same as --output-format")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only results and errors")
+    p.add_argument("--debug", action="store_true",
+                   help="show a traceback on unexpected errors")
+    p.add_argument("--version", action="version", version=__version__)
+    keys = p.add_argument_group("settings (params.json keys)")
+    for name, f in CONFIG_FIELDS.items():
+        if name == "operation":
+            continue
+        _add_key_flag(keys, name, f)
+    return p
+
+
+def _add_key_flag(group, name: str, f) -> None:
+    meta, flag = f.metadata, "--" + name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING \
+        else f.default_factory()
+    text = f"{meta['help']} (default: {json.dumps(default)})"
+    kind = f.type
+    kw = {"dest": name, "default": None, "help": text}
+    if kind == "bool":
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+    elif kind == "list":
+        group.add_argument(flag, nargs="*", metavar="X", **kw)
+    elif name == "output_format":
+        group.add_argument(flag, choices=meta["choices"], **kw)
+    else:
+        conv = {"int": int, "float": float, "str": str}[kind]
+        group.add_argument(flag, type=conv, metavar=name.split("_")[-1].upper(),
+                           **kw)
+
+
+def parse_run(argv: Sequence[str] | None) -> Run | None:
+    """The run to do, or None when a default params.json was just written."""
+    ns = build_parser().parse_args(argv)
+    params = os.path.abspath(ns.params or default_params_path())
+    if not os.path.exists(params):
+        try:
+            write_default_params(params)
+        except OSError as exc:
+            raise ConfigError(f"{params} does not exist and cannot be created "
+                              f"({exc.strerror}).") from None
+        print(f"Created {params} with default settings. Edit img_dirs (your "
+              f"image folders) and input_dir (images to look for), then run "
+              f"again.", file=sys.stderr)
+        return None
+    overrides = {name: getattr(ns, name) for name in CONFIG_FIELDS
+                 if getattr(ns, name, None) is not None}
+    if ns.operation:
+        overrides["operation"] = ns.operation
+    if ns.queries and (ns.operation or "") != "search":
+        raise ConfigError("command line: query images are only taken by "
+                          "search, e.g. 'reverse_search.py search photo.jpg'.")
+    cfg = config_from(read_params(params), params, overrides)
+    return Run(cfg, params, list(ns.queries), ns.quiet, ns.debug)
+
+
+def dispatch(run: Run, ui: Console):
+    cfg = run.config
+    if cfg.operation == "build":
+        return op_build(cfg, ui)
+    if cfg.operation == "update":
+        return op_update(cfg, ui)
+    if cfg.operation == "search":
+        return op_search(run, ui)
+    if cfg.operation == "find_duplicates":
+        return op_find_duplicates(run, ui)
+    return op_export(cfg, ui)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one operation; returns the exit code (0 ok, 1 failure, 2 usage)."""
+    _safe_streams()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        run = parse_run(argv)
+        if run is None:
+            return 0
+        ui = Console(run.quiet)
+        emit(dispatch(run, ui), run, ui)
+        return 0
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except ReverseSearchError as exc:
+        print(f"reverse_search: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("reverse_search: interrupted. Everything hashed so far is saved; "
+              "run update to continue.", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"reverse_search: error:{where}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"reverse_search: internal error: {type(exc).__name__}: {exc}. "
+              f"Run again with --debug for details, and please report it.",
+              file=sys.stderr)
+        return 1
+
+
+def _safe_streams() -> None:
+    """Never crash on printing a file name the console cannot encode."""
+    for stream in (sys.stdout, sys.stderr):
+        with _ignored(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
+if __name__ == "__main__":
+    multiprocessing.freeze_support()
+    sys.exit(main())
