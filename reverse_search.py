@@ -156,6 +156,9 @@ class Config:
     lock_timeout: float = _key(
         10.0, "seconds to wait for another run that is writing the database",
         minimum=0)
+    # where each key came from (a params file or the command line), for errors
+    sources: dict = field(default_factory=dict, init=False, repr=False,
+                          compare=False)
 
     # ---- derived values (not keys) ----
     @property
@@ -172,7 +175,7 @@ class Config:
         return self.workers or os.cpu_count() or 1
 
 
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.init}
 
 
 @dataclass
@@ -288,13 +291,15 @@ def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
             hint = f"did you mean '{near[0]}'?" if near else \
                 "remove it (README.md lists every key)."
             raise ConfigError(f"{params_path}: unknown key '{name}': {hint}")
-        values[name] = _resolve(name, _check_value(name, value, params_path), base)
+        value = _check_value(name, value, params_path)
+        _check_range(name, value, params_path)
+        values[name] = _resolve(name, value, base)
     for name, value in overrides.items():
+        _check_range(name, value, "command line")
         values[name] = _resolve(name, value, os.getcwd())
     cfg = Config(**values)
-    for name in CONFIG_FIELDS:
-        where = "command line" if name in overrides else params_path
-        _check_range(name, getattr(cfg, name), where)
+    cfg.sources = {name: "command line" if name in overrides else params_path
+                   for name in CONFIG_FIELDS}
     _check_hash_settings(cfg, params_path)
     return cfg
 
@@ -320,9 +325,10 @@ def _check_hash_settings(cfg: Config, where: str) -> None:
                           f"folder of images.")
 
 
-def check_folders(cfg: Config, where: str, names: Sequence[str]) -> None:
+def check_folders(cfg: Config, names: Sequence[str]) -> None:
     """The folders an operation reads from must exist and be folders."""
     for name in names:
+        where = cfg.sources.get(name, PARAMS_NAME)
         paths = cfg.img_dirs if name == "img_dirs" else [getattr(cfg, name)]
         for path in paths:
             if name == "input_dir" and os.path.isfile(path):
@@ -334,7 +340,7 @@ def check_folders(cfg: Config, where: str, names: Sequence[str]) -> None:
                 raise ConfigError(f"{where}: key '{name}': {path} is a file, not "
                                   f"a folder.")
     for name in ("db_dir", "bk_dir", "output_dir"):
-        path = getattr(cfg, name)
+        path, where = getattr(cfg, name), cfg.sources.get(name, PARAMS_NAME)
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"{where}: key '{name}': {path} is a file, not a "
                               f"folder.")
@@ -624,7 +630,14 @@ class HashSpec:
 
     @property
     def bits(self) -> int:
-        return 14 * self.binbits if self.method == "colorhash" else self.size ** 2
+        if self.method == "colorhash":
+            return 14 * self.binbits
+        if self.method == "whash_db4":  # db4 pads: LL band is wider than size
+            side = 8 * self.size
+            for _ in range(3):  # three levels from image_scale 8 * size
+                side = (side + 7) // 2
+            return side * side
+        return self.size ** 2
 
     @property
     def words(self) -> int:
@@ -691,13 +704,16 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int
     if width * height > max_pixels:
         raise SkipFile(f"too many pixels: {width}x{height} is over "
                        f"max_image_pixels ({max_pixels:,}); not decoded")
-    if spec.mode == "exact":
-        return hash_to_int(_hash_function(spec)(im)), width, height
-    orientation = _exif_orientation(im)
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    im = prepare_image(im, spec, orientation)
-    return hash_to_int(_hash_function(spec)(im)), width, height
+    if spec.mode == "fast":
+        orientation = _exif_orientation(im)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        im = prepare_image(im, spec, orientation)
+    value = _hash_function(spec)(im)
+    if value.hash.size != spec.bits:  # whash_db4 in exact mode on small images
+        raise SkipFile(f"{spec.method} gives a {value.hash.size}-bit hash for "
+                       f"this image, not {spec.bits}; use hash_mode fast")
+    return hash_to_int(value), width, height
 
 
 def _exif_orientation(im) -> int:
@@ -1630,7 +1646,7 @@ def _drop_missing(store: Store, states: dict, seen: set, unreadable: list) -> in
 
 def op_build(cfg: Config, ui: Console) -> UpdateReport:
     """Hash everything into a new database; an old one is replaced at the end."""
-    check_folders(cfg, "build", ["img_dirs"])
+    check_folders(cfg, ["img_dirs"])
     with RunLock(cfg.db_path, cfg.lock_timeout):
         target = cfg.db_path
         if os.path.exists(cfg.db_path):
@@ -1672,7 +1688,7 @@ def op_update(cfg: Config, ui: Console) -> UpdateReport:
     if not os.path.exists(cfg.db_path):
         ui.notice(f"no database at {cfg.db_path} yet: building it.")
         return op_build(cfg, ui)
-    check_folders(cfg, "update", ["img_dirs"])
+    check_folders(cfg, ["img_dirs"])
     with RunLock(cfg.db_path, cfg.lock_timeout):
         store = _open_store(cfg.db_path)
         try:
@@ -1764,7 +1780,7 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     """For each query image, the stored images within the threshold."""
     cfg, start = run.config, time.monotonic()
     if not run.queries:
-        check_folders(cfg, "search", ["input_dir"])
+        check_folders(cfg, ["input_dir"])
     paths = query_files(run)
     store = ready_store(cfg, ui)
     try:
@@ -2213,7 +2229,7 @@ def _add_key_flag(group, name: str, f) -> None:
 
 def parse_run(argv: Sequence[str] | None) -> Run | None:
     """The run to do, or None when a default params.json was just written."""
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_intermixed_args(argv)
     params = os.path.abspath(ns.params or default_params_path())
     if not os.path.exists(params):
         try:

@@ -1,0 +1,247 @@
+"""Every operation through main(), on real images and a real SQLite file."""
+
+import csv
+import json
+import os
+import shutil
+import sqlite3
+
+import imagehash
+import pytest
+from PIL import Image
+
+from conftest import rs, run_json, write_params, picture
+
+
+def names(paths):
+    return sorted(os.path.basename(p) for p in paths)
+
+
+def test_build_then_search_finds_the_resized_copy(collection, capsys):
+    params = write_params(collection)
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0
+    assert doc["hashed"] == 7 and doc["failed"] == 0
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0 and doc["operation"] == "search"
+    by_query = {os.path.basename(q["query"]): q for q in doc["queries"]}
+    assert names(m["path"] for m in by_query["q1.jpg"]["matches"]) == \
+        ["p1.jpg", "p1_small.png"]
+    assert by_query["other.jpg"]["matches"] == []
+    for m in by_query["q1.jpg"]["matches"]:
+        assert os.path.isabs(m["path"]) and m["distance"] <= 5
+        assert len(m["hash"]) == 16
+
+
+def test_search_builds_a_missing_database_first(collection, capsys):
+    params = write_params(collection)
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0
+    assert os.path.exists(collection / "db" / "images.db")
+    assert len(doc["queries"]) == 2
+
+
+def test_search_matches_are_nearest_first_and_stop_on_first(collection, capsys):
+    params = write_params(collection, distance_threshold=64)
+    code, doc = run_json(capsys, params, "search", str(collection / "queries" / "q1.jpg"))
+    matches = doc["queries"][0]["matches"]
+    assert len(matches) == 7
+    assert [m["distance"] for m in matches] == sorted(m["distance"] for m in matches)
+    code, first = run_json(capsys, params, "search", "--stop-on-first-match",
+                           str(collection / "queries" / "q1.jpg"))
+    assert first["queries"][0]["matches"] == matches[:1]
+
+
+def test_threshold_zero_is_an_exact_hash_lookup(collection, capsys):
+    shutil.copy(collection / "imgs" / "p3.jpg", collection / "queries" / "p3_copy.jpg")
+    params = write_params(collection, distance_threshold=0)
+    code, doc = run_json(capsys, params, "search")
+    by_query = {os.path.basename(q["query"]): q for q in doc["queries"]}
+    assert [(os.path.basename(m["path"]), m["distance"])
+            for m in by_query["p3_copy.jpg"]["matches"]] == [("p3.jpg", 0)]
+
+
+def test_find_duplicates_groups_edited_copies(collection, capsys):
+    params = write_params(collection)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    groups = [names(i["path"] for i in g["images"]) for g in doc["groups"]]
+    assert sorted(groups) == [["p1.jpg", "p1_small.png"], ["p2.jpg", "p2_q40.jpg"]]
+    for g in doc["groups"]:
+        first = g["images"][0]
+        assert first["keep"] and first["distance"] == 0
+        assert sum(i["keep"] for i in g["images"]) == 1
+    p1 = next(g for g in doc["groups"] if "p1.jpg" in names(i["path"] for i in g["images"]))
+    assert os.path.basename(p1["images"][0]["path"]) == "p1.jpg"  # more pixels
+
+
+def test_identical_files_group_at_threshold_zero(collection, capsys):
+    for k in range(3):
+        shutil.copy(collection / "imgs" / "p4.jpg", collection / "imgs" / f"copy{k}.jpg")
+    params = write_params(collection, distance_threshold=0)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    groups = [names(i["path"] for i in g["images"]) for g in doc["groups"]]
+    assert ["copy0.jpg", "copy1.jpg", "copy2.jpg", "p4.jpg"] in groups
+
+
+def test_update_adds_modifies_and_forgets(collection, capsys):
+    params = write_params(collection)
+    run_json(capsys, params, "build")
+    code, doc = run_json(capsys, params, "update")
+    assert (doc["hashed"], doc["unchanged"], doc["removed"]) == (0, 7, 0)
+    picture(9).save(collection / "imgs" / "new.jpg")
+    os.remove(collection / "imgs" / "p5.jpg")
+    picture(7).save(collection / "imgs" / "p4.jpg")  # same name, new picture
+    code, doc = run_json(capsys, params, "update")
+    assert (doc["hashed"], doc["unchanged"], doc["removed"]) == (2, 5, 1)
+    code, doc = run_json(capsys, params, "export")
+    paths = names(i["path"] for i in doc["images"])
+    assert "new.jpg" in paths and "p5.jpg" not in paths
+    p4 = next(i for i in doc["images"] if i["path"].endswith("p4.jpg"))
+    expected = str(imagehash.dhash(rs.prepare_image(Image.open(collection / "imgs" / "p4.jpg"), rs.HashSpec())))
+    assert p4["hash"] == expected
+
+
+def test_moved_file_keeps_its_hash_without_decoding(collection, capsys):
+    params = write_params(collection)
+    run_json(capsys, params, "build")
+    os.rename(collection / "imgs" / "p3.jpg", collection / "imgs" / "sub" / "moved.jpg")
+    code, doc = run_json(capsys, params, "update")
+    assert (doc["hashed"], doc["reused"], doc["removed"]) == (0, 1, 1)
+
+
+def test_build_replaces_the_database_only_when_complete(collection, capsys):
+    params = write_params(collection)
+    run_json(capsys, params, "build")
+    os.remove(collection / "imgs" / "p5.jpg")
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0 and doc["hashed"] == 6
+    assert not os.path.exists(collection / "db" / "images.db.new")
+    con = sqlite3.connect(collection / "db" / "images.db")
+    assert con.execute("select count(*) from images").fetchone()[0] == 6
+
+
+def test_changing_hash_method_rehashes_never_mixes(collection, capsys):
+    params = write_params(collection)
+    run_json(capsys, params, "build")
+    code, doc = run_json(capsys, params, "update", "--hash-method", "phash")
+    assert code == 0 and doc["hashed"] == 7
+    con = sqlite3.connect(collection / "db" / "images.db")
+    meta = dict(con.execute("select key, value from meta"))
+    assert meta["hash_method"] == "phash"
+    code, doc = run_json(capsys, params, "find_duplicates", "--hash-method", "phash")
+    assert code == 0 and doc["settings"]["hash_method"] == "phash"
+
+
+@pytest.mark.parametrize("method", rs.HASH_METHODS)
+def test_every_hash_method_in_exact_mode_equals_imagehash(collection, capsys, method):
+    params = write_params(collection, hash_method=method, hash_mode="exact",
+                          distance_threshold=0)
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0 and doc["failed"] == 0
+    code, doc = run_json(capsys, params, "export")
+    fn = {"ahash": imagehash.average_hash, "phash": imagehash.phash,
+          "phash_simple": imagehash.phash_simple, "dhash": imagehash.dhash,
+          "dhash_vertical": imagehash.dhash_vertical, "whash": imagehash.whash,
+          "whash_db4": lambda im, s: imagehash.whash(im, s, mode="db4"),
+          "colorhash": lambda im, s: imagehash.colorhash(im, 3)}[method]
+    for image in doc["images"]:
+        assert image["hash"] == str(fn(Image.open(image["path"]), 8)), image["path"]
+
+
+@pytest.mark.parametrize("method", rs.HASH_METHODS)
+def test_every_hash_method_in_fast_mode_finds_the_copy(collection, capsys, method):
+    params = write_params(collection, hash_method=method, distance_threshold=6)
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0
+    q1 = next(q for q in doc["queries"] if q["query"].endswith("q1.jpg"))
+    assert "p1.jpg" in names(m["path"] for m in q1["matches"])
+
+
+def test_256_bit_hashes_work_end_to_end(collection, capsys):
+    params = write_params(collection, hash_size=16, distance_threshold=20)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    assert all(len(i["hash"]) == 64 for g in doc["groups"] for i in g["images"])
+    groups = [names(i["path"] for i in g["images"]) for g in doc["groups"]]
+    assert ["p1.jpg", "p1_small.png"] in groups
+
+
+@pytest.mark.parametrize("engine", rs.ENGINES)
+def test_every_engine_gives_the_same_results(collection, capsys, engine):
+    params = write_params(collection, distance_threshold=12)
+    code, ref = run_json(capsys, params, "find_duplicates", "--engine", "scan")
+    code, doc = run_json(capsys, params, "find_duplicates", "--engine", engine)
+    assert code == 0 and doc["groups"] == ref["groups"]
+    code, ref = run_json(capsys, params, "search", "--engine", "scan")
+    code, doc = run_json(capsys, params, "search", "--engine", engine)
+    assert doc["queries"] == ref["queries"]
+
+
+def test_result_files_are_written_as_json_and_csv(collection, capsys):
+    params = write_params(collection)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    with open(collection / "out" / "find_duplicates.json", encoding="utf-8") as fh:
+        assert json.load(fh)["groups"] == doc["groups"]
+    with open(collection / "out" / "find_duplicates.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == sum(len(g["images"]) for g in doc["groups"])
+    assert {r["group"] for r in rows} == {"1", "2"}
+
+
+def test_text_output_lists_groups(collection, capsys):
+    params = write_params(collection)
+    assert rs.main(["find_duplicates", "--params", params]) == 0
+    captured = capsys.readouterr()
+    assert "group 1: 2 images" in captured.out
+    assert "keep" in captured.out
+    assert "find_duplicates: 2 groups" in captured.err
+
+
+def test_csv_output_on_stdout(collection, capsys):
+    params = write_params(collection)
+    assert rs.main(["search", "--params", params, "--format", "csv", "-q"]) == 0
+    rows = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert rows[0][:3] == ["query", "query_hash", "match"]
+    assert any(r[2].endswith("p1.jpg") for r in rows[1:])
+
+
+def test_export_lists_every_file_with_errors(collection, capsys):
+    (collection / "imgs" / "broken.jpg").write_bytes(b"not an image at all")
+    params = write_params(collection)
+    run_json(capsys, params, "build")
+    code, doc = run_json(capsys, params, "export")
+    assert code == 0 and len(doc["images"]) == 8
+    broken = next(i for i in doc["images"] if i["path"].endswith("broken.jpg"))
+    assert broken["hash"] == "" and "not an image" in broken["error"]
+    with open(collection / "out" / "export.csv", newline="", encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+
+
+def test_parallel_hashing_with_spawned_workers(collection, capsys):
+    for seed in range(10, 22):
+        picture(seed, (200, 150)).save(collection / "imgs" / f"extra{seed}.png")
+    params = write_params(collection, workers=2)
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0 and doc["hashed"] == 19
+    serial = write_params(collection, workers=1, db_dir="db1", bk_dir="ix1")
+    code, one = run_json(capsys, serial, "export")
+    assert code != 0  # no database yet for export: a clear error, not a build
+    run_json(capsys, serial, "build")
+    code, one = run_json(capsys, serial, "export")
+    code, two = run_json(capsys, params, "export")
+    assert [(i["path"], i["hash"]) for i in one["images"]] == \
+        [(i["path"], i["hash"]) for i in two["images"]]
+
+
+def test_the_shipped_params_json_works(capsys, tmp_path):
+    """The README's run command on the shipped example collection."""
+    root = tmp_path / "clone"
+    shutil.copytree(os.path.dirname(rs.__file__), root, ignore=shutil.ignore_patterns(
+        "db", "index", "results", ".git", "bench", "tests", "__pycache__"))
+    code, doc = run_json(capsys, root / "params.json")
+    assert code == 0 and doc["operation"] == "search"
+    hits = {os.path.basename(q["query"]): names(m["path"] for m in q["matches"])
+            for q in doc["queries"]}
+    assert "forest.jpg" in hits["forest_thumbnail.jpg"]
+    assert hits["unrelated.jpg"] == []
