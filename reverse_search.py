@@ -824,8 +824,10 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
             return result
         if not data:
             raise SkipFile("empty file (0 bytes)")
-        result.hash, result.width, result.height = hash_image_bytes(
-            data, job.spec, job.max_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF, palette, pywt border notes
+            result.hash, result.width, result.height = hash_image_bytes(
+                data, job.spec, job.max_pixels)
     except SkipFile as exc:
         result.error = str(exc)
     except OSError as exc:
@@ -833,7 +835,7 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
     except MemoryError:
         result.error = "out of memory while decoding"
     except Exception as exc:  # any decoder failure: record it, go on
-        result.error = describe_image_error(exc)
+        result.error = describe_image_error(exc, task.path)
     return result
 
 
@@ -847,10 +849,22 @@ def describe_os_error(exc: OSError) -> str:
     return f"cannot read: {exc.strerror or exc}"
 
 
-def describe_image_error(exc: Exception) -> str:
+# Formats we recognise by name but do not decode: listed as skipped, not read.
+NOT_DECODED = dict.fromkeys((".svg", ".svgz"),
+                            "SVG drawings are not supported (vector, no pixels)")
+NOT_DECODED.update(dict.fromkeys(
+    (".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".dng", ".pef",
+     ".srw", ".raw"), "camera RAW files are not supported; hash their JPEGs"))
+UNSUPPORTED = dict(NOT_DECODED, **dict.fromkeys(
+    (".heic", ".heif"), "HEIC/HEIF needs pillow-heif: pip install pillow-heif"))
+
+
+def describe_image_error(exc: Exception, path: str = "") -> str:
     from PIL import Image, UnidentifiedImageError
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image Pillow can read (unknown format or damaged)"
+        ext = os.path.splitext(path)[1].lower()
+        return UNSUPPORTED.get(
+            ext, "not an image Pillow can read (unknown format or damaged)")
     if isinstance(exc, Image.DecompressionBombError):
         return f"too many pixels: {exc}"
     text = str(exc).split("\n")[0][:200]
@@ -868,17 +882,16 @@ def _worker_init(job: HashJob) -> None:
     global _JOB
     _JOB = job
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _quiet_decoders()
+    _setup_decoders()
 
 
 def _worker_hash(task: HashTask) -> HashResult:
     return hash_file(task, _JOB)
 
 
-def _quiet_decoders() -> None:
+def _setup_decoders() -> None:
     from PIL import Image
     Image.MAX_IMAGE_PIXELS = None  # we refuse by our own limit, before decoding
-    warnings.simplefilter("ignore")  # EXIF and palette warnings, pywt borders
     try:
         import pillow_heif
         pillow_heif.register_heif_opener()
@@ -908,7 +921,7 @@ class Hasher:
     def map(self, tasks: list) -> Iterator[HashResult]:
         """Results in completion order.  Small batches stay in this process."""
         if self.workers <= 1 or len(tasks) < 4 and self.pool is None:
-            _quiet_decoders()
+            _setup_decoders()
             for task in tasks:
                 yield hash_file(task, self.job)
             return
@@ -975,7 +988,12 @@ class Walk:
                 if os.path.normcase(entry.path) not in skip:
                     subdirs.append(entry.path)
                 return None
-            if not self._wanted(entry.name):
+            ext = os.path.splitext(entry.name)[1].lower()
+            if self.extensions and ext in NOT_DECODED:
+                st = entry.stat(follow_symlinks=False)
+                return FoundFile(entry.path, st.st_size, st.st_mtime_ns,
+                                 NOT_DECODED[ext])
+            if self.extensions and ext not in self.extensions:
                 return None
             if is_link and not os.path.exists(entry.path):
                 st = entry.stat(follow_symlinks=False)
@@ -987,11 +1005,6 @@ class Walk:
             return FoundFile(entry.path, st.st_size, st.st_mtime_ns)
         except OSError as exc:
             return FoundFile(entry.path, 0, 0, describe_os_error(exc))
-
-    def _wanted(self, name: str) -> bool:
-        if not self.extensions:
-            return True
-        return os.path.splitext(name)[1].lower() in self.extensions
 
 
 # ============================================================================
@@ -1524,8 +1537,8 @@ class UpdateReport:
 class BatchWriter:
     """Rows go to SQLite in batched transactions, never one commit per row."""
 
-    def __init__(self, store: Store, bits: int, rows: int = 500,
-                 seconds: float = 2.0):
+    def __init__(self, store: Store, bits: int, rows: int = 256,
+                 seconds: float = 1.0):
         self.store, self.bits = store, bits
         self.limit, self.seconds = rows, seconds
         self.pending = []
@@ -2014,10 +2027,16 @@ def csv_rows(report) -> Iterator[list]:
             yield [shown(f.path), f.error]
 
 
+TEXT_FAILURES = 20  # longer lists go to the results files only
+
+
 def text_lines(report) -> Iterator[str]:
     if isinstance(report, UpdateReport):
-        for f in report.failures:
+        for f in report.failures[:TEXT_FAILURES]:
             yield f"skipped {shown(f.path)}: {f.error}"
+        if len(report.failures) > TEXT_FAILURES:
+            yield (f"... and {len(report.failures) - TEXT_FAILURES} more "
+                   f"skipped files: see the results files.")
         for f in report.unreadable_dirs:
             yield f"could not read folder {shown(f.path)}: {f.error}"
     elif isinstance(report, SearchReport):

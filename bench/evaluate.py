@@ -24,12 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(os.path.dirname(HERE), "reverse_search.py")
 DEFAULT_CORPUS = os.path.join(HERE, "data", "corpus")
+MAKE_CORPUS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared",
+                           "bench", "make_corpus.py")
 DEFAULT_SETTINGS = ("dhash:8:5 dhash:8:10 dhash:8:14 "
                     "phash:8:6 phash:8:10 phash:8:14 "
                     "whash:8:5 whash:8:10 ahash:8:5 ahash:8:10 "
@@ -39,7 +42,7 @@ CLOSE_ENOUGH = 4  # bad input "matches its group" at this distance or less
 BUILD_HINT = """\
 No corpus at {corpus} (truth.csv missing). Build it first:
   apt-get update
-  python3 ../shared/bench/make_corpus.py {corpus} --cache-dir ~/.cache/ndbench-debs
+  python3 {script} {corpus} --cache-dir ~/.cache/ndbench-debs
 (or give another corpus with --corpus)."""
 
 
@@ -335,7 +338,8 @@ class Build:
     files: int
     hashed: int
     failed: int
-    seconds: float
+    seconds: float  # as the tool reports it (hashing and storing)
+    wall: float  # the whole build command, index file included
     distances: dict
 
     @property
@@ -354,9 +358,10 @@ def evaluate(corpus: str, settings: list, tool: Tool, truth: dict
         name = index_label(index)
         params = tool.params(name.replace(":", "_"), [images], index)
         report = tool.result(params, "build", what=f"build {name}")
+        wall = tool.steps[-1][1]
         rows = tool.export(params, what=f"export {name}")
         builds.append(Build(name, report["files"], report["hashed"],
-                            report["failed"], report["seconds"],
+                            report["failed"], report["seconds"], wall,
                             median_distances(rows, corpus, truth)))
         print(f"built {name}: {report['hashed']} images in "
               f"{report['seconds']:.1f} s", file=sys.stderr)
@@ -424,14 +429,20 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def table(title: str, head: list, rows: list) -> str:
-    """Plain-text table: first column left-aligned, the others right."""
+def shown_width(text: str) -> int:
+    """Terminal columns: East Asian wide characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def table(title: str, head: list, rows: list, left: tuple = (0,)) -> str:
+    """Plain-text table: columns in `left` left-aligned, the others right."""
     cells = [head] + [[str(c) for c in r] for r in rows]
-    width = [max(len(r[k]) for r in cells) for k in range(len(head))]
+    width = [max(shown_width(r[k]) for r in cells) for k in range(len(head))]
     lines = [title]
     for n, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                               for k, (c, w) in enumerate(zip(r, width))))
+        pads = [" " * (w - shown_width(c)) for c, w in zip(r, width)]
+        lines.append("  ".join(c + p if k in left else p + c for k, (c, p)
+                               in enumerate(zip(r, pads))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in width))
     return "\n".join(lines) + "\n"
@@ -440,9 +451,10 @@ def table(title: str, head: list, rows: list) -> str:
 def report(builds: list, results: list, truth: dict, checks: list) -> str:
     out = [table(
         "Hashing cost (build of images/, one per method:size:mode)",
-        ["index", "files", "hashed", "failed", "seconds", "images/s"],
+        ["index", "files", "hashed", "failed", "seconds", "images/s",
+         "build wall s"],
         [[b.index, b.files, b.hashed, b.failed, f"{b.seconds:.1f}",
-          f"{b.rate:.0f}"] for b in builds])]
+          f"{b.rate:.0f}", f"{b.wall:.1f}"] for b in builds])]
     out.append(table(
         "find_duplicates: pairs inside reported groups (P = precision, "
         "R = recall, %)",
@@ -494,10 +506,12 @@ def report(builds: list, results: list, truth: dict, checks: list) -> str:
         out.append(table(
             f"bad_inputs/ (fast mode, size 8; d = distance to the group's "
             f"original, close if <= {CLOSE_ENOUGH})",
-            ["file", "expected", "ok", "tool did"] + [f"d {m}" for m in methods],
+            ["file", "expected", "ok"] + [f"d {m}" for m in methods]
+            + ["tool did"],
             [[c["file"].split("/", 1)[-1], c["expected"],
-              "yes" if c["ok"] else "NO", c["did"][:60]]
-             + [c["distance"].get(m, "") for m in methods] for c in checks]))
+              "yes" if c["ok"] else "NO"]
+             + [c["distance"].get(m, "") for m in methods] + [c["did"]]
+             for c in checks], left=(0, 1, 3 + len(methods))))
     return "\n".join(out)
 
 
@@ -554,7 +568,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     corpus = os.path.abspath(args.corpus)
     if not os.path.isfile(os.path.join(corpus, "truth.csv")):
-        print(BUILD_HINT.format(corpus=os.path.relpath(corpus)), file=sys.stderr)
+        print(BUILD_HINT.format(corpus=os.path.relpath(corpus),
+                                script=os.path.relpath(MAKE_CORPUS)), file=sys.stderr)
         return 2
     truth = read_truth(corpus)
     with tempfile.TemporaryDirectory(prefix="ndbench-") as tmp:
