@@ -76,17 +76,20 @@ class SkipFile(ReverseSearchError):
 # Config
 # ============================================================================
 
-OPERATIONS = ("build", "update", "search", "find_duplicates", "export")
+OPERATIONS = ("build", "update", "search", "find_duplicates", "export", "move",
+              "undo")
 HASH_METHODS = ("ahash", "phash", "phash_simple", "dhash", "dhash_vertical",
                 "whash", "whash_db4", "colorhash")
 HASH_MODES = ("fast", "exact")
 ENGINES = ("auto", "scan", "mih", "bktree")
 FORMATS = ("text", "json", "csv")
+GROUPINGS = ("representative", "connected")
+KEEP_CRITERIA = ("most_pixels", "largest_file", "oldest", "newest",
+                 "folder_order", "shortest_path")
 DEFAULT_EXTENSIONS = [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
                       ".dib", ".tif", ".tiff", ".webp", ".avif", ".heic",
                       ".heif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
                       ".jp2", ".j2k", ".pcx", ".psd"]
-PATH_KEYS = ("db_dir", "bk_dir", "input_dir", "output_dir")
 
 
 def _key(default, help_text, *, choices=None, minimum=None, maximum=None,
@@ -137,6 +140,22 @@ class Config:
         minimum=0)
     stop_on_first_match: bool = _key(
         False, "search: report only the nearest match of each query")
+    grouping: str = _key(
+        "representative", "find_duplicates: representative = every member "
+        "within the threshold of the group's kept image; connected = chains "
+        "of near pairs (can join different pictures)", choices=GROUPINGS)
+    keep_rule: list = _key(
+        ["most_pixels", "largest_file", "oldest", "folder_order"],
+        "which file of a group is kept, criteria in order "
+        f"({', '.join(KEEP_CRITERIA)}; folder_order = order of img_dirs)")
+    protected_dirs: list = _key(
+        [], "folders whose files move never touches", path=True)
+    quarantine_dir: str = _key(
+        "quarantine", "move puts duplicates here, mirroring their paths; undo "
+        "puts them back", path=True)
+    not_duplicates: str = _key(
+        "not_duplicates.csv", "CSV of path pairs that are different pictures "
+        "(kept out of results; missing file = none)", path=True)
     engine: str = _key(
         "auto", "search engine: auto picks the fastest exact one",
         choices=ENGINES)
@@ -284,7 +303,8 @@ def _check_range(name: str, value, where: str) -> None:
 def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
     """Defaults < params.json < command-line flags, checked as they merge."""
     base = os.path.dirname(os.path.abspath(params_path))
-    values = {}
+    values = {name: _resolve(name, value, base)  # default paths: beside params
+              for name, value in default_params().items()}
     for name, value in raw.items():
         if name not in CONFIG_FIELDS:
             near = difflib.get_close_matches(name, CONFIG_FIELDS, n=1)
@@ -323,6 +343,11 @@ def _check_hash_settings(cfg: Config, where: str) -> None:
     if not cfg.img_dirs:
         raise ConfigError(f"{where}: key 'img_dirs' is empty; list at least one "
                           f"folder of images.")
+    bad = [c for c in cfg.keep_rule if c not in KEEP_CRITERIA]
+    if bad or not cfg.keep_rule:
+        raise ConfigError(f"{cfg.sources.get('keep_rule', where)}: key "
+                          f"'keep_rule' has {bad or 'nothing'}; use criteria "
+                          f"from {', '.join(KEEP_CRITERIA)}.")
 
 
 def check_folders(cfg: Config, names: Sequence[str]) -> None:
@@ -1572,7 +1597,8 @@ def _walk(cfg: Config, roots: list) -> Walk:
     exts = [e.lower() if e.startswith(".") else "." + e.lower()
             for e in cfg.extensions]
     return Walk(roots, exts, cfg.follow_symlinks,
-                skip_dirs=(cfg.db_dir, cfg.bk_dir, cfg.output_dir))
+                skip_dirs=(cfg.db_dir, cfg.bk_dir, cfg.output_dir,
+                           cfg.quarantine_dir))
 
 
 def _job(cfg: Config) -> HashJob:
@@ -1806,6 +1832,7 @@ def op_search(run: Run, ui: Console) -> SearchReport:
             results = sorted(hasher.map([HashTask(p) for p in paths]),
                              key=lambda r: r.path)
         found = [_search_one(r, flat, engine, radius, cfg) for r in results]
+        marks = load_marks(cfg)
         rows = store.rows_by_id(int(flat.ids[p]) for _, hits in found
                                 for p, _ in hits)
         for result, hits in found:
@@ -1813,7 +1840,9 @@ def op_search(run: Run, ui: Console) -> SearchReport:
                                 hash_hex(result.hash, spec.bits),
                                 error=result.error)
             query.matches = [_match(rows[int(flat.ids[p])], spec.bits, d)
-                             for p, d in hits]
+                             for p, d in hits if not marks or frozenset(
+                                 (result.path, rows[int(flat.ids[p])].path))
+                             not in marks]
             query.matches.sort(key=lambda m: (m.distance, m.path))
             if cfg.stop_on_first_match:
                 query.matches = query.matches[:1]
@@ -1845,10 +1874,17 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         radius = cfg.distance_threshold
         engine = flat.engine(cfg.engine, radius, True,
                              os.path.join(cfg.bk_dir, BKTREE_NAME))
-        members = duplicate_groups(flat, engine, radius)
-        rows = store.rows_by_id(int(flat.ids[p]) for g in members for p in g)
-        groups = [_group([rows[int(flat.ids[p])] for p in g], flat.hashes[g],
-                         cfg.spec.bits) for g in members]
+        components = duplicate_groups(flat, engine, radius)
+        rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)
+        rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
+        marks = load_marks(cfg)
+        groups = []
+        for comp in components:
+            ranked = sorted(comp.tolist(), key=lambda p: keep_key(rows[p], cfg))
+            for members in split_group(ranked, flat.hashes, radius, rows, marks,
+                                       cfg.grouping == "connected"):
+                groups.append(_group([rows[p] for p in members],
+                                     flat.hashes[members], cfg.spec.bits))
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
                                    g.images[0].path))
         failures = [Failure(r.path, r.error) for r in store.iter_rows()
@@ -1862,7 +1898,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
 
 
 def duplicate_groups(flat: FlatIndex, engine, radius: int) -> list:
-    """Image positions of each group (connected components of near pairs)."""
+    """Image positions of each connected component of near pairs."""
     u = len(flat.distinct)
     found = list(engine.pairs(radius)) if radius > 0 and u > 1 else []
     a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
@@ -1898,23 +1934,311 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def keep_order(row: ImageRow) -> tuple:
-    """The keep rule: most pixels, then largest file, then oldest, then path."""
-    pixels = (row.width or 0) * (row.height or 0)
-    return (-pixels, -row.size, row.mtime_ns, row.path)
+def split_group(ranked: list, hashes: np.ndarray, radius: int, rows: dict,
+                marks: set, connected: bool) -> list:
+    """Groups of one component, best-kept image first in each.
+
+    representative: the best image leads a group of everything within the
+    threshold of it; the rest start new groups, so different pictures are
+    never chained together through in-between images.  connected: the whole
+    component, unless "not a duplicate" marks force a split."""
+    marked = marks and any(_marked(rows[a], rows[b], marks)
+                           for k, a in enumerate(ranked) for b in ranked[k + 1:])
+    if connected and not marked:
+        return [ranked]
+    left, out = list(ranked), []
+    while left:
+        lead = left[0]
+        near = row_distances(hashes[left], np.broadcast_to(
+            hashes[lead], (len(left), hashes.shape[1]))) <= radius
+        group = []
+        for pos, ok in zip(left, near):
+            if ok and not any(_marked(rows[pos], rows[g], marks) for g in group):
+                group.append(pos)
+        out.append(group)
+        taken = set(group)
+        left = [p for p in left if p not in taken]
+    return [g for g in out if len(g) > 1]
+
+
+def _marked(a: ImageRow, b: ImageRow, marks: set) -> bool:
+    return bool(marks) and frozenset((a.path, b.path)) in marks
+
+
+def load_marks(cfg: Config) -> set:
+    """Pairs the user marked as different pictures (not_duplicates CSV)."""
+    path = cfg.not_duplicates
+    if not os.path.isfile(path):
+        return set()
+    base, marks = os.path.dirname(path), set()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            for n, row in enumerate(csv.reader(fh), 1):
+                cells = [c.strip() for c in row if c.strip()]
+                if not cells or cells[0].startswith("#") or \
+                        n == 1 and cells[0].lower() in ("path_a", "a", "path"):
+                    continue
+                if len(cells) != 2:
+                    raise ConfigError(f"{path}: line {n}: expected two paths "
+                                      f"separated by a comma, got {len(cells)}.")
+                marks.add(frozenset(os.path.abspath(os.path.join(base, c))
+                                    for c in cells))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc}).") from None
+    return marks
+
+
+def keep_key(row: ImageRow, cfg: Config) -> tuple:
+    """Sort key of the keep rule: the smallest key is the file to keep."""
+    key = []
+    for criterion in cfg.keep_rule:
+        if criterion == "most_pixels":
+            key.append(-(row.width or 0) * (row.height or 0))
+        elif criterion == "largest_file":
+            key.append(-row.size)
+        elif criterion == "oldest":
+            key.append(row.mtime_ns)
+        elif criterion == "newest":
+            key.append(-row.mtime_ns)
+        elif criterion == "folder_order":
+            key.append(_root_index(row.path, cfg.img_dirs))
+        else:  # shortest_path
+            key.append(len(row.path))
+    return (*key, row.path)
+
+
+def _root_index(path: str, roots: list) -> int:
+    for k, root in enumerate(roots):
+        if _inside(path, root):
+            return k
+    return len(roots)
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = folder.rstrip(os.sep) + os.sep
+    return os.path.normcase(path).startswith(os.path.normcase(folder))
 
 
 def _group(rows: list, hashes: np.ndarray, bits: int) -> Group:
-    best = min(range(len(rows)), key=lambda k: keep_order(rows[k]))
-    dist = row_distances(hashes, np.broadcast_to(hashes[best], hashes.shape))
+    """rows[0] is kept; distances are measured to it."""
+    dist = row_distances(hashes, np.broadcast_to(hashes[0], hashes.shape))
     members = [_match(row, bits, d) for row, d in zip(rows, dist)]
-    members[best].keep = True
-    members.sort(key=lambda m: (not m.keep, m.distance, m.path))
+    members[0].keep = True
+    members[1:] = sorted(members[1:], key=lambda m: (m.distance, m.path))
     return Group(members)
 
 
 def _reclaimable(group: Group) -> int:
     return sum(m.size for m in group.images if not m.keep)
+
+
+# ---- acting on duplicates: a plan (dry run), move, undo ----
+
+PLAN_NAME = "plan"
+MANIFEST_NAME = "manifest.jsonl"
+
+
+@dataclass
+class PlanEntry:
+    """One file of a duplicate group and what move would do with it."""
+
+    group: int
+    action: str  # keep, move or protected
+    path: str
+    reason: str
+    size: int
+    mtime_ns: int
+    hash: str
+    distance: int
+
+
+def make_plan(report: DuplicatesReport, cfg: Config) -> list:
+    entries = []
+    for n, g in enumerate(report.groups, 1):
+        kept = g.images[0]
+        for m in g.images:
+            if m.keep:
+                action = "keep"
+                reason = f"kept by keep_rule ({', '.join(cfg.keep_rule)})"
+            elif any(_inside(m.path, d) for d in cfg.protected_dirs):
+                action, reason = "protected", "in a protected folder"
+            else:
+                action = "move"
+                reason = f"duplicate of {shown(kept.path)} (distance {m.distance})"
+            entries.append(PlanEntry(n, action, m.path, reason, m.size,
+                                     m.mtime_ns, m.hash, m.distance))
+    return entries
+
+
+def write_plan(entries: list, cfg: Config) -> list:
+    """plan.json (what move reads) and plan.csv (for people), atomically."""
+    base = os.path.join(cfg.output_dir, PLAN_NAME)
+    doc = {"operation": "plan", "tool_version": __version__,
+           "created": _iso(time.time_ns()), "database": cfg.db_path,
+           "quarantine_dir": cfg.quarantine_dir,
+           "entries": [dict(dataclasses.asdict(e), path=shown(e.path))
+                       for e in entries]}
+    fields = [f.name for f in dataclasses.fields(PlanEntry)]
+    with _output_errors(cfg.output_dir):
+        _atomic_write(base + ".json", lambda fh: json.dump(doc, fh, indent=1,
+                                                           ensure_ascii=False))
+        _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
+            [fields] + [[shown(v) if k == "path" else v for k, v in
+                         dataclasses.asdict(e).items()] for e in entries]))
+    return [base + ".json", base + ".csv"]
+
+
+@dataclass
+class MoveReport:
+    """What move or undo did, file by file."""
+
+    operation: str
+    manifest: str
+    done: list = field(default_factory=list)     # (from, to) pairs
+    skipped: list = field(default_factory=list)  # Failure
+    seconds: float = 0.0
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quarantine_path(quarantine: str, path: str) -> str:
+    """Where a file goes in quarantine: its absolute path mirrored inside."""
+    drive, rest = os.path.splitdrive(os.path.abspath(path))
+    parts = [quarantine] + ([drive.rstrip(":\\/")] if drive else [])
+    return os.path.join(*parts, rest.lstrip("\\/"))
+
+
+def _free_name(path: str) -> str:
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.lexists(path):
+        path, n = f"{stem} ({n}){ext}", n + 1
+    return path
+
+
+def op_move(cfg: Config, ui: Console) -> MoveReport:
+    """Move the duplicates of plan.json into quarantine_dir (undo restores)."""
+    start = time.monotonic()
+    plan = _read_json(os.path.join(cfg.output_dir, PLAN_NAME + ".json"),
+                      "no plan yet: run find_duplicates first, check "
+                      "plan.csv, then run move.")
+    manifest = os.path.join(cfg.quarantine_dir, MANIFEST_NAME)
+    report = MoveReport("move", manifest)
+    with RunLock(cfg.db_path, cfg.lock_timeout):
+        for entry in plan.get("entries", []):
+            if entry.get("action") == "move":
+                _move_one(PlanEntry(**entry), cfg, manifest, report)
+        if report.done and os.path.exists(cfg.db_path):
+            store = _open_store(cfg.db_path)
+            try:
+                store.delete_paths(src for src, _ in report.done)
+            finally:
+                store.close()
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _move_one(entry: PlanEntry, cfg: Config, manifest: str,
+              report: MoveReport) -> None:
+    import shutil
+    path = entry.path
+    why = None
+    if any(_inside(path, d) for d in cfg.protected_dirs):
+        why = "in a protected folder"
+    elif not os.path.isfile(path):
+        why = "no longer exists"
+    else:
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+            why = "changed since the plan: run find_duplicates again"
+    if why:
+        report.skipped.append(Failure(path, why))
+        return
+    dest = _free_name(quarantine_path(cfg.quarantine_dir, path))
+    record = {"original": path, "quarantined": dest, "sha256": _sha256(path),
+              "size": entry.size, "moved_at": _iso(time.time_ns())}
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(manifest, "a", encoding="utf-8") as fh:  # intent first
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        shutil.move(path, dest)
+    except OSError as exc:
+        report.skipped.append(Failure(path, describe_os_error(exc)))
+        return
+    report.done.append((path, dest))
+
+
+def op_undo(cfg: Config, ui: Console) -> MoveReport:
+    """Put every file of the quarantine manifest back, checked byte for byte."""
+    import shutil
+    start = time.monotonic()
+    manifest = os.path.join(cfg.quarantine_dir, MANIFEST_NAME)
+    if not os.path.exists(manifest):
+        raise ConfigError(f"nothing to undo: no {manifest} (key "
+                          f"'quarantine_dir').")
+    report, keep = MoveReport("undo", manifest), []
+    with open(manifest, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    for rec in reversed(records):
+        src, dst = rec["quarantined"], rec["original"]
+        why = _undo_problem(rec)
+        if why == "":
+            continue  # never moved (interrupted move): nothing to do
+        if why is None:
+            try:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.move(src, dst)
+                report.done.append((src, dst))
+                continue
+            except OSError as exc:
+                why = describe_os_error(exc)
+        report.skipped.append(Failure(src, why))
+        keep.append(rec)
+    _finish_manifest(manifest, list(reversed(keep)))
+    if report.done:
+        ui.notice("run update to index the restored files again.")
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _undo_problem(rec: dict):
+    """None if the file can go back; '' if it never left; else why not."""
+    src, dst = rec["quarantined"], rec["original"]
+    if not os.path.exists(src):
+        return "" if os.path.exists(dst) else "missing from the quarantine"
+    if os.path.lexists(dst):
+        return f"a file now exists at {shown(dst)}; left in quarantine"
+    if _sha256(src) != rec["sha256"]:
+        return "changed while in quarantine; left there"
+    return None
+
+
+def _finish_manifest(manifest: str, remaining: list) -> None:
+    """Keep only what is still in quarantine; archive a finished manifest."""
+    if remaining:
+        _atomic_write(manifest, lambda fh: fh.writelines(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in remaining))
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        os.replace(manifest, manifest.replace(".jsonl", f"-undone-{stamp}.jsonl"))
+
+
+def _read_json(path: str, missing: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}.") from None
 
 
 @dataclass
@@ -1982,6 +2306,10 @@ def to_json(report, cfg: Config) -> dict:
         body["seconds"] = round(report.seconds, 3)
         body["failures"] = _failures_json(report.failures)
         body["unreadable_dirs"] = _failures_json(report.unreadable_dirs)
+    elif isinstance(report, MoveReport):
+        body = {"manifest": report.manifest, "seconds": round(report.seconds, 3),
+                "done": [{"from": shown(a), "to": shown(b)} for a, b in report.done],
+                "failures": _failures_json(report.skipped)}
     elif isinstance(report, SearchReport):
         body = {"database": report.database, "engine": report.engine,
                 "images": report.images, "seconds": round(report.seconds, 3),
@@ -2025,6 +2353,12 @@ def csv_rows(report) -> Iterator[list]:
         yield ["path", "error"]
         for f in report.failures + report.unreadable_dirs:
             yield [shown(f.path), f.error]
+    elif isinstance(report, MoveReport):
+        yield ["from", "to", "skipped_because"]
+        for a, b in report.done:
+            yield [shown(a), shown(b), ""]
+        for f in report.skipped:
+            yield [shown(f.path), "", f.error]
 
 
 TEXT_FAILURES = 20  # longer lists go to the results files only
@@ -2042,6 +2376,12 @@ def text_lines(report) -> Iterator[str]:
     elif isinstance(report, SearchReport):
         for q in report.queries:
             yield from _query_text(q)
+    elif isinstance(report, MoveReport):
+        verb = "moved" if report.operation == "move" else "restored"
+        for a, b in report.done:
+            yield f"{verb} {shown(a)} -> {shown(b)}"
+        for f in report.skipped:
+            yield f"skipped {shown(f.path)}: {f.error}"
     else:
         for n, g in enumerate(report.groups, 1):
             yield (f"group {n}: {len(g.images)} images, "
@@ -2076,6 +2416,10 @@ def summary_line(report) -> str:
                 f"hashed, {report.reused} reused, {report.unchanged} unchanged, "
                 f"{report.failed} failed, {report.removed} removed in "
                 f"{report.seconds:.1f} s ({rate:.0f} images/s)")
+    if isinstance(report, MoveReport):
+        verb = "moved" if report.operation == "move" else "restored"
+        return (f"{report.operation}: {len(report.done)} files {verb}, "
+                f"{len(report.skipped)} skipped; manifest {shown(report.manifest)}")
     if isinstance(report, SearchReport):
         hit = sum(1 for q in report.queries if q.matches)
         return (f"search: {len(report.queries)} queries, {hit} with matches, "
@@ -2095,7 +2439,10 @@ def write_results(report, cfg: Config) -> list:
         _atomic_write(base + ".json", lambda fh: fh.write(doc + "\n"))
         _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
             csv_rows(report)))
-    return [base + ".json", base + ".csv"]
+    written = [base + ".json", base + ".csv"]
+    if isinstance(report, DuplicatesReport):
+        written += write_plan(make_plan(report, cfg), cfg)
+    return written
 
 
 def export_rows(report: ExportReport) -> Iterator[list]:
@@ -2281,6 +2628,10 @@ def dispatch(run: Run, ui: Console):
         return op_search(run, ui)
     if cfg.operation == "find_duplicates":
         return op_find_duplicates(run, ui)
+    if cfg.operation == "move":
+        return op_move(cfg, ui)
+    if cfg.operation == "undo":
+        return op_undo(cfg, ui)
     return op_export(cfg, ui)
 
 

@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import platform
 import re
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -81,21 +82,34 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
 # ---------------------------------------------------------------------------
 
 @dataclass
+class Timing:
+    """One whole run: wall seconds and CPU seconds (this process + children)."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+
+@dataclass
 class SpeedRow:
-    """Images/s of one image set under each way of hashing it."""
+    """One image set under each way of hashing it."""
 
     name: str
     files: int
     megapixels: float
-    baseline: float = 0.0    # (a)
-    tool_one: float = 0.0    # (b)
-    tool_all: float = 0.0    # (c)
-    floor_one: float = 0.0   # (d), 1 worker
-    floor_all: float = 0.0   # (d), all workers
-    tool_all_self: float = 0.0  # (c) as the tool's own summary line says
+    baseline: Timing = field(default_factory=Timing)    # (a)
+    tool_one: Timing = field(default_factory=Timing)    # (b)
+    tool_all: Timing = field(default_factory=Timing)    # (c)
+    floor_one: Timing = field(default_factory=Timing)   # (d), 1 worker
+    floor_all: Timing = field(default_factory=Timing)   # (d), all workers
+    tool_all_self: float = 0.0  # (c) images/s in the tool's own summary line
 
-    def ratio(self, num: float, den: float) -> float:
-        return num / den if den else 0.0
+    def rate(self, t: Timing, fixed: Timing | None = None) -> float:
+        """Images/s of a run; with `fixed`, its start-up cost taken off."""
+        wall = t.wall - (fixed.wall if fixed else 0.0)
+        return self.files / wall if wall > 0 else 0.0
+
+    def cpu_ms(self, t: Timing) -> float:
+        return 1000 * t.cpu / max(self.files, 1)
 
 
 @dataclass
@@ -252,6 +266,21 @@ def ensure_tiny(parts: int) -> list:
     return folders
 
 
+def ensure_start_set() -> str:
+    """4 tiny JPEGs: the least work that still starts the tool's pool."""
+    folder = DATA / "start4"
+    if not folder.is_dir() or len(os.listdir(folder)) != 4:
+        import numpy as np
+        from PIL import Image
+        folder.mkdir(parents=True, exist_ok=True)
+        cells = np.random.default_rng([GENERATOR, 4]).integers(
+            0, 256, (4, 4, 4, 3), dtype=np.uint8)
+        for i in range(4):
+            Image.fromarray(cells[i]).resize((64, 64), Image.BICUBIC).save(
+                folder / f"s{i}.jpg", "JPEG", quality=85)
+    return str(folder)
+
+
 def list_files(image_set: ImageSet) -> ImageSet:
     """Fill image_set.files with what the tool's walk will find, sorted."""
     import reverse_search as rs
@@ -320,9 +349,11 @@ def run_floor(files: list, workers: int) -> float:
             _floor_decode(path)
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            for _ in pool.imap_unordered(_floor_decode, files, chunksize=4):
-                pass
+        pool = ctx.Pool(workers)
+        for _ in pool.imap_unordered(_floor_decode, files, chunksize=4):
+            pass
+        pool.close()
+        pool.join()  # reaped workers count in RUSAGE_CHILDREN
     return time.perf_counter() - start
 
 
@@ -384,31 +415,62 @@ def fresh(scratch: Path, tag: str) -> None:
     shutil.rmtree(scratch / tag, ignore_errors=True)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its waited-for children so far."""
+    return sum(r.ru_utime + r.ru_stime for r in
+               (resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def timed(run, repeat: int = 1) -> Timing:
+    """Best of `repeat` whole runs of run(): wall and CPU seconds."""
+    best = None
+    for _ in range(repeat):
+        cpu, start = _cpu_seconds(), time.perf_counter()
+        run()
+        t = Timing(time.perf_counter() - start, _cpu_seconds() - cpu)
+        best = t if best is None or t.wall < best.wall else best
+    return best
+
+
+def tool_build(image_set: ImageSet, scratch: Path, tag: str, workers: int,
+               mode: str = "fast") -> dict:
+    """One clean `build` in this process; its summary line, checked."""
+    fresh(scratch, tag)
+    _, summary = run_tool(tool_args("build", image_set, scratch, tag, workers,
+                                    mode))
+    if summary.get("hashed") != len(image_set.files):
+        raise RuntimeError(f"{image_set.name}: tool hashed "
+                           f"{summary.get('hashed')} of {len(image_set.files)}")
+    return summary
+
+
+def measure_startup(scratch: Path, repeat: int) -> tuple[Timing, Timing]:
+    """Fixed cost of a run with N workers: (tool, floor) on 4 tiny files."""
+    image_set = list_files(ImageSet("start4", [ensure_start_set()]))
+    n = os.cpu_count() or 1
+    tool = timed(lambda: tool_build(image_set, scratch, "start4", n), repeat)
+    floor = timed(lambda: run_floor(image_set.files, n), repeat)
+    return tool, floor
+
+
 def measure_speed(image_set: ImageSet, scratch: Path, repeat: int
                   ) -> SpeedRow:
     """(a)-(d) for one set, each the best of `repeat` whole runs."""
-    files, n = image_set.files, os.cpu_count() or 1
-    row = SpeedRow(image_set.name, len(files), megapixels(files))
+    files, n, name = image_set.files, os.cpu_count() or 1, image_set.name
+    row = SpeedRow(name, len(files), megapixels(files))
     warm_cache(files)
+    summary = {}
 
-    def best(run) -> float:
-        return min(run() for _ in range(repeat))
+    def tool(workers: int, tag: str) -> None:
+        summary.update(tool_build(image_set, scratch, tag, workers))
 
-    def tool(workers: int, tag: str) -> float:
-        fresh(scratch, tag)
-        seconds, summary = run_tool(tool_args("build", image_set, scratch, tag,
-                                              workers))
-        if summary.get("hashed") != len(files):
-            raise RuntimeError(f"{image_set.name}: tool hashed "
-                               f"{summary.get('hashed')} of {len(files)}")
-        row.tool_all_self = len(files) / summary["seconds"]
-        return seconds
-
-    row.baseline = len(files) / best(lambda: run_baseline(files, scratch))
-    row.tool_one = len(files) / best(lambda: tool(1, f"{image_set.name}-w1"))
-    row.tool_all = len(files) / best(lambda: tool(n, f"{image_set.name}-fast"))
-    row.floor_one = len(files) / best(lambda: run_floor(files, 1))
-    row.floor_all = len(files) / best(lambda: run_floor(files, n))
+    row.baseline = timed(lambda: run_baseline(files, scratch), repeat)
+    row.tool_one = timed(lambda: tool(1, f"{name}-w1"), repeat)
+    row.tool_all = timed(lambda: tool(n, f"{name}-fast"), repeat)
+    row.tool_all_self = len(files) / summary["seconds"]
+    row.floor_one = timed(lambda: run_floor(files, 1), repeat)
+    row.floor_all = timed(lambda: run_floor(files, n), repeat)
     return row
 
 
@@ -489,6 +551,10 @@ def machine() -> str:
             f"{imagehash.__version__}, numpy {numpy.__version__}")
 
 
+def div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def print_table(headers: list, rows: list) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
@@ -499,21 +565,39 @@ def print_table(headers: list, rows: list) -> None:
         print(line(r))
 
 
-def report_speed(rows: list, workers: int) -> None:
-    print(f"\nBuild throughput, images/s (whole runs; N = {workers} workers)")
+def report_speed(rows: list, workers: int, startup: tuple) -> None:
+    n = workers
+    print(f"\nBuild throughput, images/s (whole runs, best of --repeat; "
+          f"N = {n} workers)")
     print_table(
-        ["set", "files", "MP", "(a) base", "(b) tool 1w", f"(c) tool {workers}w",
-         "(d) floor 1w", f"(d) floor {workers}w", "b/a", "c/a", "c/d", "b/d1w",
+        ["set", "files", "MP", "(a) base", "(b) tool 1w", f"(c) tool {n}w",
+         "(d) floor 1w", f"(d) floor {n}w", "b/a", "c/a", "c/d", "b/d1w"],
+        [[r.name, r.files, f"{r.megapixels:.1f}",
+          *(f"{r.rate(t):.1f}" for t in (r.baseline, r.tool_one, r.tool_all,
+                                         r.floor_one, r.floor_all)),
+          f"{div(r.rate(r.tool_one), r.rate(r.baseline)):.1f}x",
+          f"{div(r.rate(r.tool_all), r.rate(r.baseline)):.1f}x",
+          f"{div(r.rate(r.tool_all), r.rate(r.floor_all)):.2f}",
+          f"{div(r.rate(r.tool_one), r.rate(r.floor_one)):.2f}"] for r in rows])
+    tool0, floor0 = startup
+    print(f"\nStart-up cost with {n} workers (4 tiny files): tool "
+          f"{tool0.wall:.2f} s wall / {tool0.cpu:.2f} s CPU, floor pool "
+          f"{floor0.wall:.2f} s / {floor0.cpu:.2f} s CPU")
+    print("CPU ms per image (this process + workers) and steady-state images/s "
+          "(start-up cost taken off)")
+    print_table(
+        ["set", "(a) cpu", "(b) cpu", "(c) cpu", "(d) cpu 1w", f"(d) cpu {n}w",
+         "b/d1w cpu", f"c/d{n}w cpu", "(c) steady", "(d) steady", "c/d steady",
          "(c) self"],
-        [[r.name, r.files, f"{r.megapixels:.1f}", f"{r.baseline:.1f}",
-          f"{r.tool_one:.1f}", f"{r.tool_all:.1f}", f"{r.floor_one:.1f}",
-          f"{r.floor_all:.1f}", f"{r.ratio(r.tool_one, r.baseline):.1f}x",
-          f"{r.ratio(r.tool_all, r.baseline):.1f}x",
-          f"{r.ratio(r.tool_all, r.floor_all):.2f}",
-          f"{r.ratio(r.tool_one, r.floor_one):.2f}",
+        [[r.name, *(f"{r.cpu_ms(t):.1f}" for t in (
+            r.baseline, r.tool_one, r.tool_all, r.floor_one, r.floor_all)),
+          f"{div(r.floor_one.cpu, r.tool_one.cpu):.2f}",
+          f"{div(r.floor_all.cpu, r.tool_all.cpu):.2f}",
+          f"{r.rate(r.tool_all, tool0):.1f}", f"{r.rate(r.floor_all, floor0):.1f}",
+          f"{div(r.rate(r.tool_all, tool0), r.rate(r.floor_all, floor0)):.2f}",
           f"{r.tool_all_self:.1f}"] for r in rows])
-    print("(c) self = images/s in the tool's own summary line (hashing loop "
-          "only, no start-up or index file)")
+    print("(x/y cpu = CPU the floor needs / CPU the tool needs; (c) self = "
+          "images/s of the tool's own summary line)")
 
 
 def report_scale(rows: list) -> None:
@@ -543,14 +627,14 @@ def report_targets(speed: list, scale: list) -> None:
     print("\nTargets")
     checks = []
     for r in speed:
-        if r.name.startswith("jpeg_12mp"):
-            checks.append((f"{r.name}: c/a >= 10x", r.tool_all / r.baseline,
-                           r.tool_all / r.baseline >= 10))
+        c_a = div(r.rate(r.tool_all), r.rate(r.baseline))
+        if "12mp" in r.name:
+            checks.append((f"{r.name}: c/a >= 10x", c_a, c_a >= 10))
         elif "1mp" in r.name:
-            checks.append((f"{r.name}: c/a >= 5x", r.tool_all / r.baseline,
-                           r.tool_all / r.baseline >= 5))
+            checks.append((f"{r.name}: c/a >= 5x", c_a, c_a >= 5))
+        c_d = div(r.rate(r.tool_all), r.rate(r.floor_all))
         checks.append((f"{r.name}: c within 15 % of floor (c/d >= 0.85)",
-                       r.tool_all / r.floor_all, r.tool_all / r.floor_all >= .85))
+                       c_d, c_d >= .85))
     for r in scale:
         if r.files >= 100_000:
             checks.append((f"update of {r.files} unchanged < 5 s (worst run)",
@@ -560,8 +644,11 @@ def report_targets(speed: list, scale: list) -> None:
     if len(scale) >= 2:
         lo, hi = scale[0], scale[-1]
         growth = hi.build_main_mb - lo.build_main_mb
-        checks.append((f"build main RSS {lo.files} -> {hi.files} grows < 10 MB",
-                       growth, growth < 10))
+        checks.append((f"build main RSS grows < 10 MB from {lo.files} to "
+                       f"{hi.files} files (MB)", growth, growth < 10))
+        growth = hi.build_worker_mb - lo.build_worker_mb
+        checks.append((f"build worker RSS grows < 10 MB from {lo.files} to "
+                       f"{hi.files} files (MB)", growth, growth < 10))
     for text, value, ok in checks:
         print(f"  [{'ok' if ok else 'MISS'}] {text}: {value:.2f}")
 
@@ -583,6 +670,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         "memory, multiples of 1000 ([] skips)")
     p.add_argument("--no-diff", action="store_true",
                    help="skip the fast-vs-exact hash comparison")
+    p.add_argument("--prepare", action="store_true",
+                   help="only make the synthetic and tiny images, then exit")
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch folder under /tmp")
     args = p.parse_args(argv)
@@ -608,24 +697,34 @@ def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
     workers = os.cpu_count() or 1
+    if args.prepare:
+        image_sets(args)
+        ensure_start_set()
+        ensure_tiny(max(args.scale, default=0) // TINY_PART)
+        return 0
     scratch = Path(tempfile.mkdtemp(prefix="bench_build-", dir="/tmp"))
     print(machine())
     print("command: python3 bench/bench_build.py " + " ".join(sys.argv[1:]))
     speed, scale, diff = [], [], []
     try:
-        for image_set in image_sets(args):
-            print(f"  {image_set.name}: {len(image_set.files)} files ...",
-                  file=sys.stderr)
+        sets = image_sets(args)
+        startup = measure_startup(scratch, args.repeat)
+        for image_set in sets:
+            print(f"  {image_set.name}: {len(image_set.files)} files (load "
+                  f"{os.getloadavg()[0]:.2f}) ...", file=sys.stderr)
             speed.append(measure_speed(image_set, scratch, args.repeat))
             if not args.no_diff and all_jpeg(image_set.files):
                 diff.append(measure_diff(image_set, scratch))
         for count in args.scale:
-            print(f"  tiny files: {count} ...", file=sys.stderr)
+            print(f"  tiny files: {count} (load {os.getloadavg()[0]:.2f}) ...",
+                  file=sys.stderr)
             scale.append(measure_scale(count, scratch))
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    report_speed(speed, workers)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (other "
+          f"processes on the machine skew wall times; CPU columns much less)")
+    report_speed(speed, workers, startup)
     if diff:
         report_diff(diff)
     if scale:

@@ -289,14 +289,15 @@ class Case:
                      == (op, engine, radius)), None)
 
     def engine(self, name: str, radius: int, all_pairs: bool):
-        """flat.engine(...), recording a build row when it built one."""
+        """flat.engine(...), recording a build row when it built one (not
+        for auto, which rebuilds an engine already timed)."""
         before = set(map(str, self.flat.engines))
         PEAK.start()
         t0 = time.perf_counter()
         engine = self.flat.engine(name, radius, all_pairs,
                                   os.path.join(self.folder, "bktree.idx"))
         seconds = time.perf_counter() - t0
-        if set(map(str, self.flat.engines)) != before:
+        if set(map(str, self.flat.engines)) != before and name != "auto":
             note = "incl. pickle + write" if engine.name == "bktree" else ""
             self.row("build", label(engine), None, seconds, "s",
                      peak_mb=PEAK.mb(), note=note)
@@ -467,8 +468,9 @@ def bench_dups(case: Case, name: str, radius: int) -> None:
     seconds, peak = time.perf_counter() - t0, PEAK.mb()
     pairs = sum(len(b[0]) for b in recorder.blocks)
     exact = check_pairs(case, label(engine), radius, recorder.blocks, groups)
+    note = f"{pairs} pairs, {len(groups)} groups"
     case.row("dups", label(engine), radius, seconds, "s", peak_mb=peak,
-             exact=exact, note=f"{pairs} pairs, {len(groups)} groups")
+             exact=exact, note=note + (" (r=0: no engine call)" if radius == 0 else ""))
 
 
 def pilot_scan(case: Case, engine, radius: int):
@@ -655,7 +657,7 @@ def auto_summary(rows: list) -> list:
     """Lines saying, per case and radius, whether auto chose the fastest."""
     lines = []
     for r in rows:
-        if not r.engine.startswith("auto->"):
+        if not r.engine.startswith("auto->") or (r.op == "dups" and r.radius == 0):
             continue
         rivals = [x for x in rows if (x.dataset, x.n, x.bits, x.op, x.radius) ==
                   (r.dataset, r.n, r.bits, r.op, r.radius) and
@@ -757,9 +759,9 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--search-budget", type=float, default=5.0,
                    help="seconds per (engine, radius) before fewer queries are used")
-    p.add_argument("--pairs-limit", type=float, default=120.0,
+    p.add_argument("--pairs-limit", type=float, default=30.0,
                    help="seconds: longer find_duplicates runs are extrapolated")
-    p.add_argument("--pilot", type=float, default=10.0,
+    p.add_argument("--pilot", type=float, default=5.0,
                    help="seconds of sampling behind an extrapolation")
     p.add_argument("--bktree-max", type=sizes, default=[1_000_000],
                    help="largest distinct count given to the BK-tree")

@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ class Tool:
 
     work: str
     workers: int
+    extra: list = field(default_factory=list)  # more flags for every call
     steps: list = field(default_factory=list)  # (what, seconds) per call
 
     def params(self, name: str, img_dirs: list, index: tuple) -> str:
@@ -110,7 +112,7 @@ class Tool:
     def run(self, params: str, operation: str, *args: str, what: str = "") -> str:
         """Run one operation; returns the output folder.  Raises on failure."""
         cmd = [sys.executable, TOOL, operation, *args, "--params", params,
-               "--format", "text", "-q"]
+               "--format", "text", "-q", *self.extra]
         start = time.monotonic()
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
@@ -133,6 +135,19 @@ class Tool:
         with open(os.path.join(out, "export.csv"), encoding="utf-8",
                   newline="") as fh:
             return list(csv.DictReader(fh))
+
+
+def tool_version() -> str:
+    """reverse_search --version plus the git commit, '+' if modified."""
+    def out(*cmd):
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              cwd=os.path.dirname(TOOL))
+        return done.stdout.strip() if done.returncode == 0 else ""
+    commit = out("git", "rev-parse", "--short", "HEAD")
+    dirty = out("git", "status", "--porcelain", "--", os.path.basename(TOOL))
+    version = out(sys.executable, TOOL, "--version")
+    return f"reverse_search {version or '?'} ({commit or 'no git'}" + (
+        ", modified)" if dirty else ")")
 
 
 def hamming(a: str, b: str) -> int:
@@ -561,6 +576,9 @@ def main(argv=None) -> int:
                     help="hashing processes (0 = one per core)")
     ap.add_argument("--bad-inputs", action="store_true",
                     help="also report what the tool does with bad_inputs/")
+    ap.add_argument("--tool-args", default="", metavar="FLAGS",
+                    help="more reverse_search flags for every call, e.g. "
+                         "'--engine mih'")
     ap.add_argument("--json", metavar="FILE", help="also save the numbers here")
     ap.add_argument("--work-dir", metavar="DIR",
                     help="keep databases and results here (default: a "
@@ -573,7 +591,8 @@ def main(argv=None) -> int:
         return 2
     truth = read_truth(corpus)
     with tempfile.TemporaryDirectory(prefix="ndbench-") as tmp:
-        tool = Tool(os.path.abspath(args.work_dir or tmp), args.workers)
+        tool = Tool(os.path.abspath(args.work_dir or tmp), args.workers,
+                    shlex.split(args.tool_args))
         try:
             builds, results = evaluate(corpus, args.settings, tool, truth)
             checks = check_bad_inputs(corpus, tool, truth) if args.bad_inputs \
@@ -581,10 +600,15 @@ def main(argv=None) -> int:
         except RuntimeError as exc:
             print(f"evaluate: {exc}", file=sys.stderr)
             return 1
+    version = tool_version()
+    print(f"{version}{' ' + args.tool_args if args.tool_args else ''} on "
+          f"{os.path.relpath(corpus)} ({len(truth)} images)\n")
     print(report(builds, results, truth, checks))
     if args.json:
+        doc = {"tool": version, "tool_args": args.tool_args, "corpus": corpus,
+               **to_json(builds, results, checks)}
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(to_json(builds, results, checks), fh, indent=1)
+            json.dump(doc, fh, indent=1)
     return 0
 
 

@@ -136,3 +136,12 @@ def test_queries_only_for_search(tmp_path, capsys):
     params = write_params(tmp_path)
     code, err = run_error(capsys, params, "build", "x.jpg")
     assert code == 2 and "only taken by search" in err
+
+
+def test_default_paths_are_beside_the_params_file(tmp_path, monkeypatch):
+    params = tmp_path / "params.json"
+    params.write_text("{}")
+    monkeypatch.chdir("/")
+    cfg = rs.parse_run(["--params", str(params)]).config
+    for key in ("db_dir", "bk_dir", "output_dir", "quarantine_dir", "input_dir"):
+        assert getattr(cfg, key).startswith(str(tmp_path)), key

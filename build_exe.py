@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Build the single-file executable dist/reverse_search with PyInstaller.
+
+    python -m pip install -r requirements.txt -r requirements-build.txt
+    python build_exe.py            # -> dist/reverse_search (reverse_search.exe on Windows)
+    python build_exe.py --clean    # forget PyInstaller's cache in build/ first
+
+The executable is built for the machine it is built on (Linux, Windows or
+macOS: PyInstaller does not cross-compile).  After building, it is checked on
+real work: --version, then a phash and a whash run on a generated picture, so
+a build that lacks a hashing library fails here, not on a user's first run.
+Work files go to build/ (the generated .spec too); both build/ and dist/ are
+in .gitignore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "reverse_search.py")
+NAME = "reverse_search"
+DIST = os.path.join(HERE, "dist")
+WORK = os.path.join(HERE, "build")
+EXE = os.path.join(DIST, NAME + (".exe" if os.name == "nt" else ""))
+
+# Modules that reverse_search imports only inside functions, named here so the
+# build never depends on how deep PyInstaller's bytecode scan happens to look.
+# Each one is a run-time need; a build without it would fail on first use.
+HIDDEN_IMPORTS = [
+    # phash and phash_simple: imagehash does `import scipy.fftpack` inside
+    # those functions (for the DCT).  Only this subpackage and what it imports
+    # (scipy.fft, scipy.special, scipy._lib) are bundled, not all of SciPy.
+    "scipy.fftpack",
+    # whash and whash_db4: imagehash does `import pywt` inside whash (the Haar
+    # and Daubechies-4 wavelet transforms).  pywt's C extensions come with it.
+    "pywt",
+    # HEIC/HEIF photos: _setup_decoders() imports it in every hashing process
+    # and registers it with Pillow (optional at run time, bundled here).
+    "pillow_heif",
+    # BK-tree engine: imported inside BKTreeEngine.
+    "pybktree",
+    # progress bar: imported inside Console; without it no bar is drawn.
+    "tqdm",
+]
+
+# Modules never used by reverse_search that PyInstaller would otherwise bundle
+# because something imports them optionally.  Leaving them out keeps the
+# executable small and its start (unpacking to a temporary folder) quick.
+EXCLUDES = [
+    # GUI toolkits: reverse_search is a console program.  Pillow's ImageTk and
+    # tqdm.tk would drag in Tcl/Tk (several MB of scripts and libraries).
+    "tkinter", "_tkinter", "PIL.ImageTk", "PIL.ImageQt", "tqdm.tk",
+    "PyQt5", "PyQt6", "PySide2", "PySide6",
+    # plotting and notebooks: optional imports of numpy/scipy/tqdm/pywt.
+    "matplotlib", "IPython", "ipywidgets", "tqdm.notebook", "tqdm.contrib",
+    # data libraries that scipy/numpy/tqdm test for but never need here.
+    "pandas", "dask", "sympy", "numba", "cupy", "jax", "torch", "sparse",
+    "pyarrow", "h5py",
+    # test suites and test runners (numpy.testing and unittest itself are
+    # imported by scipy at run time, so they stay).
+    "pytest", "_pytest", "hypothesis", "numpy.tests", "scipy.tests",
+    "pywt.tests", "PIL.tests",
+    # build tools and compilers shipped inside numpy/scipy.
+    "numpy.f2py", "numpy.distutils", "distutils", "setuptools",
+    "pkg_resources", "Cython", "pythran",
+    # interactive/debug tools.
+    "pdb", "lib2to3", "idlelib", "turtle", "turtledemo", "pydoc_data",
+]
+
+
+def pyinstaller_args(clean: bool) -> list:
+    args = [SCRIPT, "--name", NAME, "--onefile", "--console", "--noconfirm",
+            "--distpath", DIST, "--workpath", WORK, "--specpath", WORK,
+            "--log-level", "WARN"]
+    if clean:
+        args.append("--clean")
+    # No --strip: it breaks numpy's bundled OpenBLAS ("ELF load command
+    # address/offset not page-aligned"), and the wheels' libraries are
+    # stripped already.  No UPX either: compressed libraries start slower.
+    for name in HIDDEN_IMPORTS:
+        args += ["--hidden-import", name]
+    for name in EXCLUDES:
+        args += ["--exclude-module", name]
+    return args
+
+
+def check(exe: str) -> None:
+    """Run the built executable on real work; raise SystemExit if it fails."""
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    from make_examples import picture  # draws a seeded test picture
+
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                         timeout=120)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise SystemExit(f"check failed: {exe} --version: {out.stderr}")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.mkdir(os.path.join(tmp, "imgs"))
+        picture(1).save(os.path.join(tmp, "imgs", "a.png"))
+        for method in ("phash", "whash"):
+            params = os.path.join(tmp, "params.json")
+            with open(params, "w", encoding="utf-8") as fh:
+                json.dump({"img_dirs": ["imgs"], "input_dir": "imgs",
+                           "hash_method": method, "workers": 1}, fh)
+            out = subprocess.run([exe, "search", "--params", params,
+                                  "--format", "json", "-q"],
+                                 capture_output=True, text=True, timeout=120)
+            try:
+                ok = json.loads(out.stdout)["queries"][0]["matches"]
+            except (ValueError, KeyError, IndexError):
+                ok = False
+            if out.returncode != 0 or not ok:
+                raise SystemExit(f"check failed: {method} search with the "
+                                 f"executable:\n{out.stdout}\n{out.stderr}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clean", action="store_true",
+                    help="empty PyInstaller's cache before building")
+    ap.add_argument("--no-check", action="store_true",
+                    help="do not run the built executable afterwards")
+    ns = ap.parse_args(argv)
+    try:
+        import PyInstaller.__main__
+    except ImportError:
+        print("build_exe: PyInstaller is not installed. Run:\n"
+              "  python -m pip install -r requirements.txt "
+              "-r requirements-build.txt", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    PyInstaller.__main__.run(pyinstaller_args(ns.clean))
+    seconds = time.perf_counter() - start
+    size = os.path.getsize(EXE)
+    print(f"built {os.path.relpath(EXE)}: {size / 2**20:.1f} MiB "
+          f"in {seconds:.0f} s")
+    if not ns.no_check:
+        check(EXE)
+        print("checked: --version, phash and whash runs work")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
