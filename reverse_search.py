@@ -943,9 +943,12 @@ class Hasher:
                 self.pool.terminate()
             self.pool.join()
 
+    # Starting a spawned worker costs about as much as hashing 30-60 photos.
+    SMALL_JOB = 48
+
     def map(self, tasks: list) -> Iterator[HashResult]:
-        """Results in completion order.  Small batches stay in this process."""
-        if self.workers <= 1 or len(tasks) < 4 and self.pool is None:
+        """Results in completion order.  Small jobs stay in this process."""
+        if self.workers <= 1 or len(tasks) < self.SMALL_JOB and self.pool is None:
             _setup_decoders()
             for task in tasks:
                 yield hash_file(task, self.job)

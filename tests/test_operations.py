@@ -219,11 +219,12 @@ def test_export_lists_every_file_with_errors(collection, capsys):
 
 
 def test_parallel_hashing_with_spawned_workers(collection, capsys):
-    for seed in range(10, 22):
-        picture(seed, (200, 150)).save(collection / "imgs" / f"extra{seed}.png")
+    for seed in range(10, 70):  # enough files to start the worker pool
+        picture(seed, (96, 72)).save(collection / "imgs" / f"extra{seed}.png")
+    assert 67 > rs.Hasher.SMALL_JOB
     params = write_params(collection, workers=2)
     code, doc = run_json(capsys, params, "build")
-    assert code == 0 and doc["hashed"] == 19
+    assert code == 0 and doc["hashed"] == 67
     serial = write_params(collection, workers=1, db_dir="db1", bk_dir="ix1")
     code, one = run_json(capsys, serial, "export")
     assert code != 0  # no database yet for export: a clear error, not a build

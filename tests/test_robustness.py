@@ -302,3 +302,40 @@ def test_killed_runs_leave_a_usable_database_and_update_completes(tmp_path, caps
     assert code == 0
     assert hashes_of(tmp_path, capsys, params) == want
     assert partial >= 1  # some kills landed mid-run, between two commits
+
+
+def test_ctrl_c_stops_cleanly_and_update_resumes(tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for k in range(1500):
+        picture(k, (48, 36)).save(imgs / f"{k:04d}.png")
+    params = write_params(tmp_path, workers=2)
+    cmd = [sys.executable, os.path.join(ROOT, "reverse_search.py"), "build",
+           "--params", params]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "db" / "images.db"
+    deadline = time.monotonic() + 60
+    rows = 0
+    while rows == 0 and time.monotonic() < deadline:  # wait for the first commit
+        time.sleep(0.05)
+        if db.exists():
+            try:
+                con = sqlite3.connect(db, timeout=5)
+                rows = con.execute("SELECT count(*) FROM images").fetchone()[0]
+                con.close()
+            except sqlite3.OperationalError:
+                pass  # the schema is still being created
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the build finished before Ctrl-C arrived")
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    con = sqlite3.connect(db)
+    kept = con.execute("SELECT count(*) FROM images").fetchone()[0]
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    assert kept >= rows
+    code, doc = run_json(capsys, params, "update")
+    assert code == 0 and doc["unchanged"] == kept and doc["hashed"] == 1500 - kept
