@@ -67,9 +67,11 @@ EXCLUDES = [
     # imported by scipy at run time, so they stay).
     "pytest", "_pytest", "hypothesis", "numpy.tests", "scipy.tests",
     "pywt.tests", "PIL.tests",
-    # build tools and compilers shipped inside numpy/scipy.
-    "numpy.f2py", "numpy.distutils", "distutils", "setuptools",
-    "pkg_resources", "Cython", "pythran",
+    # build tools and compilers.  (numpy.f2py must stay: scipy's vendored
+    # array_api_compat clones the numpy namespace with getattr(), which
+    # imports every lazy numpy submodule, f2py included, on the first phash.)
+    "numpy.distutils", "distutils", "setuptools", "pkg_resources",
+    "Cython", "pythran",
     # interactive/debug tools.
     "pdb", "lib2to3", "idlelib", "turtle", "turtledemo", "pydoc_data",
 ]

@@ -145,3 +145,17 @@ def test_default_paths_are_beside_the_params_file(tmp_path, monkeypatch):
     cfg = rs.parse_run(["--params", str(params)]).config
     for key in ("db_dir", "bk_dir", "output_dir", "quarantine_dir", "input_dir"):
         assert getattr(cfg, key).startswith(str(tmp_path)), key
+
+
+def test_readme_documents_every_key_and_operation():
+    with open(os.path.join(os.path.dirname(rs.__file__), "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    for name in rs.CONFIG_FIELDS:
+        assert f"| `{name}` |" in readme, name
+    for op in rs.OPERATIONS:
+        assert f"| `{op}` |" in readme, op
+
+
+def test_shipped_params_json_holds_the_defaults():
+    with open(os.path.join(os.path.dirname(rs.__file__), "params.json"), encoding="utf-8") as fh:
+        assert json.load(fh) == rs.default_params()
