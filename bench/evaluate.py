@@ -239,7 +239,8 @@ def score_pairs(groups: list, truth: dict, keep=lambda item: True) -> PairScore:
             by_group[m.group_id][m.category] += 1
         for cats in by_group.values():
             tp, hard, other = same_group_pairs(cats)
-            s.tp, s.hard, s.ignored = s.tp + tp, s.hard + hard, s.ignored + other + hard
+            s.tp, s.hard = s.tp + tp, s.hard + hard
+            s.ignored += other + hard
     everything = defaultdict(Counter)
     for item in truth.values():
         if keep(item):
@@ -255,10 +256,6 @@ def paired_with_original(groups: list, truth: dict) -> dict:
     (for an original: with any other file of its group; for a distractor:
     reported in any group at all, i.e. a false alarm)."""
     where = {m.file: k for k, members in enumerate(groups) for m in members}
-    group_of = defaultdict(set)
-    for k, members in enumerate(groups):
-        for m in members:
-            group_of[k].add(m.group_id)
     hit = {}
     for item in truth.values():
         k = where.get(item.file)
