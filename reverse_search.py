@@ -132,6 +132,12 @@ class Config:
         "fast", "fast: reduced-size decoding, EXIF rotation, alpha and 16-bit "
         "handled; exact: plain ImageHash values, bit for bit",
         choices=HASH_MODES)
+    match_orientations: bool = _key(
+        False, "also find mirrored, flipped and 90/180/270-degree rotated "
+        "copies (stores 7 more hashes per image)")
+    trim_borders: bool = _key(
+        False, "cut uniform borders (letterboxing, frames, padding) before "
+        "hashing; fast mode only")
     distance_method: str = _key(
         "hamming", "distance between hashes (bits that differ)",
         choices=("hamming",))
@@ -142,8 +148,9 @@ class Config:
         False, "search: report only the nearest match of each query")
     grouping: str = _key(
         "representative", "find_duplicates: representative = every member "
-        "within the threshold of the group's kept image; connected = chains "
-        "of near pairs (can join different pictures)", choices=GROUPINGS)
+        "within the threshold of the group's first image, the one near the "
+        "most others; connected = chains of near pairs (can join different "
+        "pictures)", choices=GROUPINGS)
     keep_rule: list = _key(
         ["most_pixels", "largest_file", "oldest", "folder_order"],
         "which file of a group is kept, criteria in order "
@@ -183,7 +190,8 @@ class Config:
     @property
     def spec(self) -> HashSpec:
         return HashSpec(self.hash_method, self.hash_size,
-                        self.colorhash_binbits, self.hash_mode)
+                        self.colorhash_binbits, self.hash_mode,
+                        self.match_orientations, self.trim_borders)
 
     @property
     def db_path(self) -> str:
@@ -389,6 +397,8 @@ CREATE TABLE IF NOT EXISTS images (
     mtime_ns  INTEGER NOT NULL,
     digest    BLOB,
     hash,
+    variants  BLOB,
+    low_detail INTEGER NOT NULL DEFAULT 0,
     width     INTEGER,
     height    INTEGER,
     error     TEXT,
@@ -411,6 +421,8 @@ class ImageRow:
     height: int | None = None
     error: str | None = None
     id: int | None = None
+    variants: bytes | None = None  # hashes of the other orientations, packed
+    low_detail: bool = False       # too flat to compare (blank, 1x1, ...)
 
 
 @dataclass
@@ -453,7 +465,8 @@ def hash_from_db(value) -> int | None:
 class Store:
     """The SQLite database of one collection, behind a few small methods."""
 
-    ROW_COLUMNS = "path, size, mtime_ns, digest, hash, width, height, error, id"
+    ROW_COLUMNS = ("path, size, mtime_ns, digest, hash, width, height, error, id, "
+                   "variants, low_detail")
 
     def __init__(self, path: str, create: bool = False):
         self.path = path
@@ -525,16 +538,18 @@ class Store:
         now = time.time()
         with self.db:
             self.db.executemany(
-                "INSERT INTO images (path, size, mtime_ns, digest, hash, width, "
-                "height, error, hashed_at) VALUES (?,?,?,?,?,?,?,?,?) "
+                "INSERT INTO images (path, size, mtime_ns, digest, hash, variants, "
+                "low_detail, width, height, error, hashed_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
                 "mtime_ns=excluded.mtime_ns, digest=excluded.digest, "
-                "hash=excluded.hash, width=excluded.width, "
+                "hash=excluded.hash, variants=excluded.variants, "
+                "low_detail=excluded.low_detail, width=excluded.width, "
                 "height=excluded.height, error=excluded.error, "
                 "hashed_at=excluded.hashed_at",
                 [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
-                  hash_to_db(r.hash, bits), r.width, r.height, r.error, now)
-                 for r in rows])
+                  hash_to_db(r.hash, bits), r.variants, int(r.low_detail),
+                  r.width, r.height, r.error, now) for r in rows])
             self._bump()
 
     def delete_paths(self, paths: Iterable[str]) -> int:
@@ -560,21 +575,34 @@ class Store:
                               "size = ? AND hash IS NOT NULL", (size,))
         return {row.digest: row for row in map(self._row, cur)}
 
-    def hash_arrays(self, words: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, hashes) of every hashed image; hashes is (N, words) uint64."""
-        cur = self.db.execute("SELECT id, hash FROM images WHERE hash IS NOT "
-                              "NULL ORDER BY id")
-        ids, values = [], []
-        for row_id, value in cur:
+    def hash_arrays(self, words: int, variants: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, hashes, variant hashes) of every comparable image.
+
+        hashes is (N, words) uint64; variants (N, variants, words)."""
+        cur = self.db.execute("SELECT id, hash, variants FROM images WHERE hash "
+                              "IS NOT NULL AND low_detail = 0 ORDER BY id")
+        ids, values, extra = [], [], []
+        for row_id, value, packed in cur:
             ids.append(row_id)
             values.append(value)
+            extra.append(packed or b"")
         ids = np.array(ids, dtype=np.int64)
         if words == 1:
             hashes = np.array(values, dtype=np.int64).view(np.uint64)
-            return ids, hashes.reshape(-1, 1)
-        raw = b"".join(values)
-        hashes = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-        return ids, hashes.reshape(-1, words)
+        else:
+            hashes = np.frombuffer(b"".join(values), dtype=">u8").astype(np.uint64)
+        found = np.frombuffer(b"".join(extra), dtype=">u8").astype(np.uint64)
+        if found.size != len(ids) * variants * words:
+            raise StoreError(f"{self.path}: stored orientation hashes do not "
+                             f"match the settings; run build.")
+        return (ids, hashes.reshape(-1, words),
+                found.reshape(len(ids), variants, words))
+
+    def low_detail_rows(self) -> list:
+        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
+                              "low_detail = 1 ORDER BY path")
+        return list(map(self._row, cur))
 
     def rows_by_id(self, ids: Iterable[int]) -> dict:
         ids = sorted({int(i) for i in ids})
@@ -599,7 +627,7 @@ class Store:
     @staticmethod
     def _row(r) -> ImageRow:
         return ImageRow(path_from_db(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
-                        r[5], r[6], r[7], r[8])
+                        r[5], r[6], r[7], r[8], r[9], bool(r[10]))
 
 
 class RunLock:
@@ -652,6 +680,16 @@ class HashSpec:
     size: int = 8
     binbits: int = 3
     mode: str = "fast"
+    orientations: bool = False  # also hash the 7 other orientations
+    trim: bool = False          # cut uniform borders first (fast mode only)
+
+    @property
+    def variant_count(self) -> int:
+        return len(VARIANTS) if self.orientations else 0
+
+    @property
+    def trims(self) -> bool:
+        return self.trim and self.mode == "fast"
 
     @property
     def bits(self) -> int:
@@ -672,12 +710,15 @@ class HashSpec:
     def kind(self) -> str:
         """Equal kinds give comparable hashes; anything else means rehash."""
         size = f"b{self.binbits}" if self.method == "colorhash" else self.size
-        return f"{self.method}/{size}/{self.mode}"
+        extras = "+orient" * self.orientations + "+trim" * self.trims
+        return f"{self.method}/{size}/{self.mode}{extras}"
 
     def describe(self) -> str:
         size = (f"binbits {self.binbits}" if self.method == "colorhash"
                 else f"size {self.size}")
-        return f"{self.method} ({size}, {self.bits} bits, {self.mode} mode)"
+        extras = ", 8 orientations" * self.orientations + \
+            ", borders trimmed" * self.trims
+        return f"{self.method} ({size}, {self.bits} bits, {self.mode} mode{extras})"
 
     @property
     def work_side(self) -> int:
@@ -720,9 +761,28 @@ _ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM",
            5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
-def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int
-                     ) -> tuple[int, int, int]:
-    """(hash, width, height) of an encoded image, or SkipFile."""
+# The 7 other orientations (the dihedral group of the square, less identity).
+# It is closed under inverses, so hashing the variants of one side of a pair
+# finds a mirrored or rotated copy whichever side is the original.
+VARIANTS = ("FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180",
+            "ROTATE_270", "TRANSPOSE", "TRANSVERSE")
+VARIANT_NAMES = ("mirrored", "flipped upside down", "rotated 90", "rotated 180",
+                 "rotated 270", "mirrored and rotated", "mirrored and rotated")
+
+
+@dataclass
+class Hashed:
+    """An image's hash, its variants' hashes, and its displayed size."""
+
+    hash: int
+    variants: tuple
+    width: int
+    height: int
+    low_detail: bool = False
+
+
+def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
+    """Hashes of an encoded image, or SkipFile."""
     from PIL import Image
     im = Image.open(io.BytesIO(data))
     width, height = im.size
@@ -734,11 +794,40 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         im = prepare_image(im, spec, orientation)
+    else:
+        im.load()
+    value = _checked_hash(im, spec)
+    variants = tuple(_checked_hash(im.transpose(getattr(Image.Transpose, t)),
+                                   spec) for t in VARIANTS[:spec.variant_count])
+    return Hashed(value, variants, width, height, low_detail(im))
+
+
+def low_detail(im) -> bool:
+    """Blank, nearly uniform or tiny pictures: their hashes are noise and
+    collide with every other flat picture, so they are not compared."""
+    from PIL import Image
+    if min(im.size) < 8:
+        return True
+    small = np.asarray(im.convert("L").resize((16, 16), Image.BOX),
+                       dtype=np.int16)
+    return int(small.max()) - int(small.min()) < LOW_DETAIL_RANGE
+
+
+LOW_DETAIL_RANGE = 6  # grey levels between the darkest and lightest 16x16 cell
+
+
+def _checked_hash(im, spec: HashSpec) -> int:
     value = _hash_function(spec)(im)
     if value.hash.size != spec.bits:  # whash_db4 in exact mode on small images
         raise SkipFile(f"{spec.method} gives a {value.hash.size}-bit hash for "
                        f"this image, not {spec.bits}; use hash_mode fast")
-    return hash_to_int(value), width, height
+    return hash_to_int(value)
+
+
+def pack_hashes(values: Sequence[int], bits: int) -> bytes:
+    """Several hashes as one BLOB of big-endian 64-bit words."""
+    size = 8 * ((bits + 63) // 64)
+    return b"".join(v.to_bytes(size, "big") for v in values)
 
 
 def _exif_orientation(im) -> int:
@@ -762,7 +851,36 @@ def prepare_image(im, spec: HashSpec, orientation: int = 1):
         im = im.reduce(factor)
     if orientation in _ORIENT:
         im = im.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
-    return im.convert("L") if grey else im.convert("RGB")
+    im = im.convert("L") if grey else im.convert("RGB")
+    return trim_borders(im) if spec.trims else im
+
+
+def trim_borders(im, tolerance: int = 12, most: float = 0.4):
+    """Cut uniform margins (letterboxing, frames, padding) off each side.
+
+    A line belongs to a margin when every pixel is within `tolerance` of the
+    outermost line's median; at most `most` of a side goes, and nothing is
+    cut when less than 30 % of the picture would remain."""
+    a = np.asarray(im.convert("L"), dtype=np.int16)
+    h, w = a.shape
+    top = _margin(a, most)
+    bottom = _margin(a[::-1], most)
+    left = _margin(a.T, most)
+    right = _margin(a.T[::-1], most)
+    if h - top - bottom < 0.3 * h or w - left - right < 0.3 * w:
+        return im
+    if top or bottom or left or right:
+        return im.crop((left, top, w - right, h - bottom))
+    return im
+
+
+def _margin(a: np.ndarray, most: float, tolerance: int = 12) -> int:
+    """How many leading rows of `a` are uniform in the colour of the first."""
+    ref = np.median(a[0])
+    uniform = np.abs(a - ref).max(axis=1) <= tolerance
+    limit = int(len(a) * most)
+    run = int(np.argmin(uniform)) if not uniform.all() else len(a)
+    return min(run, limit) if run >= 2 else 0
 
 
 def to_8bit(im):
@@ -813,14 +931,17 @@ class HashResult:
     mtime_ns: int = 0
     digest: bytes | None = None
     hash: int | None = None
+    variants: bytes | None = None
     width: int | None = None
     height: int | None = None
     error: str | None = None
     reused: bool = False
+    low_detail: bool = False
 
     def row(self) -> ImageRow:
         return ImageRow(self.path, self.size, self.mtime_ns, self.digest,
-                        self.hash, self.width, self.height, self.error)
+                        self.hash, self.width, self.height, self.error,
+                        variants=self.variants, low_detail=self.low_detail)
 
 
 @dataclass(frozen=True)
@@ -851,8 +972,11 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
             raise SkipFile("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF, palette, pywt border notes
-            result.hash, result.width, result.height = hash_image_bytes(
-                data, job.spec, job.max_pixels)
+            hashed = hash_image_bytes(data, job.spec, job.max_pixels)
+        result.hash, result.width, result.height = \
+            hashed.hash, hashed.width, hashed.height
+        result.variants = pack_hashes(hashed.variants, job.spec.bits)
+        result.low_detail = hashed.low_detail
     except SkipFile as exc:
         result.error = str(exc)
     except OSError as exc:
@@ -1134,18 +1258,28 @@ class ScanEngine:
         pos = np.flatnonzero(d <= radius)
         return pos, d[pos]
 
-    def pairs(self, radius: int, block_bytes: int = 64 * 2**20):
-        """All (i, j, d) with i < j and d <= radius, a block of rows at a time."""
+    def pairs(self, radius: int):
+        """All (i, j, d) with i < j and d <= radius."""
+        return self.cross(self.hashes, radius, upper=True)
+
+    def cross(self, queries: np.ndarray, radius: int, upper: bool = False,
+              block_bytes: int = 64 * 2**20):
+        """(query row, hash position, d) for every pair within radius; with
+        upper, queries are the hashes themselves and only i < j is kept."""
         h, n = self.hashes, len(self.hashes)
         rows = max(1, block_bytes // max(1, 8 * n * h.shape[1]))
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            d = np.bitwise_count(h[start:stop, None, :] ^ h[None, start:, :]
+        for start in range(0, len(queries), rows):
+            stop = min(len(queries), start + rows)
+            first = start if upper else 0  # below the diagonal is done
+            d = np.bitwise_count(queries[start:stop, None, :] ^ h[None, first:, :]
                                  ).sum(axis=2, dtype=np.uint16)
             i, j = np.nonzero(d <= radius)
-            keep = j > i  # j counts from start too, so this means i < j
-            i, j = i[keep], j[keep]
-            yield i + start, j + start, d[i, j]
+            dist = d[i, j]
+            i, j = i + start, j + first
+            if upper:
+                keep = j > i
+                i, j, dist = i[keep], j[keep], dist[keep]
+            yield i, j, dist
 
 
 def _flip_masks(bits: int, most: int) -> np.ndarray:
@@ -1240,29 +1374,35 @@ class MIHEngine:
         keep = d <= radius
         return cand[keep], d[keep]
 
-    def pairs(self, radius: int, budget: int = 4_000_000):
+    def pairs(self, radius: int):
         """All (i, j, d), i < j, d <= radius; each pair once."""
+        return self.cross(self.hashes, radius, upper=True)
+
+    def cross(self, queries: np.ndarray, radius: int, upper: bool = False,
+              budget: int = 4_000_000):
+        """(query row, hash position, d) for every pair within radius, each
+        once; with upper, queries are the hashes themselves and i < j."""
         most = radius // len(self.chunks)
-        n = len(self.hashes)
         found = []
         for k, chunk in enumerate(self.chunks):
             masks = self.masks(chunk.bits, most)
-            vals = chunk.values(self.hashes)
+            vals = chunk.values(queries)
             order = self.tables[k][0]
             step = max(1, budget // (4 * len(masks)))
-            for start in range(0, n, step):
-                items = np.arange(start, min(n, start + step))
+            for start in range(0, len(queries), step):
+                items = np.arange(start, min(len(queries), start + step))
                 probes = (vals[items, None] ^ masks[None, :]).ravel()
                 owners = np.repeat(items, len(masks))
                 first, count = self._ranges(k, probes)
                 for sel, idx in _expand_windows(first, count, budget):
                     i, j = owners[sel], order[idx]
-                    keep = j > i
-                    i, j = i[keep], j[keep]
-                    d = row_distances(self.hashes[i], self.hashes[j])
+                    if upper:
+                        keep = j > i
+                        i, j = i[keep], j[keep]
+                    d = row_distances(queries[i], self.hashes[j])
                     near = d <= radius
                     found.append((i[near], j[near], d[near]))
-        yield from _dedupe_pairs(found, n)
+        yield from _dedupe_pairs(found, len(self.hashes))
 
 
 def _expand(first: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -1301,6 +1441,7 @@ class BKTreeEngine:
 
     def __init__(self, hashes: np.ndarray, tree=None):
         import pybktree
+        self.tree_hashes = hashes
         self.values = words_to_ints(hashes)
         self.position = {v: p for p, v in enumerate(self.values)}
         self.words = hashes.shape[1]
@@ -1313,9 +1454,12 @@ class BKTreeEngine:
         return pos, np.array([d for d, _ in hits], dtype=np.int64)
 
     def pairs(self, radius: int):
-        for p, value in enumerate(self.values):
+        return self.cross(self.tree_hashes, radius, upper=True)
+
+    def cross(self, queries: np.ndarray, radius: int, upper: bool = False):
+        for p, value in enumerate(words_to_ints(queries)):
             hits = [(self.position[v], d) for d, v in self.tree.find(value, radius)]
-            hits = [(q, d) for q, d in hits if q > p]
+            hits = [(q, d) for q, d in hits if q > p or not upper]
             if hits:
                 j = np.array([q for q, _ in hits], dtype=np.int64)
                 yield np.full(len(j), p), j, np.array([d for _, d in hits])
@@ -1360,6 +1504,7 @@ class FlatIndex:
 
     ids: np.ndarray         # (N,) database ids
     hashes: np.ndarray      # (N, W) uint64
+    variants: np.ndarray    # (N, V, W) uint64: the other orientations
     distinct: np.ndarray    # (U, W) uint64, sorted
     img_order: np.ndarray   # image positions grouped by distinct hash
     img_starts: np.ndarray  # (U + 1,) CSR offsets into img_order
@@ -1369,7 +1514,8 @@ class FlatIndex:
     engines: dict = field(default_factory=dict)
 
     @classmethod
-    def from_arrays(cls, ids: np.ndarray, hashes: np.ndarray, bits: int):
+    def from_arrays(cls, ids: np.ndarray, hashes: np.ndarray, bits: int,
+                    variants: np.ndarray | None = None):
         if hashes.shape[1] == 1:
             distinct, inverse = np.unique(hashes[:, 0], return_inverse=True)
             distinct = distinct.reshape(-1, 1)
@@ -1379,11 +1525,36 @@ class FlatIndex:
         order = np.argsort(inverse, kind="stable")
         starts = np.zeros(len(distinct) + 1, dtype=np.int64)
         np.cumsum(np.bincount(inverse, minlength=len(distinct)), out=starts[1:])
-        return cls(ids, hashes, distinct, order, starts, bits)
+        if variants is None:
+            variants = np.zeros((len(ids), 0, hashes.shape[1]), dtype=np.uint64)
+        return cls(ids, hashes, variants, distinct, order, starts, bits)
 
     def arrays(self) -> dict:
-        return {"ids": self.ids, "hashes": self.hashes, "distinct": self.distinct,
-                "img_order": self.img_order, "img_starts": self.img_starts}
+        return {"ids": self.ids, "hashes": self.hashes, "variants": self.variants,
+                "distinct": self.distinct, "img_order": self.img_order,
+                "img_starts": self.img_starts}
+
+    def distinct_of_images(self) -> np.ndarray:
+        """For each image position, the position of its distinct hash."""
+        out = np.empty(len(self.ids), dtype=np.int64)
+        out[self.img_order] = np.repeat(np.arange(len(self.distinct)),
+                                        np.diff(self.img_starts))
+        return out
+
+    def match_distances(self, lead: int, others) -> tuple:
+        """(distance, variant) from image `lead` to each of `others`: the
+        smallest over both images' orientations (variant -1 = as stored)."""
+        others = np.asarray(others, dtype=np.int64)
+        h, v = self.hashes, self.variants
+        best = row_distances(h[others], np.broadcast_to(h[lead], h[others].shape))
+        which = np.full(len(others), -1)
+        for k in range(v.shape[1]):
+            for d in (row_distances(v[others, k], np.broadcast_to(
+                    h[lead], h[others].shape)), row_distances(
+                    h[others], np.broadcast_to(v[lead, k], h[others].shape))):
+                better = d < best
+                best, which = np.where(better, d, best), np.where(better, k, which)
+        return best, which
 
     def images_of(self, distinct_pos: np.ndarray) -> list:
         """Image positions behind each distinct hash position."""
@@ -1429,8 +1600,8 @@ def save_index(cfg: Config, store: Store) -> FlatIndex:
     """Rebuild the index file from the database."""
     spec = cfg.spec
     fingerprint = store.fingerprint()
-    ids, hashes = store.hash_arrays(spec.words)
-    flat = FlatIndex.from_arrays(ids, hashes, spec.bits)
+    ids, hashes, variants = store.hash_arrays(spec.words, spec.variant_count)
+    flat = FlatIndex.from_arrays(ids, hashes, spec.bits, variants)
     path = os.path.join(cfg.bk_dir, INDEX_NAME)
     try:
         write_container(path, index_header(spec, fingerprint, "flat"),
@@ -1452,6 +1623,8 @@ def load_index(cfg: Config, store: Store, ui: Console) -> FlatIndex:
         if reason is None:
             flat = FlatIndex(**arrays, bits=spec.bits)
             _check_shapes(flat, spec.words)
+            if flat.variants.shape[1] != spec.variant_count:
+                raise ValueError("orientation hashes do not match")
             flat.kind, flat.fingerprint = spec.kind, fingerprint
             return flat
     except FileNotFoundError:
@@ -1465,6 +1638,7 @@ def load_index(cfg: Config, store: Store, ui: Console) -> FlatIndex:
 def _check_shapes(flat: FlatIndex, words: int) -> None:
     n, u = len(flat.ids), len(flat.distinct)
     ok = (flat.hashes.shape == (n, words) and flat.distinct.shape == (u, words)
+          and flat.variants.shape[0::2] == (n, words)
           and flat.img_order.shape == (n,) and flat.img_starts.shape == (u + 1,)
           and (n == 0 or int(flat.img_starts[-1]) == n))
     if not ok:
@@ -1670,6 +1844,7 @@ def _record(result: HashResult, store: Store, writer: BatchWriter,
         else:
             result.hash, result.width, result.height = \
                 source.hash, source.width, source.height
+            result.variants, result.low_detail = source.variants, source.low_detail
             report.reused += 1
     if result.error:
         report.failed += 1
@@ -1764,6 +1939,7 @@ class Match:
     size: int = 0
     mtime_ns: int = 0
     keep: bool = False
+    variant: str | None = None  # how it matched when not as stored
 
 
 @dataclass
@@ -1795,12 +1971,14 @@ class DuplicatesReport:
     images: int
     groups: list = field(default_factory=list)
     failures: list = field(default_factory=list)
+    low_detail: list = field(default_factory=list)  # ImageRow, not compared
     seconds: float = 0.0
 
 
-def _match(row: ImageRow, bits: int, distance: int) -> Match:
+def _match(row: ImageRow, bits: int, distance: int, variant: int = -1) -> Match:
     return Match(row.path, hash_hex(row.hash, bits), int(distance), row.width,
-                 row.height, row.size, row.mtime_ns)
+                 row.height, row.size, row.mtime_ns,
+                 variant=VARIANT_NAMES[variant] if variant >= 0 else None)
 
 
 def query_files(run: Run) -> list:
@@ -1837,13 +2015,13 @@ def op_search(run: Run, ui: Console) -> SearchReport:
         found = [_search_one(r, flat, engine, radius, cfg) for r in results]
         marks = load_marks(cfg)
         rows = store.rows_by_id(int(flat.ids[p]) for _, hits in found
-                                for p, _ in hits)
+                                for p, _, _ in hits)
         for result, hits in found:
             query = QueryResult(result.path, None if result.hash is None else
                                 hash_hex(result.hash, spec.bits),
                                 error=result.error)
-            query.matches = [_match(rows[int(flat.ids[p])], spec.bits, d)
-                             for p, d in hits if not marks or frozenset(
+            query.matches = [_match(rows[int(flat.ids[p])], spec.bits, d, v)
+                             for p, d, v in hits if not marks or frozenset(
                                  (result.path, rows[int(flat.ids[p])].path))
                              not in marks]
             query.matches.sort(key=lambda m: (m.distance, m.path))
@@ -1858,14 +2036,25 @@ def op_search(run: Run, ui: Console) -> SearchReport:
 
 def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
                 cfg: Config) -> tuple:
-    """(result, [(image position, distance), ...])."""
+    """(result, [(image position, distance, variant), ...]), nearest kept."""
     if result.hash is None:
         return result, []
-    query = int_to_words(result.hash, flat.distinct.shape[1])
-    pos, dist = engine.search(query, radius)
-    hits = [(int(p), int(d)) for images, d in zip(flat.images_of(pos), dist)
-            for p in images]
-    return result, hits
+    if result.low_detail:
+        result.error = "too little detail to compare (nearly blank or tiny)"
+        return result, []
+    words = flat.distinct.shape[1]
+    queries = [int_to_words(result.hash, words)]
+    if result.variants:  # the query's other orientations
+        queries += list(np.frombuffer(result.variants, ">u8").astype(
+            np.uint64).reshape(-1, words))
+    best = {}
+    for variant, query in enumerate(queries, -1):
+        pos, dist = engine.search(query, radius)
+        for images, d in zip(flat.images_of(pos), dist):
+            for p in images.tolist():
+                if p not in best or d < best[p][0]:
+                    best[p] = (int(d), variant)
+    return result, [(p, d, v) for p, (d, v) in best.items()]
 
 
 def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
@@ -1882,18 +2071,18 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
         marks = load_marks(cfg)
         groups = []
-        for comp in components:
+        for comp in components:  # best-kept first, so it wins ties for lead
             ranked = sorted(comp.tolist(), key=lambda p: keep_key(rows[p], cfg))
-            for members in split_group(ranked, flat.hashes, radius, rows, marks,
+            for members in split_group(ranked, flat, radius, rows, marks,
                                        cfg.grouping == "connected"):
-                groups.append(_group([rows[p] for p in members],
-                                     flat.hashes[members], cfg.spec.bits))
+                kept = min(members, key=lambda p: keep_key(rows[p], cfg))
+                groups.append(_group(members, kept, flat, rows, cfg.spec.bits))
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
                                    g.images[0].path))
         failures = [Failure(r.path, r.error) for r in store.iter_rows()
                     if r.error]
         report = DuplicatesReport(cfg.db_path, engine.name, len(flat.ids),
-                                  groups, failures)
+                                  groups, failures, store.low_detail_rows())
     finally:
         store.close()
     report.seconds = time.monotonic() - start
@@ -1902,8 +2091,13 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
 
 def duplicate_groups(flat: FlatIndex, engine, radius: int) -> list:
     """Image positions of each connected component of near pairs."""
-    u = len(flat.distinct)
+    u, v = len(flat.distinct), flat.variants.shape[1]
     found = list(engine.pairs(radius)) if radius > 0 and u > 1 else []
+    if v and len(flat.ids):  # an orientation of one image near another image
+        of_image = flat.distinct_of_images()
+        queries = flat.variants.reshape(-1, flat.variants.shape[2])
+        for qi, j, d in engine.cross(queries, radius):
+            found.append((of_image[qi // v], j, d))
     a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
     b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
     labels = components(u, a.astype(np.int64), b.astype(np.int64))
@@ -1937,30 +2131,43 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def split_group(ranked: list, hashes: np.ndarray, radius: int, rows: dict,
-                marks: set, connected: bool) -> list:
-    """Groups of one component, best-kept image first in each.
+CENTRE_LIMIT = 2000  # larger components take leaders in index order
 
-    representative: the best image leads a group of everything within the
-    threshold of it; the rest start new groups, so different pictures are
-    never chained together through in-between images.  connected: the whole
-    component, unless "not a duplicate" marks force a split."""
+
+def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
+                marks: set, connected: bool) -> list:
+    """The groups one connected component is reported as.
+
+    representative: the image near the most others leads a group of all
+    still free within the threshold of it, and so on, so different pictures
+    are never chained together through in-between images.  connected: the
+    whole component, unless "not a duplicate" marks force a split."""
     marked = marks and any(_marked(rows[a], rows[b], marks)
-                           for k, a in enumerate(ranked) for b in ranked[k + 1:])
+                           for k, a in enumerate(members) for b in members[k + 1:])
     if connected and not marked:
-        return [ranked]
-    left, out = list(ranked), []
-    while left:
-        lead = left[0]
-        near = row_distances(hashes[left], np.broadcast_to(
-            hashes[lead], (len(left), hashes.shape[1]))) <= radius
-        group = []
-        for pos, ok in zip(left, near):
-            if ok and not any(_marked(rows[pos], rows[g], marks) for g in group):
-                group.append(pos)
-        out.append(group)
-        taken = set(group)
-        left = [p for p in left if p not in taken]
+        return [list(members)]
+    members = np.asarray(members, dtype=np.int64)
+    near = None
+    if len(members) <= CENTRE_LIMIT:
+        near = np.stack([flat.match_distances(p, members)[0] <= radius
+                         for p in members])
+    free = np.ones(len(members), dtype=bool)
+    out = []
+    while free.any():
+        if near is None:
+            lead = int(np.argmax(free))
+            close = flat.match_distances(members[lead], members)[0] <= radius
+        else:
+            lead = int(np.argmax(np.where(free, (near & free).sum(axis=1), -1)))
+            close = near[lead]
+        group = [lead]
+        for k in np.flatnonzero(close & free):
+            if k != lead and not any(_marked(rows[members[k]],
+                                             rows[members[g]], marks)
+                                     for g in group):
+                group.append(k)
+        free[group] = False
+        out.append([int(members[k]) for k in group])
     return [g for g in out if len(g) > 1]
 
 
@@ -2022,13 +2229,16 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.normcase(path).startswith(os.path.normcase(folder))
 
 
-def _group(rows: list, hashes: np.ndarray, bits: int) -> Group:
-    """rows[0] is kept; distances are measured to it."""
-    dist = row_distances(hashes, np.broadcast_to(hashes[0], hashes.shape))
-    members = [_match(row, bits, d) for row, d in zip(rows, dist)]
-    members[0].keep = True
-    members[1:] = sorted(members[1:], key=lambda m: (m.distance, m.path))
-    return Group(members)
+def _group(members: list, kept: int, flat: FlatIndex, rows: dict,
+           bits: int) -> Group:
+    """members[0] leads and distances are measured to it; `kept` is the
+    image the keep rule keeps."""
+    dist, which = flat.match_distances(members[0], members)
+    images = [_match(rows[p], bits, d, w) for p, d, w in zip(members, dist, which)]
+    for p, image in zip(members, images):
+        image.keep = p == kept
+    images[1:] = sorted(images[1:], key=lambda m: (m.distance, m.path))
+    return Group(images)
 
 
 def _reclaimable(group: Group) -> int:
@@ -2058,7 +2268,7 @@ class PlanEntry:
 def make_plan(report: DuplicatesReport, cfg: Config) -> list:
     entries = []
     for n, g in enumerate(report.groups, 1):
-        kept = g.images[0]
+        kept = next(m for m in g.images if m.keep)
         for m in g.images:
             if m.keep:
                 action = "keep"
@@ -2248,7 +2458,7 @@ def _read_json(path: str, missing: str) -> dict:
 class ExportReport:
     database: str
     hash_kind: str
-    rows: Iterable  # ImageRow, streamed from the database
+    store: Store  # rows are streamed from it while writing, then it is closed
     bits: int
 
 
@@ -2260,7 +2470,7 @@ def op_export(cfg: Config, ui: Console) -> ExportReport:
     store = _open_store(cfg.db_path)
     kind = store.hash_kind() or cfg.spec.kind
     bits = int(store.meta().get("hash_bits", cfg.spec.bits))
-    return ExportReport(cfg.db_path, kind, store.iter_rows(), bits)
+    return ExportReport(cfg.db_path, kind, store, bits)
 
 
 # ============================================================================
@@ -2292,7 +2502,7 @@ def settings_of(cfg: Config) -> dict:
 def _match_json(m: Match) -> dict:
     return {"path": shown(m.path), "hash": m.hash, "distance": m.distance,
             "width": m.width, "height": m.height, "size": m.size,
-            "mtime": _iso(m.mtime_ns), "keep": m.keep}
+            "mtime": _iso(m.mtime_ns), "keep": m.keep, "variant": m.variant}
 
 
 def _failures_json(failures: list) -> list:
@@ -2330,6 +2540,7 @@ def to_json(report, cfg: Config) -> dict:
                 "bytes_reclaimable": sum(map(_reclaimable, report.groups)),
                 "groups": [{"images": [_match_json(m) for m in g.images]}
                            for g in report.groups],
+                "low_detail": [shown(r.path) for r in report.low_detail],
                 "failures": _failures_json(report.failures)}
     return {**head, **body}
 
@@ -2390,8 +2601,12 @@ def text_lines(report) -> Iterator[str]:
             yield (f"group {n}: {len(g.images)} images, "
                    f"{human_bytes(_reclaimable(g))} reclaimable")
             for m in g.images:
-                tag = "keep" if m.keep else f"d={m.distance}"
-                yield f"  {tag:<6} {shown(m.path)}  {_dims(m)}"
+                tag = f"d={m.distance}" + " keep" * m.keep
+                how = f"  ({m.variant})" if m.variant else ""
+                yield f"  {tag:<11} {shown(m.path)}  {_dims(m)}{how}"
+        if report.low_detail:
+            yield (f"{len(report.low_detail)} nearly blank or tiny images were "
+                   f"not compared (listed under low_detail in the JSON).")
         if report.failures:
             yield f"{len(report.failures)} files could not be read " \
                   f"(see update's output or export)."
@@ -2405,7 +2620,8 @@ def _query_text(q: QueryResult) -> Iterator[str]:
     if not q.matches:
         yield "  no match"
     for m in q.matches:
-        yield f"  d={m.distance:<4} {shown(m.path)}  {_dims(m)}"
+        how = f"  ({m.variant})" if m.variant else ""
+        yield f"  d={m.distance:<4} {shown(m.path)}  {_dims(m)}{how}"
 
 
 def _dims(m: Match) -> str:
@@ -2450,7 +2666,7 @@ def write_results(report, cfg: Config) -> list:
 
 def export_rows(report: ExportReport) -> Iterator[list]:
     yield ["path", "hash", "size", "width", "height", "mtime", "error"]
-    for r in report.rows:
+    for r in report.store.iter_rows():
         yield [shown(r.path), "" if r.hash is None else hash_hex(r.hash, report.bits),
                r.size, r.width, r.height, _iso(r.mtime_ns), r.error or ""]
 
@@ -2520,7 +2736,10 @@ def emit(report, run: Run, ui: Console) -> None:
     """Print the report on stdout in output_format and save the result files."""
     cfg = run.config
     if isinstance(report, ExportReport):
-        written = write_export(report, cfg, sys.stdout)
+        try:
+            written = write_export(report, cfg, sys.stdout)
+        finally:
+            report.store.close()
     else:
         written = write_results(report, cfg)
         if cfg.output_format == "json":

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 from PIL import Image
 
 from conftest import picture, rs, run_json, write_params
@@ -106,7 +108,8 @@ def test_keep_rule_and_folder_order(collection, capsys):
     params = write_params(collection, keep_rule=["folder_order", "most_pixels"],
                           img_dirs=["imgs/sub", "imgs"])
     code, doc = run_json(capsys, params, "find_duplicates")
-    kept = {os.path.basename(g["images"][0]["path"]) for g in doc["groups"]}
+    kept = {os.path.basename(i["path"]) for g in doc["groups"] for i in g["images"]
+            if i["keep"]}
     assert kept == {"p1_small.png", "p2_q40.jpg"}  # the first folder wins
     params = write_params(collection, keep_rule=["most_pixels", "nicest"])
     assert rs.main(["find_duplicates", "--params", params, "-q"]) == 2
@@ -124,36 +127,34 @@ def test_not_a_duplicate_marks_keep_pairs_apart(collection, capsys):
     assert len(q1["matches"]) == 2  # marks are about pairs inside the collection
 
 
-def chain_collection(tmp_path):
-    """A, B, C where A~B and B~C are near but A and C are not: a chain."""
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    base = picture(11)
-    base.save(imgs / "a.png")
-    w, h = base.size
-    for name, shift in (("b.png", 40), ("c.png", 80)):  # slide the frame right
-        big = Image.new("RGB", (w + 80, h))
-        big.paste(base, (0, 0))
-        big.paste(picture(12).resize((80, h)), (w, 0))
-        big.crop((shift, 0, shift + w, h)).save(imgs / name)
-    return imgs
+def test_representative_grouping_does_not_chain():
+    """A chain of hashes 3 bits apart: connected takes it whole, representative
+    makes groups whose members are all within 3 bits of their first image."""
+    values, v = [], 0
+    for k in range(7):
+        values.append(v)
+        v ^= 0b111 << (3 * k)  # each link flips 3 new bits
+    hashes = np.array([[x] for x in values], dtype=np.uint64)
+    flat = rs.FlatIndex.from_arrays(np.arange(7), hashes, 64)
+    rows = {p: rs.ImageRow(f"/x/{p}.jpg", 100, 0, width=10, height=10) for p in range(7)}
+    [comp] = rs.duplicate_groups(flat, flat.engine("scan", 3, True), 3)
+    assert sorted(comp.tolist()) == list(range(7))
+    assert rs.split_group(comp.tolist(), flat, 3, rows, set(), True) == [comp.tolist()]
+    groups = rs.split_group(list(range(7)), flat, 3, rows, set(), False)
+    assert len(groups) >= 2
+    for g in groups:
+        lead = values[g[0]]
+        assert all((values[p] ^ lead).bit_count() <= 3 for p in g)
+        assert max(g) - min(g) <= 2  # never both ends of a long stretch
+    marks = {frozenset(("/x/2.jpg", "/x/3.jpg"))}
+    for g in rs.split_group(list(range(7)), flat, 3, rows, marks, True):
+        assert not {2, 3} <= set(g)
 
 
-def test_representative_grouping_does_not_chain(tmp_path, capsys):
-    chain_collection(tmp_path)
-    params = write_params(tmp_path, distance_threshold=12)
-    code, doc = run_json(capsys, params, "export")
-    run_json(capsys, params, "build")
-    code, doc = run_json(capsys, params, "export")
-    h = {os.path.basename(i["path"]): int(i["hash"], 16) for i in doc["images"]}
-    d = lambda x, y: (h[x] ^ h[y]).bit_count()
-    radius = max(d("a.png", "b.png"), d("b.png", "c.png"))
-    assert d("a.png", "c.png") > radius  # the premise: a real chain
-    code, conn = run_json(capsys, params, "find_duplicates", "--grouping", "connected",
-                          "--distance-threshold", str(radius))
-    assert [len(g["images"]) for g in conn["groups"]] == [3]
-    code, rep = run_json(capsys, params, "find_duplicates",
-                         "--distance-threshold", str(radius))
-    for g in rep["groups"]:
-        assert all(i["distance"] <= radius for i in g["images"])
-    assert sum(len(g["images"]) for g in rep["groups"]) < 3 or len(rep["groups"]) > 1
+def test_representative_distances_stay_within_the_threshold(collection, capsys):
+    params = write_params(collection, distance_threshold=30)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert doc["groups"]
+    for g in doc["groups"]:
+        assert all(i["distance"] <= 30 for i in g["images"])
+        assert sum(i["keep"] for i in g["images"]) == 1
