@@ -1,0 +1,318 @@
+"""The HTML report, checked as a person sees it: rendered in headless Chromium.
+
+Needs Debian's chromium and the playwright package (no browser download).
+Without them the browser tests skip, unless REVERSE_SEARCH_REQUIRE_BROWSER=1.
+"""
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import picture, rs, write_params
+write_html_report = rs.write_html_report
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SHOTS = os.environ.get("REVERSE_SEARCH_SHOTS", tempfile.gettempdir())  # screenshots
+POSIX = sys.platform != "win32"
+BAD_NAME = b"bad\xff name.jpg"  # not UTF-8: the report shows it as bad\xff
+
+
+# ---- a real collection and real documents ----
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A collection with awkward names, and the tool's own JSON for it."""
+    root = tmp_path_factory.mktemp("report")
+    imgs = root / "imgs"
+    hostile = imgs / "a<" / "script><b>x"  # the path reads .../a</script><b>x/
+    for folder in (imgs / "sub dir", hostile, root / "queries"):
+        folder.mkdir(parents=True)
+    picture(2).save(imgs / "p2.jpg", quality=92)  # group of 3
+    picture(2).save(imgs / "p2 q40.jpg", quality=40)
+    if POSIX:
+        picture(2).resize((400, 300)).save(os.fsencode(imgs) + b"/" + BAD_NAME)
+    else:
+        picture(2).resize((400, 300)).save(imgs / "p2 small.jpg")
+    picture(1).save(imgs / "p1.jpg", quality=92)
+    picture(1).resize((320, 240), Image.LANCZOS).save(imgs / "sub dir" / "café ñ.png")
+    picture(3).save(imgs / "p3.jpg", quality=92)
+    picture(3).save(hostile / "p3.jpg", quality=60)
+    picture(4).save(imgs / "p4.jpg", quality=92)
+    alpha = picture(4).convert("RGBA")
+    alpha.paste((0, 0, 0, 0), (0, 0, 40, 40))  # a transparent corner
+    alpha.save(imgs / "p4_alpha.png")
+    picture(5).save(imgs / "p5.jpg", quality=92)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, tagged "rotate to display"
+    picture(5).transpose(Image.Transpose.ROTATE_90).save(
+        imgs / "p5_exif6.jpg", exif=exif, quality=92)
+    picture(6).save(imgs / "alone.jpg")
+    (imgs / "broken.jpg").write_bytes(b"not a picture")
+    picture(1).resize((200, 150)).save(root / "queries" / "q1.jpg")
+    picture(50).save(root / "queries" / "unrelated.jpg")
+    (root / "queries" / "zz broken.jpg").write_bytes(b"not a picture either")
+    params = write_params(root)
+    docs = {}
+    for op in ("find_duplicates", "search"):
+        assert rs.main([op, "--params", params, "--format", "json", "-q"]) == 0
+        with open(root / "out" / f"{op}.json", encoding="utf-8") as fh:
+            docs[op] = json.load(fh)
+    return root, docs
+
+
+def synthetic(doc, groups):
+    """The real document grown to `groups` groups that reuse its files."""
+    big = copy.deepcopy(doc)
+    big["groups"] = [copy.deepcopy(doc["groups"][k % len(doc["groups"])])
+                     for k in range(groups)]
+    big["group_count"] = groups
+    big["duplicates"] = sum(len(g["images"]) - 1 for g in big["groups"])
+    big["bytes_reclaimable"] = sum(m["size"] for g in big["groups"]
+                                   for m in g["images"] if not m["keep"])
+    return big
+
+
+# ---- without a browser: the files written ----
+
+def test_one_thumbnail_per_file_and_a_placeholder_for_unreadable(run, tmp_path):
+    root, docs = run
+    doc = copy.deepcopy(docs["find_duplicates"])
+    files = {m["path"] for g in doc["groups"] for m in g["images"]}
+    doc["groups"][0]["images"][1]["path"] = str(root / "gone.jpg")
+    doc["groups"][1]["images"][1]["path"] = str(root / "imgs" / "broken.jpg")
+    doc["groups"].append(copy.deepcopy(doc["groups"][2]))  # same files again
+    page = write_html_report(doc, str(tmp_path))
+    assert page == str(tmp_path / "find_duplicates.html")
+    thumbs = sorted(os.listdir(tmp_path / "find_duplicates_files"))
+    assert "unreadable.png" in thumbs
+    assert len(thumbs) == len(files) - 2 + 1  # two unreadable, one placeholder
+    for name in thumbs:
+        with Image.open(tmp_path / "find_duplicates_files" / name) as im:
+            assert max(im.size) == 160 and im.mode == "RGB"
+    data = page_data(page)
+    items = [it for s in data["sets"] for it in s["items"]]
+    assert {it["thumb"] for it in items if it["name"] in ("gone.jpg", "broken.jpg")} \
+        == {"unreadable.png"}
+    made = lambda name: os.stat(tmp_path / "find_duplicates_files" / name).st_mtime_ns
+    before = {name: made(name) for name in thumbs if name != "unreadable.png"}
+    write_html_report(docs["find_duplicates"], str(tmp_path))  # again: reused
+    assert {name: made(name) for name in before} == before
+
+
+def test_page_data_cannot_close_its_script(run, tmp_path):
+    root, docs = run
+    doc = copy.deepcopy(docs["find_duplicates"])
+    doc["groups"][0]["images"][0]["path"] = "/x/</script><script>alert(1)</script><!--.jpg"
+    doc["failures"] = [{"path": "/y/@DATA@ </SCRIPT>", "error": "<b>bad</b>"}]
+    text = pathlib.Path(write_html_report(doc, str(tmp_path))).read_text("utf-8")
+    assert text.lower().count("</script>") == 2  # ours: data and code
+    assert "<b>bad" not in text and "alert(1)" in text  # as data, escaped
+    data = page_data(str(tmp_path / "find_duplicates.html"))
+    item = data["sets"][0]["items"][0]
+    assert data["dirs"][item["dir"]]["path"] + "/" + item["name"] == \
+        doc["groups"][0]["images"][0]["path"]
+
+
+def page_data(page):
+    text = pathlib.Path(page).read_text("utf-8")
+    start = text.index('id="report-data">') + len('id="report-data">')
+    return json.loads(text[start:text.index("</script>", start)])
+
+
+# ---- in the browser ----
+
+def _no_browser(reason):
+    if os.environ.get("REVERSE_SEARCH_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}, and REVERSE_SEARCH_REQUIRE_BROWSER=1")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("the playwright package is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        _no_browser("no chromium on PATH (Debian: apt-get install chromium)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """open_page(html) -> a page with the report drawn; fails on script errors."""
+    pages = []
+
+    def opener(html_path, height=900):
+        page = browser.new_page(viewport={"width": 1280, "height": height})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.goto(pathlib.Path(html_path).as_uri())
+        page.wait_for_selector("nav.pager .page")
+        page.errors = errors
+        pages.append(page)
+        return page
+
+    yield opener
+    for page in pages:
+        assert page.errors == []
+        page.close()
+
+
+def texts(page, selector):
+    return page.locator(selector).all_inner_texts()
+
+
+def load_every_thumbnail(page):
+    """Scroll each lazy thumbnail into view, then wait until all are decoded."""
+    for img in page.locator("img").all():
+        img.scroll_into_view_if_needed()
+    page.wait_for_function(
+        "[...document.images].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=15000)
+    return page.evaluate(
+        "[...document.images].map(i => [i.naturalWidth, i.naturalHeight])")
+
+
+def test_duplicates_page_as_a_person_sees_it(run, tmp_path, open_page):
+    root, docs = run
+    doc = docs["find_duplicates"]
+    assert [len(g["images"]) for g in doc["groups"]] == [3, 2, 2, 2, 2]
+    page = open_page(write_html_report(doc, str(tmp_path / "out")))
+    stats = texts(page, ".stat")
+    assert stats == [f"{doc['images']} images scanned", "5 groups", "6 duplicates",
+                     f"{rs.human_bytes(doc['bytes_reclaimable'])} reclaimable"]
+    assert texts(page, "#failures summary") == ["1 file could not be read"]
+    page.click("#failures summary")
+    assert [t.split(": ")[0] for t in texts(page, "#failure-list li")] == \
+        [str(root / "imgs" / "broken.jpg")]
+    assert texts(page, "nav.pager .page") == ["Page 1 of 1"] * 2
+    sets = page.locator("section.set")
+    assert sets.count() == 5
+    assert texts(page, "section.set h2")[0].startswith("Group 1 · 3 images · ")
+    for k, group in enumerate(doc["groups"]):  # the doc's order; badge on the kept
+        box = sets.nth(k)
+        assert box.locator(".badge.keep").count() == 1
+        assert box.locator(".card").first.get_attribute("class") == "card keep"
+        names = box.locator(".card .name").all_inner_texts()
+        assert names == [os.path.basename(m["path"]) for m in group["images"]]
+        assert box.locator(".badge.dist").all_inner_texts() == \
+            [f"distance {m['distance']}" for m in group["images"][1:]]
+        assert [c.get_attribute("data-pair") for c in box.locator(".card").all()] == \
+            [None] + [f"0,{j}" for j in range(1, len(group["images"]))]
+    sizes = load_every_thumbnail(page)
+    assert len(sizes) == 11 and all(max(s) == 160 for s in sizes)
+    names = page.locator(".card .name").all_inner_texts()
+    assert sizes[names.index("p5_exif6.jpg")][0] > sizes[names.index("p5_exif6.jpg")][1]
+    assert "café ñ.png" in names
+    if POSIX:
+        assert "bad\\xff name.jpg" in names
+    dirs = page.locator(".card .dir").all_text_contents()
+    assert str(root / "imgs" / "a<" / "script><b>x") in dirs  # text, not markup
+    assert page.locator("section.set b, section.set script").count() == 0
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=os.path.join(SHOTS, "reverse_search_report_duplicates.png"),
+                    full_page=True)
+
+
+def test_clicking_a_thumbnail_opens_the_file(run, tmp_path, open_page):
+    root, docs = run
+    page = open_page(write_html_report(docs["find_duplicates"], str(tmp_path)))
+    name = "bad\\xff name.jpg" if POSIX else "p2 small.jpg"
+    real = os.fsdecode(os.fsencode(root / "imgs") + b"/" + BAD_NAME) if POSIX \
+        else str(root / "imgs" / "p2 small.jpg")
+    card = page.locator(".card", has=page.locator(".name", has_text=name))
+    link = card.locator("a")
+    assert link.get_attribute("href") == pathlib.Path(real).as_uri()
+    if POSIX:
+        assert "bad%FF%20name.jpg" in link.get_attribute("href")
+    with page.expect_popup() as opened:
+        card.locator("img").click()
+    tab = opened.value
+    tab.wait_for_load_state()
+    assert tab.url == pathlib.Path(real).as_uri()
+    assert tab.evaluate("document.images[0].naturalWidth") == 400  # the file itself
+    tab.close()
+
+
+def test_search_page_marks_each_query(run, tmp_path, open_page):
+    root, docs = run
+    doc = docs["search"]
+    page = open_page(write_html_report(doc, str(tmp_path)))
+    assert texts(page, ".stat") == ["3 queries", "1 with matches",
+                                    f"{doc['images']} images searched"]
+    assert texts(page, "#failures summary") == ["1 file could not be read"]
+    heads = texts(page, "section.set h2")
+    assert [os.path.basename(q["query"]) for q in doc["queries"]] == \
+        ["q1.jpg", "unrelated.jpg", "zz broken.jpg"]
+    assert heads[:2] == ["Query 1: q1.jpg · 2 matches", "Query 2: unrelated.jpg · no match"]
+    assert heads[2].startswith("Query 3: zz broken.jpg · cannot hash: ")
+    for box in page.locator("section.set").all():
+        first = box.locator(".card").first
+        assert first.locator(".badge").inner_text() == "QUERY"
+        assert box.locator(".badge.query").count() == 1
+        assert box.locator(".badge.keep").count() == 0
+    assert "200 × 150" in page.locator(".card.query .meta").first.inner_text()
+    assert len(load_every_thumbnail(page)) == 3 + 2  # the broken one: placeholder
+    page.screenshot(path=os.path.join(SHOTS, "reverse_search_report_search.png"),
+                    full_page=True)
+
+
+def test_pagination_of_120_groups(run, tmp_path, open_page):
+    root, docs = run
+    page = open_page(write_html_report(synthetic(docs["find_duplicates"], 120),
+                                       str(tmp_path)))
+    assert texts(page, ".stat")[1] == "120 groups"
+    first = page.locator("nav.pager").first
+
+    def shown():
+        heads = texts(page, "section.set h2")
+        return (first.locator(".page").inner_text(), first.locator(".where").inner_text(),
+                len(heads), heads[0].split(" ·")[0], heads[-1].split(" ·")[0])
+
+    assert shown() == ("Page 1 of 3", "groups 1–50 of 120", 50, "Group 1", "Group 50")
+    assert first.get_by_role("button", name="‹ Prev").is_disabled()
+    assert page.locator("img[loading=lazy]").count() == page.locator("img").count()
+    first.get_by_role("button", name="Next ›").click()
+    assert shown() == ("Page 2 of 3", "groups 51–100 of 120", 50, "Group 51", "Group 100")
+    page.locator("nav.pager").last.get_by_role("button", name="Last »").click()
+    assert shown() == ("Page 3 of 3", "groups 101–120 of 120", 20, "Group 101", "Group 120")
+    assert first.get_by_role("button", name="Next ›").is_disabled()
+    assert len(load_every_thumbnail(page)) == sum(
+        len(g["images"]) for g in synthetic(docs["find_duplicates"], 120)["groups"][100:])
+    page.go_back()  # the page number is in the address: Back works
+    assert shown()[0] == "Page 2 of 3"
+    first.get_by_role("button", name="« First").click()
+    assert shown()[0] == "Page 1 of 3"
+    page.reload()
+    page.wait_for_selector("section.set")
+    assert shown()[0] == "Page 1 of 3"
+
+
+def test_ten_thousand_groups_open_fast(run, tmp_path, open_page):
+    root, docs = run
+    started = time.perf_counter()
+    path = write_html_report(synthetic(docs["find_duplicates"], 10_000), str(tmp_path))
+    written = time.perf_counter() - started
+    page = open_page(path)
+    rendered = page.evaluate(
+        "performance.getEntriesByName('report-rendered')[0].startTime")
+    assert page.locator("section.set").count() == 50  # one page, not 10,000
+    assert texts(page, "nav.pager .page")[0] == "Page 1 of 200"
+    # ~2 s and ~0.4 s here; generous bounds that still catch drawing it all
+    assert written < 20 and rendered < 5000, (written, rendered)
