@@ -3381,7 +3381,13 @@ def dispatch(run: Run, ui: Console):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one operation; returns the exit code (0 ok, 1 failure, 2 usage)."""
     _safe_streams()
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    if argv is None and len(sys.argv) == 1 and getattr(sys, "frozen", False):
+        return run_from_desktop(default_params_path())
+    return _run(sys.argv[1:] if argv is None else list(argv))
+
+
+def _run(argv: list) -> int:
+    debug = "--debug" in argv
     try:
         run = parse_run(argv)
         if run is None:
@@ -3412,6 +3418,76 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"Run again with --debug for details, and please report it.",
               file=sys.stderr)
         return 1
+
+
+class _Tee:
+    """A text stream that writes to several others (console, log, memory)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            with _ignored(OSError, ValueError, AttributeError):
+                stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            with _ignored(OSError, ValueError, AttributeError):
+                stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def run_from_desktop(params: str) -> int:
+    """A double-click: no terminal to read, so log everything beside
+    params.json and show the outcome in the browser."""
+    folder = os.path.dirname(params)
+    log_path = os.path.join(folder, "reverse_search.log")
+    said = io.StringIO()
+    with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                  f"reverse_search {__version__}\n")
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = (_Tee(s, log, said) for s in saved)
+        try:
+            code = _run(["--params", params, "--open"])
+        finally:
+            sys.stdout, sys.stderr = saved
+    if code != 0 or "results:" not in said.getvalue() or \
+            ".html" not in said.getvalue():
+        open_in_browser(write_status_page(folder, said.getvalue(), code,
+                                          log_path))
+    _wait_if_own_console()
+    return code
+
+
+def write_status_page(folder: str, text: str, code: int, log_path: str) -> str:
+    """A short page with what the run said, for runs without a terminal."""
+    title = "reverse_search finished" if code == 0 else "reverse_search: error"
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}"
+            f"</title></head><body style='font:15px sans-serif;max-width:60em;"
+            f"margin:2em auto'><h1>{title}</h1><pre style='white-space:"
+            f"pre-wrap'>{html.escape(text)}</pre><p>Log: <code>"
+            f"{html.escape(log_path)}</code></p></body></html>\n")
+    path = os.path.join(folder, "reverse_search-status.html")
+    with _ignored(OSError):
+        _atomic_write(path, lambda fh: fh.write(page))
+    return path
+
+
+def _wait_if_own_console() -> None:
+    """Windows closes a console window with its last process: let the user
+    read it first."""
+    if os.name != "nt":
+        return
+    with _ignored(Exception):
+        import ctypes
+        if ctypes.windll.kernel32.GetConsoleProcessList(
+                (ctypes.c_uint * 2)(), 2) == 1:
+            input("Press Enter to close this window.")
 
 
 def _safe_streams() -> None:

@@ -246,3 +246,32 @@ def test_the_shipped_params_json_works(capsys, tmp_path):
             for q in doc["queries"]}
     assert "forest.jpg" in hits["forest_thumbnail.jpg"]
     assert hits["unrelated.jpg"] == []
+
+
+def test_a_double_click_logs_and_shows_a_page(tmp_path, monkeypatch):
+    """The frozen executable started with no arguments and no terminal."""
+    from conftest import picture as draw
+    monkeypatch.setenv("BROWSER", "true")  # a browser that opens nothing
+    folder = tmp_path / "app"
+    folder.mkdir()
+    params = str(folder / "params.json")
+    assert rs.run_from_desktop(params) == 0  # first run: writes params.json
+    page = (folder / "reverse_search-status.html").read_text(encoding="utf-8")
+    assert "Created" in page and "img_dirs" in page
+    (folder / "photos").mkdir()
+    draw(1).save(folder / "photos" / "a.jpg")
+    draw(1).resize((320, 240)).save(folder / "photos" / "b.jpg")
+    with open(params, "w", encoding="utf-8") as fh:
+        json.dump({"img_dirs": ["photos"], "operation": "find_duplicates",
+                   "workers": 1}, fh)
+    os.remove(folder / "reverse_search-status.html")
+    assert rs.run_from_desktop(params) == 0
+    assert os.path.exists(folder / "results" / "find_duplicates.html")
+    assert not os.path.exists(folder / "reverse_search-status.html")  # report shown
+    log = (folder / "reverse_search.log").read_text(encoding="utf-8")
+    assert "find_duplicates: 1 groups" in log
+    with open(params, "w", encoding="utf-8") as fh:
+        fh.write('{"img_dirs": ["photos"],}')
+    assert rs.run_from_desktop(params) == 2
+    page = (folder / "reverse_search-status.html").read_text(encoding="utf-8")
+    assert "invalid JSON" in page and "error" in page
