@@ -48,7 +48,7 @@ DB_NAME = "images.db"
 INDEX_NAME = "hashes.idx"
 BKTREE_NAME = "bktree.idx"
 SCHEMA_VERSION = 1
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 INDEX_MAGIC = b"REVERSE-SEARCH-INDEX\n"
 
 
@@ -148,6 +148,10 @@ class Config:
     distance_threshold: int = _key(
         5, "largest distance that counts as a match (0 = identical hash)",
         minimum=0)
+    adaptive_threshold: bool = _key(
+        True, "compare pictures with little detail (dark frames, nearly blank "
+        "pages) with a tighter threshold, down to half, since their hashes "
+        "collide more")
     stop_on_first_match: bool = _key(
         False, "search: report only the nearest match of each query")
     grouping: str = _key(
@@ -407,6 +411,7 @@ CREATE TABLE IF NOT EXISTS images (
     hash,
     variants  BLOB,
     low_detail INTEGER NOT NULL DEFAULT 0,
+    detail    REAL,
     width     INTEGER,
     height    INTEGER,
     error     TEXT,
@@ -431,6 +436,7 @@ class ImageRow:
     id: int | None = None
     variants: bytes | None = None  # hashes of the other orientations, packed
     low_detail: bool = False       # too flat to compare (blank, 1x1, ...)
+    detail: float = 4.0            # information in the picture (see detail_bits)
 
 
 @dataclass
@@ -474,7 +480,7 @@ class Store:
     """The SQLite database of one collection, behind a few small methods."""
 
     ROW_COLUMNS = ("path, size, mtime_ns, digest, hash, width, height, error, id, "
-                   "variants, low_detail")
+                   "variants, low_detail, detail")
 
     def __init__(self, path: str, create: bool = False):
         self.path = path
@@ -547,17 +553,18 @@ class Store:
         with self.db:
             self.db.executemany(
                 "INSERT INTO images (path, size, mtime_ns, digest, hash, variants, "
-                "low_detail, width, height, error, hashed_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "low_detail, detail, width, height, error, hashed_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
                 "mtime_ns=excluded.mtime_ns, digest=excluded.digest, "
                 "hash=excluded.hash, variants=excluded.variants, "
-                "low_detail=excluded.low_detail, width=excluded.width, "
+                "low_detail=excluded.low_detail, detail=excluded.detail, "
+                "width=excluded.width, "
                 "height=excluded.height, error=excluded.error, "
                 "hashed_at=excluded.hashed_at",
                 [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
                   hash_to_db(r.hash, bits), r.variants, int(r.low_detail),
-                  r.width, r.height, r.error, now) for r in rows])
+                  r.detail, r.width, r.height, r.error, now) for r in rows])
             self._bump()
 
     def delete_paths(self, paths: Iterable[str]) -> int:
@@ -583,18 +590,19 @@ class Store:
                               "size = ? AND hash IS NOT NULL", (size,))
         return {row.digest: row for row in map(self._row, cur)}
 
-    def hash_arrays(self, words: int, variants: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, hashes, variant hashes) of every comparable image.
+    def hash_arrays(self, words: int, variants: int) -> tuple:
+        """(ids, hashes, variant hashes, details) of every comparable image.
 
         hashes is (N, words) uint64; variants (N, variants, words)."""
-        cur = self.db.execute("SELECT id, hash, variants FROM images WHERE hash "
-                              "IS NOT NULL AND low_detail = 0 ORDER BY id")
-        ids, values, extra = [], [], []
-        for row_id, value, packed in cur:
+        cur = self.db.execute("SELECT id, hash, variants, detail FROM images "
+                              "WHERE hash IS NOT NULL AND low_detail = 0 "
+                              "ORDER BY id")
+        ids, values, extra, details = [], [], [], []
+        for row_id, value, packed, detail in cur:
             ids.append(row_id)
             values.append(value)
             extra.append(packed or b"")
+            details.append(4.0 if detail is None else detail)
         ids = np.array(ids, dtype=np.int64)
         if words == 1:
             hashes = np.array(values, dtype=np.int64).view(np.uint64)
@@ -605,7 +613,8 @@ class Store:
             raise StoreError(f"{self.path}: stored orientation hashes do not "
                              f"match the settings; run build.")
         return (ids, hashes.reshape(-1, words),
-                found.reshape(len(ids), variants, words))
+                found.reshape(len(ids), variants, words),
+                np.array(details, dtype=np.float32))
 
     def low_detail_rows(self) -> list:
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
@@ -635,7 +644,8 @@ class Store:
     @staticmethod
     def _row(r) -> ImageRow:
         return ImageRow(path_from_db(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
-                        r[5], r[6], r[7], r[8], r[9], bool(r[10]))
+                        r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                        4.0 if r[11] is None else r[11])
 
 
 class RunLock:
@@ -787,6 +797,7 @@ class Hashed:
     width: int
     height: int
     low_detail: bool = False
+    detail: float = 4.0
 
 
 def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
@@ -807,7 +818,31 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
     value = _checked_hash(im, spec)
     variants = tuple(_checked_hash(im.transpose(getattr(Image.Transpose, t)),
                                    spec) for t in VARIANTS[:spec.variant_count])
-    return Hashed(value, variants, width, height, low_detail(im))
+    return Hashed(value, variants, width, height, low_detail(im),
+                  detail_bits(im))
+
+
+def detail_bits(im) -> float:
+    """How much a picture has to say: the entropy, in bits (0 to 4), of the
+    16-level histogram of a 32x32 grey thumbnail.  Photos score about 3.3,
+    dark frames with one bright blob about 1.3: their hashes look alike
+    even when the pictures differ, so they get a tighter threshold."""
+    from PIL import Image
+    a = np.asarray(im.convert("L").resize((32, 32), Image.BOX))
+    p = np.bincount(a.ravel() // 16, minlength=16) / a.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def pair_threshold(radius: int, detail_a, detail_b):
+    """The threshold for one pair when adaptive_threshold is on: full at 2
+    bits of detail or more, down to half at 1.25 bits or less."""
+    least = np.minimum(detail_a, detail_b)
+    scale = np.clip((least - DETAIL_LOW) / (DETAIL_FULL - DETAIL_LOW), 0.5, 1.0)
+    return np.floor(radius * scale).astype(np.int64)
+
+
+DETAIL_LOW, DETAIL_FULL = 0.5, 2.0  # measured on the public corpus (README)
 
 
 def low_detail(im) -> bool:
@@ -945,11 +980,13 @@ class HashResult:
     error: str | None = None
     reused: bool = False
     low_detail: bool = False
+    detail: float = 4.0
 
     def row(self) -> ImageRow:
         return ImageRow(self.path, self.size, self.mtime_ns, self.digest,
                         self.hash, self.width, self.height, self.error,
-                        variants=self.variants, low_detail=self.low_detail)
+                        variants=self.variants, low_detail=self.low_detail,
+                        detail=self.detail)
 
 
 @dataclass(frozen=True)
@@ -984,7 +1021,7 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
         result.hash, result.width, result.height = \
             hashed.hash, hashed.width, hashed.height
         result.variants = pack_hashes(hashed.variants, job.spec.bits)
-        result.low_detail = hashed.low_detail
+        result.low_detail, result.detail = hashed.low_detail, hashed.detail
     except SkipFile as exc:
         result.error = str(exc)
     except OSError as exc:
@@ -1513,6 +1550,7 @@ class FlatIndex:
     ids: np.ndarray         # (N,) database ids
     hashes: np.ndarray      # (N, W) uint64
     variants: np.ndarray    # (N, V, W) uint64: the other orientations
+    detail: np.ndarray      # (N,) float32: detail_bits of each image
     distinct: np.ndarray    # (U, W) uint64, sorted
     img_order: np.ndarray   # image positions grouped by distinct hash
     img_starts: np.ndarray  # (U + 1,) CSR offsets into img_order
@@ -1523,7 +1561,8 @@ class FlatIndex:
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, hashes: np.ndarray, bits: int,
-                    variants: np.ndarray | None = None):
+                    variants: np.ndarray | None = None,
+                    detail: np.ndarray | None = None):
         if hashes.shape[1] == 1:
             distinct, inverse = np.unique(hashes[:, 0], return_inverse=True)
             distinct = distinct.reshape(-1, 1)
@@ -1535,12 +1574,21 @@ class FlatIndex:
         np.cumsum(np.bincount(inverse, minlength=len(distinct)), out=starts[1:])
         if variants is None:
             variants = np.zeros((len(ids), 0, hashes.shape[1]), dtype=np.uint64)
-        return cls(ids, hashes, variants, distinct, order, starts, bits)
+        if detail is None:
+            detail = np.full(len(ids), 4.0, dtype=np.float32)
+        return cls(ids, hashes, variants, detail, distinct, order, starts, bits)
 
     def arrays(self) -> dict:
         return {"ids": self.ids, "hashes": self.hashes, "variants": self.variants,
-                "distinct": self.distinct, "img_order": self.img_order,
-                "img_starts": self.img_starts}
+                "detail": self.detail, "distinct": self.distinct,
+                "img_order": self.img_order, "img_starts": self.img_starts}
+
+    def distinct_detail(self) -> np.ndarray:
+        """The least detail among the images of each distinct hash."""
+        if not len(self.distinct):
+            return np.zeros(0, dtype=np.float32)
+        return np.minimum.reduceat(self.detail[self.img_order],
+                                   self.img_starts[:-1])
 
     def distinct_of_images(self) -> np.ndarray:
         """For each image position, the position of its distinct hash."""
@@ -1608,8 +1656,9 @@ def save_index(cfg: Config, store: Store) -> FlatIndex:
     """Rebuild the index file from the database."""
     spec = cfg.spec
     fingerprint = store.fingerprint()
-    ids, hashes, variants = store.hash_arrays(spec.words, spec.variant_count)
-    flat = FlatIndex.from_arrays(ids, hashes, spec.bits, variants)
+    ids, hashes, variants, detail = store.hash_arrays(spec.words,
+                                                      spec.variant_count)
+    flat = FlatIndex.from_arrays(ids, hashes, spec.bits, variants, detail)
     path = os.path.join(cfg.bk_dir, INDEX_NAME)
     try:
         write_container(path, index_header(spec, fingerprint, "flat"),
@@ -1647,6 +1696,7 @@ def _check_shapes(flat: FlatIndex, words: int) -> None:
     n, u = len(flat.ids), len(flat.distinct)
     ok = (flat.hashes.shape == (n, words) and flat.distinct.shape == (u, words)
           and flat.variants.shape[0::2] == (n, words)
+          and flat.detail.shape == (n,)
           and flat.img_order.shape == (n,) and flat.img_starts.shape == (u + 1,)
           and (n == 0 or int(flat.img_starts[-1]) == n))
     if not ok:
@@ -1852,7 +1902,8 @@ def _record(result: HashResult, store: Store, writer: BatchWriter,
         else:
             result.hash, result.width, result.height = \
                 source.hash, source.width, source.height
-            result.variants, result.low_detail = source.variants, source.low_detail
+            result.variants, result.low_detail, result.detail = \
+                source.variants, source.low_detail, source.detail
             report.reused += 1
     if result.error:
         report.failed += 1
@@ -2062,6 +2113,9 @@ def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
             for p in images.tolist():
                 if p not in best or d < best[p][0]:
                     best[p] = (int(d), variant)
+    if cfg.adaptive_threshold:
+        best = {p: (d, v) for p, (d, v) in best.items()
+                if d <= pair_threshold(radius, result.detail, flat.detail[p])}
     return result, [(p, d, v) for p, (d, v) in best.items()]
 
 
@@ -2074,7 +2128,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         radius = cfg.distance_threshold
         engine = flat.engine(cfg.engine, radius, True,
                              os.path.join(cfg.bk_dir, BKTREE_NAME))
-        components = duplicate_groups(flat, engine, radius)
+        adaptive = cfg.adaptive_threshold
+        components = duplicate_groups(flat, engine, radius, adaptive)
         rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)
         rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
         marks = load_marks(cfg)
@@ -2082,7 +2137,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         for comp in components:  # best-kept first, so it wins ties for lead
             ranked = sorted(comp.tolist(), key=lambda p: keep_key(rows[p], cfg))
             for members in split_group(ranked, flat, radius, rows, marks,
-                                       cfg.grouping == "connected"):
+                                       cfg.grouping == "connected", adaptive):
                 kept = min(members, key=lambda p: keep_key(rows[p], cfg))
                 groups.append(_group(members, kept, flat, rows, cfg.spec.bits))
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
@@ -2097,7 +2152,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
     return report
 
 
-def duplicate_groups(flat: FlatIndex, engine, radius: int) -> list:
+def duplicate_groups(flat: FlatIndex, engine, radius: int,
+                     adaptive: bool = False) -> list:
     """Image positions of each connected component of near pairs."""
     u, v = len(flat.distinct), flat.variants.shape[1]
     found = list(engine.pairs(radius)) if radius > 0 and u > 1 else []
@@ -2108,6 +2164,11 @@ def duplicate_groups(flat: FlatIndex, engine, radius: int) -> list:
             found.append((of_image[qi // v], j, d))
     a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
     b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+    if adaptive and found:
+        d = np.concatenate([f[2] for f in found])
+        detail = flat.distinct_detail()
+        keep = d <= pair_threshold(radius, detail[a], detail[b])
+        a, b = a[keep], b[keep]
     labels = components(u, a.astype(np.int64), b.astype(np.int64))
     per_hash = np.diff(flat.img_starts)
     size = np.bincount(labels, weights=per_hash, minlength=u)
@@ -2143,7 +2204,7 @@ CENTRE_LIMIT = 2000  # larger components take leaders in index order
 
 
 def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
-                marks: set, connected: bool) -> list:
+                marks: set, connected: bool, adaptive: bool = False) -> list:
     """The groups one connected component is reported as.
 
     representative: the image near the most others leads a group of all
@@ -2155,16 +2216,20 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
     if connected and not marked:
         return [list(members)]
     members = np.asarray(members, dtype=np.int64)
+
+    def close_to(p):
+        limit = pair_threshold(radius, flat.detail[p], flat.detail[members]) \
+            if adaptive else radius
+        return flat.match_distances(p, members)[0] <= limit
     near = None
     if len(members) <= CENTRE_LIMIT:
-        near = np.stack([flat.match_distances(p, members)[0] <= radius
-                         for p in members])
+        near = np.stack([close_to(p) for p in members])
     free = np.ones(len(members), dtype=bool)
     out = []
     while free.any():
         if near is None:
             lead = int(np.argmax(free))
-            close = flat.match_distances(members[lead], members)[0] <= radius
+            close = close_to(members[lead])
         else:
             lead = int(np.argmax(np.where(free, (near & free).sum(axis=1), -1)))
             close = near[lead]

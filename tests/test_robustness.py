@@ -241,7 +241,9 @@ def test_a_damaged_or_stale_index_is_rebuilt_never_trusted(collection, capsys, d
         picture(30).save(collection / "imgs2" / "x.jpg")
         run_json(capsys, other, "build", "--img-dirs", str(collection / "imgs2"))
     else:
-        index.write_bytes(data.replace(b'"format": 1', b'"format": 9'))
+        old = f'"format": {rs.INDEX_FORMAT}'.encode()
+        assert old in data
+        index.write_bytes(data.replace(old, b'"format": 99'))
     params = write_params(collection)
     capsys.readouterr()
     assert rs.main(["find_duplicates", "--params", params, "--format", "json"]) == 0
