@@ -137,3 +137,44 @@ def test_chunks_cover_every_bit_once_and_never_cross_a_word():
                 assert 0 <= c.shift and c.shift + c.bits <= 64
                 covered += [(words - 1 - c.word) * 64 + c.shift + b for b in range(c.bits)]
             assert sorted(covered) == list(range(bits))
+
+
+def test_pair_threshold_tightens_for_low_detail():
+    assert rs.pair_threshold(12, 3.3, 2.0) == 12
+    assert rs.pair_threshold(12, 3.3, 1.25) == 6
+    assert rs.pair_threshold(12, 0.2, 3.0) == 6   # never below half
+    assert rs.pair_threshold(12, 1.625, 4.0) == 9
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=hash_sets(), seed=st.integers(0, 2**32 - 1))
+def test_adaptive_groups_equal_brute_force(data, seed):
+    bits, values, radius = data
+    rng = np.random.default_rng(seed)
+    detail = rng.uniform(0, 4, len(values)).astype(np.float32)
+    words = (bits + 63) // 64
+    hashes = np.stack([rs.int_to_words(v, words) for v in values])
+    flat = rs.FlatIndex.from_arrays(np.arange(len(values)), hashes, bits, detail=detail)
+    groups = rs.duplicate_groups(flat, flat.engine("auto", radius, True), radius, True)
+    got = sorted(sorted(int(p) for p in g) for g in groups)
+    # reference: distinct hashes joined when within the threshold of their
+    # least detailed images; identical hashes always together
+    ref = {}
+    for p, v in enumerate(values):
+        ref.setdefault(v, []).append(p)
+    keys = list(ref)
+    least = {k: min(detail[p] for p in ref[k]) for k in keys}
+    parent = {k: k for k in keys}
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if (a ^ b).bit_count() <= rs.pair_threshold(radius, least[a], least[b]):
+                parent[root(a)] = root(b)
+    comps = {}
+    for k in keys:
+        comps.setdefault(root(k), []).extend(ref[k])
+    assert got == sorted(sorted(c) for c in comps.values() if len(c) > 1)
