@@ -439,7 +439,7 @@ class ImageRow:
     detail: float = 4.0            # information in the picture (see detail_bits)
 
 
-@dataclass
+@dataclass(slots=True)  # one per stored file: keep it small
 class RowState:
     """What update needs to know about a stored file to skip it."""
 
@@ -584,11 +584,18 @@ class Store:
         return {path_from_db(p): RowState(s, m, e is None) for p, s, m, e in
                 self.db.execute("SELECT path, size, mtime_ns, error FROM images")}
 
-    def hashed_with_size(self, size: int) -> dict:
-        """digest -> ImageRow of the hashed files of this size (moves, copies)."""
+    def hashed_with_size(self, size: int) -> set:
+        """Digests of the hashed files of this size (moved or copied files)."""
+        cur = self.db.execute("SELECT digest FROM images WHERE size = ? AND "
+                              "hash IS NOT NULL", (size,))
+        return {digest for digest, in cur}
+
+    def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
-                              "size = ? AND hash IS NOT NULL", (size,))
-        return {row.digest: row for row in map(self._row, cur)}
+                              "size = ? AND digest = ? AND hash IS NOT NULL "
+                              "LIMIT 1", (size, digest))
+        row = cur.fetchone()
+        return None if row is None else self._row(row)
 
     def hash_arrays(self, words: int, variants: int) -> tuple:
         """(ids, hashes, variant hashes, details) of every comparable image.
@@ -818,8 +825,15 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
     value = _checked_hash(im, spec)
     variants = tuple(_checked_hash(im.transpose(getattr(Image.Transpose, t)),
                                    spec) for t in VARIANTS[:spec.variant_count])
-    return Hashed(value, variants, width, height, low_detail(im),
-                  detail_bits(im))
+    probe = _detail_probe(im)
+    return Hashed(value, variants, width, height, low_detail(probe),
+                  detail_bits(probe))
+
+
+def _detail_probe(im):
+    """A small grey copy for the detail scores (exact mode has full size)."""
+    factor = min(im.size) // 128
+    return (im.reduce(factor) if factor >= 2 else im).convert("L")
 
 
 def detail_bits(im) -> float:
@@ -843,6 +857,15 @@ def pair_threshold(radius: int, detail_a, detail_b):
 
 
 DETAIL_LOW, DETAIL_FULL = 0.5, 2.0  # measured on the public corpus (README)
+
+# A match through another orientation counts its distance double (so it must
+# lie within half the threshold): eight orientations tried make a chance
+# match eight times likelier.
+VARIANT_WEIGHT = 2
+
+
+def variant_radius(radius) -> int:
+    return radius // VARIANT_WEIGHT
 
 
 def low_detail(im) -> bool:
@@ -1009,7 +1032,8 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
                 raise SkipFile(f"file is {st.st_size / 2**20:,.0f} MiB, over "
                                f"max_file_mb ({job.max_bytes // 2**20})")
             data = fh.read()
-        result.digest = hashlib.blake2b(data, digest_size=16).digest()
+        # sha256 has CPU instructions on current x86 and ARM: 3x blake2b there
+        result.digest = hashlib.sha256(data).digest()[:16]
         if result.digest in task.known:
             result.reused = True
             return result
@@ -1598,19 +1622,24 @@ class FlatIndex:
         return out
 
     def match_distances(self, lead: int, others) -> tuple:
-        """(distance, variant) from image `lead` to each of `others`: the
-        smallest over both images' orientations (variant -1 = as stored)."""
+        """(effective, bits, variant) from image `lead` to each of `others`,
+        the best over both images' orientations: bits is the Hamming
+        distance, effective weighs an orientation match by VARIANT_WEIGHT,
+        variant is the orientation used (-1 = as stored)."""
         others = np.asarray(others, dtype=np.int64)
         h, v = self.hashes, self.variants
-        best = row_distances(h[others], np.broadcast_to(h[lead], h[others].shape))
+        bits = row_distances(h[others], np.broadcast_to(h[lead], h[others].shape))
+        best = bits.astype(np.int64)
         which = np.full(len(others), -1)
         for k in range(v.shape[1]):
             for d in (row_distances(v[others, k], np.broadcast_to(
                     h[lead], h[others].shape)), row_distances(
                     h[others], np.broadcast_to(v[lead, k], h[others].shape))):
-                better = d < best
-                best, which = np.where(better, d, best), np.where(better, k, which)
-        return best, which
+                better = d.astype(np.int64) * VARIANT_WEIGHT < best
+                best = np.where(better, d.astype(np.int64) * VARIANT_WEIGHT, best)
+                bits = np.where(better, d, bits)
+                which = np.where(better, k, which)
+        return best, bits, which
 
     def images_of(self, distinct_pos: np.ndarray) -> list:
         """Image positions behind each distinct hash position."""
@@ -1851,14 +1880,16 @@ def sync_store(cfg: Config, store: Store, ui: Console, operation: str
     states = store.states()
     report = UpdateReport(operation, store.path, spec.describe())
     walk, seen = _walk(cfg, cfg.img_dirs), set()
-    total = sum(1 for _ in _walk(cfg, cfg.img_dirs)) if sys.stderr.isatty() \
-        and not ui.quiet else None
+    total = None
+    if sys.stderr.isatty() and not ui.quiet:  # a bar wants a total
+        total = len(states) or sum(1 for _ in _walk(cfg, cfg.img_dirs))
     writer = BatchWriter(store, spec.bits)
     try:
         with Hasher(_job(cfg), cfg.worker_count) as hasher, \
                 ui.progress(total, operation) as bar:
+            known = KnownDigests(store)
             for batch in _batched(walk, 1000):
-                tasks = _plan_batch(batch, states, store, seen, writer, report)
+                tasks = _plan_batch(batch, states, known, seen, writer, report)
                 bar.update(len(batch) - len(tasks))
                 for result in hasher.map(tasks):
                     _record(result, store, writer, report, _job(cfg))
@@ -1871,11 +1902,12 @@ def sync_store(cfg: Config, store: Store, ui: Console, operation: str
     return report
 
 
-def _plan_batch(batch, states, store, seen, writer, report) -> list:
+def _plan_batch(batch, states, known, seen, writer, report) -> list:
     """Tasks for the files that need hashing; the rest is counted here."""
     tasks = []
     for found in batch:
-        seen.add(found.path)
+        if states:  # a fresh build has nothing to compare against
+            seen.add(found.path)
         report.files += 1
         if found.error:
             writer.add(ImageRow(found.path, found.size, found.mtime_ns,
@@ -1888,15 +1920,33 @@ def _plan_batch(batch, states, store, seen, writer, report) -> list:
                 old.mtime_ns == found.mtime_ns:
             report.unchanged += 1
             continue
-        known = frozenset(store.hashed_with_size(found.size)) if states else ()
-        tasks.append(HashTask(found.path, frozenset(known)))
+        tasks.append(HashTask(found.path, known(found.size) if states
+                              else frozenset()))
     return tasks
+
+
+class KnownDigests:
+    """Digests of stored files by size, asked once per size and run.  Sizes
+    shared by very many files (uncompressed images of one format) are not
+    worth shipping to every task: those files are simply decoded."""
+
+    LIMIT = 64
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.cache = {}
+
+    def __call__(self, size: int) -> frozenset:
+        if size not in self.cache:
+            found = frozenset(self.store.hashed_with_size(size))
+            self.cache[size] = found if len(found) <= self.LIMIT else frozenset()
+        return self.cache[size]
 
 
 def _record(result: HashResult, store: Store, writer: BatchWriter,
             report: UpdateReport, job: HashJob) -> None:
     if result.reused:  # same bytes as a stored file: copy its hash
-        source = store.hashed_with_size(result.size).get(result.digest)
+        source = store.hashed_by_digest(result.size, result.digest)
         if source is None:
             result = hash_file(HashTask(result.path), job)
         else:
@@ -2106,17 +2156,18 @@ def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
     if result.variants:  # the query's other orientations
         queries += list(np.frombuffer(result.variants, ">u8").astype(
             np.uint64).reshape(-1, words))
-    best = {}
+    best = {}  # image position -> (effective distance, bits, variant)
     for variant, query in enumerate(queries, -1):
-        pos, dist = engine.search(query, radius)
-        for images, d in zip(flat.images_of(pos), dist):
+        weight = 1 if variant < 0 else VARIANT_WEIGHT
+        pos, dist = engine.search(query, radius // weight)
+        for images, d in zip(flat.images_of(pos), dist.tolist()):
             for p in images.tolist():
-                if p not in best or d < best[p][0]:
-                    best[p] = (int(d), variant)
+                if p not in best or d * weight < best[p][0]:
+                    best[p] = (d * weight, d, variant)
     if cfg.adaptive_threshold:
-        best = {p: (d, v) for p, (d, v) in best.items()
-                if d <= pair_threshold(radius, result.detail, flat.detail[p])}
-    return result, [(p, d, v) for p, (d, v) in best.items()]
+        best = {p: hit for p, hit in best.items()
+                if hit[0] <= pair_threshold(radius, result.detail, flat.detail[p])}
+    return result, [(p, d, v) for p, (_, d, v) in best.items()]
 
 
 def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
@@ -2160,8 +2211,8 @@ def duplicate_groups(flat: FlatIndex, engine, radius: int,
     if v and len(flat.ids):  # an orientation of one image near another image
         of_image = flat.distinct_of_images()
         queries = flat.variants.reshape(-1, flat.variants.shape[2])
-        for qi, j, d in engine.cross(queries, radius):
-            found.append((of_image[qi // v], j, d))
+        for qi, j, d in engine.cross(queries, variant_radius(radius)):
+            found.append((of_image[qi // v], j, d * VARIANT_WEIGHT))
     a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
     b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
     if adaptive and found:
@@ -2306,7 +2357,7 @@ def _group(members: list, kept: int, flat: FlatIndex, rows: dict,
            bits: int) -> Group:
     """members[0] leads and distances are measured to it; `kept` is the
     image the keep rule keeps."""
-    dist, which = flat.match_distances(members[0], members)
+    _, dist, which = flat.match_distances(members[0], members)
     images = [_match(rows[p], bits, d, w) for p, d, w in zip(members, dist, which)]
     for p, image in zip(members, images):
         image.keep = p == kept

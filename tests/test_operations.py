@@ -275,3 +275,24 @@ def test_a_double_click_logs_and_shows_a_page(tmp_path, monkeypatch):
     assert rs.run_from_desktop(params) == 2
     page = (folder / "reverse_search-status.html").read_text(encoding="utf-8")
     assert "invalid JSON" in page and "error" in page
+
+
+def test_orientation_matching_finds_mirrored_and_rotated_copies(collection, capsys):
+    imgs = collection / "imgs"
+    base = Image.open(imgs / "p3.jpg")
+    base.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(imgs / "p3_mirror.jpg")
+    base.transpose(Image.Transpose.ROTATE_90).save(imgs / "p3_rot90.jpg")
+    base.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(collection / "queries" / "p3_flip.jpg")
+    params = write_params(collection, hash_method="phash", distance_threshold=10)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    groups = [names(i["path"] for i in g["images"]) for g in doc["groups"]]
+    assert not any("p3_mirror.jpg" in g for g in groups)  # off: not found
+    code, doc = run_json(capsys, params, "find_duplicates", "--match-orientations")
+    p3 = next(g for g in doc["groups"] if "p3.jpg" in names(i["path"] for i in g["images"]))
+    assert names(i["path"] for i in p3["images"]) == ["p3.jpg", "p3_mirror.jpg", "p3_rot90.jpg"]
+    variants = {os.path.basename(i["path"]): i["variant"] for i in p3["images"]}
+    assert variants["p3_mirror.jpg"] == "mirrored" and variants["p3.jpg"] is None
+    assert variants["p3_rot90.jpg"].startswith("rotated")
+    code, doc = run_json(capsys, params, "search", "--match-orientations")
+    flip = next(q for q in doc["queries"] if q["query"].endswith("p3_flip.jpg"))
+    assert "p3.jpg" in names(m["path"] for m in flip["matches"])
