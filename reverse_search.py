@@ -3383,8 +3383,21 @@ def emit(report, run: Run, ui: Console) -> None:
 
 def open_in_browser(path: str) -> None:
     import webbrowser
-    with _ignored(Exception):  # no browser is not an error: the path is shown
-        webbrowser.open(pathlib.Path(path).as_uri())
+    # A onefile executable's bootloader puts its unpacked libraries first on
+    # LD_LIBRARY_PATH (Linux); the browser must start with the system's own.
+    saved = os.environ.get("LD_LIBRARY_PATH")
+    if getattr(sys, "frozen", False) and saved is not None:
+        original = os.environ.get("LD_LIBRARY_PATH_ORIG")
+        if original is None:
+            del os.environ["LD_LIBRARY_PATH"]
+        else:
+            os.environ["LD_LIBRARY_PATH"] = original
+    try:
+        with _ignored(Exception):  # no browser is not an error: path is shown
+            webbrowser.open(pathlib.Path(path).as_uri())
+    finally:
+        if saved is not None:
+            os.environ["LD_LIBRARY_PATH"] = saved
 
 
 # ============================================================================
