@@ -127,7 +127,8 @@ class Config:
     output_dir: str = _key(
         "results", "folder where result files are written", path=True)
     hash_method: str = _key(
-        "dhash", "perceptual hash", choices=HASH_METHODS)
+        "phash", "perceptual hash (phash: best precision and recall measured, "
+        "see README)", choices=HASH_METHODS)
     hash_size: int = _key(
         8, "hash side: 8 gives 64-bit hashes, 16 gives 256-bit",
         minimum=2, maximum=32)
@@ -148,7 +149,7 @@ class Config:
         "hamming", "distance between hashes (bits that differ)",
         choices=("hamming",))
     distance_threshold: int = _key(
-        5, "largest distance that counts as a match (0 = identical hash)",
+        12, "largest distance that counts as a match (0 = identical hash)",
         minimum=0)
     adaptive_threshold: bool = _key(
         True, "compare pictures with little detail (dark frames, nearly blank "
@@ -1543,7 +1544,7 @@ class PgRunLock:
 class HashSpec:
     """Which hash, how big, and how images are decoded for it."""
 
-    method: str = "dhash"
+    method: str = "phash"
     size: int = 8
     binbits: int = 3
     mode: str = "fast"
@@ -1959,6 +1960,20 @@ def _setup_decoders() -> None:
         pass
 
 
+def _start_pool(workers: int, job: HashJob):
+    """Spawned workers that ignore Ctrl-C from birth: an ignored signal stays
+    ignored across exec, so one pressed while they start prints nothing."""
+    import threading
+    ctx = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread():
+        return ctx.Pool(workers, _worker_init, (job,))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return ctx.Pool(workers, _worker_init, (job,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Hasher:
     """Hashes files in worker processes (spawn, so every OS behaves alike)."""
 
@@ -1989,8 +2004,7 @@ class Hasher:
                 yield hash_file(task, self.job)
             return
         if self.pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            self.pool = ctx.Pool(self.workers, _worker_init, (self.job,))
+            self.pool = _start_pool(self.workers, self.job)
         yield from self.pool.imap_unordered(_worker_hash, tasks, chunksize=4)
 
 
@@ -2143,6 +2157,20 @@ def read_container(path: str) -> tuple[dict, dict]:
     return header, arrays
 
 
+class _no_gc:
+    """Pause the garbage collector while building many small objects."""
+
+    def __enter__(self):
+        import gc
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        import gc
+        if self.was:
+            gc.enable()
+
+
 class _ignored:
     def __init__(self, *exc):
         self.exc = exc
@@ -2174,16 +2202,21 @@ class ScanEngine:
         return self.cross(self.hashes, radius, upper=True)
 
     def cross(self, queries: np.ndarray, radius: int, upper: bool = False,
-              block_bytes: int = 64 * 2**20):
+              block_bytes: int = 2 * 2**20):
         """(query row, hash position, d) for every pair within radius; with
-        upper, queries are the hashes themselves and only i < j is kept."""
+        upper, queries are the hashes themselves and only i < j is kept.
+        Blocks of a few MiB stay in the CPU cache."""
         h, n = self.hashes, len(self.hashes)
+        one_word = h.shape[1] == 1  # 64-bit: no sum over a word axis
         rows = max(1, block_bytes // max(1, 8 * n * h.shape[1]))
         for start in range(0, len(queries), rows):
             stop = min(len(queries), start + rows)
             first = start if upper else 0  # below the diagonal is done
-            d = np.bitwise_count(queries[start:stop, None, :] ^ h[None, first:, :]
-                                 ).sum(axis=2, dtype=np.uint16)
+            if one_word:
+                d = np.bitwise_count(queries[start:stop, 0, None] ^ h[None, first:, 0])
+            else:
+                d = np.bitwise_count(queries[start:stop, None, :] ^
+                                     h[None, first:, :]).sum(axis=2, dtype=np.uint16)
             i, j = np.nonzero(d <= radius)
             dist = d[i, j]
             i, j = i + start, j + first
@@ -2233,24 +2266,39 @@ def plan_chunks(total_bits: int, words: int, parts: int) -> list:
     return chunks
 
 
+def chunk_radii(widths: list, radius: int) -> list:
+    """Per-chunk search radius by the pigeonhole principle with remainder: a
+    hash within `radius` is within r_k of the query on some chunk k when
+    sum(r_k + 1) > radius, so with radius = m*q + a only a + 1 chunks need q
+    and the other m - a - 1 (the widest) need q - 1 (-1: not probed)."""
+    m = len(widths)
+    q, a = divmod(radius, m)
+    radii = [q] * m
+    for k in sorted(range(m), key=lambda k: -widths[k])[:m - a - 1]:
+        radii[k] = q - 1
+    return radii
+
+
 class MIHEngine:
     """Multi-index hashing: a hash within r bits of the query agrees with it
-    within r // m bits on at least one of m chunks (pigeonhole).  Probe those
+    within a few bits on at least one of m chunks (chunk_radii).  Probe those
     chunk neighbourhoods, then verify the candidates with popcount."""
 
     name = "mih"
-    TABLE_BITS = 22  # chunks up to this wide get a direct bucket table
 
     def __init__(self, hashes: np.ndarray, total_bits: int, parts: int):
         self.hashes = hashes
         self.chunks = plan_chunks(total_bits, hashes.shape[1], parts)
+        # a direct bucket table while it is not much larger than the data
+        self.table_bits = mih_table_bits(len(hashes))
         self.tables = [self._table(c) for c in self.chunks]
         self._masks = {}
 
     def _table(self, chunk: Chunk):
+        """(order, sorted values or None, bucket starts or None)."""
         vals = chunk.values(self.hashes)
         order = np.argsort(vals, kind="stable").astype(np.int64)
-        if chunk.bits <= self.TABLE_BITS:
+        if chunk.bits <= self.table_bits:
             counts = np.bincount(vals.astype(np.int64), minlength=1 << chunk.bits)
             starts = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=starts[1:])
@@ -2267,36 +2315,97 @@ class MIHEngine:
         """(first, count) into table k's order for each probe value."""
         order, sorted_vals, starts = self.tables[k]
         if starts is not None:
-            p = probes.astype(np.int64)
-            return starts[p], starts[p + 1] - starts[p]
+            p = probes.astype(np.intp)
+            first = starts[p]
+            return first, starts[p + 1] - first
         lo = np.searchsorted(sorted_vals, probes, "left")
         hi = np.searchsorted(sorted_vals, probes, "right")
         return lo, hi - lo
 
     def search(self, query: np.ndarray, radius: int):
-        most = radius // len(self.chunks)
+        radii = chunk_radii([c.bits for c in self.chunks], radius)
         found = []
         for k, chunk in enumerate(self.chunks):
+            if radii[k] < 0:
+                continue
             qv = chunk.values(query[None, :])[0]
-            first, count = self._ranges(k, qv ^ self.masks(chunk.bits, most))
+            first, count = self._ranges(k, qv ^ self.masks(chunk.bits, radii[k]))
             found.append(self.tables[k][0][_expand(first, count)])
         cand = np.unique(np.concatenate(found))
         d = distances(self.hashes[cand], query)
         keep = d <= radius
         return cand[keep], d[keep]
 
-    def pairs(self, radius: int):
-        """All (i, j, d), i < j, d <= radius; each pair once."""
-        return self.cross(self.hashes, radius, upper=True)
+    def pairs(self, radius: int, budget: int = 4_000_000):
+        """All (i, j, d), i < j, d <= radius; each pair once.  Works on the
+        occupied buckets of each chunk: pairs inside a bucket, then each
+        unordered pair of buckets (v, w = v ^ mask > v), probed once."""
+        radii = chunk_radii([c.bits for c in self.chunks], radius)
+        n = len(self.hashes)
+        found = []
+        for k in range(len(self.chunks)):
+            if radii[k] < 0:
+                continue
+            order, sorted_vals, starts = self.tables[k]
+            ordered = self.hashes[order]  # verify in bucket order, map back
 
-    def cross(self, queries: np.ndarray, radius: int, upper: bool = False,
-              budget: int = 4_000_000):
+            def verify(a, b):
+                d = row_distances(ordered[a], ordered[b])
+                near = np.flatnonzero(d <= radius)
+                i, j = order[a[near]], order[b[near]]
+                found.append((np.minimum(i, j), np.maximum(i, j), d[near]))
+            if starts is not None:
+                size = np.diff(starts)
+                occupied = np.flatnonzero(size)
+                first, count = starts[occupied], size[occupied]
+                occupied = occupied.astype(np.uint64)
+            else:
+                occupied, first, count = np.unique(
+                    sorted_vals, return_index=True, return_counts=True)
+            # inside one bucket: position p pairs with p+1 .. the bucket's end
+            end = np.repeat(first + count, count)
+            pos = np.arange(n, dtype=np.int64)
+            for sel, idx in _expand_windows(pos + 1, end - pos - 1, budget):
+                verify(sel, idx)
+            self._bucket_pairs(k, radii[k], occupied, first, count, budget,
+                               verify)
+        yield from _dedupe_pairs(found, n)
+
+    def _bucket_pairs(self, k, most, occupied, first, count, budget, verify):
+        """Items of bucket v against those of w = v ^ mask, for w > v only:
+        that is when v has a 0 at the mask's top bit."""
+        masks = self.masks(self.chunks[k].bits, most)[1:]
+        if not len(masks):
+            return
+        top = np.floor(np.log2(masks.astype(np.float64))).astype(np.int64)
+        for t in range(self.chunks[k].bits):
+            mt = masks[top == t]
+            if not len(mt):
+                continue
+            vs = np.flatnonzero(((occupied >> np.uint64(t)) & np.uint64(1)) == 0)
+            step = max(1, budget // (4 * len(mt)))
+            for lo in range(0, len(vs), step):
+                own = vs[lo:lo + step]
+                w = (occupied[own, None] ^ mt[None, :]).ravel()
+                wfirst, wcount = self._ranges(k, w)
+                live = np.flatnonzero(wcount)
+                owner = own[live // len(mt)]
+                wfirst, wcount = wfirst[live], wcount[live]
+                for rsel, apos in _expand_windows(first[owner], count[owner],
+                                                  budget):
+                    for ssel, bpos in _expand_windows(wfirst[rsel],
+                                                      wcount[rsel], budget):
+                        verify(apos[ssel], bpos)
+
+    def cross(self, queries: np.ndarray, radius: int, budget: int = 4_000_000):
         """(query row, hash position, d) for every pair within radius, each
-        once; with upper, queries are the hashes themselves and i < j."""
-        most = radius // len(self.chunks)
+        once (orientation variants against the stored hashes)."""
+        radii = chunk_radii([c.bits for c in self.chunks], radius)
         found = []
         for k, chunk in enumerate(self.chunks):
-            masks = self.masks(chunk.bits, most)
+            if radii[k] < 0:
+                continue
+            masks = self.masks(chunk.bits, radii[k])
             vals = chunk.values(queries)
             order = self.tables[k][0]
             step = max(1, budget // (4 * len(masks)))
@@ -2307,13 +2416,16 @@ class MIHEngine:
                 first, count = self._ranges(k, probes)
                 for sel, idx in _expand_windows(first, count, budget):
                     i, j = owners[sel], order[idx]
-                    if upper:
-                        keep = j > i
-                        i, j = i[keep], j[keep]
                     d = row_distances(queries[i], self.hashes[j])
                     near = d <= radius
                     found.append((i[near], j[near], d[near]))
         yield from _dedupe_pairs(found, len(self.hashes))
+
+
+def mih_table_bits(n: int) -> int:
+    """Chunks up to this wide get a direct bucket table (not much larger
+    than the data); wider ones are searched in sorted values."""
+    return min(22, max(16, n.bit_length() + 2))
 
 
 def _expand(first: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -2326,13 +2438,21 @@ def _expand(first: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 
 def _expand_windows(first, count, budget):
-    """(probe index per element, element) in windows of about `budget`."""
+    """(range index per element, element) of the ranges [first, first +
+    count), in windows of about `budget` elements cut at range boundaries."""
+    live = np.flatnonzero(count)
+    if not len(live):
+        return
+    first, count = first[live], count[live]
     ends = np.cumsum(count)
-    total = int(ends[-1]) if len(ends) else 0
-    for lo in range(0, total, budget):
-        flat = np.arange(lo, min(total, lo + budget), dtype=np.int64)
-        sel = np.searchsorted(ends, flat, side="right")
-        yield sel, first[sel] + (flat - (ends[sel] - count[sel]))
+    cuts = np.searchsorted(ends, np.arange(budget, int(ends[-1]), budget), "left")
+    bounds = np.unique(np.concatenate(([0], cuts + 1, [len(live)])))
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        c = count[a:b]
+        lo = int(ends[a] - count[a])
+        sel = np.repeat(live[a:b], c)
+        base = np.repeat(first[a:b] - (ends[a:b] - c - lo), c)
+        yield sel, base + np.arange(int(ends[b - 1]) - lo, dtype=np.int64)
 
 
 def _dedupe_pairs(found: list, n: int):
@@ -2356,7 +2476,8 @@ class BKTreeEngine:
         self.values = words_to_ints(hashes)
         self.position = {v: p for p, v in enumerate(self.values)}
         self.words = hashes.shape[1]
-        self.tree = tree or pybktree.BKTree(bit_distance, self.values)
+        with _no_gc():  # millions of small tuples: the collector only slows
+            self.tree = tree or pybktree.BKTree(bit_distance, self.values)
 
     def search(self, query: np.ndarray, radius: int):
         q = words_to_ints(query[None, :])[0]
@@ -2376,26 +2497,41 @@ class BKTreeEngine:
                 yield np.full(len(j), p), j, np.array([d for _, d in hits])
 
 
-# Rough costs in seconds, measured on the reference machine (bench_index.py);
-# only their ratios matter: they choose between exact engines.
-COST_SCAN = 1.0e-9      # per hash word scanned
-COST_PROBE = 4.0e-8     # per chunk probe
-COST_CAND = 3.0e-8      # per candidate verified
-COST_CALL = 2.0e-5      # per chunk per query (numpy call overhead)
+# Costs in seconds, fitted on the reference machine with
+# `bench/bench_index.py --ops calibrate`; only their ratios matter: they
+# choose between exact engines and chunk counts.
+COST_SCAN = 1.17e-9          # search: per hash word scanned
+COST_CALL = 1.2e-5           # search: per chunk probed (numpy call overhead)
+COST_PROBE = 7.8e-8          # search: per probe into a bucket table
+COST_PROBE_SORTED = 1.8e-7   # search: per probe by binary search
+COST_CAND = 1.4e-7           # search: per candidate verified
+PAIR_SCAN = 8.7e-9           # pairs: per pair and word, scanning all pairs
+PAIR_PROBE = 3.3e-8          # pairs: per probe into a bucket table
+PAIR_PROBE_SORTED = 1.9e-7   # pairs: per probe by binary search
+PAIR_CAND = 9.5e-8           # pairs: per candidate verified
 
 
 def plan_mih(n: int, total_bits: int, words: int, radius: int,
              all_pairs: bool) -> tuple[int, float]:
     """(chunk count, estimated seconds) of the cheapest multi-index plan."""
+    table_bits = mih_table_bits(n)
     best = (2, math.inf)
     for parts in range(2, min(total_bits, 64) + 1):
         chunks = plan_chunks(total_bits, words, parts)
         if max(c.bits for c in chunks) > 32:
             continue
-        most = radius // len(chunks)
-        cost = sum(COST_CALL + _ball(c.bits, most)
-                   * (COST_PROBE + n / 2**c.bits * COST_CAND) for c in chunks)
-        cost *= n if all_pairs else 1
+        cost = 0.0
+        for c, most in zip(chunks, chunk_radii([c.bits for c in chunks], radius)):
+            if most < 0:
+                continue
+            probes, cands = _ball(c.bits, most), n / 2**c.bits
+            table = c.bits <= table_bits
+            if all_pairs:
+                cost += n * probes * ((PAIR_PROBE if table else PAIR_PROBE_SORTED)
+                                      + cands * PAIR_CAND)
+            else:
+                cost += COST_CALL + probes * (
+                    (COST_PROBE if table else COST_PROBE_SORTED) + cands * COST_CAND)
         if cost < best[1]:
             best = (parts, cost)
     return best
@@ -2404,7 +2540,7 @@ def plan_mih(n: int, total_bits: int, words: int, radius: int,
 def choose_engine(n: int, total_bits: int, words: int, radius: int,
                   all_pairs: bool) -> str:
     """'scan' or 'mih', whichever the cost model says is cheaper."""
-    scan = n * words * COST_SCAN * (n / 2 if all_pairs else 1)
+    scan = n * n / 2 * words * PAIR_SCAN if all_pairs else n * words * COST_SCAN
     mih = plan_mih(n, total_bits, words, radius, all_pairs)[1]
     return "mih" if mih < scan else "scan"
 
@@ -2584,7 +2720,8 @@ def load_bktree(flat: FlatIndex, path: str) -> BKTreeEngine:
         if header.get("fingerprint") == flat.fingerprint and \
                 header.get("kind") == flat.kind and \
                 header.get("engine") == "bktree":
-            tree = pickle.loads(arrays["tree"].tobytes())
+            with _no_gc():
+                tree = pickle.loads(arrays["tree"].tobytes())
             return BKTreeEngine(flat.distinct, tree)
     engine = BKTreeEngine(flat.distinct)
     limit = sys.getrecursionlimit()
@@ -3136,13 +3273,13 @@ def duplicate_groups(flat: FlatIndex, engine, radius: int,
     labels = components(u, a.astype(np.int64), b.astype(np.int64))
     per_hash = np.diff(flat.img_starts)
     size = np.bincount(labels, weights=per_hash, minlength=u)
-    order = np.argsort(labels, kind="stable")
-    cuts = np.flatnonzero(np.diff(labels[order])) + 1
-    groups = []
-    for part in np.split(order, cuts):
-        if len(part) and size[labels[part[0]]] >= 2:
-            groups.append(np.concatenate(flat.images_of(part)))
-    return groups
+    keep = np.flatnonzero(size[labels] >= 2)  # hashes in groups of 2+ images
+    order = keep[np.argsort(labels[keep], kind="stable")]
+    images = flat.img_order[_expand(flat.img_starts[order], per_hash[order])]
+    ends = np.cumsum(per_hash[order])
+    cuts = ends[np.flatnonzero(np.diff(labels[order]))].tolist()
+    return [images[a:b] for a, b in zip([0] + cuts, cuts + [len(images)])
+            if b > a]
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

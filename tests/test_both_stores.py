@@ -73,10 +73,10 @@ def test_a_hash_kind_change_rehashes_on_postgres_too(pair, capsys):
     collection, url = pair
     lite, pg = both(collection, url)
     run_json(capsys, pg, "build")
-    code, doc = run_json(capsys, pg, "update", "--hash-method", "phash")
+    code, doc = run_json(capsys, pg, "update", "--hash-method", "dhash")
     assert code == 0 and doc["hashed"] == 7
-    code, a = run_json(capsys, lite, "search", "--hash-method", "phash")
-    code, b = run_json(capsys, pg, "search", "--hash-method", "phash")
+    code, a = run_json(capsys, lite, "search", "--hash-method", "dhash")
+    code, b = run_json(capsys, pg, "search", "--hash-method", "dhash")
     assert same(a) == same(b)
 
 

@@ -106,7 +106,7 @@ def test_precedence_defaults_then_file_then_flags(tmp_path):
     cfg = run.config
     assert cfg.hash_size == 16            # from params.json
     assert cfg.distance_threshold == 3    # flag beats file
-    assert cfg.hash_method == "dhash"     # default
+    assert cfg.hash_method == rs.Config().hash_method  # default
     assert cfg.operation == "search"
 
 

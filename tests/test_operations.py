@@ -98,7 +98,7 @@ def test_update_adds_modifies_and_forgets(collection, capsys):
     paths = names(i["path"] for i in doc["images"])
     assert "new.jpg" in paths and "p5.jpg" not in paths
     p4 = next(i for i in doc["images"] if i["path"].endswith("p4.jpg"))
-    expected = str(imagehash.dhash(rs.prepare_image(Image.open(collection / "imgs" / "p4.jpg"), rs.HashSpec())))
+    expected = str(imagehash.phash(rs.prepare_image(Image.open(collection / "imgs" / "p4.jpg"), rs.HashSpec())))
     assert p4["hash"] == expected
 
 
@@ -124,13 +124,13 @@ def test_build_replaces_the_database_only_when_complete(collection, capsys):
 def test_changing_hash_method_rehashes_never_mixes(collection, capsys):
     params = write_params(collection)
     run_json(capsys, params, "build")
-    code, doc = run_json(capsys, params, "update", "--hash-method", "phash")
+    code, doc = run_json(capsys, params, "update", "--hash-method", "dhash")
     assert code == 0 and doc["hashed"] == 7
     con = sqlite3.connect(collection / "db" / "images.db")
     meta = dict(con.execute("select key, value from meta"))
-    assert meta["hash_method"] == "phash"
-    code, doc = run_json(capsys, params, "find_duplicates", "--hash-method", "phash")
-    assert code == 0 and doc["settings"]["hash_method"] == "phash"
+    assert meta["hash_method"] == "dhash"
+    code, doc = run_json(capsys, params, "find_duplicates", "--hash-method", "dhash")
+    assert code == 0 and doc["settings"]["hash_method"] == "dhash"
 
 
 @pytest.mark.parametrize("method", rs.HASH_METHODS)
