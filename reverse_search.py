@@ -3314,8 +3314,8 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
     whole component, unless "not a duplicate" marks force a split."""
     marked = marks and any(_marked(rows[a], rows[b], marks)
                            for k, a in enumerate(members) for b in members[k + 1:])
-    if connected and not marked:
-        return [list(members)]
+    if (connected or len(members) == 2) and not marked:
+        return [list(members)]  # a pair is a group: its edge passed the test
     members = np.asarray(members, dtype=np.int64)
 
     def close_to(p):
