@@ -489,6 +489,17 @@ def hash_from_db(value) -> int | None:
     return value + (1 << 64) if value < 0 else value
 
 
+def kind_meta(spec: HashSpec) -> dict:
+    """What a database records about the hashes it holds, and what made them."""
+    import PIL
+    import imagehash
+    return dict(hash_kind=spec.kind, hash_method=spec.method,
+                hash_size=spec.size, hash_bits=spec.bits, hash_mode=spec.mode,
+                colorhash_binbits=spec.binbits, pillow=PIL.__version__,
+                imagehash=getattr(imagehash, "__version__", "?"),
+                tool=__version__)
+
+
 class Store:
     """The SQLite database of one collection, behind a few small methods."""
 
@@ -552,14 +563,7 @@ class Store:
             with self.db:
                 self.db.execute("DELETE FROM images")
                 self._bump()
-        import PIL
-        import imagehash
-        self.set_meta(hash_kind=spec.kind, hash_method=spec.method,
-                      hash_size=spec.size, hash_bits=spec.bits,
-                      hash_mode=spec.mode, colorhash_binbits=spec.binbits,
-                      pillow=PIL.__version__,
-                      imagehash=getattr(imagehash, "__version__", "?"),
-                      tool=__version__)
+        self.set_meta(**kind_meta(spec))
 
     def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
         now = time.time()
@@ -1111,8 +1115,6 @@ class PgStore:
     def start_kind(self, spec: HashSpec) -> None:
         """Record the hash kind; drop hashes of any other kind (every
         machine's: hashes of two kinds cannot be compared)."""
-        import PIL
-        import imagehash
 
         def switch():
             # exclusive: no writer is between its kind check and its commit
@@ -1127,12 +1129,7 @@ class PgStore:
                 self._make_chunk_indexes()
             # else: a bulk load; optimize() builds them at the end, ~10x
             # cheaper than keeping three random-order B-trees up to date
-            self._put_meta(hash_kind=spec.kind, hash_method=spec.method,
-                           hash_size=spec.size, hash_bits=spec.bits,
-                           hash_mode=spec.mode, colorhash_binbits=spec.binbits,
-                           pillow=PIL.__version__,
-                           imagehash=getattr(imagehash, "__version__", "?"),
-                           tool=__version__)
+            self._put_meta(**kind_meta(spec))
         self._retry(switch)
         self.kind, self._bits = spec.kind, spec.bits
 

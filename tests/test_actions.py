@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 
-from PIL import Image
 
 from conftest import picture, rs, run_json, write_params
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT, picture, rs, run_json, write_params
+from conftest import ROOT, picture, run_json, write_params
 from pg_server import pg_server, pg_url  # noqa: F401
 
 VOLATILE = ("seconds", "settings", "database", "engine", "tool_version")
