@@ -4091,6 +4091,8 @@ def _html_item(m: dict, thumb: dict, folders: dict) -> dict:
     item = _where(m["path"], folders)
     item.update(thumb=thumb["thumb"], w=m["width"], h=m["height"], size=m["size"],
                 date=m["mtime"].replace("T", " "), dist=m["distance"])
+    if m.get("variant"):  # matched through another orientation
+        item["how"] = m["variant"]
     if m["keep"]:
         item["role"] = "keep"
     return item
@@ -4300,7 +4302,8 @@ in the .json and .csv files beside it.</p></noscript>
     c.appendChild(a);
     var badge = it.role === "keep" ? el("span", "badge keep", "KEEP")
       : it.role === "query" ? el("span", "badge query", "QUERY")
-      : el("span", "badge dist", "distance " + it.dist);
+      : el("span", "badge dist", "distance " + it.dist +
+           (it.how ? " \u00b7 " + it.how : ""));
     if (it.role === "keep") badge.title = "the keep rule keeps this file";
     c.appendChild(badge);
     c.appendChild(el("div", "name", it.name));

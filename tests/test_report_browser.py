@@ -316,3 +316,16 @@ def test_ten_thousand_groups_open_fast(run, tmp_path, open_page):
     assert texts(page, "nav.pager .page")[0] == "Page 1 of 200"
     # ~2 s and ~0.4 s here; generous bounds that still catch drawing it all
     assert written < 20 and rendered < 5000, (written, rendered)
+
+
+def test_orientation_matches_say_how_on_their_card(tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    picture(4).save(imgs / "a.jpg")
+    picture(4).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(imgs / "a_mirror.jpg")
+    params = write_params(tmp_path, match_orientations=True)
+    capsys.readouterr()
+    assert rs.main(["find_duplicates", "--params", params, "--format", "json", "-q"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    text = pathlib.Path(write_html_report(doc, str(tmp_path / "out"))).read_text("utf-8")
+    assert '"how":"mirrored"' in text
