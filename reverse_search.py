@@ -645,8 +645,14 @@ class Store:
                 np.array(details, dtype=np.float32))
 
     def low_detail_rows(self) -> list:
+        return self._rows_where("low_detail = 1")
+
+    def failed_rows(self) -> list:
+        return self._rows_where("error IS NOT NULL")
+
+    def _rows_where(self, condition: str) -> list:
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
-                              "low_detail = 1 ORDER BY path")
+                              f"{condition} ORDER BY path")
         return list(map(self._row, cur))
 
     def rows_by_id(self, ids: Iterable[int]) -> dict:
@@ -1399,8 +1405,15 @@ class PgStore:
         return rows
 
     def low_detail_rows(self) -> list:
+        return self._rows_where("low_detail")
+
+    def failed_rows(self) -> list:
+        return self._rows_where("error IS NOT NULL")
+
+    def _rows_where(self, condition: str) -> list:
+        """Matching rows in SQLite's order (UTF-8 paths, then raw bytes)."""
         cur = self._sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images "
-                        f"WHERE low_detail")
+                        f"WHERE {condition}")
         found = [(raw, bytes(r[0]), r) for *r, raw in cur]
         return [_pg_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
 
@@ -1706,6 +1719,12 @@ VARIANT_WEIGHT = 2
 
 def variant_radius(radius) -> int:
     return radius // VARIANT_WEIGHT
+
+
+def variant_weight(variant: int) -> int:
+    """1 for a match as stored (variant -1), VARIANT_WEIGHT for another
+    orientation."""
+    return 1 if variant < 0 else VARIANT_WEIGHT
 
 
 def low_detail(im) -> bool:
@@ -2472,7 +2491,6 @@ class BKTreeEngine:
         self.tree_hashes = hashes
         self.values = words_to_ints(hashes)
         self.position = {v: p for p, v in enumerate(self.values)}
-        self.words = hashes.shape[1]
         with _no_gc():  # millions of small tuples: the collector only slows
             self.tree = tree or pybktree.BKTree(bit_distance, self.values)
 
@@ -2640,9 +2658,9 @@ class FlatIndex:
         return self.engines[key]
 
 
-def index_header(spec: HashSpec, fingerprint: str, engine: str) -> dict:
-    return {"format": INDEX_FORMAT, "tool": __version__, "kind": spec.kind,
-            "bits": spec.bits, "fingerprint": fingerprint, "engine": engine}
+def index_header(kind: str, bits: int, fingerprint: str, engine: str) -> dict:
+    return {"format": INDEX_FORMAT, "tool": __version__, "kind": kind,
+            "bits": bits, "fingerprint": fingerprint, "engine": engine}
 
 
 def _check_header(header: dict, spec: HashSpec, fingerprint: str, engine: str):
@@ -2665,7 +2683,7 @@ def save_index(cfg: Config, store: Store) -> FlatIndex:
     flat = FlatIndex.from_arrays(ids, hashes, spec.bits, variants, detail)
     path = os.path.join(cfg.bk_dir, INDEX_NAME)
     try:
-        write_container(path, index_header(spec, fingerprint, "flat"),
+        write_container(path, index_header(spec.kind, spec.bits, fingerprint, "flat"),
                         flat.arrays())
     except OSError as exc:
         raise StoreError(f"cannot write the index {path}: "
@@ -2727,8 +2745,7 @@ def load_bktree(flat: FlatIndex, path: str) -> BKTreeEngine:
         blob = pickle.dumps(engine.tree, protocol=pickle.HIGHEST_PROTOCOL)
     finally:
         sys.setrecursionlimit(limit)
-    header = {"format": INDEX_FORMAT, "tool": __version__, "kind": flat.kind,
-              "fingerprint": flat.fingerprint, "engine": "bktree"}
+    header = index_header(flat.kind, flat.bits, flat.fingerprint, "bktree")
     try:
         write_container(path, header, {"tree": np.frombuffer(blob, np.uint8)})
     except OSError as exc:
@@ -2746,10 +2763,8 @@ class Console:
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.notices = []
 
     def notice(self, text: str) -> None:
-        self.notices.append(text)
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
@@ -2860,9 +2875,9 @@ def sync_store(cfg: Config, store: Store, ui: Console, operation: str,
     total = None
     if sys.stderr.isatty() and not ui.quiet:  # a bar wants a total
         total = len(states) or sum(1 for _ in _walk(cfg, cfg.img_dirs))
-    writer = BatchWriter(store, spec.bits)
+    writer, job = BatchWriter(store, spec.bits), _job(cfg)
     try:
-        with Hasher(_job(cfg), cfg.worker_count) as hasher, \
+        with Hasher(job, cfg.worker_count) as hasher, \
                 ui.progress(total, operation) as bar:
             known = KnownDigests(store)
             for batch in _batched(walk, 1000):
@@ -2870,7 +2885,7 @@ def sync_store(cfg: Config, store: Store, ui: Console, operation: str,
                                     rehash)
                 bar.update(len(batch) - len(tasks))
                 for result in hasher.map(tasks):
-                    _record(result, store, writer, report, _job(cfg))
+                    _record(result, store, writer, report, job)
                     bar.update(1)
     finally:
         writer.flush()  # keep every file hashed so far, even on Ctrl-C
@@ -3170,7 +3185,7 @@ def _search_one_pg(result: HashResult, store, radius: int, spec) -> tuple:
                                for k in range(0, len(result.variants or b""), size)]
     best = {}
     for variant, query in enumerate(queries, -1):
-        weight = 1 if variant < 0 else VARIANT_WEIGHT
+        weight = variant_weight(variant)
         for image, d in store.search_hashes(query, radius // weight):
             _keep_best(best, image, d, weight, variant)
     return result, best
@@ -3188,7 +3203,7 @@ def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int
             np.uint64).reshape(-1, words))
     best = {}
     for variant, query in enumerate(queries, -1):
-        weight = 1 if variant < 0 else VARIANT_WEIGHT
+        weight = variant_weight(variant)
         pos, dist = engine.search(query, radius // weight)
         for images, d in zip(flat.images_of(pos), dist.tolist()):
             for p in images.tolist():
@@ -3240,8 +3255,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
                 groups.append(_group(members, kept, flat, rows, cfg.spec.bits))
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
                                    g.images[0].path))
-        failures = [Failure(r.path, r.error) for r in store.iter_rows()
-                    if r.error]
+        failures = [Failure(r.path, r.error) for r in store.failed_rows()]
         report = DuplicatesReport(cfg.db_name, engine.name, len(flat.ids),
                                   groups, failures, store.low_detail_rows())
     finally:
@@ -3821,12 +3835,12 @@ def summary_line(report) -> str:
             f"{report.images} images ({report.engine}) in {report.seconds:.2f} s")
 
 
-def write_results(report, cfg: Config) -> list:
+def write_results(report, cfg: Config, doc: dict) -> list:
     """<operation>.json and .csv in output_dir, each written atomically."""
     base = os.path.join(cfg.output_dir, cfg.operation)
-    doc = json.dumps(to_json(report, cfg), indent=1, ensure_ascii=False)
+    text = json.dumps(doc, indent=1, ensure_ascii=False)
     with _output_errors(cfg.output_dir):
-        _atomic_write(base + ".json", lambda fh: fh.write(doc + "\n"))
+        _atomic_write(base + ".json", lambda fh: fh.write(text + "\n"))
         _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
             csv_rows(report)))
     written = [base + ".json", base + ".csv"]
@@ -4413,15 +4427,16 @@ def emit(report, run: Run, ui: Console) -> None:
         finally:
             report.store.close()
     else:
-        written = write_results(report, cfg)
+        doc = to_json(report, cfg)
+        written = write_results(report, cfg, doc)
         if cfg.html_report and isinstance(report, (SearchReport,
                                                    DuplicatesReport)):
-            page = write_html_report(to_json(report, cfg), cfg.output_dir)
+            page = write_html_report(doc, cfg.output_dir)
             written.insert(0, page)
             if run.open_report:
                 open_in_browser(page)
         if cfg.output_format == "json":
-            print(json.dumps(to_json(report, cfg), indent=1, ensure_ascii=False))
+            print(json.dumps(doc, indent=1, ensure_ascii=False))
         elif cfg.output_format == "csv":
             csv.writer(sys.stdout).writerows(csv_rows(report))
         elif not run.quiet:
