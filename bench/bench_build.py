@@ -8,7 +8,8 @@ Prints images/s for, per image set:
       one SQLite INSERT + COMMIT per row;
   (b) `reverse_search.py build` with 1 worker; (c) with os.cpu_count() workers;
   (d) the decode floor: Image.open + draft('L', (64, 64)) + load only, with
-      1 worker (in this process) and with all workers (spawn pool);
+      1 worker (in this process) and with all workers (a pool started as
+      the tool starts its own: fork on Linux, spawn elsewhere);
 and the ratios b/a, c/a, c/d.  Every run is timed whole (pool start, SQLite,
 index file included), one after the other in this process, page cache warm.
 A second table gives CPU ms per image (this process + reaped workers), which
@@ -59,7 +60,7 @@ DATA = ROOT / "bench" / "data" / "build"
 CORPUS = ROOT / "bench" / "data" / "corpus_4000" / "images"
 GENERATOR = 1  # bump when the synthetic images change
 TINY_PART = 1000  # tiny files per folder
-START_FILES = 64  # over Hasher.SMALL_JOB (48), so the pool starts
+START_FILES = 64  # over every Hasher.SMALL_JOB (48), so the pool starts
 SUMMARY = re.compile(
     r"(?P<op>build|update): (?P<files>\d+) files, (?P<hashed>\d+) hashed, "
     r"(?P<reused>\d+) reused, (?P<unchanged>\d+) unchanged, (?P<failed>\d+) "
@@ -349,13 +350,15 @@ def _floor_decode(path: str) -> int:
 
 
 def run_floor(files: list, workers: int) -> float:
-    """(d) seconds to decode every file at draft size; a spawn pool if >1."""
+    """(d) seconds to decode every file at draft size; if workers > 1, in a
+    pool started the way the tool starts its own (fork on Linux)."""
+    import reverse_search
     start = time.perf_counter()
     if workers <= 1:
         for path in files:
             _floor_decode(path)
     else:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context(reverse_search.start_method())
         pool = ctx.Pool(workers)
         for _ in pool.imap_unordered(_floor_decode, files, chunksize=4):
             pass
@@ -455,7 +458,7 @@ def tool_build(image_set: ImageSet, scratch: Path, tag: str, workers: int,
 def measure_startup(scratch: Path, repeat: int) -> tuple[Timing, Timing]:
     """Fixed cost of a run with N workers: (tool, floor) on a few tiny files."""
     import reverse_search
-    small_job = getattr(reverse_search.Hasher, "SMALL_JOB", 4)
+    small_job = reverse_search.Hasher.SMALL_JOB[reverse_search.start_method()]
     if small_job > START_FILES:
         print(f"  warning: Hasher.SMALL_JOB is {small_job}: the start-up "
               f"run with {START_FILES} files does not start the pool",
@@ -681,6 +684,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         "synthetic sets (repeatable)")
     p.add_argument("--count", type=int, default=200,
                    help="images per synthetic set (default 200)")
+    p.add_argument("--sets", nargs="+", default=[*PHOTO_SETS, "corpus"],
+                   choices=[*PHOTO_SETS, "corpus"],
+                   help="which image sets to time (default: all)")
     p.add_argument("--repeat", type=int, default=1,
                    help="take the best of this many runs (default 1)")
     p.add_argument("--scale", type=int, nargs="*",
@@ -706,8 +712,9 @@ def image_sets(args: argparse.Namespace) -> list:
         sets = [ImageSet(Path(d).name or d, [os.path.abspath(d)])
                 for d in args.images]
     else:
-        sets = [ensure_photo_set(name, args.count) for name in PHOTO_SETS]
-    if CORPUS.is_dir():
+        sets = [ensure_photo_set(name, args.count) for name in PHOTO_SETS
+                if name in args.sets]
+    if CORPUS.is_dir() and "corpus" in args.sets:
         sets.append(ImageSet("corpus_4000_jpeg",
                              [str(CORPUS / "originals"), str(CORPUS / "near_dups")],
                              [".jpg", ".jpeg"]))

@@ -74,8 +74,10 @@ def browser(tmp_path_factory):
     return str(script), record
 
 
-def run(args, cwd, browser=(None, None)):
+def run(args, cwd, browser=(None, None), start_method=None):
     env = dict(os.environ)
+    if start_method:
+        env[rs.START_METHOD_ENV] = start_method
     if browser[0]:
         env["BROWSER"] = browser[0]
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True,
@@ -148,7 +150,7 @@ def layout(tmp_path_factory, frozen_exe):
         folder.mkdir(parents=True)
     shutil.copy2(frozen_exe, app / EXE_NAME)
     # more images than Hasher hashes in-process, so build spawns its workers
-    count = getattr(rs.Hasher, "SMALL_JOB", 4) + 12
+    count = max(rs.Hasher.SMALL_JOB.values()) + 12
     for seed in range(1, count + 1):
         picture(seed, (160, 120)).save(
             photos / f"p{seed:03d}.{'png' if seed % 3 else 'jpg'}")
@@ -193,8 +195,9 @@ def normalised(doc, roots):
     return doc
 
 
-def json_run(args, cwd, what):
-    done = run([*args, "--format", "json", "-q"], cwd, (None, None))
+def json_run(args, cwd, what, start_method=None):
+    done = run([*args, "--format", "json", "-q"], cwd, (None, None),
+               start_method)
     assert done.returncode == 0, f"{what}: exit {done.returncode}\n{done.stderr}"
     try:
         return json.loads(done.stdout)
@@ -212,7 +215,8 @@ def test_exe_gives_the_scripts_results(layout, method):
     write_params(script, str(layout), method)
     roots = [str(app), str(script)]
     for op in ("build", "search", "find_duplicates"):
-        frozen = json_run([exe, op], layout, f"exe {op} {method}")
+        # spawned workers: the path freeze_support serves on Windows/macOS
+        frozen = json_run([exe, op], layout, f"exe {op} {method}", "spawn")
         plain = json_run([sys.executable, os.path.join(ROOT, "reverse_search.py"),
                           op, "--params", str(script / "params.json")],
                          layout, f"script {op} {method}")

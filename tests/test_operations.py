@@ -2,11 +2,13 @@
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import sqlite3
 
 import imagehash
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -149,6 +151,18 @@ def test_every_hash_method_in_exact_mode_equals_imagehash(collection, capsys, me
         assert image["hash"] == str(fn(Image.open(image["path"]), 8)), image["path"]
 
 
+@pytest.mark.parametrize("size", [4, 8, 16])
+def test_fast_mode_phash_has_imagehash_bits(size):
+    """Fast mode computes phash's DCT itself (no scipy import per worker);
+    on the same pixels it must give imagehash.phash's bits."""
+    rng = np.random.default_rng(size)
+    images = [picture(seed, (160 + seed, 120)) for seed in range(30)]
+    images += [Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+               for _ in range(10)]
+    for im in images:
+        assert str(rs.phash_numpy(im, size)) == str(imagehash.phash(im, size))
+
+
 @pytest.mark.parametrize("method", rs.HASH_METHODS)
 def test_every_hash_method_in_fast_mode_finds_the_copy(collection, capsys, method):
     params = write_params(collection, hash_method=method, distance_threshold=6)
@@ -218,10 +232,15 @@ def test_export_lists_every_file_with_errors(collection, capsys):
         assert len(list(csv.DictReader(fh))) == 8
 
 
-def test_parallel_hashing_with_spawned_workers(collection, capsys):
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_parallel_hashing_in_worker_processes(collection, capsys, monkeypatch,
+                                              method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} on this platform")
+    monkeypatch.setenv(rs.START_METHOD_ENV, method)
     for seed in range(10, 70):  # enough files to start the worker pool
         picture(seed, (96, 72)).save(collection / "imgs" / f"extra{seed}.png")
-    assert 67 > rs.Hasher.SMALL_JOB
+    assert 67 > rs.Hasher.SMALL_JOB[method]
     params = write_params(collection, workers=2)
     code, doc = run_json(capsys, params, "build")
     assert code == 0 and doc["hashed"] == 67

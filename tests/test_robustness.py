@@ -1,6 +1,7 @@
 """Real-world files and real crashes: nothing lost, nothing touched, no traceback."""
 
 import hashlib
+import multiprocessing
 import io
 import os
 import random
@@ -329,7 +330,10 @@ def test_killed_runs_leave_a_usable_database_and_update_completes(tmp_path, caps
     assert partial >= 1  # some kills landed mid-run, between two commits
 
 
-def test_ctrl_c_stops_cleanly_and_update_resumes(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_ctrl_c_stops_cleanly_and_update_resumes(tmp_path, capsys, method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} on this platform")
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for k in range(1500):
@@ -337,8 +341,9 @@ def test_ctrl_c_stops_cleanly_and_update_resumes(tmp_path, capsys):
     params = write_params(tmp_path, workers=2)
     cmd = [sys.executable, os.path.join(ROOT, "reverse_search.py"), "build",
            "--params", params]
+    env = dict(os.environ, **{rs.START_METHOD_ENV: method})
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     db = tmp_path / "db" / "images.db"
     deadline = time.monotonic() + 60
     rows = 0
