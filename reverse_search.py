@@ -51,7 +51,7 @@ DB_NAME = "images.db"
 INDEX_NAME = "hashes.idx"
 BKTREE_NAME = "bktree.idx"
 SCHEMA_VERSION = 1
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 INDEX_MAGIC = b"REVERSE-SEARCH-INDEX\n"
 
 
@@ -143,9 +143,13 @@ class Config:
     match_orientations: bool = _key(
         False, "also find mirrored, flipped and 90/180/270-degree rotated "
         "copies (stores 7 more hashes per image)")
+    centre_hashes: bool = _key(
+        True, "also hash the central 90 % and 80 % of each picture and match "
+        "on those too: finds cropped, slightly rotated, captioned and "
+        "watermarked copies (stores 2 more hashes per image)")
     trim_borders: bool = _key(
-        False, "cut uniform borders (letterboxing, frames, padding) before "
-        "hashing; fast mode only")
+        True, "cut uniform borders (letterboxing, frames, padding, caption "
+        "bands) before hashing; fast mode only")
     distance_method: str = _key(
         "hamming", "distance between hashes (bits that differ)",
         choices=("hamming",))
@@ -210,7 +214,8 @@ class Config:
     def spec(self) -> HashSpec:
         return HashSpec(self.hash_method, self.hash_size,
                         self.colorhash_binbits, self.hash_mode,
-                        self.match_orientations, self.trim_borders)
+                        self.match_orientations, self.trim_borders,
+                        self.centre_hashes)
 
     @property
     def db_path(self) -> str:
@@ -639,8 +644,8 @@ class Store:
             hashes = np.frombuffer(b"".join(values), dtype=">u8").astype(np.uint64)
         found = np.frombuffer(b"".join(extra), dtype=">u8").astype(np.uint64)
         if found.size != len(ids) * variants * words:
-            raise StoreError(f"{self.path}: stored orientation hashes do not "
-                             f"match the settings; run build.")
+            raise StoreError(f"{self.path}: stored extra hashes (orientations, "
+                             f"centres) do not match the settings; run build.")
         return (ids, hashes.reshape(-1, words),
                 found.reshape(len(ids), variants, words),
                 np.array(details, dtype=np.float32))
@@ -1343,8 +1348,8 @@ class PgStore:
                       and (rec["n_hash"] == 8 * words).all()
                       and (rec["n_var"] == 8 * variants * words).all()
                       and (rec["n_detail"] == 8).all()):
-            raise StoreError(f"{self.path}: stored orientation hashes do not "
-                             f"match the settings; run build.")
+            raise StoreError(f"{self.path}: stored extra hashes (orientations, "
+                             f"centres) do not match the settings; run build.")
         return (rec["id"].astype(np.int64),
                 rec["hash"].astype(np.uint64).reshape(n, words),
                 rec["var"].astype(np.uint64).reshape(n, variants, words),
@@ -1561,10 +1566,20 @@ class HashSpec:
     mode: str = "fast"
     orientations: bool = False  # also hash the 7 other orientations
     trim: bool = False          # cut uniform borders first (fast mode only)
+    centres: bool = False       # also hash the central regions (CENTRES)
 
     @property
     def variant_count(self) -> int:
         return len(VARIANTS) if self.orientations else 0
+
+    @property
+    def centre_count(self) -> int:
+        return len(CENTRES) if self.centres else 0
+
+    @property
+    def extra_count(self) -> int:
+        """Hashes stored beside the main one: orientations, then centres."""
+        return self.variant_count + self.centre_count
 
     @property
     def trims(self) -> bool:
@@ -1589,14 +1604,15 @@ class HashSpec:
     def kind(self) -> str:
         """Equal kinds give comparable hashes; anything else means rehash."""
         size = f"b{self.binbits}" if self.method == "colorhash" else self.size
-        extras = "+orient" * self.orientations + "+trim" * self.trims
+        extras = "+orient" * self.orientations + "+trim" * self.trims + \
+            "+centre" * self.centres
         return f"{self.method}/{size}/{self.mode}{extras}"
 
     def describe(self) -> str:
         size = (f"binbits {self.binbits}" if self.method == "colorhash"
                 else f"size {self.size}")
         extras = ", 8 orientations" * self.orientations + \
-            ", borders trimmed" * self.trims
+            ", borders trimmed" * self.trims + ", centre hashes" * self.centres
         return f"{self.method} ({size}, {self.bits} bits, {self.mode} mode{extras})"
 
     @property
@@ -1675,6 +1691,16 @@ VARIANTS = ("FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180",
 VARIANT_NAMES = ("mirrored", "flipped upside down", "rotated 90", "rotated 180",
                  "rotated 270", "mirrored and rotated", "mirrored and rotated")
 
+# Central regions hashed as well (share of width and height kept, centred).
+# A region is compared only with the same region of other pictures, at the
+# full threshold: the middle of a picture survives what changes its edges
+# (crops, the corners a small rotation fills, captions, corner watermarks,
+# thin frames).  Measured on the public corpus (README): pairs found +4 %,
+# false pairs +1.5x at the same threshold, fewer than raising it by 2 bits.
+CENTRES = (0.9, 0.8)
+CENTRE_NAMES = tuple(f"centre {round(100 * f)} %" for f in CENTRES)
+MATCH_NAMES = VARIANT_NAMES + CENTRE_NAMES  # by match code; -1: as stored
+
 
 @dataclass
 class Hashed:
@@ -1686,6 +1712,7 @@ class Hashed:
     height: int
     low_detail: bool = False
     detail: float = 4.0
+    centres: tuple = ()
 
 
 def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
@@ -1706,9 +1733,18 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
     value = _checked_hash(im, spec)
     variants = tuple(_checked_hash(im.transpose(getattr(Image.Transpose, t)),
                                    spec) for t in VARIANTS[:spec.variant_count])
+    centres = tuple(_checked_hash(centre_region(im, keep), spec)
+                    for keep in CENTRES[:spec.centre_count])
     probe = _detail_probe(im)
     return Hashed(value, variants, width, height, low_detail(probe),
-                  detail_bits(probe))
+                  detail_bits(probe), centres)
+
+
+def centre_region(im, keep: float):
+    """The centred box holding `keep` of the width and of the height."""
+    w, h = im.size
+    left, top = round(w * (1 - keep) / 2), round(h * (1 - keep) / 2)
+    return im.crop((left, top, max(left + 1, w - left), max(top + 1, h - top)))
 
 
 def _detail_probe(im):
@@ -1750,9 +1786,9 @@ def variant_radius(radius) -> int:
 
 
 def variant_weight(variant: int) -> int:
-    """1 for a match as stored (variant -1), VARIANT_WEIGHT for another
-    orientation."""
-    return 1 if variant < 0 else VARIANT_WEIGHT
+    """VARIANT_WEIGHT for a match through another orientation, else 1 (as
+    stored, -1, or centre to centre)."""
+    return VARIANT_WEIGHT if 0 <= variant < len(VARIANTS) else 1
 
 
 def low_detail(im) -> bool:
@@ -1828,12 +1864,14 @@ def trim_borders(im, tolerance: int = 12, most: float = 0.4):
 
 
 def _margin(a: np.ndarray, most: float, tolerance: int = 12) -> int:
-    """How many leading rows of `a` are uniform in the colour of the first."""
+    """How many leading rows of `a` are uniform in the colour of the first,
+    plus one: after reduction the border's edge rarely falls on a pixel
+    edge, and the row where it blends into the picture must go too."""
     ref = np.median(a[0])
     uniform = np.abs(a - ref).max(axis=1) <= tolerance
     limit = int(len(a) * most)
     run = int(np.argmin(uniform)) if not uniform.all() else len(a)
-    return min(run, limit) if run >= 2 else 0
+    return min(run + 1, limit) if run >= 2 else 0
 
 
 def to_8bit(im):
@@ -1931,7 +1969,8 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
             hashed = hash_image_bytes(data, job.spec, job.max_pixels)
         result.hash, result.width, result.height = \
             hashed.hash, hashed.width, hashed.height
-        result.variants = pack_hashes(hashed.variants, job.spec.bits)
+        result.variants = pack_hashes(hashed.variants + hashed.centres,
+                                      job.spec.bits)
         result.low_detail, result.detail = hashed.low_detail, hashed.detail
     except SkipFile as exc:
         result.error = str(exc)
@@ -2622,6 +2661,7 @@ class FlatIndex:
     ids: np.ndarray         # (N,) database ids
     hashes: np.ndarray      # (N, W) uint64
     variants: np.ndarray    # (N, V, W) uint64: the other orientations
+    centres: np.ndarray     # (N, C, W) uint64: the central regions (CENTRES)
     detail: np.ndarray      # (N,) float32: detail_bits of each image
     distinct: np.ndarray    # (U, W) uint64, sorted
     img_order: np.ndarray   # image positions grouped by distinct hash
@@ -2630,11 +2670,13 @@ class FlatIndex:
     kind: str = ""
     fingerprint: str = ""
     engines: dict = field(default_factory=dict)
+    views: dict = field(default_factory=dict)
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, hashes: np.ndarray, bits: int,
                     variants: np.ndarray | None = None,
-                    detail: np.ndarray | None = None):
+                    detail: np.ndarray | None = None,
+                    centres: np.ndarray | None = None):
         if hashes.shape[1] == 1:
             distinct, inverse = np.unique(hashes[:, 0], return_inverse=True)
             distinct = distinct.reshape(-1, 1)
@@ -2644,14 +2686,18 @@ class FlatIndex:
         order = np.argsort(inverse, kind="stable")
         starts = np.zeros(len(distinct) + 1, dtype=np.int64)
         np.cumsum(np.bincount(inverse, minlength=len(distinct)), out=starts[1:])
-        if variants is None:
-            variants = np.zeros((len(ids), 0, hashes.shape[1]), dtype=np.uint64)
+        none = np.zeros((len(ids), 0, hashes.shape[1]), dtype=np.uint64)
         if detail is None:
             detail = np.full(len(ids), 4.0, dtype=np.float32)
-        return cls(ids, hashes, variants, detail, distinct, order, starts, bits)
+        return cls(ids=ids, hashes=hashes, bits=bits,
+                   variants=none if variants is None else variants,
+                   centres=none if centres is None else centres,
+                   detail=detail, distinct=distinct, img_order=order,
+                   img_starts=starts)
 
     def arrays(self) -> dict:
         return {"ids": self.ids, "hashes": self.hashes, "variants": self.variants,
+                "centres": self.centres,
                 "detail": self.detail, "distinct": self.distinct,
                 "img_order": self.img_order, "img_starts": self.img_starts}
 
@@ -2669,11 +2715,13 @@ class FlatIndex:
                                         np.diff(self.img_starts))
         return out
 
-    def match_distances(self, lead: int, others) -> tuple:
+    def match_distances(self, lead: int, others, limit=None) -> tuple:
         """(effective, bits, variant) from image `lead` to each of `others`,
         the best over both images' orientations: bits is the Hamming
         distance, effective weighs an orientation match by VARIANT_WEIGHT,
-        variant is the orientation used (-1 = as stored)."""
+        variant is the orientation used (-1 = as stored).  Centre regions
+        come last: with a `limit`, only where nothing else is within it, so
+        a copy shows its whole-picture distance whenever that matches."""
         others = np.asarray(others, dtype=np.int64)
         h, v = self.hashes, self.variants
         bits = row_distances(h[others], np.broadcast_to(h[lead], h[others].shape))
@@ -2687,7 +2735,49 @@ class FlatIndex:
                 best = np.where(better, d.astype(np.int64) * VARIANT_WEIGHT, best)
                 bits = np.where(better, d, bits)
                 which = np.where(better, k, which)
+        c = self.centres
+        open_ = np.ones(len(others), bool) if limit is None else best > limit
+        for k in range(c.shape[1]):  # centre to the same centre, weight 1
+            d = row_distances(c[others, k], np.broadcast_to(c[lead, k],
+                                                            h[others].shape))
+            better = (d.astype(np.int64) < best) & open_
+            best = np.where(better, d.astype(np.int64), best)
+            bits = np.where(better, d, bits)
+            which = np.where(better, len(VARIANTS) + k, which)
         return best, bits, which
+
+    def view(self, k: int) -> FlatIndex:
+        """Centre region k of every image, indexed as the main hashes are
+        (same image positions), for matching centre to centre."""
+        if k not in self.views:
+            view = FlatIndex.from_arrays(
+                self.ids, np.ascontiguousarray(self.centres[:, k]), self.bits,
+                detail=self.detail)
+            view.kind = f"{self.kind}/centre{k}"
+            view.fingerprint = self.fingerprint
+            self.views[k] = view
+        return self.views[k]
+
+    def view_engines(self, name: str, radius: int, all_pairs: bool,
+                     bktree_path: str) -> list:
+        """(view, engine) for each centre region."""
+        stem, ext = os.path.splitext(bktree_path)
+        return [(self.view(k), self.view(k).engine(
+                    name, radius, all_pairs, f"{stem}-centre{k}{ext}"))
+                for k in range(self.centres.shape[1])]
+
+    def image_pairs(self, engine, radius: int) -> Iterator[tuple]:
+        """(image positions a, b, distances) joining every near pair: each
+        pair of distinct hashes joins their first images, and images that
+        share a hash are joined to the first of them at distance 0."""
+        first = self.img_order[self.img_starts[:-1]]
+        if radius > 0 and len(self.distinct) > 1:
+            for a, b, d in engine.pairs(radius):
+                yield first[a], first[b], d
+        lead = np.repeat(first, np.diff(self.img_starts))
+        same = np.flatnonzero(lead != self.img_order)
+        if len(same):
+            yield lead[same], self.img_order[same], np.zeros(len(same), np.int64)
 
     def images_of(self, distinct_pos: np.ndarray) -> list:
         """Image positions behind each distinct hash position."""
@@ -2733,9 +2823,10 @@ def save_index(cfg: Config, store: Store) -> FlatIndex:
     """Rebuild the index file from the database."""
     spec = cfg.spec
     fingerprint = store.fingerprint()
-    ids, hashes, variants, detail = store.hash_arrays(spec.words,
-                                                      spec.variant_count)
-    flat = FlatIndex.from_arrays(ids, hashes, spec.bits, variants, detail)
+    ids, hashes, extra, detail = store.hash_arrays(spec.words, spec.extra_count)
+    flat = FlatIndex.from_arrays(ids, hashes, spec.bits,
+                                 extra[:, :spec.variant_count], detail,
+                                 extra[:, spec.variant_count:])
     path = os.path.join(cfg.bk_dir, INDEX_NAME)
     try:
         write_container(path, index_header(spec.kind, spec.bits, fingerprint, "flat"),
@@ -2757,8 +2848,9 @@ def load_index(cfg: Config, store: Store, ui: Console) -> FlatIndex:
         if reason is None:
             flat = FlatIndex(**arrays, bits=spec.bits)
             _check_shapes(flat, spec.words)
-            if flat.variants.shape[1] != spec.variant_count:
-                raise ValueError("orientation hashes do not match")
+            if flat.variants.shape[1] != spec.variant_count or \
+                    flat.centres.shape[1] != spec.centre_count:
+                raise ValueError("extra hashes do not match")
             flat.kind, flat.fingerprint = spec.kind, fingerprint
             return flat
     except FileNotFoundError:
@@ -2773,6 +2865,7 @@ def _check_shapes(flat: FlatIndex, words: int) -> None:
     n, u = len(flat.ids), len(flat.distinct)
     ok = (flat.hashes.shape == (n, words) and flat.distinct.shape == (u, words)
           and flat.variants.shape[0::2] == (n, words)
+          and flat.centres.shape[0::2] == (n, words)
           and flat.detail.shape == (n,)
           and flat.img_order.shape == (n,) and flat.img_starts.shape == (u + 1,)
           and (n == 0 or int(flat.img_starts[-1]) == n))
@@ -3164,7 +3257,7 @@ class DuplicatesReport:
 def _match(row: ImageRow, bits: int, distance: int, variant: int = -1) -> Match:
     return Match(row.path, hash_hex(row.hash, bits), int(distance), row.width,
                  row.height, row.size, row.mtime_ns,
-                 variant=VARIANT_NAMES[variant] if variant >= 0 else None)
+                 variant=MATCH_NAMES[variant] if variant >= 0 else None)
 
 
 def query_files(run: Run) -> list:
@@ -3191,21 +3284,27 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     store = ready_store(cfg, ui)
     try:
         radius, spec = cfg.distance_threshold, cfg.spec
-        in_db = bool(cfg.database_url) and cfg.engine in ("auto", "mih")
+        # PostgreSQL searches its own chunk columns, which hold main hashes
+        # only: with centre hashes, the local index answers (as it does for
+        # find_duplicates)
+        in_db = bool(cfg.database_url) and cfg.engine in ("auto", "mih") \
+            and not spec.centres
         if in_db:
             flat, engine_name = None, "postgres"
             images = store.count_comparable()
         else:
             flat = load_index(cfg, store, ui)
-            engine = flat.engine(cfg.engine, radius, False,
-                                 os.path.join(cfg.bk_dir, BKTREE_NAME))
+            bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
+            engine = flat.engine(cfg.engine, radius, False, bktree)
+            views = flat.view_engines(cfg.engine, radius, False, bktree)
             engine_name, images = engine.name, len(flat.ids)
         report = SearchReport(cfg.db_name, engine_name, images)
         with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
             results = sorted(hasher.map([HashTask(p) for p in paths]),
                              key=lambda r: r.path)
         found = [_search_one_pg(r, store, radius, spec) if in_db else
-                 _search_one(r, flat, engine, radius) for r in results]
+                 _search_one(r, flat, engine, radius, views,
+                             cfg.adaptive_threshold) for r in results]
         id_of = (lambda p: p) if in_db else (lambda p: int(flat.ids[p]))
         marks = load_marks(cfg)
         rows = store.rows_by_id(id_of(p) for _, hits in found for p in hits)
@@ -3247,23 +3346,32 @@ def _search_one_pg(result: HashResult, store, radius: int, spec) -> tuple:
     return result, best
 
 
-def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int
-                ) -> tuple:
-    """(result, {image position: Hit}), the nearest hit of each image."""
+def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
+                views: Sequence = (), adaptive: bool = False) -> tuple:
+    """(result, {image position: Hit}), the nearest hit of each image; a
+    centre-to-centre hit only where nothing else matches (match_distances)."""
     if _unsearchable(result):
         return result, {}
-    words = flat.distinct.shape[1]
-    queries = [int_to_words(result.hash, words)]
-    if result.variants:  # the query's other orientations
-        queries += list(np.frombuffer(result.variants, ">u8").astype(
-            np.uint64).reshape(-1, words))
-    best = {}
-    for variant, query in enumerate(queries, -1):
+    words, v = flat.distinct.shape[1], flat.variants.shape[1]
+    extra = np.frombuffer(result.variants or b"", ">u8").astype(
+        np.uint64).reshape(-1, words)  # other orientations, then centres
+    searches = [(engine, flat, -1, int_to_words(result.hash, words))]
+    searches += [(engine, flat, k, extra[k]) for k in range(v)]
+    searches += [(view_engine, view, len(VARIANTS) + k, extra[v + k])
+                 for k, (view, view_engine) in enumerate(views)]
+    best, centre = {}, {}
+    for searcher, index, variant, query in searches:
         weight = variant_weight(variant)
-        pos, dist = engine.search(query, radius // weight)
-        for images, d in zip(flat.images_of(pos), dist.tolist()):
+        pos, dist = searcher.search(query, radius // weight)
+        found = centre if index is not flat else best
+        for images, d in zip(index.images_of(pos), dist.tolist()):
             for p in images.tolist():
-                _keep_best(best, p, d, weight, variant)
+                _keep_best(found, p, d, weight, variant)
+    for p, hit in centre.items():
+        limit = pair_threshold(radius, result.detail, flat.detail[p]) \
+            if adaptive else radius
+        if p not in best or best[p].effective > limit:
+            best[p] = hit
     return result, best
 
 
@@ -3295,10 +3403,11 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
     try:
         flat = load_index(cfg, store, ui)
         radius = cfg.distance_threshold
-        engine = flat.engine(cfg.engine, radius, True,
-                             os.path.join(cfg.bk_dir, BKTREE_NAME))
+        bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
+        engine = flat.engine(cfg.engine, radius, True, bktree)
+        views = flat.view_engines(cfg.engine, radius, True, bktree)
         adaptive = cfg.adaptive_threshold
-        components = duplicate_groups(flat, engine, radius, adaptive)
+        components = duplicate_groups(flat, engine, radius, adaptive, views)
         rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)
         rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
         marks = load_marks(cfg)
@@ -3308,7 +3417,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
             for members in split_group(ranked, flat, radius, rows, marks,
                                        cfg.grouping == "connected", adaptive):
                 kept = min(members, key=lambda p: keep_key(rows[p], cfg))
-                groups.append(_group(members, kept, flat, rows, cfg.spec.bits))
+                groups.append(_group(members, kept, flat, rows, cfg.spec.bits,
+                                     radius, adaptive))
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
                                    g.images[0].path))
         failures = [Failure(r.path, r.error) for r in store.failed_rows()]
@@ -3321,15 +3431,19 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
 
 
 def duplicate_groups(flat: FlatIndex, engine, radius: int,
-                     adaptive: bool = False) -> list:
-    """Image positions of each connected component of near pairs."""
+                     adaptive: bool = False, views: Sequence = ()) -> list:
+    """Image positions of each connected component of near pairs, over the
+    main hashes, other orientations and (views) centre regions."""
     u, v = len(flat.distinct), flat.variants.shape[1]
     found = list(engine.pairs(radius)) if radius > 0 and u > 1 else []
+    of_image = flat.distinct_of_images()
     if v and len(flat.ids):  # an orientation of one image near another image
-        of_image = flat.distinct_of_images()
         queries = flat.variants.reshape(-1, flat.variants.shape[2])
         for qi, j, d in engine.cross(queries, variant_radius(radius)):
             found.append((of_image[qi // v], j, d * VARIANT_WEIGHT))
+    for view, view_engine in views:  # a centre near the same centre
+        for a, b, d in view.image_pairs(view_engine, radius):
+            found.append((of_image[a], of_image[b], d))
     a = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
     b = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
     if adaptive and found:
@@ -3471,10 +3585,12 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _group(members: list, kept: int, flat: FlatIndex, rows: dict,
-           bits: int) -> Group:
+           bits: int, radius: int, adaptive: bool) -> Group:
     """members[0] leads and distances are measured to it; `kept` is the
     image the keep rule keeps."""
-    _, dist, which = flat.match_distances(members[0], members)
+    limit = pair_threshold(radius, flat.detail[members[0]],
+                           flat.detail[members]) if adaptive else radius
+    _, dist, which = flat.match_distances(members[0], members, limit)
     images = [_match(rows[p], bits, d, w) for p, d, w in zip(members, dist, which)]
     for p, image in zip(members, images):
         image.keep = p == kept
@@ -4570,7 +4686,7 @@ def _add_key_flag(group, name: str, f) -> None:
     meta, flag = f.metadata, "--" + name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING \
         else f.default_factory()
-    text = f"{meta['help']} (default: {json.dumps(default)})"
+    text = f"{meta['help']} (default: {json.dumps(default)})".replace("%", "%%")
     kind = f.type
     kw = {"dest": name, "default": None, "help": text}
     if kind == "bool":

@@ -178,3 +178,79 @@ def test_adaptive_groups_equal_brute_force(data, seed):
     for k in keys:
         comps.setdefault(root(k), []).extend(ref[k])
     assert got == sorted(sorted(c) for c in comps.values() if len(c) > 1)
+
+
+def flat_with_centres(bits, values, seed):
+    """values as main hashes; each centre region a shuffle of them, so the
+    centre views pair up other images than the main hashes do."""
+    rng = np.random.default_rng(seed)
+    words = (bits + 63) // 64
+    centres = [[values[k] for k in rng.permutation(len(values))]
+               for _ in rs.CENTRES]
+    as_words = lambda vs: np.stack([rs.int_to_words(v, words) for v in vs])
+    flat = rs.FlatIndex.from_arrays(
+        np.arange(len(values)), as_words(values), bits,
+        centres=np.stack([as_words(c) for c in centres], axis=1))
+    flat.kind, flat.fingerprint = f"test/{bits}", "fp"
+    return flat, centres
+
+
+def view_distance(values, centres, i, j):
+    return min((values[i] ^ values[j]).bit_count(),
+               *((c[i] ^ c[j]).bit_count() for c in centres))
+
+
+@pytest.mark.parametrize("name", ENGINES)
+@settings(max_examples=30, deadline=None)
+@given(data=hash_sets(), seed=st.integers(0, 2**32 - 1))
+def test_groups_with_centre_views_equal_brute_force(tmp_path_factory, name,
+                                                    data, seed):
+    bits, values, radius = data
+    flat, centres = flat_with_centres(bits, values, seed)
+    bk = str(tmp_path_factory.mktemp("bk") / "bk.idx")
+    groups = rs.duplicate_groups(flat, flat.engine(name, radius, True, bk), radius,
+                                 views=flat.view_engines(name, radius, True, bk))
+    got = sorted(sorted(int(p) for p in g) for g in groups)
+    parent = list(range(len(values)))
+
+    def root(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            if view_distance(values, centres, i, j) <= radius:
+                parent[root(i)] = root(j)
+    comps = {}
+    for p in range(len(values)):
+        comps.setdefault(root(p), []).append(p)
+    assert got == sorted(c for c in comps.values() if len(c) > 1)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+@settings(max_examples=30, deadline=None)
+@given(data=hash_sets(), seed=st.integers(0, 2**32 - 1))
+def test_search_with_centre_views_equals_brute_force(tmp_path_factory, name,
+                                                     data, seed):
+    """Every image whose whole picture or a centre region is within the
+    radius, shown with its whole-picture distance whenever that matches."""
+    bits, values, radius = data
+    flat, centres = flat_with_centres(bits, values, seed)
+    bk = str(tmp_path_factory.mktemp("bk") / "bk.idx")
+    engine = flat.engine(name, radius, False, bk)
+    views = flat.view_engines(name, radius, False, bk)
+    q = int(np.random.default_rng(seed).integers(len(values)))
+    query = rs.HashResult("q", hash=values[q], variants=rs.pack_hashes(
+        [c[q] for c in centres], bits))
+    _, hits = rs._search_one(query, flat, engine, radius, views)
+    got = {p: (h.bits, h.variant) for p, h in hits.items()}
+    want = {}
+    for p, v in enumerate(values):
+        d = [(values[q] ^ v).bit_count()] + \
+            [(c[q] ^ c[p]).bit_count() for c in centres]
+        if d[0] <= radius:
+            want[p] = (d[0], -1)
+        elif min(d[1:]) <= radius:
+            k = int(np.argmin(d[1:]))
+            want[p] = (d[1 + k], len(rs.VARIANTS) + k)
+    assert got == want

@@ -163,6 +163,48 @@ def test_fast_mode_phash_has_imagehash_bits(size):
         assert str(rs.phash_numpy(im, size)) == str(imagehash.phash(im, size))
 
 
+def test_letterboxed_and_framed_copies_are_found(collection, capsys):
+    """trim_borders (on by default) cuts the bars and the frame that move
+    the whole-picture hash far from the original's.  (Grain, as photos
+    have: a smooth synthetic edge would itself pass for a margin.)"""
+    rng = np.random.default_rng(3)
+    grain = rng.normal(0, 24, (480, 640, 3))
+    im = Image.fromarray(np.clip(np.asarray(picture(3), dtype=float) + grain,
+                                 0, 255).astype(np.uint8))
+    im.save(collection / "imgs" / "grainy.png")
+    w, h = im.size
+    boxed = Image.new("RGB", (w, h + h // 3), "black")
+    boxed.paste(im, (0, h // 6))
+    framed = Image.new("RGB", (w + w // 4, h + w // 4), "white")
+    framed.paste(im, (w // 8, w // 8))
+    for name, copy in (("boxed.png", boxed), ("framed.png", framed)):
+        assert imagehash.phash(copy) - imagehash.phash(im) > 12  # plain misses
+        copy.save(collection / "queries" / name)
+    code, doc = run_json(capsys, write_params(collection), "search")
+    found = {os.path.basename(q["query"]): names(m["path"] for m in q["matches"])
+             for q in doc["queries"]}
+    assert found["boxed.png"] == ["grainy.png"]
+    assert found["framed.png"] == ["grainy.png"]
+
+
+def test_a_cropped_copy_matches_on_the_centre(collection, capsys):
+    """A 10 % crop whose whole-picture hash is over the threshold is found
+    through the centre region, and the match says so."""
+    im = picture(23)
+    w, h = im.size
+    im.save(collection / "imgs" / "p23.png")
+    im.crop((w // 20, h // 20, w * 19 // 20, h * 19 // 20)).save(
+        collection / "queries" / "crop.png")
+    code, doc = run_json(capsys, write_params(collection), "search")
+    query = next(q for q in doc["queries"] if q["query"].endswith("crop.png"))
+    match = [m for m in query["matches"] if m["path"].endswith("p23.png")]
+    assert len(match) == 1 and match[0]["variant"].startswith("centre")
+    code, off = run_json(capsys, write_params(collection), "search",
+                         "--no-centre-hashes")
+    query = next(q for q in off["queries"] if q["query"].endswith("crop.png"))
+    assert not any(m["path"].endswith("p23.png") for m in query["matches"])
+
+
 @pytest.mark.parametrize("method", rs.HASH_METHODS)
 def test_every_hash_method_in_fast_mode_finds_the_copy(collection, capsys, method):
     params = write_params(collection, hash_method=method, distance_threshold=6)
