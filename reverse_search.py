@@ -1626,6 +1626,7 @@ class HashSpec:
         return max(64, 3 * target)
 
 
+@functools.lru_cache(maxsize=None)  # asked for up to 10 hashes per image
 def _hash_function(spec: HashSpec):
     import imagehash
     s = spec.size
