@@ -25,7 +25,10 @@ build and update processes at those sizes, measured in a child process, and
 Synthetic images are made deterministically into bench/data/build/ (git
 ignored): smooth colour fields + gradient + grain, so they compress like
 photographs.  When bench/data/corpus_4000/ exists (shared/bench/make_corpus.py
---size small --max-side 4000), its originals + near_dups JPEGs get a row too.
+--size small --max-side 4000), its originals + near_dups JPEGs get a row too;
+when bench/data/corpus_full_4000/ exists (the same with --size full), its
+JPEGs of LARGE_MP megapixels or more (real photographs, 6-12 MP) get one,
+hard-linked into bench/data/build/photos_large/.
 Scratch databases go to a temporary folder under /tmp.  --count N keeps
 exactly N files per synthetic set (extra ones are deleted, missing ones made);
 --prepare only makes the data; --parts picks speed, diff and/or scale.
@@ -58,6 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "reverse_search.py"
 DATA = ROOT / "bench" / "data" / "build"
 CORPUS = ROOT / "bench" / "data" / "corpus_4000" / "images"
+CORPUS_FULL = ROOT / "bench" / "data" / "corpus_full_4000" / "images"
+LARGE_MP = 6.0  # camera-sized: the photos_large set starts here
 GENERATOR = 1  # bump when the synthetic images change
 TINY_PART = 1000  # tiny files per folder
 START_FILES = 64  # over every Hasher.SMALL_JOB (48), so the pool starts
@@ -287,6 +292,27 @@ def ensure_start_set() -> str:
             Image.fromarray(cells[i]).resize((64, 64), Image.BICUBIC).save(
                 folder / f"s{i:03d}.jpg", "JPEG", quality=85)
     return str(folder)
+
+
+def ensure_large_photos() -> ImageSet | None:
+    """bench/data/build/photos_large/: hard links to the real JPEG photos
+    of LARGE_MP or more in the full corpus (a copy where links fail)."""
+    from PIL import Image
+    if not CORPUS_FULL.is_dir():
+        return None
+    folder = DATA / "photos_large"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(CORPUS_FULL.rglob("*.jpg")):
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] < LARGE_MP * 1e6:
+                continue
+        target = folder / "__".join(path.relative_to(CORPUS_FULL).parts)
+        if not target.exists():
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+    return ImageSet("photos_large", [str(folder)])
 
 
 def list_files(image_set: ImageSet) -> ImageSet:
@@ -684,8 +710,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                         "synthetic sets (repeatable)")
     p.add_argument("--count", type=int, default=200,
                    help="images per synthetic set (default 200)")
-    p.add_argument("--sets", nargs="+", default=[*PHOTO_SETS, "corpus"],
-                   choices=[*PHOTO_SETS, "corpus"],
+    p.add_argument("--sets", nargs="+",
+                   default=[*PHOTO_SETS, "photos_large", "corpus"],
+                   choices=[*PHOTO_SETS, "photos_large", "corpus"],
                    help="which image sets to time (default: all)")
     p.add_argument("--repeat", type=int, default=1,
                    help="take the best of this many runs (default 1)")
@@ -714,11 +741,13 @@ def image_sets(args: argparse.Namespace) -> list:
     else:
         sets = [ensure_photo_set(name, args.count) for name in PHOTO_SETS
                 if name in args.sets]
+    if "photos_large" in args.sets and not args.images:
+        sets.append(ensure_large_photos())
     if CORPUS.is_dir() and "corpus" in args.sets:
         sets.append(ImageSet("corpus_4000_jpeg",
                              [str(CORPUS / "originals"), str(CORPUS / "near_dups")],
                              [".jpg", ".jpeg"]))
-    return [s for s in map(list_files, sets) if s.files]
+    return [s for s in map(list_files, filter(None, sets)) if s.files]
 
 
 def main(argv: list | None = None) -> int:
