@@ -506,6 +506,15 @@ def kind_meta(spec: HashSpec) -> dict:
                 tool=__version__)
 
 
+def join_hash_blocks(blocks: list, words: int, variants: int) -> tuple:
+    """One (ids, hashes, variant hashes, details) from blocks of rows."""
+    if not blocks:
+        return (np.zeros(0, np.int64), np.zeros((0, words), np.uint64),
+                np.zeros((0, variants, words), np.uint64),
+                np.zeros(0, np.float32))
+    return tuple(np.concatenate(part) for part in zip(*blocks))
+
+
 class Store:
     """The SQLite database of one collection, behind a few small methods."""
 
@@ -624,31 +633,38 @@ class Store:
         row = cur.fetchone()
         return None if row is None else self._row(row)
 
-    def hash_arrays(self, words: int, variants: int) -> tuple:
+    def hash_arrays(self, words: int, variants: int, block: int = 1 << 16
+                    ) -> tuple:
         """(ids, hashes, variant hashes, details) of every comparable image.
 
         hashes is (N, words) uint64; variants (N, variants, words)."""
         cur = self.db.execute("SELECT id, hash, variants, detail FROM images "
                               "WHERE hash IS NOT NULL AND low_detail = 0 "
                               "ORDER BY id")
-        ids, values, extra, details = [], [], [], []
-        for row_id, value, packed, detail in cur:
-            ids.append(row_id)
-            values.append(value)
-            extra.append(packed or b"")
-            details.append(4.0 if detail is None else detail)
-        ids = np.array(ids, dtype=np.int64)
+        # A block of rows at a time: Python objects for every row would cost
+        # 190 bytes each (190 MB at a million); the arrays cost 36.
+        blocks = []
+        while rows := cur.fetchmany(block):
+            blocks.append(self._hash_block(rows, words, variants))
+        return join_hash_blocks(blocks, words, variants)
+
+    def _hash_block(self, rows: list, words: int, variants: int) -> tuple:
+        n = len(rows)
+        ids = np.fromiter((r[0] for r in rows), np.int64, n)
         if words == 1:
-            hashes = np.array(values, dtype=np.int64).view(np.uint64)
+            hashes = np.fromiter((r[1] for r in rows), np.int64, n).view(np.uint64)
         else:
-            hashes = np.frombuffer(b"".join(values), dtype=">u8").astype(np.uint64)
-        found = np.frombuffer(b"".join(extra), dtype=">u8").astype(np.uint64)
-        if found.size != len(ids) * variants * words:
+            hashes = np.frombuffer(b"".join(r[1] for r in rows),
+                                   dtype=">u8").astype(np.uint64)
+        found = np.frombuffer(b"".join(r[2] or b"" for r in rows),
+                              dtype=">u8").astype(np.uint64)
+        if found.size != n * variants * words:
             raise StoreError(f"{self.path}: stored extra hashes (orientations, "
                              f"centres) do not match the settings; run build.")
-        return (ids, hashes.reshape(-1, words),
-                found.reshape(len(ids), variants, words),
-                np.array(details, dtype=np.float32))
+        details = np.fromiter((4.0 if r[3] is None else r[3] for r in rows),
+                              np.float32, n)
+        return (ids, hashes.reshape(n, words),
+                found.reshape(n, variants, words), details)
 
     def low_detail_rows(self) -> list:
         return self._rows_where("low_detail = 1")
@@ -1295,12 +1311,8 @@ class PgStore:
     def hash_arrays(self, words: int, variants: int) -> tuple:
         """(ids, hashes, variant hashes, details) of every comparable image,
         as Store.hash_arrays."""
-        parts = list(self.iter_hash_blocks(words, variants))
-        if not parts:
-            return (np.zeros(0, np.int64), np.zeros((0, words), np.uint64),
-                    np.zeros((0, variants, words), np.uint64),
-                    np.zeros(0, np.float32))
-        return tuple(np.concatenate(p) for p in zip(*parts))
+        return join_hash_blocks(list(self.iter_hash_blocks(words, variants)),
+                                words, variants)
 
     def iter_hash_blocks(self, words: int, variants: int, block: int = 1 << 18
                          ) -> Iterator[tuple]:

@@ -254,3 +254,35 @@ def test_search_with_centre_views_equals_brute_force(tmp_path_factory, name,
             k = int(np.argmin(d[1:]))
             want[p] = (d[1 + k], len(rs.VARIANTS) + k)
     assert got == want
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_hash_arrays_read_in_blocks_give_what_was_written(tmp_path, size):
+    """The index is read from SQLite a block of rows at a time (bounded
+    memory); any block size gives the hashes, centres and details stored."""
+    spec = rs.HashSpec(size=size, centres=True)
+    store = rs.Store(str(tmp_path / "images.db"), create=True)
+    store.start_kind(spec)
+    rng = np.random.default_rng(size)
+    written = {}
+    for i in range(11):
+        values = [int.from_bytes(rng.bytes(spec.bits // 8), "big")
+                  for _ in range(1 + spec.extra_count)]
+        written[f"/c/{i}.jpg"] = (values, float(i) / 4)
+        store.upsert([rs.ImageRow(
+            f"/c/{i}.jpg", 10 + i, 1, bytes(16), values[0], 64, 48, None,
+            variants=rs.pack_hashes(values[1:], spec.bits), detail=i / 4)],
+            spec.bits)
+    whole = store.hash_arrays(spec.words, spec.extra_count)
+    ids, hashes, extra, details = whole
+    rows = store.rows_by_id(ids)
+    for k, row_id in enumerate(ids):
+        values, detail = written[rows[int(row_id)].path]
+        assert rs.words_to_ints(hashes[k:k + 1]) == values[:1]
+        assert rs.words_to_ints(extra[k]) == values[1:]
+        assert details[k] == detail
+    for block in (1, 3, 64):
+        for a, b in zip(whole, store.hash_arrays(spec.words, spec.extra_count,
+                                                 block=block)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    store.close()
