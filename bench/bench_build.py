@@ -7,7 +7,8 @@ Prints images/s for, per image set:
   (a) the seed-style baseline: imagehash.dhash(Image.open(path)) in a loop,
       one SQLite INSERT + COMMIT per row;
   (b) `reverse_search.py build` with 1 worker; (c) with os.cpu_count() workers;
-  (d) the decode floor: Image.open + draft('L', (64, 64)) + load only, with
+  (d) the decode floor: Image.open + draft('L', (S, S)) + load only, S the
+      side the tool's default hash decodes to (96 for phash 8), with
       1 worker (in this process) and with all workers (a pool started as
       the tool starts its own: fork on Linux, spawn elsewhere);
 and the ratios b/a, c/a, c/d.  Every run is timed whole (pool start, SQLite,
@@ -40,6 +41,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import functools
 import io
 import json
 import multiprocessing
@@ -62,6 +64,7 @@ TOOL = ROOT / "reverse_search.py"
 DATA = ROOT / "bench" / "data" / "build"
 CORPUS = ROOT / "bench" / "data" / "corpus_4000" / "images"
 CORPUS_FULL = ROOT / "bench" / "data" / "corpus_full_4000" / "images"
+TOOL_ARGS: list = []  # --tool-args: added to every run of the tool
 LARGE_MP = 6.0  # camera-sized: the photos_large set starts here
 GENERATOR = 1  # bump when the synthetic images change
 TINY_PART = 1000  # tiny files per folder
@@ -366,11 +369,19 @@ def run_baseline(files: list, scratch: Path) -> float:
     return time.perf_counter() - start
 
 
+@functools.lru_cache(maxsize=None)
+def _floor_side() -> int:
+    import reverse_search
+    return reverse_search.Config().spec.work_side
+
+
 def _floor_decode(path: str) -> int:
-    """The decode floor of one file: open, draft to 64x64 grey, load."""
+    """The decode floor of one file: open, draft to the grey size that the
+    tool's default hash asks for, load: no less than the tool must decode."""
     from PIL import Image
+    side = _floor_side()
     with Image.open(path) as im:
-        im.draft("L", (64, 64))
+        im.draft("L", (side, side))
         im.load()
         return im.size[0]
 
@@ -406,7 +417,7 @@ def tool_args(op: str, image_set: ImageSet, scratch: Path, tag: str,
             "--workers", str(workers), "--hash-mode", mode]
     if image_set.extensions:
         args += ["--extensions", *image_set.extensions]
-    return args
+    return args + TOOL_ARGS
 
 
 def run_tool(args: list) -> tuple[float, dict]:
@@ -724,6 +735,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                    default=["speed", "diff", "scale"],
                    help="what to measure: speed (a)-(d), diff (g: fast vs "
                         "exact; needs speed), scale (e, f); default all")
+    p.add_argument("--tool-args", default="",
+                   help="more reverse_search flags for every run of the "
+                        "tool, e.g. \"--tool-args=--no-centre-hashes\"")
     p.add_argument("--prepare", action="store_true",
                    help="only make the synthetic and tiny images, then exit")
     p.add_argument("--keep", action="store_true",
@@ -752,6 +766,7 @@ def image_sets(args: argparse.Namespace) -> list:
 
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
+    TOOL_ARGS[:] = args.tool_args.split()
     sys.path.insert(0, str(ROOT))
     workers = os.cpu_count() or 1
     if args.prepare:
