@@ -56,6 +56,14 @@ def clustered(rng, n, bits):
     return out[:n]
 
 
+def run_all(threads):
+    """Start every thread, then wait for them all."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def ident(rows):
     """Rows without their ids (the two stores number rows differently); every
     other ImageRow field, so a field PgStore does not store fails here."""
@@ -257,10 +265,7 @@ def test_machines_creating_the_schema_together(pg_url):
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
     threads = [threading.Thread(target=create) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_all(threads)
     assert errors == []
     store = pgs.PgStore(pg_url)
     assert store.meta()["generation"] == "0"
@@ -400,10 +405,7 @@ def test_two_writers_lose_and_duplicate_nothing(pg_url):
         threading.Thread(target=_writer, args=(pg_url, 2, ["/w/b", "/w/shared"],
                                                b + shared[::-1], 2, barrier,
                                                errors))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_all(threads)
     assert errors == []
     store = pgs.PgStore(pg_url)
     rows = list(store.iter_rows())
