@@ -9,8 +9,12 @@ mode) the images are hashed once with `build`; each threshold then runs
     python3 bench/evaluate.py
     python3 bench/evaluate.py --settings dhash:8:5 phash:8:10:exact --json out.json
     python3 bench/evaluate.py --bad-inputs      # also check bad_inputs/
+    python3 bench/evaluate.py --corpus /work/data/std --corpus /work/data/tough \
+        --settings default                      # shipped defaults, both corpora
 
-A setting is METHOD:SIZE:THRESHOLD[:MODE], MODE fast (default) or exact.
+A setting is METHOD:SIZE:THRESHOLD[:MODE], MODE fast (default) or exact, or
+`default`: the tool's shipped defaults (no hash keys in params.json at all).
+With several --corpus, each is scored in turn and printed under its name.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Setting:
 
     @classmethod
     def parse(cls, text: str) -> Setting:
+        if text == "default":
+            return cls("default", 0, -1)
         parts = text.split(":")
         if len(parts) not in (3, 4) or parts[3:] not in ([], ["fast"], ["exact"]):
             raise argparse.ArgumentTypeError(
@@ -73,12 +79,16 @@ class Setting:
 
     @property
     def label(self) -> str:
+        if self.method == "default":
+            return "default"
         return f"{self.method}:{self.size}:{self.threshold}" + (
             ":exact" if self.mode == "exact" else "")
 
 
 def index_label(index: tuple) -> str:
     method, size, mode = index
+    if method == "default":
+        return "default"
     return f"{method}:{size}" + (":exact" if mode == "exact" else "")
 
 
@@ -99,14 +109,17 @@ class Tool:
         folder = os.path.join(self.work, name)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "params.json")
+        params = {"img_dirs": img_dirs, "input_dir": img_dirs[0],
+                  "db_dir": os.path.join(folder, "db"),
+                  "bk_dir": os.path.join(folder, "index"),
+                  "output_dir": os.path.join(folder, "out"),
+                  "html_report": False, "engine": "auto",
+                  "workers": self.workers}
+        if method != "default":  # else every hash key keeps its default
+            params.update(hash_method=method, hash_size=size, hash_mode=mode,
+                          distance_threshold=0)
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"img_dirs": img_dirs, "input_dir": img_dirs[0],
-                       "db_dir": os.path.join(folder, "db"),
-                       "bk_dir": os.path.join(folder, "index"),
-                       "output_dir": os.path.join(folder, "out"),
-                       "hash_method": method, "hash_size": size,
-                       "hash_mode": mode, "distance_threshold": 0,
-                       "engine": "auto", "workers": self.workers}, fh, indent=1)
+            json.dump(params, fh, indent=1)
         return path
 
     def run(self, params: str, operation: str, *args: str, what: str = "") -> str:
@@ -281,6 +294,7 @@ class SearchScore:
     hard_found: int = 0
     false_matches: int = 0
     queries_with_false: int = 0
+    found_files: dict = field(default_factory=dict)  # file -> (stage, bits)
 
     @property
     def recall(self) -> float | None:
@@ -304,6 +318,10 @@ def score_search(doc: dict, corpus: str, truth: dict) -> SearchScore:
         hard = [m.file for m in members[query.group_id] if m.category == "hard"]
         false = sum(1 for f in found if f not in truth
                     or truth[f].group_id != query.group_id)
+        for m in q["matches"]:
+            f = relative(corpus, m["path"])
+            if f in truth and truth[f].group_id == query.group_id:
+                s.found_files[f] = (stage_of(m), m["distance"])
         s.queries += 1
         s.near_dups += len(wanted)
         s.found += len(found.intersection(wanted))
@@ -312,6 +330,21 @@ def score_search(doc: dict, corpus: str, truth: dict) -> SearchScore:
         s.false_matches += false
         s.queries_with_false += false > 0
     return s
+
+
+def stage_of(match: dict) -> str:
+    """Which matching stage found a match, as the tool's JSON says it: the
+    `how` record when there is one, else the name of the hash that matched."""
+    how = match.get("how")
+    if isinstance(how, dict) and how.get("stage"):
+        return str(how["stage"])
+    name = match.get("variant") or ""
+    if not name:
+        return "whole"
+    for prefix in ("centre", "content", "window"):
+        if name.startswith(prefix):
+            return prefix
+    return "orientation"
 
 
 def median_distances(rows: list, corpus: str, truth: dict) -> dict:
@@ -340,6 +373,7 @@ class Result:
     paired: dict  # relative path -> bool (see paired_with_original)
     search: SearchScore
     seconds: dict
+    index: str = ""  # the build it was scored on
 
 
 @dataclass
@@ -378,7 +412,8 @@ def evaluate(corpus: str, settings: list, tool: Tool, truth: dict
         print(f"built {name}: {report['hashed']} images in "
               f"{report['seconds']:.1f} s", file=sys.stderr)
         for s in (s for s in settings if s.index == index):
-            flag = ["--distance-threshold", str(s.threshold)]
+            flag = ["--distance-threshold", str(s.threshold)] \
+                if s.threshold >= 0 else []
             t0 = len(tool.steps)
             dup = tool.result(params, "find_duplicates", *flag,
                               what=f"find_duplicates {s.label}")
@@ -394,7 +429,8 @@ def evaluate(corpus: str, settings: list, tool: Tool, truth: dict
                  for c in contents},
                 len(groups), paired_with_original(groups, truth),
                 score_search(found, corpus, truth),
-                {what.split()[0]: sec for what, sec in tool.steps[t0:]}))
+                {what.split()[0]: sec for what, sec in tool.steps[t0:]},
+                name))
             print(f"scored {s.label}", file=sys.stderr)
     return builds, results
 
@@ -460,8 +496,28 @@ def table(title: str, head: list, rows: list, left: tuple = (0,)) -> str:
     return "\n".join(lines) + "\n"
 
 
+def share(r: Result, truth: dict, category: str) -> float | None:
+    """Share of the files of a category that find_duplicates grouped with
+    their original (distractors: put in any group)."""
+    files = [i.file for i in truth.values() if i.category == category]
+    return sum(r.paired[f] for f in files) / len(files) if files else None
+
+
+def summary_table(results: list, truth: dict) -> str:
+    return table(
+        "Summary (%): near_dup / hard files grouped with their original, "
+        "search recall, pair precision and recall, distractors in any group",
+        ["setting", "grouped", "hard grouped", "search R", "search hard R",
+         "pair P", "pair R", "distractors"],
+        [[r.setting, pct(share(r, truth, "near_dup")),
+          pct(share(r, truth, "hard")), pct(r.search.recall),
+          pct(r.search.hard_recall), pct(r.pairs.precision),
+          pct(r.pairs.recall), pct(share(r, truth, "distractor"))]
+         for r in results])
+
+
 def report(builds: list, results: list, truth: dict, checks: list) -> str:
-    out = [table(
+    out = [summary_table(results, truth), table(
         "Hashing cost (build of images/, one per method:size:mode)",
         ["index", "files", "hashed", "failed", "seconds", "images/s",
          "build wall s"],
@@ -502,6 +558,9 @@ def report(builds: list, results: list, truth: dict, checks: list) -> str:
         "Per category: % grouped with their original (original: with any of "
         "its group; distractor: in any group = false alarm)",
         results, truth, lambda i: True, lambda i: i.category))
+    for r in results:
+        build = next((b for b in builds if b.index == r.index), None)
+        out.append(per_edit_table(r, truth, build))
     transforms = sorted({t for b in builds for t in b.distances})
     out.append(table(
         "Median distance of each file to its original (bits)",
@@ -529,6 +588,37 @@ def report(builds: list, results: list, truth: dict, checks: list) -> str:
 
 def fmt_num(x) -> str:
     return "-" if x is None else f"{x:g}"
+
+
+def per_edit_table(r: Result, truth: dict, build: Build | None) -> str:
+    """One row per edit: grouped with the original (find_duplicates), found
+    by a search with the original, the whole-hash distance, the distance of
+    the match that found it, and which stages found it (search)."""
+    files = defaultdict(list)
+    for item in truth.values():
+        if item.category not in ("original", "distractor"):
+            files[(item.category != "near_dup", item.category,
+                   item.transform)].append(item)
+    rows = []
+    for (_, category, transform), items in sorted(files.items()):
+        found = [r.search.found_files[i.file] for i in items
+                 if i.file in r.search.found_files]
+        stages = Counter(stage for stage, _ in found)
+        rows.append([transform + (f" ({category})" if category != "near_dup"
+                                  else ""), len(items),
+                     pct(sum(r.paired[i.file] for i in items) / len(items)),
+                     pct(len(found) / len(items)),
+                     fmt_num(build.distances.get(transform) if build else None),
+                     fmt_num(statistics.median(d for _, d in found)
+                             if found else None),
+                     ", ".join(f"{k} {v}" for k, v in stages.most_common())])
+    return table(
+        f"Per edit, {r.setting}: grouped = % in one group with its original "
+        f"(find_duplicates); search = % found by a search with the original; "
+        f"d whole = median whole-hash distance; d match = median distance of "
+        f"the match found; stages = what found them (search)",
+        ["edit", "files", "grouped", "search", "d whole", "d match", "stages"],
+        rows, left=(0, 6))
 
 
 def per_file_table(title: str, results: list, truth: dict, which, label) -> str:
@@ -562,8 +652,9 @@ def to_json(builds: list, results: list, checks: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", default=DEFAULT_CORPUS,
-                    help="corpus folder with truth.csv (default: bench/data/corpus)")
+    ap.add_argument("--corpus", action="append",
+                    help="corpus folder with truth.csv (default: "
+                         "bench/data/corpus); repeat it to score several")
     ap.add_argument("--settings", nargs="+", type=Setting.parse,
                     default=[Setting.parse(s) for s in DEFAULT_SETTINGS],
                     metavar="M:S:T[:MODE]",
@@ -581,14 +672,31 @@ def main(argv=None) -> int:
                     help="keep databases and results here (default: a "
                          "temporary folder, removed afterwards)")
     args = ap.parse_args(argv)
-    corpus = os.path.abspath(args.corpus)
-    if not os.path.isfile(os.path.join(corpus, "truth.csv")):
-        print(BUILD_HINT.format(corpus=os.path.relpath(corpus),
-                                script=os.path.relpath(MAKE_CORPUS)), file=sys.stderr)
-        return 2
+    corpora = [os.path.abspath(c) for c in args.corpus or [DEFAULT_CORPUS]]
+    for corpus in corpora:
+        if not os.path.isfile(os.path.join(corpus, "truth.csv")):
+            print(BUILD_HINT.format(corpus=os.path.relpath(corpus),
+                                    script=os.path.relpath(MAKE_CORPUS)),
+                  file=sys.stderr)
+            return 2
+    docs = []
+    for n, corpus in enumerate(corpora):
+        work = args.work_dir and os.path.join(args.work_dir, str(n))
+        doc = run_corpus(corpus, args, work)
+        if doc is None:
+            return 1
+        docs.append(doc)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(docs[0] if len(docs) == 1 else docs, fh, indent=1)
+    return 0
+
+
+def run_corpus(corpus: str, args, work_dir: str | None) -> dict | None:
+    """Score one corpus, print its tables; the JSON document, None on failure."""
     truth = read_truth(corpus)
     with tempfile.TemporaryDirectory(prefix="ndbench-") as tmp:
-        tool = Tool(os.path.abspath(args.work_dir or tmp), args.workers,
+        tool = Tool(os.path.abspath(work_dir or tmp), args.workers,
                     shlex.split(args.tool_args))
         try:
             builds, results = evaluate(corpus, args.settings, tool, truth)
@@ -596,17 +704,13 @@ def main(argv=None) -> int:
                 else []
         except RuntimeError as exc:
             print(f"evaluate: {exc}", file=sys.stderr)
-            return 1
+            return None
     version = tool_version()
     print(f"{version}{' ' + args.tool_args if args.tool_args else ''} on "
           f"{os.path.relpath(corpus)} ({len(truth)} images)\n")
-    print(report(builds, results, truth, checks))
-    if args.json:
-        doc = {"tool": version, "tool_args": args.tool_args, "corpus": corpus,
-               **to_json(builds, results, checks)}
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1)
-    return 0
+    print(report(builds, results, truth, checks), flush=True)
+    return {"tool": version, "tool_args": args.tool_args, "corpus": corpus,
+            **to_json(builds, results, checks)}
 
 
 if __name__ == "__main__":
