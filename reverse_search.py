@@ -40,7 +40,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -203,8 +203,8 @@ class Config:
         minimum=0)
     database_url: str = _key(
         "", "PostgreSQL database instead of SQLite: postgresql://user@host:5432/"
-        "dbname (password in PGPASSWORD or ~/.pgpass, never here); empty = "
-        "SQLite in db_dir")
+        "dbname or libpq's key=value form (password in PGPASSWORD, ~/.pgpass "
+        "or a service file, never here); empty = SQLite in db_dir")
     # where each key came from (a params file or the command line), for errors
     sources: dict = field(default_factory=dict, init=False, repr=False,
                           compare=False)
@@ -320,8 +320,10 @@ def _check_value(name: str, value, where: str):
     if kind == "int" and isinstance(value, float) and value.is_integer():
         value, ok["int"] = int(value), True
     if not ok[kind]:
+        shown_value = "" if name == "database_url" else \
+            " " + json.dumps(value)[:60]  # it may hold a password
         raise ConfigError(f"{where}: key '{name}' must be {expected}, "
-                          f"got {_json_type(value)} {json.dumps(value)[:60]}.")
+                          f"got {_json_type(value)}{shown_value}.")
     return float(value) if kind == "float" else value
 
 
@@ -853,52 +855,248 @@ def _psycopg():
     return psycopg
 
 
-# ---- URLs: the password never leaves libpq ----
+# ---- connection strings: parsed as libpq parses them; passwords never shown ----
+#
+# libpq reads a URL's user:password up to the first "@" before any "/", so
+# "#" and "?" belong to the password there (urlsplit would end the host at
+# them and miss it).  Any password is refused in database_url, and every form
+# of connection string (URL or key=value) is redacted wherever it is shown.
+
+CONNINFO_SECRETS = ("password", "sslpassword")  # libpq keys that hold secrets
+URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's, case-sensitive
+
 
 def is_database_url(text: str) -> bool:
-    return text.startswith(("postgresql://", "postgres://"))
+    return text.startswith(URL_PREFIXES)
 
 
-def _url_password(url: str) -> str | None:
-    parts = urlsplit(url)
-    if parts.password:
-        return unquote(parts.password)
-    return dict(parse_qsl(parts.query)).get("password")
+def parse_conninfo(text: str) -> dict:
+    """{libpq key: value} of a URL or key=value connection string, as libpq
+    reads it (psycopg's conninfo_to_dict asks libpq itself; without psycopg,
+    a parser written after libpq's fe-connect.c).  ValueError when libpq
+    would refuse it, with no part of the text in the message (libpq quotes
+    the whole URL, password included)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return _parse_conninfo(text)
+    try:
+        return conninfo_to_dict(text)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's message
+        raise ValueError(_unquoted(str(exc))) from None
 
 
-def redact_url(url: str) -> str:
-    """The URL without any password: what results and messages show."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")
-    if parts.password is not None:
-        user = netloc[0].split(":", 1)[0]
-        netloc = (user, "@", netloc[2])
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query)
-                       if k != "password"], safe="/")
-    return urlunsplit((parts.scheme, "".join(netloc), parts.path, query,
-                       parts.fragment))
+def _unquoted(message: str) -> str:
+    """libpq's message with every quoted part (a piece of the URL) cut."""
+    return re.sub(r'"[^"]*"', '"..."', message.strip().split("\n")[0])
+
+
+def _parse_conninfo(text: str) -> dict:
+    return _parse_uri(text) if is_database_url(text) else _parse_keywords(text)
+
+
+def _parse_uri(text: str) -> dict:
+    """conninfo_uri_parse_options: credentials, hosts[:ports], /dbname, ?k=v."""
+    rest, out = text.split("://", 1)[1], {}
+    cred = re.match(r"[^@/]*@", rest)  # the first "@" before any "/"
+    if cred:
+        user, colon, password = rest[:cred.end() - 1].partition(":")
+        rest = rest[cred.end():]
+        if user:
+            out["user"] = _pct_decode(user)
+        if colon and password:
+            out["password"] = _pct_decode(password)
+    hosts, ports, pos = [], [], 0
+    while True:
+        if rest.startswith("[", pos):  # [IPv6]
+            end = rest.find("]", pos)
+            if end <= pos + 1:
+                raise ValueError("unterminated or empty [IPv6] host")
+            host, pos = rest[pos + 1:end], end + 1
+            if rest[pos:pos + 1] not in ("", ":", "/", "?", ","):
+                raise ValueError("unexpected character after an [IPv6] host")
+        else:
+            host = re.compile(r"[^:/?,]*").match(rest, pos).group()
+            pos += len(host)
+        hosts.append(host)
+        port = ""
+        if rest.startswith(":", pos):
+            port = re.compile(r"[^/?,]*").match(rest, pos + 1).group()
+            pos += 1 + len(port)
+        ports.append(port)
+        if not rest.startswith(",", pos):
+            break
+        pos += 1
+    for key, values in (("host", hosts), ("port", ports)):
+        if ",".join(values):
+            out[key] = _pct_decode(",".join(values))
+    term = rest[pos:pos + 1]
+    if term == "/":
+        dbname, term, query = rest[pos + 1:].partition("?")
+        if dbname:
+            out["dbname"] = _pct_decode(dbname)
+    else:
+        query = rest[pos + 1:]
+    if term:
+        out.update(_uri_params(query))
+    return out
+
+
+def _uri_params(query: str) -> dict:
+    out = {}
+    for item in query.split("&") if query else []:
+        if item.count("=") != 1:
+            raise ValueError("a URL parameter without exactly one \"=\"")
+        key, value = (_pct_decode(x) for x in item.split("="))
+        if key == "ssl" and value == "true":  # libpq's JDBC-style alias
+            key, value = "sslmode", "require"
+        out[key] = value
+    return out
+
+
+def _pct_decode(text: str) -> str:
+    """libpq's conninfo_uri_decode: %XX only, and never %00."""
+    if re.search(r"%(?![0-9a-fA-F]{2})|%00", text):
+        raise ValueError("an invalid percent-encoded token")
+    return unquote(text, errors="surrogateescape")
+
+
+def _parse_keywords(text: str) -> dict:
+    """conninfo_parse: key = value pairs, values bare or 'quoted', with
+    backslash escapes in both."""
+    out, pos, n = {}, 0, len(text)
+    while True:
+        while pos < n and text[pos].isspace():
+            pos += 1
+        if pos >= n:
+            return out
+        m = re.compile(r"([^=\s]*)\s*=\s*").match(text, pos)
+        if not m:
+            raise ValueError('missing "=" in a key=value connection string')
+        key, pos, value = m.group(1), m.end(), []
+        quoted = text.startswith("'", pos)
+        pos += quoted
+        while True:
+            if pos >= n:
+                if quoted:
+                    raise ValueError("unterminated quoted string")
+                break
+            c = text[pos]
+            pos += 1
+            if c == "\\":
+                value.append(text[pos:pos + 1])
+                pos += 1
+            elif quoted and c == "'" or not quoted and c.isspace():
+                break
+            else:
+                value.append(c)
+        out[key] = "".join(value)
+
+
+def redact_url(text: str) -> str:
+    """A connection string (URL or key=value) without any password: what
+    results and messages show."""
+    if not text:
+        return text
+    if is_database_url(text):
+        return _redact_uri(text)
+    try:
+        info = _parse_keywords(text)
+    except ValueError:
+        return "(connection string not shown: libpq cannot read it)"
+    return " ".join(f"{k}={_kv_quote(v)}" for k, v in info.items()
+                    if k not in CONNINFO_SECRETS)
+
+
+def _redact_uri(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    cred = re.match(r"[^@/]*@", rest)  # libpq's rule, as _parse_uri
+    if cred:
+        user = rest[:cred.end() - 1].partition(":")[0]
+        rest = (user + "@" if user else "") + rest[cred.end():]
+    base, mark, query = rest.partition("?")
+    kept = []
+    for item in query.split("&") if query else []:
+        try:
+            key = _pct_decode(item.partition("=")[0])
+        except ValueError:
+            continue
+        if item.count("=") == 1 and key not in CONNINFO_SECRETS:
+            kept.append(item)
+    return f"{scheme}://{base}" + ("?" + "&".join(kept) if kept else "")
+
+
+def _kv_quote(value: str) -> str:
+    if value and not re.search(r"[\s'\\]", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _scrub(text: str, url: str) -> str:
-    """A driver message with the password (if any) cut out."""
-    password = _url_password(url)
-    if password:
-        text = text.replace(password, "***")
-    return re.sub(r"password\s*=\s*\S+", "password=***", text)
+    """A driver message with every password cut out: the ones in `url`, and
+    any password=... or user:password@ it quotes."""
+    with _ignored(ValueError):
+        for key in CONNINFO_SECRETS:
+            secret = parse_conninfo(url).get(key)
+            if secret:
+                text = text.replace(secret, "***")
+    text = re.sub(r"(postgres(?:ql)?://[^:@/\s]*):[^@/\s]*@", r"\1@", text)
+    return re.sub(r"\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)",
+                  r"\1=***", text)
+
+
+def pg_failure(exc: Exception, doing: str, url: str) -> str:
+    """A driver error as a message: scrubbed, with what to do about it."""
+    text = _scrub(str(exc).strip(), url)
+    hint = ""
+    if "does not exist" in text and "database" in text:
+        hint = " Create it first (createdb, or CREATE DATABASE)."
+    elif "password" in text:
+        hint = " Put the password in PGPASSWORD or ~/.pgpass."
+    return f"{doing} PostgreSQL database {redact_url(url)}: {text}.{hint}"
 
 
 def check_database_url(url: str, where: str) -> None:
-    """ConfigError unless `url` is a PostgreSQL URL without a password."""
+    """ConfigError unless `url` is a connection string libpq reads (URL or
+    key=value) that holds no password."""
     if not url:
         return
-    if not is_database_url(url):
-        raise ConfigError(f"{where}: key 'database_url' must look like "
-                          f"postgresql://user@host:5432/dbname, got "
-                          f"'{redact_url(url)[:60]}'.")
-    if _url_password(url):
-        raise ConfigError(f"{where}: key 'database_url' contains a password; "
-                          f"remove it and put it in the PGPASSWORD variable or "
-                          f"~/.pgpass, so it is never written to results.")
+    try:
+        info = parse_conninfo(url)
+    except ValueError as exc:
+        info, why = None, f" (libpq: {exc})"
+    else:
+        why = "" if is_database_url(url) or info else " (it is empty)"
+    if why:
+        raise ConfigError(f"{where}: key 'database_url' is not a connection "
+                          f"string PostgreSQL reads{why}; write it as "
+                          f"postgresql://user@host:5432/dbname.")
+    found = [k for k in CONNINFO_SECRETS if info.get(k)]
+    if found:
+        raise ConfigError(f"{where}: key 'database_url' holds a "
+                          f"{_secret_place(url, found[0])}; results and "
+                          f"reports would show it. Remove it and give it to "
+                          f"libpq another way: {_password_ways(info)}")
+
+
+def _secret_place(url: str, key: str) -> str:
+    if key == "password" and is_database_url(url) and \
+            re.match(r"[^@/]*:[^@/]*@", url.split("://", 1)[1]):
+        return "password (between 'user:' and '@')"
+    return f"'{key}' setting"
+
+
+def _password_ways(info: dict) -> str:
+    """The three places libpq reads a password from, filled in for `info`."""
+    fields = [(info.get(k) or "*").split(",")[0]  # the first host's
+              for k in ("host", "port", "dbname", "user")]
+    entry = ":".join(re.sub(r"([:\\])", r"\\\1", f) for f in fields)
+    pgpass = "%APPDATA%\\postgresql\\pgpass.conf" if os.name == "nt" \
+        else "~/.pgpass (chmod 600)"
+    return (f"the PGPASSWORD environment variable; or the line "
+            f"'{entry}:PASSWORD' in {pgpass}; or a service file "
+            f"(~/.pg_service.conf with password=PASSWORD in a [NAME] "
+            f"section, and database_url postgresql://?service=NAME).")
 
 
 # ---- values as stored ----
@@ -1026,13 +1224,7 @@ class PgStore:
             raise StoreError(self._why(exc, "cannot connect to")) from None
 
     def _why(self, exc, doing: str) -> str:
-        text = _scrub(str(exc).strip(), self.url)
-        hint = ""
-        if "does not exist" in text and "database" in text:
-            hint = " Create it first (createdb, or CREATE DATABASE)."
-        elif "password" in text:
-            hint = " Put the password in PGPASSWORD or ~/.pgpass."
-        return f"{doing} PostgreSQL database {self.path}: {text}.{hint}"
+        return pg_failure(exc, doing, self.url)
 
     def _open(self, create: bool) -> None:
         try:
@@ -1511,15 +1703,13 @@ class PgRunLock:
                 self.url, autocommit=True, connect_timeout=30,
                 application_name=f"reverse_search@{socket.gethostname()}"[:63])
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to PostgreSQL database "
-                             f"{self.path}: {_scrub(str(exc).strip(), self.url)}"
+            raise StoreError(pg_failure(exc, "cannot connect to", self.url)
                              ) from None
         try:
             self._wait(time.monotonic() + self.timeout)
         except psycopg.Error as exc:
             self.conn.close()
-            raise StoreError(f"lost PostgreSQL database {self.path}: "
-                             f"{_scrub(str(exc).strip(), self.url)}") from None
+            raise StoreError(pg_failure(exc, "lost", self.url)) from None
         return self
 
     def _wait(self, deadline: float) -> None:
@@ -3869,7 +4059,9 @@ def _iso(mtime_ns: int) -> str:
 
 
 def settings_of(cfg: Config) -> dict:
-    return {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+    settings = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+    settings["database_url"] = redact_url(cfg.database_url)
+    return settings
 
 
 def _match_json(m: Match) -> dict:

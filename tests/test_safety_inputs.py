@@ -1,0 +1,203 @@
+"""Issue 14, the inputs and caches: attacks by a hostile value, file or name.
+
+Each test reproduces one attack on real files (real SQLite, a real
+PostgreSQL server from tests/pg_server.py, real FIFOs and devices) and checks
+that the tool refuses it with a clear message or survives it, and that no
+secret reaches any output.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import picture, rs, run_json, write_params
+from pg_server import PASSWORD, PASSWORD_USER, pg_server  # noqa: F401
+
+
+def every_output(folder, *streams) -> str:
+    """The text of every file under `folder` except params.json, plus streams
+    (bytes read as latin-1: a secret is found whatever the encoding)."""
+    parts = list(streams)
+    for here, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(here, name)
+            if name != "params.json" and os.path.isfile(path):
+                with open(path, "rb") as fh:
+                    parts.append(fh.read().decode("latin-1"))
+    return "\n".join(parts)
+
+
+# ---- item 2: a PostgreSQL password never reaches output ----
+
+# libpq reads user:password up to the first "@" before any "/": "#" and "?"
+# there belong to the password (urlsplit ends the host at them)
+TRICKY_URLS = [
+    "postgresql://u:#sec?ret@h:5/db",
+    "postgresql://u:?secret@h/db",
+    "postgresql://u#:secret@h/db",
+    "postgresql://u:sec#ret@h/db?sslmode=disable",
+    "postgres://u:p%40secret@[::1]:5/db",
+    "postgresql://u:secret@h1:1,h2:2/db",
+    "postgresql:///db?host=/tmp&password=secret",
+    "postgresql://h/db?%70assword=secret",
+    "postgresql://u@h/db?sslpassword=secret",
+    "host=h password='a secret' dbname=x",
+    "host=h password=sec\\ ret dbname=x",
+    "dbname=x sslpassword=secret",
+]
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["libpq", "fallback"])
+@pytest.mark.parametrize("url", TRICKY_URLS)
+def test_any_password_in_database_url_is_refused_and_never_shown(
+        url, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setitem(sys.modules, "psycopg", None)  # import fails
+        monkeypatch.setitem(sys.modules, "psycopg.conninfo", None)
+    with pytest.raises(rs.ConfigError) as err:
+        rs.check_database_url(url, "params.json")
+    text = str(err.value)
+    assert "secret" not in text and "sec" not in text.replace("section", "")
+    for way in ("PGPASSWORD", ".pgpass", "service"):
+        assert way in text
+    assert "secret" not in rs.redact_url(url)
+    assert "sec" not in rs.redact_url(url).replace("sslmode", "")
+
+
+def test_redaction_keeps_the_rest_of_the_url():
+    assert rs.redact_url("postgresql://u:#sec?ret@h:5/db?sslmode=disable") == \
+        "postgresql://u@h:5/db?sslmode=disable"
+    assert rs.redact_url("postgresql://u#:secret@h/db") == "postgresql://u#@h/db"
+    assert rs.redact_url("host=h password='a b' dbname=x") == "host=h dbname=x"
+    assert rs.redact_url("host=h 'unterminated password=x").startswith(
+        "(connection string not shown")
+
+
+def test_libpq_errors_quote_the_url_but_the_message_does_not():
+    # libpq's own message would print the whole URL, password included
+    with pytest.raises(rs.ConfigError) as err:
+        rs.check_database_url("postgresql://u:secret@[::1/db", "params.json")
+    assert "secret" not in str(err.value) and "libpq" in str(err.value)
+    with pytest.raises(rs.ConfigError) as err:
+        rs.check_database_url("postgresql://u:secr%zzet@h/db", "params.json")
+    assert "secr" not in str(err.value)
+
+
+def test_a_password_in_a_badly_typed_database_url_is_not_echoed(tmp_path, capsys):
+    params = write_params(tmp_path, database_url=["postgresql://u:secret@h/db"])
+    code = rs.main(["build", "--params", params])
+    err = capsys.readouterr().err
+    assert code == 2 and "database_url" in err and "secret" not in err
+
+
+def test_driver_messages_are_scrubbed_of_every_conninfo_form():
+    url = "postgresql://u@h/db"
+    for said in ('could not connect: postgresql://u:#x?secret@h/db refused',
+                 "bad option password='a secret' here",
+                 "bad option sslpassword=secret here"):
+        assert "secret" not in rs._scrub(said, url)
+
+
+URL_TEXT = st.text(alphabet="ab:@/?#%&=,[]2F0", max_size=24)
+
+
+@settings(max_examples=400, deadline=None)
+@given(userinfo=URL_TEXT, rest=URL_TEXT)
+def test_fallback_parser_reads_urls_as_libpq(userinfo, rest):
+    conninfo = pytest.importorskip("psycopg.conninfo")
+    url = f"postgresql://{userinfo}@{rest}"
+    try:
+        expected = conninfo.conninfo_to_dict(url)
+    except Exception:  # libpq refuses it: so may we (never the reverse)
+        return
+    assert rs._parse_conninfo(url) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["host", "dbname", "password",
+                                           "user", "port"]),
+                          st.text(alphabet="a b'\\=#?", max_size=8)),
+                max_size=4))
+def test_fallback_parser_reads_keyword_strings_as_libpq(pairs):
+    conninfo = pytest.importorskip("psycopg.conninfo")
+    quote = lambda v: "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    text = " ".join(f"{k}={quote(v)}" for k, v in pairs)
+    assert rs._parse_conninfo(text) == conninfo.conninfo_to_dict(text)
+
+
+def pg_role(server, name, password):
+    """A login role with `password` (trust login over TCP: libpq takes the
+    password from the URL without being asked for it) and a database."""
+    import psycopg
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"DROP ROLE IF EXISTS {name}")
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        conn.execute(f"CREATE DATABASE {name} OWNER {name}")
+    return f"postgresql://{name}@127.0.0.1:{server.port}/{name}"
+
+
+@pytest.mark.parametrize("form", ["hash", "question", "keywords"])
+def test_a_password_with_hash_or_question_mark_reaches_no_output(
+        pg_server, collection, capsys, form):
+    secret = {"hash": "#Zq9-hash-secret", "question": "?Zq9-qm-secret",
+              "keywords": "Zq9 kw secret"}[form]
+    plain = pg_role(pg_server, f"rs_leak_{form}", secret.replace("'", ""))
+    user, host = plain.split("://", 1)[1].split("@", 1)
+    url = {"hash": f"postgresql://{user}:{secret}@{host}",
+           "question": f"postgresql://{user}:{secret}@{host}",
+           "keywords": f"host=127.0.0.1 port={pg_server.port} user={user} "
+                       f"dbname={user} password='{secret}'"}[form]
+    params = write_params(collection, database_url=url)
+    streams = []
+    for op in ("build", "find_duplicates", "search"):
+        code = rs.main([op, "--params", params])
+        out, err = capsys.readouterr()
+        streams += [out, err]
+        assert code == 2 and "PGPASSWORD" in err, err
+    text = every_output(collection, *streams)
+    assert secret not in text and "Zq9" not in text
+
+
+def test_a_password_from_pgpassword_reaches_no_output(pg_server, collection,
+                                                      capsys, monkeypatch):
+    url = pg_server.new_database(owner=PASSWORD_USER)
+    params = write_params(collection, database_url=url, html_report=True)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    streams = []
+    for op in ("build", "update", "find_duplicates", "search", "export"):
+        for fmt in ("json", "text"):
+            code = rs.main([op, "--params", params, "--format", fmt])
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            streams += [out, err]
+    monkeypatch.setenv("PGPASSWORD", "wrong-" + PASSWORD)
+    code = rs.main(["search", "--params", params])
+    out, err = capsys.readouterr()
+    assert code == 1 and "PGPASSWORD" in err
+    streams += [out, err]
+    text = every_output(collection, *streams)
+    assert "find_duplicates.html" in os.listdir(collection / "out")
+    assert PASSWORD not in text and "s3cret" not in text
+    doc = json.loads((collection / "out" / "search.json").read_text())
+    assert doc["database"] == url == doc["settings"]["database_url"]
+
+
+def test_a_sqlite_run_shows_no_password_either(collection, capsys, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "Zq9-sqlite-secret")
+    params = write_params(collection)
+    streams = []
+    for op in ("build", "find_duplicates", "search"):
+        code = rs.main([op, "--params", params, "--format", "json"])
+        out, err = capsys.readouterr()
+        assert code == 0
+        streams += [out, err]
+    code = rs.main(["search", "--params", params, "--database-url",
+                    "postgresql://u:#Zq9?x@127.0.0.1:1/db"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "PGPASSWORD" in err
+    text = every_output(collection, *streams, out, err)
+    assert "Zq9" not in text
