@@ -20,6 +20,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
 import hashlib
 import html
@@ -33,8 +34,8 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -77,6 +78,237 @@ class StoreError(ReverseSearchError):
 
 class SkipFile(ReverseSearchError):
     """One image cannot be hashed; it is recorded and the run goes on."""
+
+
+# ============================================================================
+# Files: every file the tool writes is made here
+# ============================================================================
+#
+# A file is created fresh under a random temporary name beside its target
+# (O_CREAT | O_EXCL | O_NOFOLLOW: never an existing file, never through a
+# link), written, flushed and renamed over its own name.  A reader sees the
+# old file or the new one, never half of either; a symbolic or hard link
+# planted at the name is replaced, never written through.  Appends (the
+# quarantine manifest, the desktop log) open with O_NOFOLLOW and refuse any
+# file that is not a plain file with one name.  A user's image is moved or
+# restored by transfer(): a hard link when both names are on one file system
+# (the same bytes, nothing copied), else a copy to a temporary name, fsync,
+# a SHA-256 check, then a rename that never replaces a file; the source goes
+# last.
+
+TEMP_MARK = ".rstmp-"  # temporary names: .rstmp-<tag of target>-<random>
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has no symlink opens
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_COPY_BLOCK = 1 << 20
+
+
+def _name_tag(path: str) -> str:
+    """Ties a temporary name to its target, so leftovers can be found."""
+    name = os.fsencode(os.path.basename(path))
+    return hashlib.sha1(name).hexdigest()[:8]
+
+
+def temp_name(path: str) -> str:
+    return os.path.join(os.path.dirname(path) or ".",
+                        f"{TEMP_MARK}{_name_tag(path)}-{uuid.uuid4().hex[:12]}")
+
+
+def create_temp(path: str) -> tuple[int, str]:
+    """(fd, name) of a new, empty file beside `path`; mode 0666 less umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    while True:
+        tmp = temp_name(path)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 48 random bits taken: draw again
+            continue
+
+
+def _atomic_write(path: str, write, binary: bool = False,
+                  replace: bool = True, sync: bool = False) -> None:
+    """Create `path` fresh: write(fh) fills a temporary file (text or binary),
+    renamed over `path` (or, replace=False, put there only if the name is
+    free: FileExistsError otherwise).  sync: on disk before the rename (the
+    index, the manifest); results and thumbnails skip it (a crash leaves the
+    old file or an empty one, and thousands of fsyncs are slow)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = create_temp(path)
+    try:
+        with (os.fdopen(fd, "wb") if binary else
+              os.fdopen(fd, "w", encoding="utf-8", newline="")) as fh:
+            write(fh)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            place_new(tmp, path)
+    except BaseException:
+        with _ignored(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def place_new(tmp: str, path: str) -> None:
+    """Rename tmp to path unless path exists (FileExistsError then).  A hard
+    link makes the check and the rename one step where links work."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError):  # no hard links here (FAT, SMB)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "file exists", path) from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def open_append(path: str):
+    """A binary file to append to; never through a link, never a file with
+    other names (a hard link to someone's photo)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, "is a symbolic link; the tool never "
+                          "writes through one: move it away", path) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise OSError(errno.EPERM, "is not a plain file with one name; the "
+                      "tool never appends to it: move it away", path)
+    return os.fdopen(fd, "ab")
+
+
+def append_line(path: str, line: str) -> None:
+    """One line, on disk before this returns."""
+    with open_append(path) as fh:
+        fh.write(line.encode("utf-8", "surrogateescape") + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def own_folder(path: str) -> None:
+    """A folder the tool makes inside its own output: a real folder, never a
+    link planted in its place (that would carry writes elsewhere)."""
+    if os.path.islink(path):
+        os.unlink(path)  # the link only: what it points to is not touched
+    os.makedirs(path, exist_ok=True)
+
+
+def sync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (POSIX; Windows has no folder fds)."""
+    if os.name == "nt":
+        return
+    with _ignored(OSError):
+        fd = os.open(folder or ".", os.O_RDONLY | _CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_COPY_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sweep_temps(path: str) -> int:
+    """Remove temporary files an interrupted transfer to `path` left (only
+    names this tool makes, tagged with this target)."""
+    folder, gone = os.path.dirname(path) or ".", 0
+    mark = f"{TEMP_MARK}{_name_tag(path)}-"
+    with _ignored(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(mark) and len(name) == len(mark) + 12:
+                with _ignored(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    gone += 1
+    return gone
+
+
+def transfer(src: str, dst: str, sha256: str, replace: bool = False) -> None:
+    """Move the plain file src to dst, which must not exist (replace=True:
+    may exist and is replaced).  On one file system a hard link (the same
+    bytes); across file systems a copy to a temporary name, fsync and a
+    SHA-256 check against `sha256` first.  src is removed last: a failure or
+    a kill at any point leaves src whole (and at most a temporary file,
+    removed by the next transfer to dst)."""
+    sweep_temps(dst)
+    if not replace and _link_moved(src, dst):
+        return
+    fd, tmp = create_temp(dst)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            got = _copy_digest(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        if got != sha256:
+            raise OSError(errno.EIO, "changed while being copied (SHA-256 "
+                          "differs); left where it was", src)
+        if sha256_of(tmp) != sha256:
+            raise OSError(errno.EIO, "the copy reads back wrong (SHA-256 "
+                          "differs); left where it was", dst)
+        st = os.stat(src)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with _ignored(OSError):
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        if replace:
+            os.replace(tmp, dst)
+        else:
+            place_new(tmp, dst)
+    except BaseException:
+        with _ignored(OSError):
+            os.unlink(tmp)
+        raise
+    sync_folder(os.path.dirname(dst))
+    os.unlink(src)
+    sync_folder(os.path.dirname(src))
+
+
+def _link_moved(src: str, dst: str) -> bool:
+    """True if src now lives at dst through a hard link (one file system)."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError):  # other file system, or no links
+        return False
+    sync_folder(os.path.dirname(dst))
+    os.unlink(src)
+    sync_folder(os.path.dirname(src))
+    return True
+
+
+def _copy_digest(src: str, out) -> str:
+    """Copy src into the open file `out`; the SHA-256 of what was read."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as fh:
+        for block in iter(lambda: fh.read(_COPY_BLOCK), b""):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
+
+
+class _ignored:
+    """Ignore the given exceptions (cleanup that must not mask the real one)."""
+
+    def __init__(self, *exc):
+        self.exc = exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, self.exc)
 
 
 # ============================================================================
@@ -262,8 +494,8 @@ def default_params() -> dict:
 
 def write_default_params(path: str) -> None:
     text = json.dumps(default_params(), indent=2) + "\n"
-    with open(path, "x", encoding="utf-8") as fh:  # "x": never overwrite
-        fh.write(text)
+    _atomic_write(path, lambda fh: fh.write(text), replace=False, sync=True)  # never
+    # overwrite: a params.json that appeared meanwhile is the user's
 
 
 def read_params(path: str) -> dict:
@@ -716,7 +948,15 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self.fh = open(self.path, "a+b")
+        try:  # never created or opened through a planted link
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW |
+                         _CLOEXEC, 0o666)
+        except OSError as exc:
+            why = "is a symbolic link" if os.path.islink(self.path) else \
+                f"cannot be opened ({exc.strerror})"
+            raise StoreError(f"the lock file {self.path} {why}; remove it "
+                             f"(no run is using it then).") from None
+        self.fh = os.fdopen(fd, "r+b")
         deadline = time.monotonic() + self.timeout
         while not self._try_lock():
             if time.monotonic() >= deadline:
@@ -2438,25 +2678,16 @@ def words_to_ints(hashes: np.ndarray) -> list:
 
 
 def write_container(path: str, header: dict, arrays: dict) -> None:
-    """Header plus arrays, written to a temporary file and renamed into place."""
+    """Header plus arrays, created fresh and renamed into place."""
     header = dict(header, arrays=list(arrays))
     blob = json.dumps(header).encode("utf-8")
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(INDEX_MAGIC + len(blob).to_bytes(8, "little") + blob)
-            for array in arrays.values():
-                np.lib.format.write_array(fh, np.ascontiguousarray(array),
-                                          allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _ignored(OSError):
-            os.unlink(tmp)
-        raise
+
+    def write(fh):
+        fh.write(INDEX_MAGIC + len(blob).to_bytes(8, "little") + blob)
+        for array in arrays.values():
+            np.lib.format.write_array(fh, np.ascontiguousarray(array),
+                                      allow_pickle=False)
+    _atomic_write(path, write, binary=True, sync=True)
 
 
 def read_container(path: str) -> tuple[dict, dict]:
@@ -2485,17 +2716,6 @@ class _no_gc:
         import gc
         if self.was:
             gc.enable()
-
-
-class _ignored:
-    def __init__(self, *exc):
-        self.exc = exc
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, self.exc)
 
 
 # ---- engines: each answers search() and pairs() over distinct hashes ----
@@ -3875,14 +4095,6 @@ class MoveReport:
     seconds: float = 0.0
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def quarantine_path(quarantine: str, path: str) -> str:
     """Where a file goes in quarantine: its absolute path mirrored inside."""
     drive, rest = os.path.splitdrive(os.path.abspath(path))
@@ -3937,14 +4149,11 @@ def _move_one(entry: PlanEntry, cfg: Config, manifest: str,
         report.skipped.append(Failure(path, why))
         return
     dest = _free_name(quarantine_path(cfg.quarantine_dir, path))
-    record = {"original": path, "quarantined": dest, "sha256": _sha256(path),
+    record = {"original": path, "quarantined": dest, "sha256": sha256_of(path),
               "size": entry.size, "moved_at": _iso(time.time_ns())}
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(manifest, "a", encoding="utf-8") as fh:  # intent first
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(manifest, json.dumps(record, ensure_ascii=False))  # intent first
         shutil.move(path, dest)
     except OSError as exc:
         report.skipped.append(Failure(path, describe_os_error(exc)))
@@ -3992,7 +4201,7 @@ def _undo_problem(rec: dict):
         return "" if os.path.exists(dst) else "missing from the quarantine"
     if os.path.lexists(dst):
         return f"a file now exists at {shown(dst)}; left in quarantine"
-    if _sha256(src) != rec["sha256"]:
+    if sha256_of(src) != rec["sha256"]:
         return "changed while in quarantine; left there"
     return None
 
@@ -4001,7 +4210,8 @@ def _finish_manifest(manifest: str, remaining: list) -> None:
     """Keep only what is still in quarantine; archive a finished manifest."""
     if remaining:
         _atomic_write(manifest, lambda fh: fh.writelines(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in remaining))
+            json.dumps(r, ensure_ascii=False) + "\n" for r in remaining),
+            sync=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         os.replace(manifest, manifest.replace(".jsonl", f"-undone-{stamp}.jsonl"))
@@ -4283,26 +4493,12 @@ class _output_errors:
         return False
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with _ignored(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # ---- the HTML report: thumbnails and one self-contained page ----
 
 HTML_PAGE_SIZE = 50      # groups drawn at once: keeps 10,000 groups fast
 HTML_THUMB_QUALITY = 80  # JPEG quality of thumbnails: small and sharp enough
 PLACEHOLDER_NAME = "unreadable.png"
-_THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg(\.part)?")
+_THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
 _ESCAPED_BYTE = re.compile(r"\\x([0-9a-fA-F]{2})")
 
 
@@ -4316,7 +4512,7 @@ def write_html_report(doc: dict, out_dir: str, thumb_px: int = 160) -> str:
     page_path = os.path.join(out_dir, f"{op}.html")
     max_pixels = doc.get("settings", {}).get("max_image_pixels") or 178956970
     with _output_errors(out_dir):
-        os.makedirs(os.path.join(out_dir, files), exist_ok=True)
+        own_folder(os.path.join(out_dir, files))
         thumbs = make_thumbnails(_report_paths(doc), os.path.join(out_dir, files),
                                  thumb_px, max_pixels)
         folders = {}
@@ -4408,14 +4604,10 @@ def _save_thumbnail(im, dest: str, px: int, orientation: int) -> None:
     small.thumbnail((px, px), Image.Resampling.LANCZOS, reducing_gap=2.0)
     if orientation in _ORIENT:
         small = small.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
-    part = dest + ".part"  # a run killed mid-write leaves no half thumbnail
-    try:
-        small.convert("RGB").save(part, "JPEG", quality=HTML_THUMB_QUALITY)
-        os.replace(part, dest)
-    except BaseException:
-        with _ignored(OSError):
-            os.unlink(part)
-        raise
+    small = small.convert("RGB")
+    _atomic_write(dest, lambda fh: small.save(fh, "JPEG",
+                                              quality=HTML_THUMB_QUALITY),
+                  binary=True)
 
 
 def placeholder(folder: str, px: int) -> None:
@@ -4430,7 +4622,8 @@ def placeholder(folder: str, px: int) -> None:
     left, top, right, bottom = draw.textbbox((0, 0), "no preview")
     draw.text(((px - right - left) // 2, px - m // 2 - (bottom + top) // 2),
               "no preview", fill=(110, 110, 110))
-    im.save(os.path.join(folder, PLACEHOLDER_NAME))
+    _atomic_write(os.path.join(folder, PLACEHOLDER_NAME),
+                  lambda fh: im.save(fh, "PNG"), binary=True)
 
 
 def _prune_thumbnails(folder: str, used: set) -> None:
@@ -5015,13 +5208,25 @@ class _Tee:
         return False
 
 
+def _desktop_log(path: str):
+    """The log beside params.json, appended to (never through a link); a
+    log that cannot be opened is not a reason to fail the run."""
+    try:
+        return io.TextIOWrapper(open_append(path), encoding="utf-8",
+                                errors="backslashreplace")
+    except OSError as exc:
+        print(f"reverse_search: not logging to {path}: {exc.strerror}",
+              file=sys.stderr)
+        return io.StringIO()
+
+
 def run_from_desktop(params: str) -> int:
     """A double-click: no terminal to read, so log everything beside
     params.json and show the outcome in the browser."""
     folder = os.path.dirname(params)
     log_path = os.path.join(folder, "reverse_search.log")
     said = io.StringIO()
-    with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as log:
+    with _desktop_log(log_path) as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
                   f"reverse_search {__version__}\n")
         saved = sys.stdout, sys.stderr
