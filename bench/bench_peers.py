@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""reverse_search against other near-duplicate finders, end to end.
+
+Each tool indexes a labelled corpus (shared/bench/make_corpus.py) from
+scratch and reports its groups of near-duplicates, run as whole processes
+(interpreter start, hashing, grouping and every file written included):
+
+  reverse_search   `build`, then `find_duplicates` (HTML report included),
+                   shipped defaults, a fresh database each time
+  czkawka          its Python bindings (pip install -r requirements-bench.txt),
+                   ImageSimilarity at its default similarity level
+  imagededup       PHash, defaults (only when it is installed: it pulls in
+                   PyTorch, so it is not in requirements-bench.txt)
+
+The tools take turns (A B C, A B C, ...) for --reps rounds, so load from
+other users of the machine falls on all of them alike; the table gives the
+median of each column, and the 1-minute load average around every run.
+
+    python3 bench/bench_peers.py                      # /work/data/std-like corpus
+    python3 bench/bench_peers.py --corpus DIR --reps 5 --json out.json
+    python3 bench/bench_peers.py --tools reverse_search,czkawka
+
+Scores against truth.csv (bench/evaluate.py's rules): pair precision (pairs
+inside reported groups that are true, `related` and `hard` pairs left out),
+pair recall (the issue's "near-dup recall": true pairs reported / all true
+pairs), and near-dups found (share of near_dup files reported in one group
+with their original).  Wall and CPU seconds are the process's own plus
+its reaped children (the hashing workers), from os.wait4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOOL = os.path.join(ROOT, "reverse_search.py")
+sys.path.insert(0, HERE)
+from evaluate import (paired_with_original, read_truth, relative,  # noqa: E402
+                      score_pairs)
+
+DEFAULT_CORPUS = os.environ.get("NDBENCH_CORPUS", "/work/data/std")
+TOOLS = ("reverse_search", "czkawka", "imagededup")
+
+# Each peer runs in a fresh interpreter and writes its groups as a JSON list
+# of lists of paths to argv[2].
+CZKAWKA = r"""
+import json, sys, czkawka
+finder = czkawka.ImageSimilarity()
+finder.set_directories([sys.argv[1]])
+if len(sys.argv) > 3:
+    finder.set_similarity(int(sys.argv[3]))
+groups = finder.find_similar()
+with open(sys.argv[2], "w") as fh:
+    json.dump([[str(p) for p in g] for g in groups], fh)
+"""
+
+IMAGEDEDUP = r"""
+import json, os, sys
+from imagededup.methods import PHash
+dups = PHash(verbose=False).find_duplicates(image_dir=sys.argv[1], scores=False,
+                                            recursive=True)
+seen, groups = set(), []
+for key, others in sorted(dups.items()):   # key -> its duplicates: pairs
+    for other in others:
+        pair = tuple(sorted((key, other)))
+        if pair not in seen:
+            seen.add(pair)
+            groups.append([os.path.join(sys.argv[1], p) for p in pair])
+with open(sys.argv[2], "w") as fh:
+    json.dump(groups, fh)
+"""
+
+
+@dataclass
+class Run:
+    """One whole run of one tool: one or more processes."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    peak_mb: float = 0.0
+    load: float = 0.0     # 1-minute load average when it started
+    steps: dict = field(default_factory=dict)  # step -> wall s
+    precision: float | None = None
+    recall: float | None = None
+    near_dup_recall: float | None = None
+    groups: int = 0
+    pairs: int = 0
+    result: str = ""      # digest of the groups found, to compare rounds
+
+
+def timed(cmd: list, cwd: str | None = None) -> tuple[float, float, float]:
+    """Run a command; (wall s, CPU s with reaped children, peak RSS MB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, use = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed "
+                           f"(exit {proc.returncode}): "
+                           f"{err.decode(errors='replace').strip()[-2000:]}")
+    return wall, use.ru_utime + use.ru_stime, use.ru_maxrss / 1024
+
+
+def run_steps(run: Run, steps: list) -> None:
+    for name, cmd in steps:
+        wall, cpu, peak = timed(cmd)
+        run.wall += wall
+        run.cpu += cpu
+        run.peak_mb = max(run.peak_mb, peak)
+        run.steps[name] = wall
+
+
+def run_reverse_search(images: str, work: str, extra: list) -> tuple[Run, list]:
+    params = os.path.join(work, "params.json")
+    with open(params, "w", encoding="utf-8") as fh:
+        json.dump({"img_dirs": [images], "input_dir": images,
+                   "db_dir": os.path.join(work, "db"),
+                   "bk_dir": os.path.join(work, "index"),
+                   "output_dir": os.path.join(work, "out")}, fh)
+    base = [sys.executable, TOOL, "--params", params, "-q", *extra]
+    run = Run(load=os.getloadavg()[0])
+    run_steps(run, [("build", base[:2] + ["build"] + base[2:]),
+                    ("find_duplicates", base[:2] + ["find_duplicates"] + base[2:])])
+    with open(os.path.join(work, "out", "find_duplicates.json"),
+              encoding="utf-8") as fh:
+        doc = json.load(fh)
+    return run, [[m["path"] for m in g["images"]] for g in doc["groups"]]
+
+
+def run_peer(script: str, images: str, work: str, args: list
+             ) -> tuple[Run, list]:
+    out = os.path.join(work, "groups.json")
+    run = Run(load=os.getloadavg()[0])
+    run_steps(run, [("all", [sys.executable, "-c", script, images, out, *args])])
+    with open(out, encoding="utf-8") as fh:
+        return run, json.load(fh)
+
+
+def score(run: Run, groups: list, corpus: str, truth: dict) -> None:
+    items = [[truth[f] for f in (relative(corpus, p) for p in g) if f in truth]
+             for g in groups]
+    s = score_pairs(items, truth)
+    run.precision, run.recall = s.precision, s.recall
+    run.groups, run.pairs = len(items), s.reported
+    canon = sorted(sorted(relative(corpus, p) for p in g) for g in groups)
+    run.result = hashlib.sha256(json.dumps(canon).encode()).hexdigest()[:12]
+    hit = paired_with_original(items, truth)
+    near = [f for f, i in truth.items() if i.category == "near_dup"]
+    run.near_dup_recall = sum(hit[f] for f in near) / len(near) if near else None
+
+
+def available(tool: str) -> bool:
+    if tool == "reverse_search":
+        return True
+    import importlib.util
+    return importlib.util.find_spec(tool) is not None
+
+
+def version(tool: str) -> str:
+    if tool == "reverse_search":
+        def out(*cmd):
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            return done.stdout.strip() if done.returncode == 0 else "?"
+        dirty = out("git", "status", "--porcelain", "--", "reverse_search.py")
+        return (f"{out(sys.executable, TOOL, '--version')} "
+                f"({out('git', 'rev-parse', '--short', 'HEAD')}"
+                f"{', modified' if dirty else ''})")
+    from importlib.metadata import version as dist_version
+    return dist_version(tool)
+
+
+def median(values: list):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}")
+
+
+def table(runs: dict, label: dict) -> str:
+    ref = "czkawka" if "czkawka" in runs else next(iter(runs))
+    head = ["tool", "wall s", "CPU s", f"wall / {ref}", "peak MB",
+            "pair precision", "pair recall", "near-dups found", "groups",
+            "results per round", "load 1m"]
+    first = median([r.wall for r in runs[ref]])
+    rows = []
+    for tool, rs in runs.items():
+        wall = median([r.wall for r in rs])
+        rows.append([label[tool], fmt(wall, ".2f"),
+                     fmt(median([r.cpu for r in rs]), ".2f"),
+                     fmt(wall / first if wall and first else None, ".2f"),
+                     fmt(median([r.peak_mb for r in rs]), ".0f"),
+                     fmt(median([r.precision for r in rs]), ".3f"),
+                     fmt(median([r.recall for r in rs]), ".3f"),
+                     fmt(median([r.near_dup_recall for r in rs]), ".3f"),
+                     fmt(median([r.groups for r in rs]), ".0f"),
+                     "same" if len({r.result for r in rs}) == 1 else
+                     f"{len({r.result for r in rs})} different",
+                     fmt(median([r.load for r in rs]), ".2f")])
+    cells = [head] + rows
+    width = [max(len(r[k]) for r in cells) for k in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |"
+             for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default=DEFAULT_CORPUS,
+                    help="corpus folder with truth.csv and images/ (default: "
+                         "$NDBENCH_CORPUS or /work/data/std)")
+    ap.add_argument("--reps", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help="comma-separated, in this order (default: all that "
+                         "are installed)")
+    ap.add_argument("--tool-args", default="", metavar="FLAGS",
+                    help="more reverse_search flags for both of its commands, "
+                         "e.g. '--no-html-report'")
+    ap.add_argument("--czkawka-level", type=int, default=None,
+                    help="czkawka similarity level 0-50 (default: its own)")
+    ap.add_argument("--json", metavar="FILE", help="also save every run here")
+    args = ap.parse_args(argv)
+    corpus = os.path.abspath(args.corpus)
+    if not os.path.isfile(os.path.join(corpus, "truth.csv")):
+        print(f"bench_peers: no truth.csv in {corpus}; build a corpus with "
+              f"shared/bench/make_corpus.py or give --corpus", file=sys.stderr)
+        return 2
+    truth = read_truth(corpus)
+    images = os.path.join(corpus, "images")
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TOOLS]
+    if unknown:
+        print(f"bench_peers: unknown tool(s) {unknown}; choose from {TOOLS}",
+              file=sys.stderr)
+        return 2
+    tools = [t for t in wanted if available(t)]
+    for t in set(wanted) - set(tools):
+        print(f"bench_peers: {t} is not installed, left out", file=sys.stderr)
+    extra = args.tool_args.split()
+    czk_args = [] if args.czkawka_level is None else [str(args.czkawka_level)]
+    label = {t: f"{t} {version(t)}" for t in tools}
+    if "czkawka" in label:
+        label["czkawka"] += (f", level {args.czkawka_level}"
+                             if czk_args else ", its default level")
+    runs = {t: [] for t in tools}
+    started = datetime.datetime.now().astimezone()
+    for rep in range(args.reps):
+        for tool in tools:
+            work = tempfile.mkdtemp(prefix=f"peers-{tool}-")
+            try:
+                if tool == "reverse_search":
+                    run, groups = run_reverse_search(images, work, extra)
+                elif tool == "czkawka":
+                    run, groups = run_peer(CZKAWKA, images, work, czk_args)
+                else:
+                    run, groups = run_peer(IMAGEDEDUP, images, work, [])
+            except RuntimeError as exc:
+                print(f"bench_peers: {tool}: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            score(run, groups, corpus, truth)
+            runs[tool].append(run)
+            steps = ", ".join(f"{k} {v:.2f}" for k, v in run.steps.items())
+            print(f"round {rep + 1}/{args.reps} {tool}: wall {run.wall:.2f} s "
+                  f"({steps}), CPU {run.cpu:.2f} s, load {run.load:.2f}",
+                  file=sys.stderr, flush=True)
+    print(f"{len(truth)} files in {corpus}; {started:%Y-%m-%d %H:%M %Z}; "
+          f"{machine()}")
+    print(f"medians of {args.reps} interleaved rounds; load 1m at the end: "
+          f"{os.getloadavg()[0]:.2f}\n")
+    print(table(runs, label))
+    if "reverse_search" in runs:
+        rs = runs["reverse_search"]
+        print("\nreverse_search steps (median wall s): " + ", ".join(
+            f"{k} {median([r.steps[k] for r in rs]):.2f}" for k in rs[0].steps))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"corpus": corpus, "started": started.isoformat(),
+                       "machine": machine(), "labels": label,
+                       "runs": {t: [vars(r) for r in rs]
+                                for t, rs in runs.items()}}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
