@@ -740,6 +740,117 @@ def kind_meta(spec: HashSpec) -> dict:
                 tool=__version__)
 
 
+# ---- which folders a database covers ----
+# A database records the img_dirs roots it was hashed for (per machine on
+# PostgreSQL), with the hash kind they were hashed in.  A run whose img_dirs
+# name a folder not covered yet hashes that folder first; a run answers only
+# from rows under its own img_dirs.  Rows of a folder dropped from img_dirs are
+# kept, not searched: putting it back costs no hashing (hours for a big
+# collection), and `build` drops them.
+
+COVERAGE_KEY = "img_dirs"
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = folder.rstrip(os.sep) + os.sep
+    return os.path.normcase(path).startswith(os.path.normcase(folder))
+
+
+def _root_range(root: str) -> tuple[bytes, bytes]:
+    """[lo, hi): the path bytes of every file under folder `root`."""
+    lo = os.fsencode(root.rstrip(os.sep) + os.sep)
+    return lo, lo[:-1] + bytes([lo[-1] + 1])
+
+
+def covers(folder: str, path: str) -> bool:
+    """Whether `path` is `folder` or lies under it."""
+    return os.path.normcase(path.rstrip(os.sep)) == \
+        os.path.normcase(folder.rstrip(os.sep)) or _inside(path, folder)
+
+
+def outside(paths: Iterable[str], folders: Sequence[str]) -> list:
+    """The paths of `paths` under none of `folders`."""
+    return [p for p in paths if not any(covers(f, p) for f in folders)]
+
+
+def outermost(folders: Iterable[str]) -> list:
+    """The folders not inside another one, sorted."""
+    folders = sorted(set(folders))
+    return [f for f in folders
+            if not any(covers(g, f) for g in folders if g != f)]
+
+
+@dataclass
+class Coverage:
+    """The img_dirs roots a database (or this machine's part of one) holds
+    hashes of.  `unknown`: it also holds rows of folders it never recorded
+    (written before coverage was recorded); they are never answered from."""
+
+    kind: str
+    roots: list
+    unknown: bool = False
+
+    def to_meta(self) -> str:
+        return json.dumps({"kind": self.kind, "roots": self.roots,
+                           "unknown": self.unknown})
+
+    @classmethod
+    def from_meta(cls, text: str, kind: str) -> Coverage:
+        value = json.loads(text)
+        if value.get("kind") != kind:  # hashes of another kind: rehashed
+            return cls(kind, [])
+        return cls(kind, list(value.get("roots", [])),
+                   bool(value.get("unknown")))
+
+
+class Scoped:
+    """What both stores share about coverage and scope.  A store answers
+    (hash_arrays, searches, failed and low-detail rows) only from rows under
+    its scope, set by set_scope; None: every row, the common case, at no cost.
+    Each store gives _coverage_text, _legacy_coverage, _rows_outside and
+    _scope_sql."""
+
+    scope = None        # the img_dirs of this run, when rows outside exist
+    scope_roots = ()    # the img_dirs of this run
+    scope_kind = ""
+
+    def coverage(self, kind: str) -> Coverage:
+        text = self._coverage_text()
+        if text is None:
+            return self._legacy_coverage(kind)
+        return Coverage.from_meta(text, kind)
+
+    def uncovered(self, roots: Sequence[str], kind: str) -> list:
+        """The folders of `roots` the database holds no hashes for yet."""
+        return outside(roots, self.coverage(kind).roots)
+
+    def ignored(self, roots: Sequence[str], kind: str) -> list:
+        """Covered folders this run does not ask for (kept, not answered)."""
+        return outside(self.coverage(kind).roots, roots)
+
+    def record_coverage(self, roots: Sequence[str], kind: str) -> None:
+        """After a complete walk of `roots`: they are covered."""
+        old = self.coverage(kind)
+        unknown = old.unknown and self._rows_outside(old.roots + list(roots))
+        self._set_coverage(Coverage(kind, outermost(old.roots + list(roots)),
+                                    unknown))
+        if self.scope_kind:
+            self.set_scope(self.scope_roots, self.scope_kind)
+
+    def set_scope(self, roots: Sequence[str], kind: str) -> None:
+        self.scope_roots, self.scope_kind = list(roots), kind
+        cov = self.coverage(kind)
+        needed = cov.unknown or outside(cov.roots, roots)
+        self.scope = list(roots) if needed else None
+
+    def _scope_tag(self) -> str:
+        """Part of the fingerprint: an index holds the rows of one scope."""
+        if self.scope is None:
+            return ""
+        text = "\0".join(sorted(self.scope))
+        return ":" + hashlib.blake2b(os.fsencode(text), digest_size=6).hexdigest()
+
+
 def join_hash_blocks(blocks: list, words: int, variants: int) -> tuple:
     """One (ids, hashes, variant hashes, details) from blocks of rows."""
     if not blocks:
@@ -749,7 +860,7 @@ def join_hash_blocks(blocks: list, words: int, variants: int) -> tuple:
     return tuple(np.concatenate(part) for part in zip(*blocks))
 
 
-class Store:
+class Store(Scoped):
     """The SQLite database of one collection, behind a few small methods."""
 
     ROW_COLUMNS = ("path, size, mtime_ns, digest, hash, width, height, error, id, "
@@ -783,6 +894,8 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)",
                             (uuid.uuid4().hex,))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                            (COVERAGE_KEY, Coverage("", []).to_meta()))
 
     def close(self) -> None:
         self.db.close()
@@ -803,7 +916,51 @@ class Store:
         """Changes whenever the stored hashes change (every write bumps it)."""
         meta = self.meta()
         count = self.db.execute("SELECT count(*) FROM images").fetchone()[0]
-        return f"{meta['db_id']}:{meta['generation']}:{count}"
+        return f"{meta['db_id']}:{meta['generation']}:{count}{self._scope_tag()}"
+
+    # ---- coverage (Scoped) ----
+    def _coverage_text(self) -> str | None:
+        return self.meta().get(COVERAGE_KEY)
+
+    def _set_coverage(self, cov: Coverage) -> None:
+        self.set_meta(**{COVERAGE_KEY: cov.to_meta()})
+
+    def _legacy_coverage(self, kind: str) -> Coverage:
+        """A database from before coverage was recorded: the folders of this
+        run that hold rows count as covered; others may hold rows too."""
+        if self.hash_kind() != kind:
+            return Coverage(kind, [])
+        found = [r for r in self.scope_roots if self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM images WHERE "
+            f"{self._ranges_sql([r])[0]})", self._ranges_sql([r])[1]
+        ).fetchone()[0]]
+        return Coverage(kind, found, True)
+
+    def _rows_outside(self, roots: Sequence[str]) -> bool:
+        sql, params = self._ranges_sql(roots)
+        return bool(self.db.execute("SELECT EXISTS (SELECT 1 FROM images "
+                                    f"WHERE NOT ({sql}))", params).fetchone()[0])
+
+    @staticmethod
+    def _ranges_sql(roots: Sequence[str]) -> tuple[str, list]:
+        """A condition true for rows under `roots`: byte ranges of the path,
+        for paths stored as TEXT and as BLOB (SQLite compares them apart)."""
+        parts, params = [], []
+        for root in roots:
+            lo, hi = _root_range(root)
+            ranges = [(lo, hi)]
+            with _ignored(UnicodeDecodeError):
+                ranges.append((lo.decode("utf-8"), hi.decode("utf-8")))
+            for a, b in ranges:
+                parts.append("(path >= ? AND path < ?)")
+                params += [a, b]
+        return " OR ".join(parts) or "0", params
+
+    def _scope_sql(self) -> tuple[str, list]:
+        if self.scope is None:
+            return "1", []
+        sql, params = self._ranges_sql(self.scope)
+        return f"({sql})", params
 
     # ---- writes: each call is one transaction ----
     def start_kind(self, spec: HashSpec) -> None:
@@ -849,10 +1006,12 @@ class Store:
         pass  # one machine: rows need no owner
 
     def states(self, roots=None) -> dict:
-        """path -> RowState for every stored file (roots ignored: the SQLite
-        database mirrors img_dirs, so files of dropped folders are forgotten)."""
+        """path -> RowState for every stored file under `roots` (all when
+        None): what update compares, and what it may delete."""
+        sql, params = ("1", []) if roots is None else self._ranges_sql(roots)
         return {path_from_db(p): RowState(s, m, e is None) for p, s, m, e in
-                self.db.execute("SELECT path, size, mtime_ns, error FROM images")}
+                self.db.execute("SELECT path, size, mtime_ns, error FROM "
+                                f"images WHERE {sql}", params)}
 
     def hashed_with_size(self, size: int) -> set:
         """Digests of the hashed files of this size (moved or copied files)."""
@@ -872,9 +1031,10 @@ class Store:
         """(ids, hashes, variant hashes, details) of every comparable image.
 
         hashes is (N, words) uint64; variants (N, variants, words)."""
+        scope, params = self._scope_sql()
         cur = self.db.execute("SELECT id, hash, variants, detail FROM images "
                               "WHERE hash IS NOT NULL AND low_detail = 0 "
-                              "ORDER BY id")
+                              f"AND {scope} ORDER BY id", params)
         # A block of rows at a time: Python objects for every row would cost
         # 190 bytes each (190 MB at a million); the arrays cost 36.
         blocks = []
@@ -907,8 +1067,9 @@ class Store:
         return self._rows_where("error IS NOT NULL")
 
     def _rows_where(self, condition: str) -> list:
+        scope, params = self._scope_sql()
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
-                              f"{condition} ORDER BY path")
+                              f"{condition} AND {scope} ORDER BY path", params)
         return list(map(self._row, cur))
 
     def rows_by_id(self, ids: Iterable[int]) -> dict:
@@ -1366,12 +1527,6 @@ def pg_text(text: str | None) -> str | None:
                                                            "backslashreplace")
 
 
-def _root_range(root: str) -> tuple[bytes, bytes]:
-    """[lo, hi): the path bytes of every file under folder `root`."""
-    lo = os.fsencode(root.rstrip(os.sep) + os.sep)
-    return lo, lo[:-1] + bytes([lo[-1] + 1])
-
-
 def lock_key(text: str) -> int:
     """A signed 64-bit advisory lock key for a folder."""
     digest = hashlib.blake2b(b"reverse_search\0" + os.fsencode(text),
@@ -1434,7 +1589,7 @@ def _signed64(value: int) -> int:
 
 # ---- the store ----
 
-class PgStore:
+class PgStore(Scoped):
     """The PostgreSQL database of one collection: the methods of Store, plus
     search_hashes and iter_hash_blocks that keep the hashes on the server."""
 
@@ -1561,7 +1716,43 @@ class PgStore:
         """Changes whenever any writer changes the stored hashes: every write
         bumps `generation` in its own transaction (no count(*): slow here)."""
         meta = self.meta()
-        return f"{meta['db_id']}:{meta['generation']}"
+        return f"{meta['db_id']}:{meta['generation']}{self._scope_tag()}"
+
+    # ---- coverage (Scoped): each machine its own; other machines' rows are
+    # the shared collection and always answered from ----
+    def _coverage_text(self) -> str | None:
+        return self.meta().get(f"{COVERAGE_KEY}@{self.host}")
+
+    def _set_coverage(self, cov: Coverage) -> None:
+        self.set_meta(**{f"{COVERAGE_KEY}@{self.host}": cov.to_meta()})
+
+    def _legacy_coverage(self, kind: str) -> Coverage:
+        """Before coverage was recorded: each row names its root already."""
+        if self.hash_kind() != kind:
+            return Coverage(kind, [])
+        cur = self._sql("SELECT DISTINCT root FROM images WHERE host = %s "
+                        "AND root IS NOT NULL", (self.host,))
+        return Coverage(kind, outermost(os.fsdecode(bytes(r)) for r, in cur))
+
+    def _rows_outside(self, roots: Sequence[str]) -> bool:
+        return self._sql(f"SELECT EXISTS (SELECT 1 FROM images WHERE host = "
+                         f"%s AND NOT {self._ranges_sql(roots)})",
+                         (self.host,)).fetchone()[0]
+
+    @staticmethod
+    def _ranges_sql(roots: Sequence[str]) -> str:
+        """Rows under `roots`, as literals (hex only: nothing to escape), so
+        the condition also fits COPY and the named-parameter searches."""
+        parts = [f"(path >= '\\x{lo.hex()}'::bytea AND path < "
+                 f"'\\x{hi.hex()}'::bytea)"
+                 for lo, hi in map(_root_range, roots)]
+        return "(" + (" OR ".join(parts) or "false") + ")"
+
+    def _scope_sql(self) -> str:
+        if self.scope is None:
+            return "true"
+        host = "'" + self.host.replace("'", "''") + "'"
+        return f"(host <> {host} OR {self._ranges_sql(self.scope)})"
 
     def _bump(self) -> None:
         self._sql("UPDATE meta SET value = (value::bigint + 1)::text "
@@ -1755,7 +1946,8 @@ class PgStore:
         column = "int8send(hash)" if words == 1 else "hash_bytes"
         sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
                f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
-               f"NULL ORDER BY id) TO STDOUT (FORMAT BINARY)")
+               f"NULL AND {self._scope_sql()} ORDER BY id) TO STDOUT "
+               f"(FORMAT BINARY)")
         record = np.dtype([("fields", ">i2"), ("n_id", ">i4"), ("id", ">i8"),
                            ("n_hash", ">i4"), ("hash", ">u8", (words,)),
                            ("n_var", ">i4"), ("var", ">u8", (variants * words,)),
@@ -1804,7 +1996,7 @@ class PgStore:
         `query`, nearest first: exact, computed inside PostgreSQL."""
         bits = self._hash_bits()
         chunks = pg_chunks(bits)
-        n = self._row_estimate()
+        n, scope = self._row_estimate(), self._scope_sql()
         if bits <= 64:
             dist = "bit_count((hash # %(q)s)::bit(64))"
             params = {"q": _signed64(query), "r": radius}
@@ -1815,7 +2007,7 @@ class PgStore:
             params = {"q": "x" + format(query, f"0{width // 4}x"), "r": radius}
         if pg_search_plan(n, chunks, radius) == "scan":
             sql = (f"SELECT id, d FROM (SELECT id, {dist} AS d FROM images "
-                   f"WHERE c0 IS NOT NULL) s WHERE d <= %(r)s")
+                   f"WHERE c0 IS NOT NULL AND {scope}) s WHERE d <= %(r)s")
         else:
             parts = []
             for k, (chunk, most) in enumerate(zip(chunks,
@@ -1826,8 +2018,8 @@ class PgStore:
                 params[f"p{k}"] = [int(v ^ m) for m in _flip_masks(chunk.bits,
                                                                     most)]
                 parts.append(f"SELECT id, d FROM (SELECT id, {dist} AS d FROM "
-                             f"images WHERE c{k} = ANY(%(p{k})s)) b{k} "
-                             f"WHERE d <= %(r)s")
+                             f"images WHERE c{k} = ANY(%(p{k})s) AND {scope}) "
+                             f"b{k} WHERE d <= %(r)s")
             sql = "SELECT DISTINCT id, d FROM (" + " UNION ALL ".join(parts) + ") c"
         found = self._sql(sql, params).fetchall()
         return sorted(found, key=lambda f: (f[1], f[0]))
@@ -1863,7 +2055,7 @@ class PgStore:
     def _rows_where(self, condition: str) -> list:
         """Matching rows in SQLite's order (UTF-8 paths, then raw bytes)."""
         cur = self._sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images "
-                        f"WHERE {condition}")
+                        f"WHERE {condition} AND {self._scope_sql()}")
         found = [(raw, bytes(r[0]), r) for *r, raw in cur]
         return [_pg_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
 
@@ -1893,7 +2085,7 @@ class PgStore:
     def count_comparable(self) -> int:
         """Images a search can find (hashed, not low-detail): len(flat.ids)."""
         return self._sql("SELECT count(*) FROM images WHERE c0 IS NOT "
-                         "NULL").fetchone()[0]
+                         f"NULL AND {self._scope_sql()}").fetchone()[0]
 
     def writers(self) -> list:
         """[(host, root, rows)]: which machine and folder wrote how much."""
@@ -3466,6 +3658,7 @@ def sync_store(cfg: Config, store: Store, ui: Console, operation: str,
         writer.flush()  # keep every file hashed so far, even on Ctrl-C
     report.unreadable_dirs = [Failure(p, e) for p, e in walk.unreadable]
     report.removed = _drop_missing(store, states, seen, walk.unreadable)
+    store.record_coverage(cfg.img_dirs, spec.kind)
     report.seconds = time.monotonic() - start
     return report
 
@@ -3581,13 +3774,17 @@ def _settle(path: str) -> None:
 
 
 def _open_store(cfg: Config, create: bool = False, path: str | None = None):
+    """The database, answering only from rows under cfg.img_dirs."""
     if cfg.database_url:
-        return PgStore(cfg.database_url, create)
-    path = path or cfg.db_path
-    try:
-        return Store(path, create)
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"cannot open database {path}: {exc}.") from None
+        store = PgStore(cfg.database_url, create)
+    else:
+        path = path or cfg.db_path
+        try:
+            store = Store(path, create)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open database {path}: {exc}.") from None
+    store.set_scope(cfg.img_dirs, cfg.spec.kind)
+    return store
 
 
 def _store_exists(cfg: Config) -> bool:
@@ -3616,13 +3813,15 @@ def op_update(cfg: Config, ui: Console) -> UpdateReport:
                 store.optimize()
             else:
                 save_index(cfg, store)
+            note_ignored(cfg, store, ui)
         finally:
             store.close()
     return report
 
 
 def ready_store(cfg: Config, ui: Console) -> Store:
-    """The database, built first when missing, rehashed when of another kind."""
+    """The database, built first when missing, rehashed when of another kind,
+    brought up to date for folders of img_dirs it does not cover yet."""
     if not _store_exists(cfg):
         ui.notice(f"no database at {cfg.db_name} yet: building it first.")
         op_build(cfg, ui)
@@ -3631,7 +3830,40 @@ def ready_store(cfg: Config, ui: Console) -> Store:
         store.close()
         op_update(cfg, ui)
         store = _open_store(cfg)
+    elif new := store.uncovered(cfg.img_dirs, cfg.spec.kind):
+        store.close()
+        add_folders(cfg, new, ui)
+        store = _open_store(cfg)
+    note_ignored(cfg, store, ui)
     return store
+
+
+def add_folders(cfg: Config, folders: list, ui: Console) -> UpdateReport:
+    """Hash folders of img_dirs the database does not cover yet (an update
+    of those folders only: the others are not walked)."""
+    ui.notice(f"img_dirs names {len(folders)} folder(s) {cfg.db_name} does "
+              f"not cover yet; hashing them first: {', '.join(folders)}")
+    part = dataclasses.replace(cfg, img_dirs=list(folders))
+    part.sources = cfg.sources
+    check_folders(part, ["img_dirs"])
+    with _run_lock(part):
+        store = _open_store(part)
+        try:
+            return sync_store(part, store, ui, "update")
+        finally:
+            store.close()
+
+
+def note_ignored(cfg: Config, store, ui: Console) -> None:
+    """One line when the database holds folders this run does not ask for."""
+    cov = store.coverage(cfg.spec.kind)
+    extra = outside(cov.roots, cfg.img_dirs)
+    if extra or cov.unknown:
+        what = ", ".join(extra) or "folders not recorded"
+        drop = ("delete their rows in psql (README)" if cfg.database_url
+                else "build drops them")
+        ui.notice(f"{cfg.db_name} also holds {what}, not in img_dirs: kept "
+                  f"but not searched ({drop}).")
 
 
 @dataclass
@@ -4003,11 +4235,6 @@ def _root_index(path: str, roots: list) -> int:
         if _inside(path, root):
             return k
     return len(roots)
-
-
-def _inside(path: str, folder: str) -> bool:
-    folder = folder.rstrip(os.sep) + os.sep
-    return os.path.normcase(path).startswith(os.path.normcase(folder))
 
 
 def _group(members: list, kept: int, flat: FlatIndex, rows: dict,
