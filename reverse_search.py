@@ -460,7 +460,13 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return min(self.workers or os.cpu_count() or 1, most_workers())
+
+
+def most_workers() -> int:
+    """Hashing is CPU-bound: processes beyond twice the cores only add
+    memory (each may hold an image being decoded) and switching."""
+    return max(2, 2 * (os.cpu_count() or 1))
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.init}
@@ -476,6 +482,7 @@ class Run:
     quiet: bool = False
     debug: bool = False
     open_report: bool = False
+    notices: list = field(default_factory=list)  # said once the run starts
 
 
 def default_params_path() -> str:
@@ -514,14 +521,30 @@ def read_params(path: str) -> dict:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg.startswith("Invalid \\escape"):
+            raise ConfigError(_backslash_advice(path, text, exc)) from None
         raise ConfigError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
             f"{exc.msg}. Check quotes, commas and brackets there.") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: brackets nested too deeply to be settings; "
+                          f"params.json needs one object of keys and values "
+                          f"(README.md lists them).") from None
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: expected a JSON object like {{\"img_dirs\": [\"photos\"]}}, "
             f"found a {_json_type(raw)}.")
     return raw
+
+
+def _backslash_advice(path: str, text: str, exc) -> str:
+    """A Windows path written with single backslashes, and the line fixed."""
+    line = text.splitlines()[exc.lineno - 1].strip()
+    # a lone backslash becomes two; one already doubled stays as it is
+    fixed = re.sub(r"\\\\|\\", lambda m: "\\\\", line)
+    return (f"{path}: line {exc.lineno}: a single backslash (\\) starts an "
+            f"escape in JSON, so Windows paths need \\\\ or /. Write the "
+            f"line as: {fixed}")
 
 
 def _json_type(value) -> str:
@@ -549,14 +572,57 @@ def _check_value(name: str, value, where: str):
           "list": isinstance(value, list) and all(isinstance(v, str) for v in value)}
     if kind == "list" and isinstance(value, str):
         value, ok["list"] = [value], True  # one folder given as a plain string
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{_origin(name, where)} is {value}; expected "
+                          f"{expected} (NaN and Infinity are not numbers "
+                          f"here).")
     if kind == "int" and isinstance(value, float) and value.is_integer():
         value, ok["int"] = int(value), True
     if not ok[kind]:
         shown_value = "" if name == "database_url" else \
             " " + json.dumps(value)[:60]  # it may hold a password
-        raise ConfigError(f"{where}: key '{name}' must be {expected}, "
+        raise ConfigError(f"{_origin(name, where)} must be {expected}, "
                           f"got {_json_type(value)}{shown_value}.")
+    if kind in ("int", "float") and abs(value) > LARGEST_NUMBER:
+        raise ConfigError(f"{_origin(name, where)} is {value:.3g}, far beyond "
+                          f"any sensible value; README.md lists each key's "
+                          f"range.")
+    if kind in ("str", "list"):
+        _check_backslashes(name, value, where)
     return float(value) if kind == "float" else value
+
+
+# Larger numbers are mistakes (1e300 pixels, a timeout of 3e10 years) that
+# would switch a guard off or overflow SQLite's 64-bit integers.
+LARGEST_NUMBER = 2 ** 53
+
+
+def _origin(name: str, where: str) -> str:
+    """Who gave a key: the flag on the command line, else the params file."""
+    if where == "command line":
+        return f"command line: --{name.replace('_', '-')}"
+    return f"{where}: key '{name}'"
+
+
+def _check_backslashes(name: str, value, where: str) -> None:
+    """JSON reads "C:\\temp" as C:, a tab, "emp": a path with a control
+    character is an unescaped Windows path, never a real folder name."""
+    if not CONFIG_FIELDS[name].metadata["path"] or where == "command line":
+        return
+    for text in [value] if isinstance(value, str) else value:
+        if re.search(r"[\x00-\x1f]", text):
+            raise ConfigError(
+                f"{_origin(name, where)} is {json.dumps(text)}, which holds a "
+                f"control character: in JSON a backslash starts an escape "
+                f"(\\t is a tab). Write Windows paths with \\\\ or /, e.g. "
+                f"{json.dumps(_as_written(text).replace(chr(92), '/'))}.")
+
+
+def _as_written(text: str) -> str:
+    """The path as the user typed it, before JSON turned \\t into a tab."""
+    back = {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\b": "\\b",
+            "\f": "\\f"}
+    return "".join(back.get(c, c) for c in text)
 
 
 def _check_range(name: str, value, where: str) -> None:
@@ -565,11 +631,11 @@ def _check_range(name: str, value, where: str) -> None:
     if choices and value not in choices:
         near = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"{where}: key '{name}' is '{value}', expected one of "
-                          f"{', '.join(choices)}.{hint}")
+        raise ConfigError(f"{_origin(name, where)} is '{value}', expected one "
+                          f"of {', '.join(choices)}.{hint}")
     if lo is not None and value < lo or hi is not None and value > hi:
         span = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
-        raise ConfigError(f"{where}: key '{name}' is {value}, expected {span}.")
+        raise ConfigError(f"{_origin(name, where)} is {value}, expected {span}.")
 
 
 def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
@@ -587,6 +653,7 @@ def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
         _check_range(name, value, params_path)
         values[name] = _resolve(name, value, base)
     for name, value in overrides.items():
+        value = _check_value(name, value, "command line")
         _check_range(name, value, "command line")
         values[name] = _resolve(name, value, os.getcwd())
     cfg = Config(**values)
@@ -606,42 +673,41 @@ def _resolve(name: str, value, base: str):
 
 
 def _check_hash_settings(cfg: Config, where: str) -> None:
+    said = lambda name: _origin(name, cfg.sources.get(name, where))
     if cfg.hash_method.startswith("whash") and cfg.hash_size & (cfg.hash_size - 1):
-        raise ConfigError(f"{where}: key 'hash_size' is {cfg.hash_size}, but "
+        raise ConfigError(f"{said('hash_size')} is {cfg.hash_size}, but "
                           f"{cfg.hash_method} needs a power of 2 (2, 4, 8, 16, 32).")
     if cfg.distance_threshold > cfg.spec.bits:
         raise ConfigError(
-            f"{where}: key 'distance_threshold' is {cfg.distance_threshold}, but "
+            f"{said('distance_threshold')} is {cfg.distance_threshold}, but "
             f"{cfg.spec.describe()} hashes have only {cfg.spec.bits} bits.")
     if not cfg.img_dirs:
-        raise ConfigError(f"{where}: key 'img_dirs' is empty; list at least one "
+        raise ConfigError(f"{said('img_dirs')} is empty; list at least one "
                           f"folder of images.")
     bad = [c for c in cfg.keep_rule if c not in KEEP_CRITERIA]
     if bad or not cfg.keep_rule:
-        raise ConfigError(f"{cfg.sources.get('keep_rule', where)}: key "
-                          f"'keep_rule' has {bad or 'nothing'}; use criteria "
-                          f"from {', '.join(KEEP_CRITERIA)}.")
+        raise ConfigError(f"{said('keep_rule')} has {bad or 'nothing'}; use "
+                          f"criteria from {', '.join(KEEP_CRITERIA)}.")
 
 
 def check_folders(cfg: Config, names: Sequence[str]) -> None:
     """The folders an operation reads from must exist and be folders."""
     for name in names:
-        where = cfg.sources.get(name, PARAMS_NAME)
+        where = _origin(name, cfg.sources.get(name, PARAMS_NAME))
         paths = cfg.img_dirs if name == "img_dirs" else [getattr(cfg, name)]
         for path in paths:
             if name == "input_dir" and os.path.isfile(path):
                 continue  # a single query image is fine
             if not os.path.exists(path):
-                raise ConfigError(f"{where}: key '{name}': folder {path} does not "
-                                  f"exist. Create it or correct the path.")
+                raise ConfigError(f"{where}: folder {path} does not exist. "
+                                  f"Create it or correct the path.")
             if not os.path.isdir(path):
-                raise ConfigError(f"{where}: key '{name}': {path} is a file, not "
-                                  f"a folder.")
+                raise ConfigError(f"{where}: {path} is a file, not a folder.")
     for name in ("db_dir", "bk_dir", "output_dir"):
-        path, where = getattr(cfg, name), cfg.sources.get(name, PARAMS_NAME)
+        path = getattr(cfg, name)
+        where = _origin(name, cfg.sources.get(name, PARAMS_NAME))
         if os.path.exists(path) and not os.path.isdir(path):
-            raise ConfigError(f"{where}: key '{name}': {path} is a file, not a "
-                              f"folder.")
+            raise ConfigError(f"{where}: {path} is a file, not a folder.")
 
 
 # ============================================================================
@@ -4208,6 +4274,9 @@ def load_marks(cfg: Config) -> set:
                                     for c in cells))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read it ({exc}).") from None
+    except csv.Error as exc:  # a field over 128 KiB, a NUL byte: not paths
+        raise ConfigError(f"{path} (key 'not_duplicates'): not a CSV of path "
+                          f"pairs ({exc}); fix or remove it.") from None
     return marks
 
 
@@ -5269,69 +5338,227 @@ def open_in_browser(path: str) -> None:
 # Command line
 # ============================================================================
 
+OPERATION_HELP = {
+    "build": "hash every image under img_dirs into a new database",
+    "update": "hash new and changed files, forget deleted ones, report "
+              "renamed and moved files",
+    "search": "find each query image (files or folders given, else "
+              "input_dir) in the collection",
+    "find_duplicates": "group the copies of each picture and write a plan "
+                       "(plan.json, plan.csv) of which file to keep",
+    "move": "move the files the plan marks 'move' into quarantine_dir",
+    "undo": "put every quarantined file back where it was",
+    "export": "print every stored file with its hash, size and dimensions",
+}
+
+# The operations that read each key (help shows an operation only the keys
+# it reads); a key not listed here is read by every operation.
+_HASHING_OPS = ("build", "update", "search", "find_duplicates")
+_MATCHING_OPS = ("search", "find_duplicates")
+KEY_USERS = dict(
+    dict.fromkeys(("hash_method", "hash_size", "colorhash_binbits", "hash_mode",
+                   "match_orientations", "centre_hashes", "trim_borders",
+                   "extensions", "follow_symlinks", "max_image_pixels",
+                   "max_file_mb", "workers", "bk_dir"), _HASHING_OPS),
+    **dict.fromkeys(("distance_method", "distance_threshold",
+                     "adaptive_threshold", "engine", "not_duplicates",
+                     "html_report"), _MATCHING_OPS),
+    input_dir=("search",), stop_on_first_match=("search",),
+    grouping=("find_duplicates",), keep_rule=("find_duplicates",),
+    protected_dirs=("find_duplicates", "move"),
+    quarantine_dir=("find_duplicates", "move", "undo"))
+
+# What a list flag's values are, for the help ("--img-dirs FOLDER...").
+LIST_METAVARS = {"extensions": "EXT", "keep_rule": "CRITERION"}
+FLAG_METAVARS = {"not_duplicates": "FILE", "distance_threshold": "BITS",
+                 "colorhash_binbits": "BITS", "workers": "N",
+                 "lock_timeout": "SECONDS", "database_url": "URL"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise ConfigError(f"command line: {message} (see --help).")
+        raise ConfigError(f"command line: {message} (see "
+                          f"'{self.prog} --help').")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Lists as FOLDER... rather than argparse's [FOLDER ...]."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+    def _format_args(self, action, default_metavar):
+        if action.nargs == "*":
+            return "%s..." % self._metavar_formatter(action, default_metavar)(1)
+        return super()._format_args(action, default_metavar)
+
+
+def program_name() -> str:
+    return os.path.basename(sys.argv[0]) if getattr(sys, "frozen", False) \
+        else "reverse_search.py"
+
+
+def build_parser(operation: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one operation (its help lists only the keys it reads),
+    or of all of them.  Every flag is accepted with every operation."""
+    name = program_name()
+    queries = " [QUERY...]" if operation in (None, "search") else ""
     p = _Parser(
-        prog="reverse_search",
-        description="Reverse image search and near-duplicate finder for your "
-                    "own folders. Settings come from params.json; every key "
-                    "can be overridden for one run by the flag of the same "
-                    "name. With no arguments, runs the operation in "
-                    "params.json.",
-        epilog="Examples:  reverse_search.py build --img-dirs ~/Photos   |   "
-               "reverse_search.py search ~/query.jpg --distance-threshold 8   "
-               "|   reverse_search.py find_duplicates --format json")
-    p.add_argument("operation", nargs="?", choices=OPERATIONS,
-                   help="what to run (default: 'operation' in params.json)")
+        prog=f"{name} {operation}" if operation else name,
+        usage=f"{name} {operation or '[OPERATION]'}{queries} [--flag VALUE...]",
+        description=OPERATION_HELP.get(operation, "") + (
+            ". Settings come from params.json; a flag overrides its key for "
+            "this run." if operation else ""),
+        formatter_class=_HelpFormatter, add_help=False)
+    p.add_argument("operation", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("queries", nargs="*", metavar="QUERY",
-                   help="search: image files or folders to look for "
-                        "(default: input_dir)")
-    p.add_argument("--params", metavar="FILE",
-                   help=f"settings file (default: {PARAMS_NAME} beside the "
-                        f"program; created on first run)")
-    p.add_argument("--format", dest="output_format", choices=FORMATS,
-                   default=None, help="same as --output-format")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="print only results and errors")
-    p.add_argument("--debug", action="store_true",
-                   help="show a traceback on unexpected errors")
-    p.add_argument("--open", action="store_true", dest="open_report",
-                   help="open the HTML report in the browser afterwards")
-    p.add_argument("--version", action="version", version=__version__)
-    keys = p.add_argument_group("settings (params.json keys)")
-    for name, f in CONFIG_FIELDS.items():
-        if name == "operation":
-            continue
-        _add_key_flag(keys, name, f)
+                   help="image files or folders to look for (default: "
+                        "input_dir)" if operation == "search" else
+                   argparse.SUPPRESS)
+    general = p.add_argument_group("options")
+    general.add_argument("-h", "--help", action="store_true",
+                         help="show this help")
+    general.add_argument("--params", metavar="FILE",
+                         help=f"settings file (default: {PARAMS_NAME} beside "
+                              f"the program; created on first run)")
+    general.add_argument("--format", dest="output_format", choices=FORMATS,
+                         default=None, metavar="FORMAT", help="what is printed: " +
+                         ", ".join(FORMATS) + " (same as --output-format)")
+    general.add_argument("-q", "--quiet", action="store_true",
+                         help="print only results and errors")
+    general.add_argument("--debug", action="store_true",
+                         help="show a traceback on unexpected errors")
+    general.add_argument("--open", action="store_true", dest="open_report",
+                         help="open the HTML report in the browser afterwards"
+                         if operation in (None,) + _MATCHING_OPS
+                         else argparse.SUPPRESS)
+    general.add_argument("--version", action="version", version=__version__,
+                         help="print the version")
+    keys = p.add_argument_group(f"settings {operation} reads (params.json "
+                                f"keys)" if operation else "settings")
+    for key, f in CONFIG_FIELDS.items():
+        if key != "operation":
+            shown_here = operation is None or operation in KEY_USERS.get(
+                key, OPERATIONS)
+            _add_key_flag(keys, key, f, shown_here)
     return p
 
 
-def _add_key_flag(group, name: str, f) -> None:
+def _add_key_flag(group, name: str, f, shown_here: bool = True) -> None:
     meta, flag = f.metadata, "--" + name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING \
         else f.default_factory()
-    text = f"{meta['help']} (default: {json.dumps(default)})".replace("%", "%%")
+    text = meta["help"]
+    if meta["choices"]:
+        text += f"; one of: {', '.join(meta['choices'])}"
+    said = json.dumps(default)
+    if len(said) > 60:  # the 24 extensions: README.md lists them
+        said = f"{json.dumps(default[:4])[:-1]}, ... {len(default)} in all]"
+    text = f"{text} (default: {said})".replace("%", "%%")
+    kw = {"dest": name, "default": None,
+          "help": text if shown_here else argparse.SUPPRESS}
     kind = f.type
-    kw = {"dest": name, "default": None, "help": text}
     if kind == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif kind == "list":
-        group.add_argument(flag, nargs="*", metavar="X", **kw)
+        metavar = LIST_METAVARS.get(name, "FOLDER" if meta["path"] else "VALUE")
+        group.add_argument(flag, nargs="*", metavar=metavar, **kw)
     elif name == "output_format":
-        group.add_argument(flag, choices=meta["choices"], **kw)
+        group.add_argument(flag, choices=meta["choices"], metavar="FORMAT", **kw)
     else:
         conv = {"int": int, "float": float, "str": str}[kind]
-        group.add_argument(flag, type=conv, metavar=name.split("_")[-1].upper(),
-                           **kw)
+        metavar = FLAG_METAVARS.get(name) or ("FOLDER" if meta["path"] else
+                                              name.split("_")[-1].upper())
+        group.add_argument(flag, type=conv, metavar=metavar, **kw)
+
+
+def overview_help() -> str:
+    """--help without an operation: what each does, and where to look next."""
+    name = program_name()
+    import textwrap
+    width = max(map(len, OPERATIONS)) + 4
+    ops = "\n".join(textwrap.fill(
+        OPERATION_HELP[op], 79, initial_indent=f"  {op:<{width - 2}}",
+        subsequent_indent=" " * width) for op in OPERATIONS)
+    return (
+        f"usage: {name} [OPERATION] [QUERY...] [--flag VALUE...]\n\n"
+        f"Reverse image search and near-duplicate finder for your own "
+        f"folders.\nSettings come from {PARAMS_NAME} (written with defaults on "
+        f"first run); a flag of\nthe same name overrides a key for one run "
+        f"(img_dirs: --img-dirs).\nWith no operation, runs the one in "
+        f"{PARAMS_NAME} ('operation').\n\noperations:\n{ops}\n\n"
+        f"options:\n"
+        f"  -h, --help        show this help; '{name} OPERATION --help' "
+        f"lists\n                    the settings that operation reads\n"
+        f"  --params FILE     settings file (default: {PARAMS_NAME} beside the "
+        f"program)\n"
+        f"  --format FORMAT   what is printed: {', '.join(FORMATS)}\n"
+        f"  -q, --quiet       print only results and errors\n"
+        f"  --open            open the HTML report in the browser afterwards\n"
+        f"  --debug           show a traceback on unexpected errors\n"
+        f"  --version         print the version\n\n"
+        f"examples:\n"
+        f"  {name} build --img-dirs ~/Photos\n"
+        f"  {name} search ~/query.jpg --distance-threshold 8\n"
+        f"  {name} find-duplicates --format json\n"
+        f"  {name} search --help\n")
+
+
+def operation_name(word: str) -> str:
+    """An operation as typed ('find-duplicates' too), or a ConfigError that
+    names the nearest one."""
+    op = word.strip().lower().replace("-", "_")
+    if op in OPERATIONS:
+        return op
+    near = difflib.get_close_matches(op, OPERATIONS, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    raise ConfigError(f"command line: invalid choice: '{word}' is not an "
+                      f"operation (choose from {', '.join(OPERATIONS)}).{hint}")
+
+
+def _help_requested(argv: Sequence[str]) -> tuple[bool, str | None]:
+    """(asked for help, the operation named), before any other checking, so
+    that help works even when the rest of the line is wrong."""
+    words = [a for a in argv if not a.startswith("-")]
+    asked = any(a in ("-h", "--help") for a in argv) or \
+        any(w.lower() == "help" and not os.path.exists(w) for w in words)
+    for word in words:
+        with _ignored(ConfigError):
+            return asked, operation_name(word)
+    return asked, None
+
+
+def _unknown_flags(extras: Sequence[str], parser) -> ConfigError:
+    """The first unknown flag, and the known one it is nearest to."""
+    flags = [o for a in parser._actions for o in a.option_strings]
+    word = next((e for e in extras if e.startswith("-")), extras[0])
+    bare = word.split("=")[0]
+    near = [f for f in flags if f == "-" + bare] or \
+        [f for f in flags if f.endswith("-" + bare.lstrip("-"))] or \
+        difflib.get_close_matches(bare, flags, n=1, cutoff=0.6)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"command line: unrecognized argument '{word}'.{hint} "
+                       f"See '{program_name()} --help'.")
 
 
 def parse_run(argv: Sequence[str] | None) -> Run | None:
     """The run to do, or None when a default params.json was just written."""
-    ns = build_parser().parse_intermixed_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    asked, named = _help_requested(argv)
+    if asked:
+        if named:
+            build_parser(named).print_help()
+        else:
+            print(overview_help(), end="")
+        raise SystemExit(0)
+    parser = build_parser()
+    # '-help' would be read as -h with the value 'elp'
+    extras = [a for a in argv if re.fullmatch(r"-[A-Za-z]{2,}[\w-]*", a)]
+    if not extras:
+        ns, extras = parser.parse_known_intermixed_args(argv)
+    if extras:
+        raise _unknown_flags(extras, parser)
+    operation = operation_name(ns.operation) if ns.operation else None
     params = os.path.abspath(ns.params or default_params_path())
     if not os.path.exists(params):
         try:
@@ -5345,14 +5572,20 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
         return None
     overrides = {name: getattr(ns, name) for name in CONFIG_FIELDS
                  if getattr(ns, name, None) is not None}
-    if ns.operation:
-        overrides["operation"] = ns.operation
-    if ns.queries and (ns.operation or "") != "search":
+    if operation:
+        overrides["operation"] = operation
+    if ns.queries and (operation or "") != "search":
         raise ConfigError("command line: query images are only taken by "
                           "search, e.g. 'reverse_search.py search photo.jpg'.")
     cfg = config_from(read_params(params), params, overrides)
-    return Run(cfg, params, list(ns.queries), ns.quiet, ns.debug,
-               ns.open_report)
+    run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug,
+              ns.open_report)
+    if cfg.workers > most_workers():
+        run.notices.append(
+            f"{_origin('workers', cfg.sources['workers'])} is {cfg.workers}; "
+            f"using {most_workers()} (twice the {os.cpu_count()} CPU cores: "
+            f"more would only use more memory).")
+    return run
 
 
 def dispatch(run: Run, ui: Console):
@@ -5387,6 +5620,8 @@ def _run(argv: list) -> int:
         if run is None:
             return 0
         ui = Console(run.quiet)
+        for notice in run.notices:
+            ui.notice(notice)
         emit(dispatch(run, ui), run, ui)
         return 0
     except SystemExit as exc:  # --help and --version

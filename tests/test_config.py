@@ -90,7 +90,7 @@ def test_bad_command_line_flags_exit_2(tmp_path, capsys):
     code, err = run_error(capsys, params, "dedupe")
     assert code == 2 and "invalid choice" in err
     code, err = run_error(capsys, params, "--hash-method", "md5")
-    assert code == 2 and "'hash_method' is 'md5'" in err and "command line" in err
+    assert code == 2 and "command line: --hash-method is 'md5'" in err
 
 
 def test_utf8_bom_is_accepted(tmp_path, capsys):
@@ -125,8 +125,10 @@ def test_single_folder_string_is_accepted_for_img_dirs(tmp_path):
 
 
 def test_help_documents_every_key(capsys):
-    assert rs.main(["--help"]) == 0
-    out = capsys.readouterr().out
+    out = ""
+    for op in rs.OPERATIONS:  # each operation's help lists the keys it reads
+        assert rs.main([op, "--help"]) == 0
+        out += capsys.readouterr().out
     for name in rs.CONFIG_FIELDS:
         if name != "operation":
             assert "--" + name.replace("_", "-") in out
