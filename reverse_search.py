@@ -5553,7 +5553,9 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
         raise SystemExit(0)
     parser = build_parser()
     # '-help' would be read as -h with the value 'elp'
-    extras = [a for a in argv if re.fullmatch(r"-[A-Za-z]{2,}[\w-]*", a)]
+    flags = {o for a in parser._actions for o in a.option_strings}
+    extras = [a for a in argv if re.fullmatch(r"-[A-Za-z]{2,}[\w-]*", a)
+              and "-" + a in flags]
     if not extras:
         ns, extras = parser.parse_known_intermixed_args(argv)
     if extras:
