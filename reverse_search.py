@@ -80,6 +80,14 @@ class SkipFile(ReverseSearchError):
     """One image cannot be hashed; it is recorded and the run goes on."""
 
 
+class FileRefused(ReverseSearchError):
+    """One file is not moved or restored; it stays, and the run goes on."""
+
+
+class PlanError(ReverseSearchError):
+    """The plan as a whole cannot be used; nothing has moved."""
+
+
 # ============================================================================
 # Files: every file the tool writes is made here
 # ============================================================================
@@ -252,11 +260,11 @@ def transfer(src: str, dst: str, sha256: str, replace: bool = False) -> None:
             out.flush()
             os.fsync(out.fileno())
         if got != sha256:
-            raise OSError(errno.EIO, "changed while being copied (SHA-256 "
-                          "differs); left where it was", src)
+            raise FileRefused("changed while being copied (SHA-256 differs); "
+                              "the file stays where it was")
         if sha256_of(tmp) != sha256:
-            raise OSError(errno.EIO, "the copy reads back wrong (SHA-256 "
-                          "differs); left where it was", dst)
+            raise FileRefused("the copy reads back wrong (SHA-256 differs); "
+                              "the file stays where it was")
         st = os.stat(src)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         with _ignored(OSError):
@@ -483,6 +491,7 @@ class Run:
     debug: bool = False
     open_report: bool = False
     notices: list = field(default_factory=list)  # said once the run starts
+    yes: bool = False  # move without asking
 
 
 def default_params_path() -> str:
@@ -660,6 +669,7 @@ def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
     cfg.sources = {name: "command line" if name in overrides else params_path
                    for name in CONFIG_FIELDS}
     _check_hash_settings(cfg, params_path)
+    _check_folder_roles(cfg)
     check_database_url(cfg.database_url, cfg.sources["database_url"])
     return cfg
 
@@ -688,6 +698,26 @@ def _check_hash_settings(cfg: Config, where: str) -> None:
     if bad or not cfg.keep_rule:
         raise ConfigError(f"{said('keep_rule')} has {bad or 'nothing'}; use "
                           f"criteria from {', '.join(KEEP_CRITERIA)}.")
+
+
+def _check_folder_roles(cfg: Config) -> None:
+    """The quarantine and the results are never part of the collection:
+    quarantined files and thumbnails would be indexed, and moves or undos
+    could reach them."""
+    for name in ("quarantine_dir", "output_dir"):
+        mine = os.path.normcase(os.path.realpath(getattr(cfg, name)))
+        for root in cfg.img_dirs:
+            other = os.path.normcase(os.path.realpath(root))
+            how = "is" if mine == other else "is inside" if \
+                mine.startswith(other.rstrip(os.sep) + os.sep) else "contains" \
+                if other.startswith(mine.rstrip(os.sep) + os.sep) else None
+            if how:
+                raise ConfigError(
+                    f"{_origin(name, cfg.sources.get(name, PARAMS_NAME))} "
+                    f"({getattr(cfg, name)}) {how} the img_dirs folder {root}; "
+                    f"give it a folder of its own outside your images, e.g. "
+                    f"\"{os.path.basename(getattr(cfg, name)) or name}\" beside "
+                    f"params.json.")
 
 
 def check_folders(cfg: Config, names: Sequence[str]) -> None:
@@ -1147,6 +1177,17 @@ class Store(Scoped):
             cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
                                   f"WHERE id IN ({marks})", part)
             rows.update((r.id, r) for r in map(self._row, cur))
+        return rows
+
+    def rows_by_path(self, paths: Iterable[str]) -> dict:
+        keys = sorted({path_to_db(p) for p in paths}, key=repr)
+        rows = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            marks = ",".join("?" * len(part))
+            cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
+                                  f"WHERE path IN ({marks})", part)
+            rows.update((r.path, r) for r in map(self._row, cur))
         return rows
 
     def iter_rows(self) -> Iterator[ImageRow]:
@@ -2133,6 +2174,15 @@ class PgStore(Scoped):
                             f"WHERE id = ANY(%s)",
                             (ids[start:start + PG_PAGE],))
             rows.update((r.id, r) for r in map(_pg_row, cur))
+        return rows
+
+    def rows_by_path(self, paths: Iterable[str]) -> dict:
+        keys = sorted({pg_path_to_db(p)[0] for p in paths})
+        rows = {}
+        for start in range(0, len(keys), PG_PAGE):
+            cur = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
+                            f"WHERE path = ANY(%s)", (keys[start:start + PG_PAGE],))
+            rows.update((r.path, r) for r in map(_pg_row, cur))
         return rows
 
     def iter_rows(self) -> Iterator[ImageRow]:
@@ -4327,6 +4377,7 @@ def _reclaimable(group: Group) -> int:
 # ---- acting on duplicates: a plan (dry run), move, undo ----
 
 PLAN_NAME = "plan"
+PLAN_ACTIONS = ("keep", "move", "protected")
 MANIFEST_NAME = "manifest.jsonl"
 
 
@@ -4363,22 +4414,254 @@ def make_plan(report: DuplicatesReport, cfg: Config) -> list:
 
 
 def write_plan(entries: list, cfg: Config) -> list:
-    """plan.json (what move reads) and plan.csv (for people), atomically."""
+    """plan.json (what move reads) and plan.csv (for spreadsheets): one truth.
+    Both carry the same actions; plan.json records their digest, so move can
+    tell which of the two the user edited."""
     base = os.path.join(cfg.output_dir, PLAN_NAME)
+    rows = [dict(dataclasses.asdict(e), path=shown(e.path)) for e in entries]
     doc = {"operation": "plan", "tool_version": __version__,
            "created": _iso(time.time_ns()), "database": cfg.db_name,
            "quarantine_dir": cfg.quarantine_dir,
-           "entries": [dict(dataclasses.asdict(e), path=shown(e.path))
-                       for e in entries]}
+           "actions_sha256": actions_digest({r["path"]: r["action"]
+                                             for r in rows}),
+           "entries": rows}
     fields = [f.name for f in dataclasses.fields(PlanEntry)]
     with _output_errors(cfg.output_dir):
         _atomic_write(base + ".json", lambda fh: json.dump(doc, fh, indent=1,
                                                            ensure_ascii=False))
         _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
-            [fields] + [[shown(v) if k == "path" else v for k, v in
-                         dataclasses.asdict(e).items()] for e in entries]))
+            [fields] + [[r[k] for k in fields] for r in rows]))
     return [base + ".json", base + ".csv"]
 
+
+def actions_digest(actions: dict) -> str:
+    """What the user decides in a plan: each path's action, in no order."""
+    text = "\n".join(f"{p}\0{a}" for p, a in sorted(actions.items()))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# ---- reading a plan: the whole of it is checked before anything moves ----
+
+@dataclass
+class Plan:
+    entries: list            # PlanEntry, actions as the user left them
+    source: str              # the file whose actions count
+    failures: list = field(default_factory=list)  # bad entries: Failure
+
+
+_PLAN_TYPES = {"group": int, "action": str, "path": str, "size": int,
+               "mtime_ns": int}
+
+
+def read_plan(cfg: Config) -> Plan:
+    """plan.json's entries with the actions of whichever of plan.json and
+    plan.csv the user edited (PlanError if both were, and they disagree)."""
+    base = os.path.join(cfg.output_dir, PLAN_NAME)
+    doc = _read_json(base + ".json", "no plan yet: run find_duplicates first, "
+                     "check plan.csv, then run move.")
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise PlanError(f"{base}.json is not a plan written by find_duplicates "
+                        f"(no list of entries); run find_duplicates again.")
+    plan = Plan([], base + ".json")
+    for n, raw in enumerate(doc["entries"], 1):
+        entry = _plan_entry(raw, n, plan)
+        if entry is not None:
+            plan.entries.append(entry)
+    actions = {e.path: e.action for e in plan.entries}
+    edited = _plan_csv(base + ".csv", actions, plan)
+    if edited is not None and edited != actions:
+        use_csv = _pick_plan(base, doc.get("actions_sha256"), actions, edited)
+        if use_csv:
+            plan.source = base + ".csv"
+            for e in plan.entries:
+                e.action = edited.get(e.path, "keep")  # a deleted row stays
+    return plan
+
+
+def _plan_entry(raw, n: int, plan: Plan) -> PlanEntry | None:
+    where = f"{plan.source} entry {n}"
+    if not isinstance(raw, dict):
+        plan.failures.append(Failure(where, "not an object; skipped"))
+        return None
+    for key, kind in _PLAN_TYPES.items():
+        value = raw.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            name = raw.get("path") if isinstance(raw.get("path"), str) else where
+            plan.failures.append(Failure(name, f"{where}: '{key}' is missing or "
+                                         f"not a {kind.__name__}; skipped"))
+            return None
+    if raw["action"] not in PLAN_ACTIONS:
+        plan.failures.append(Failure(raw["path"], f"{where}: action "
+                                     f"'{raw['action']}' is not one of "
+                                     f"{', '.join(PLAN_ACTIONS)}; skipped"))
+        return None
+    return PlanEntry(raw["group"], raw["action"], raw["path"],
+                     str(raw.get("reason", "")), raw["size"], raw["mtime_ns"],
+                     str(raw.get("hash", "")), raw.get("distance", 0))
+
+
+def _plan_csv(path: str, actions: dict, plan: Plan) -> dict | None:
+    """{path: action} of plan.csv (None if there is none).  Only the action
+    column is read: sizes and times come from plan.json, which spreadsheets
+    cannot round (mtime_ns has 19 digits)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PlanError(f"cannot read {path}: {exc}. Fix it, or delete it to "
+                        f"use plan.json alone.") from None
+    if rows and not {"path", "action"} <= set(rows[0]):
+        raise PlanError(f"{path}: the 'path' and 'action' columns are missing; "
+                        f"fix the header, or delete the file to use plan.json.")
+    edited = {}
+    for n, row in enumerate(rows, 2):
+        where, p = f"{path} line {n}", (row.get("path") or "").strip()
+        action = (row.get("action") or "").strip().lower()
+        if p not in actions:
+            plan.failures.append(Failure(p or where, f"{where}: not in plan.json "
+                                         f"(only the action column of plan.csv "
+                                         f"is read); skipped"))
+        elif action not in PLAN_ACTIONS:
+            plan.failures.append(Failure(p, f"{where}: action '{action}' is not "
+                                         f"one of {', '.join(PLAN_ACTIONS)}; "
+                                         f"the file stays"))
+            edited[p] = "keep"
+        else:
+            edited[p] = action
+    return edited
+
+
+def _pick_plan(base: str, written, from_json: dict, from_csv: dict) -> bool:
+    """True to use plan.csv: the one of the two that differs from what
+    find_duplicates wrote (the newer one for plans without a digest)."""
+    json_edited = actions_digest(from_json) != written
+    csv_edited = actions_digest(from_csv) != written
+    if written is None:
+        return os.path.getmtime(base + ".csv") > os.path.getmtime(base + ".json")
+    if csv_edited and not json_edited:
+        return True
+    if json_edited and not csv_edited:
+        return False
+    differ = sorted(p for p in set(from_json) | set(from_csv)
+                    if from_json.get(p, "keep") != from_csv.get(p, "keep"))
+    first = differ[0]
+    raise PlanError(
+        f"plan.json and plan.csv were both edited and disagree on "
+        f"{len(differ)} files (e.g. {first}: '{from_json.get(first, 'keep')}' "
+        f"in plan.json, '{from_csv.get(first, 'keep')}' in plan.csv). Make the "
+        f"same change in both, or delete plan.csv to use plan.json alone, or "
+        f"run find_duplicates again. Nothing was moved.")
+
+
+# ---- checking each move against the database and the folders ----
+
+@dataclass
+class Move:
+    """A move that passed every check: the plan's entry and its stored row."""
+
+    entry: PlanEntry
+    row: ImageRow
+
+
+class Places:
+    """The folders a move or undo may touch, resolved once."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.roots = [(r, os.path.realpath(r)) for r in cfg.img_dirs]
+        self.tool = [cfg.quarantine_dir, cfg.output_dir, cfg.db_dir, cfg.bk_dir]
+        self.quarantine = os.path.abspath(cfg.quarantine_dir)
+        self.real_quarantine = os.path.realpath(cfg.quarantine_dir)
+
+    def collection_problem(self, path: str) -> str | None:
+        """Why `path` is not a place in the collection move may take from
+        (or undo put back to), or None."""
+        if not os.path.isabs(path) or os.path.normpath(path) != path:
+            return "not an absolute, normalised path"
+        root = next(((r, real) for r, real in self.roots if _inside(path, r)),
+                    None)
+        if root is None:
+            return "not under img_dirs"
+        if any(_inside(path, d) or path == d for d in self.tool):
+            return "inside one of the tool's own folders"
+        if any(_inside(path, d) for d in self.cfg.protected_dirs):
+            return "in a protected folder"
+        folder = os.path.dirname(path)
+        while not os.path.lexists(folder):  # undo: folders made again later
+            folder = os.path.dirname(folder)
+        if not _inside(os.path.realpath(folder) + os.sep, root[1]):
+            return "reached through a symbolic link that leaves img_dirs"
+        return None
+
+    def in_quarantine(self, path: str) -> bool:
+        """path lies in quarantine_dir with no symbolic link on the way."""
+        if not os.path.isabs(path) or os.path.normpath(path) != path or \
+                not _inside(path, self.quarantine):
+            return False
+        rel = os.path.relpath(path, self.quarantine)
+        return os.path.realpath(path) == os.path.join(self.real_quarantine, rel)
+
+
+def check_moves(plan: Plan, store, places: Places) -> list:
+    """The plan's moves that are safe to make; the others go to
+    plan.failures with the reason.  Nothing is moved here."""
+    rows = store.rows_by_path(real_path(e.path) for e in plan.entries)
+    staying = set()  # groups with a stored file that stays where it is
+    for e in plan.entries:
+        row = rows.get(real_path(e.path))
+        if e.action != "move" and row is not None and \
+                _unchanged(real_path(e.path), row):
+            staying.add(e.group)
+    moves, seen = [], set()
+    for e in plan.entries:
+        if e.action != "move":
+            continue
+        path = real_path(e.path)
+        why = "listed twice in the plan" if path in seen else \
+            _move_problem(e, path, rows.get(path), places)
+        if why is None and e.group not in staying:
+            why = (f"group {e.group} would keep no file: mark one of its files "
+                   f"'keep'")
+        seen.add(path)
+        if why:
+            plan.failures.append(Failure(path, why))
+        else:
+            moves.append(Move(e, rows[path]))
+    return moves
+
+
+def _move_problem(e: PlanEntry, path: str, row, places: Places) -> str | None:
+    why = places.collection_problem(path)
+    if why:
+        return why
+    if row is None or row.hash is None:
+        return "not a stored image (not in the database): run find_duplicates again"
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "no longer exists"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link: move never follows links"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a plain file"
+    if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns) or \
+            (e.size, e.mtime_ns) != (row.size, row.mtime_ns):
+        return "changed since the plan: run find_duplicates again"
+    return None
+
+
+def _unchanged(path: str, row: ImageRow) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and \
+        (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns)
+
+
+# ---- move and undo ----
 
 @dataclass
 class MoveReport:
@@ -4389,6 +4672,7 @@ class MoveReport:
     done: list = field(default_factory=list)     # (from, to) pairs
     skipped: list = field(default_factory=list)  # Failure
     seconds: float = 0.0
+    source: str = ""                             # the plan file move read
 
 
 def quarantine_path(quarantine: str, path: str) -> str:
@@ -4406,108 +4690,280 @@ def _free_name(path: str) -> str:
     return path
 
 
-def op_move(cfg: Config, ui: Console) -> MoveReport:
-    """Move the duplicates of plan.json into quarantine_dir (undo restores)."""
-    start = time.monotonic()
-    plan = _read_json(os.path.join(cfg.output_dir, PLAN_NAME + ".json"),
-                      "no plan yet: run find_duplicates first, check "
-                      "plan.csv, then run move.")
+def move_summary(moves: list, quarantine: str) -> str:
+    size = sum(m.row.size for m in moves)
+    groups = len({m.entry.group for m in moves})
+    return (f"move: {len(moves)} files ({human_bytes(size)}) from {groups} "
+            f"groups into {shown(quarantine)}")
+
+
+def confirm(run: Run, summary: str, ui: Console) -> None:
+    """Go on only if asked: --yes, or 'y' typed on a terminal."""
+    if run.yes:
+        ui.notice(summary)
+        return
+    if not (sys.stdin and sys.stdin.isatty()):
+        raise ConfigError(f"{summary}: not confirmed. Pass --yes to move "
+                          f"without being asked (scripts), or run move in a "
+                          f"terminal. Nothing was moved.")
+    print(f"{summary}. Move them? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise ReverseSearchError("move: not confirmed; nothing was moved.")
+
+
+def op_move(run: Run, ui: Console) -> MoveReport:
+    """Move the duplicates of the plan into quarantine_dir (undo restores)."""
+    cfg, start = run.config, time.monotonic()
+    plan, places = read_plan(cfg), Places(cfg)
+    if not _store_exists(cfg):
+        raise PlanError(f"no database at {cfg.db_name}: run find_duplicates "
+                        f"first.")
     manifest = os.path.join(cfg.quarantine_dir, MANIFEST_NAME)
-    report = MoveReport("move", manifest)
-    with _run_lock(cfg):
-        for entry in plan.get("entries", []):
-            if entry.get("action") == "move":
-                _move_one(PlanEntry(**entry), cfg, manifest, report)
-        if report.done and _store_exists(cfg):
-            store = _open_store(cfg)
-            try:
-                store.delete_paths(src for src, _ in report.done)
-            finally:
-                store.close()
+    report = MoveReport("move", manifest, source=plan.source)
+    store = _open_store(cfg)
+    try:
+        moves = check_moves(plan, store, places)
+        report.skipped = plan.failures
+        if moves:
+            confirm(run, move_summary(moves, cfg.quarantine_dir), ui)
+            with _run_lock(cfg):
+                _open_manifest(manifest)
+                for m in moves:
+                    _move_one(m, store, places, manifest, report)
+                moved = [src for src, _ in report.done]
+                if moved:
+                    store.delete_paths(moved)
+    finally:
+        store.close()
     report.seconds = time.monotonic() - start
     return report
 
 
-def _move_one(entry: PlanEntry, cfg: Config, manifest: str,
-              report: MoveReport) -> None:
-    import shutil
-    path = entry.path
-    why = None
-    if any(_inside(path, d) for d in cfg.protected_dirs):
-        why = "in a protected folder"
-    elif not os.path.isfile(path):
-        why = "no longer exists"
-    else:
-        st = os.stat(path)
-        if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
-            why = "changed since the plan: run find_duplicates again"
-    if why:
-        report.skipped.append(Failure(path, why))
-        return
-    dest = _free_name(quarantine_path(cfg.quarantine_dir, path))
-    record = {"original": path, "quarantined": dest, "sha256": sha256_of(path),
-              "size": entry.size, "moved_at": _iso(time.time_ns())}
+def _open_manifest(manifest: str) -> None:
+    """The manifest must take lines before anything moves."""
     try:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        append_line(manifest, json.dumps(record, ensure_ascii=False))  # intent first
-        shutil.move(path, dest)
+        os.makedirs(os.path.dirname(manifest), exist_ok=True)
+        open_append(manifest).close()
     except OSError as exc:
-        report.skipped.append(Failure(path, describe_os_error(exc)))
+        raise StoreError(f"cannot write the quarantine manifest {manifest}: "
+                         f"{exc.strerror} (check quarantine_dir). Nothing was "
+                         f"moved.") from None
+
+
+def _move_one(m: Move, store, places: Places, manifest: str,
+              report: MoveReport) -> None:
+    path = real_path(m.entry.path)
+    try:
+        if not _unchanged(path, m.row):  # since check_moves, or the prompt
+            raise FileRefused("changed since the plan: run find_duplicates "
+                              "again")
+        sha = sha256_of(path)
+        dest = quarantine_path(places.quarantine, path)
+        _quarantine_folder(os.path.dirname(dest), places)
+        if not _same_bytes(dest, sha):
+            dest = _free_name(dest)
+        record = {"original": path, "quarantined": dest, "sha256": sha,
+                  "size": m.row.size, "mtime_ns": m.row.mtime_ns,
+                  "moved_at": _iso(time.time_ns()),
+                  "row": _row_record(m.row, store)}
+        append_line(manifest, json.dumps(record, ensure_ascii=False))  # intent first
+        if os.path.lexists(dest):  # an interrupted move got this far before
+            os.unlink(path)
+        else:
+            transfer(path, dest, sha)
+    except (OSError, FileRefused) as exc:
+        report.skipped.append(Failure(path, _refusal(exc)))
         return
     report.done.append((path, dest))
 
 
+def _refusal(exc: Exception) -> str:
+    """Why one file stayed where it was, in a line."""
+    if isinstance(exc, FileRefused):
+        return str(exc)
+    where = f" ({shown(exc.filename)})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}; the file stays where it was"
+
+
+def _quarantine_folder(folder: str, places: Places) -> None:
+    os.makedirs(folder, exist_ok=True)
+    if not places.in_quarantine(folder):
+        raise FileRefused("a symbolic link inside quarantine_dir leads out "
+                          "of it; the file stays where it was")
+
+
+def _same_bytes(path: str, sha: str) -> bool:
+    """path is a plain file with this SHA-256."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode) and sha256_of(path) == sha
+    except OSError:
+        return False
+
+
+def _row_record(row: ImageRow, store) -> dict:
+    """The stored hashes of a moved file, for undo to put back unhashed."""
+    meta = store.meta()
+    return {"kind": meta.get("hash_kind"), "bits": int(meta.get("hash_bits", 0)),
+            "hash": format(row.hash, "x"), "width": row.width,
+            "height": row.height, "low_detail": row.low_detail,
+            "detail": row.detail,
+            "variants": row.variants.hex() if row.variants else None}
+
+
+def _row_from_record(rec: dict, path: str, kind: str | None, bits: int):
+    """The ImageRow a restored file had, or None (then update hashes it)."""
+    r = rec.get("row")
+    try:
+        if r["kind"] != kind or int(r["bits"]) != bits:
+            return None
+        st = os.lstat(path)
+        return ImageRow(path, st.st_size, st.st_mtime_ns,
+                        bytes.fromhex(rec["sha256"])[:16], int(r["hash"], 16),
+                        int(r["width"]), int(r["height"]), None,
+                        variants=bytes.fromhex(r["variants"]) if r["variants"]
+                        else None, low_detail=bool(r["low_detail"]),
+                        detail=float(r["detail"]))
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
 def op_undo(cfg: Config, ui: Console) -> MoveReport:
-    """Put every file of the quarantine manifest back, checked byte for byte."""
-    import shutil
+    """Put every file of the quarantine manifest back, checked by SHA-256."""
     start = time.monotonic()
     manifest = os.path.join(cfg.quarantine_dir, MANIFEST_NAME)
-    if not os.path.exists(manifest):
-        raise ConfigError(f"nothing to undo: no {manifest} (key "
-                          f"'quarantine_dir').")
-    report, keep = MoveReport("undo", manifest), []
-    with open(manifest, encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-    for rec in reversed(records):
-        src, dst = rec["quarantined"], rec["original"]
-        why = _undo_problem(rec)
-        if why == "":
-            continue  # never moved (interrupted move): nothing to do
-        if why is None:
-            try:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                shutil.move(src, dst)
-                report.done.append((src, dst))
-                continue
-            except OSError as exc:
-                why = describe_os_error(exc)
-        report.skipped.append(Failure(src, why))
-        keep.append(rec)
-    _finish_manifest(manifest, list(reversed(keep)))
-    if report.done:
+    report = MoveReport("undo", manifest)
+    if not os.path.lexists(manifest):
+        ui.notice(f"nothing to undo: no {shown(manifest)} (move has not run "
+                  f"with this quarantine_dir, or everything is back).")
+        return report
+    with _run_lock(cfg):
+        lines = _manifest_lines(manifest)
+        places, keep, rows = Places(cfg), [], []
+        store = _open_store(cfg) if _store_exists(cfg) else None
+        kind = store and store.hash_kind()
+        bits = int(store.meta().get("hash_bits", 0)) if store else 0
+        try:
+            for n, line in reversed(lines):
+                rec, why = _manifest_record(line, n, places)
+                if rec is not None:
+                    why = _undo_one(rec, report)
+                    if why is None and store is not None:
+                        row = _row_from_record(rec, rec["original"], kind, bits)
+                        rows += [row] if row else []
+                if why:
+                    where = rec["quarantined"] if rec else f"{manifest} line {n}"
+                    report.skipped.append(Failure(where, why))
+                    keep.append(line)
+            if rows:
+                store.use_roots(cfg.img_dirs)
+                store.upsert(rows, bits)
+        finally:
+            if store is not None:
+                store.close()
+        _finish_manifest(manifest, list(reversed(keep)))
+    if len(rows) < len(report.done):
         ui.notice("run update to index the restored files again.")
     report.seconds = time.monotonic() - start
     return report
 
 
-def _undo_problem(rec: dict):
-    """None if the file can go back; '' if it never left; else why not."""
+def _manifest_lines(manifest: str) -> list:
+    """(line number, text) of each line; never read through a link."""
+    if os.path.islink(manifest) or not os.path.isfile(manifest):
+        raise StoreError(f"{manifest} is not a plain file (a symbolic link?); "
+                         f"the tool never reads or writes through one. Move it "
+                         f"away.")
+    try:
+        with open(manifest, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise StoreError(f"cannot read {manifest}: {exc.strerror}.") from None
+    text = data.decode("utf-8", "surrogateescape")
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
+
+
+def _manifest_record(line: str, n: int, places: Places) -> tuple:
+    """(record, None) for a line that describes a move this tool makes,
+    else (None, why): a damaged or crafted line restores nothing."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None, "damaged line (not JSON); left in the manifest"
+    if not isinstance(rec, dict) or not all(
+            isinstance(rec.get(k), str) for k in ("original", "quarantined",
+                                                  "sha256")) or \
+            not re.fullmatch(r"[0-9a-f]{64}", rec["sha256"]):
+        return None, "not a move record; left in the manifest"
     src, dst = rec["quarantined"], rec["original"]
-    if not os.path.exists(src):
-        return "" if os.path.exists(dst) else "missing from the quarantine"
-    if os.path.lexists(dst):
-        return f"a file now exists at {shown(dst)}; left in quarantine"
-    if sha256_of(src) != rec["sha256"]:
-        return "changed while in quarantine; left there"
+    why = places.collection_problem(dst)
+    if why:
+        return None, f"its original place is {why}; left in quarantine"
+    if not places.in_quarantine(src) or not _mirrors(src, dst, places):
+        return None, ("not where move puts a file from "
+                      f"{shown(dst)}; left where it is")
+    return rec, None
+
+
+def _mirrors(src: str, dst: str, places: Places) -> bool:
+    """src is dst's place in quarantine, or that name with a ' (n)' added."""
+    stem, ext = os.path.splitext(quarantine_path(places.quarantine, dst))
+    return src == stem + ext or re.fullmatch(
+        re.escape(stem) + r" \(\d+\)" + re.escape(ext), src) is not None
+
+
+def _undo_one(rec: dict, report: MoveReport) -> str | None:
+    """Restore one file; None when it is back (or never left), else why not."""
+    src, dst, sha = rec["quarantined"], rec["original"], rec["sha256"]
+    try:
+        st = os.lstat(src)
+    except OSError:
+        return None if os.path.lexists(dst) else "missing from the quarantine"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a plain file in the quarantine; left there"
+    try:
+        replace = False
+        if os.path.lexists(dst):
+            if _same_bytes(dst, sha):  # restored before, source not yet gone
+                os.unlink(src)
+                report.done.append((src, dst))
+                return None
+            if not _partial_copy(dst, src):
+                return f"a file now exists at {shown(dst)}; left in quarantine"
+            replace = True  # a half copy an interrupted run left: replaced
+        if sha256_of(src) != sha:
+            return "changed while in quarantine; left there"
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        transfer(src, dst, sha, replace=replace)
+    except (OSError, FileRefused) as exc:
+        return _refusal(exc)
+    report.done.append((src, dst))
     return None
 
 
+def _partial_copy(path: str, whole: str) -> bool:
+    """path is a plain file holding the start of `whole`, and shorter: what
+    an interrupted copy straight into place leaves (earlier versions)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size >= os.path.getsize(whole):
+            return False
+        with open(path, "rb") as a, open(whole, "rb") as b:
+            while block := a.read(_COPY_BLOCK):
+                if b.read(len(block)) != block:
+                    return False
+        return True
+    except OSError:
+        return False
+
+
 def _finish_manifest(manifest: str, remaining: list) -> None:
-    """Keep only what is still in quarantine; archive a finished manifest."""
+    """Keep only what is still in quarantine (and lines that could not be
+    used, as they were); archive a finished manifest."""
     if remaining:
-        _atomic_write(manifest, lambda fh: fh.writelines(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in remaining),
-            sync=True)
+        _atomic_write(manifest, lambda fh: fh.write(
+            "".join(line + "\n" for line in remaining).encode(
+                "utf-8", "surrogateescape")), binary=True, sync=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         os.replace(manifest, manifest.replace(".jsonl", f"-undone-{stamp}.jsonl"))
@@ -4591,7 +5047,8 @@ def to_json(report, cfg: Config) -> dict:
         body["failures"] = _failures_json(report.failures)
         body["unreadable_dirs"] = _failures_json(report.unreadable_dirs)
     elif isinstance(report, MoveReport):
-        body = {"manifest": report.manifest, "seconds": round(report.seconds, 3),
+        body = {"manifest": report.manifest, "plan": report.source or None,
+                "seconds": round(report.seconds, 3),
                 "done": [{"from": shown(a), "to": shown(b)} for a, b in report.done],
                 "failures": _failures_json(report.skipped)}
     elif isinstance(report, SearchReport):
@@ -5432,6 +5889,9 @@ def build_parser(operation: str | None = None) -> argparse.ArgumentParser:
                          help="open the HTML report in the browser afterwards"
                          if operation in (None,) + _MATCHING_OPS
                          else argparse.SUPPRESS)
+    general.add_argument("-y", "--yes", action="store_true",
+                         help="do not ask for confirmation (for scripts)"
+                         if operation in (None, "move") else argparse.SUPPRESS)
     general.add_argument("--version", action="version", version=__version__,
                          help="print the version")
     keys = p.add_argument_group(f"settings {operation} reads (params.json "
@@ -5581,7 +6041,7 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
                           "search, e.g. 'reverse_search.py search photo.jpg'.")
     cfg = config_from(read_params(params), params, overrides)
     run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug,
-              ns.open_report)
+              ns.open_report, yes=ns.yes)
     if cfg.workers > most_workers():
         run.notices.append(
             f"{_origin('workers', cfg.sources['workers'])} is {cfg.workers}; "
@@ -5601,7 +6061,7 @@ def dispatch(run: Run, ui: Console):
     if cfg.operation == "find_duplicates":
         return op_find_duplicates(run, ui)
     if cfg.operation == "move":
-        return op_move(cfg, ui)
+        return op_move(run, ui)
     if cfg.operation == "undo":
         return op_undo(cfg, ui)
     return op_export(cfg, ui)

@@ -43,7 +43,7 @@ def test_move_then_undo_restores_every_byte(collection, capsys):
     before = tree_digest(collection / "imgs")
     params = write_params(collection)
     run_json(capsys, params, "find_duplicates")
-    code, doc = run_json(capsys, params, "move")
+    code, doc = run_json(capsys, params, "move", "--yes")
     assert code == 0 and len(doc["done"]) == 2 and doc["failures"] == []
     left = tree_digest(collection / "imgs")
     assert set(before) - set(left) == {os.path.join("sub", "p1_small.png"),
@@ -58,14 +58,14 @@ def test_move_then_undo_restores_every_byte(collection, capsys):
     assert tree_digest(collection / "imgs") == before
     assert not os.path.exists(collection / "quarantine" / "manifest.jsonl")
     code, doc = run_json(capsys, params, "update")
-    assert doc["hashed"] == 2
+    assert doc["hashed"] == 0  # restored with their hashes (issue 15, item 9)
 
 
 def test_files_changed_after_the_plan_are_skipped(collection, capsys):
     params = write_params(collection)
     run_json(capsys, params, "find_duplicates")
     picture(40).save(collection / "imgs" / "sub" / "p2_q40.jpg")  # edited since
-    code, doc = run_json(capsys, params, "move")
+    code, doc = run_json(capsys, params, "move", "--yes")
     assert [os.path.basename(d["from"]) for d in doc["done"]] == ["p1_small.png"]
     assert "changed since the plan" in doc["failures"][0]["error"]
     assert os.path.exists(collection / "imgs" / "sub" / "p2_q40.jpg")
@@ -79,7 +79,7 @@ def test_name_collisions_in_quarantine_and_at_the_original_place(collection, cap
     os.makedirs(os.path.dirname(target))
     with open(target, "wb") as fh:
         fh.write(b"someone else's file")
-    code, doc = run_json(capsys, params, "move")
+    code, doc = run_json(capsys, params, "move", "--yes")
     moved = {os.path.basename(d["from"]): d["to"] for d in doc["done"]}
     assert moved["p1_small.png"].endswith("p1_small (1).png")
     with open(target, "rb") as fh:
@@ -98,7 +98,7 @@ def test_protected_folders_are_never_moved(collection, capsys):
     with open(collection / "out" / "plan.json", encoding="utf-8") as fh:
         actions = {os.path.basename(e["path"]): e["action"] for e in json.load(fh)["entries"]}
     assert actions["p1_small.png"] == "protected"
-    code, doc = run_json(capsys, params, "move")
+    code, doc = run_json(capsys, params, "move", "--yes")
     assert doc["done"] == []
     assert os.path.exists(collection / "imgs" / "sub" / "p1_small.png")
 
