@@ -4451,6 +4451,7 @@ class Plan:
 
 _PLAN_TYPES = {"group": int, "action": str, "path": str, "size": int,
                "mtime_ns": int}
+_PLAN_TYPE_NAMES = {int: "a whole number", str: "text"}
 
 
 def read_plan(cfg: Config) -> Plan:
@@ -4488,7 +4489,8 @@ def _plan_entry(raw, n: int, plan: Plan) -> PlanEntry | None:
         if not isinstance(value, kind) or isinstance(value, bool):
             name = raw.get("path") if isinstance(raw.get("path"), str) else where
             plan.failures.append(Failure(name, f"{where}: '{key}' is missing or "
-                                         f"not a {kind.__name__}; skipped"))
+                                         f"not {_PLAN_TYPE_NAMES[kind]}; "
+                                         f"skipped"))
             return None
     if raw["action"] not in PLAN_ACTIONS:
         plan.failures.append(Failure(raw["path"], f"{where}: action "
@@ -6156,7 +6158,9 @@ def run_from_desktop(params: str) -> int:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = (_Tee(s, log, said) for s in saved)
         try:
-            code = _run(["--params", params, "--open"])
+            # --yes: no terminal to ask on; operation "move" in params.json,
+            # set by hand, is the request (and undo reverses it)
+            code = _run(["--params", params, "--open", "--yes"])
         finally:
             sys.stdout, sys.stderr = saved
     if code != 0 or "results:" not in said.getvalue() or \
