@@ -1065,6 +1065,9 @@ class Store(Scoped):
             with self.db:
                 self.db.execute("DELETE FROM images")
                 self._bump()
+        with self.db:  # the secret that signs the cache files, made once
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('index_key', ?)",
+                            (os.urandom(32).hex(),))
         self.set_meta(**kind_meta(spec))
 
     def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
@@ -1887,6 +1890,8 @@ class PgStore(Scoped):
                 self._make_chunk_indexes()
             # else: a bulk load; optimize() builds them at the end, ~10x
             # cheaper than keeping three random-order B-trees up to date
+            self._sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
+                      "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
             self._put_meta(**kind_meta(spec))
         self._retry(switch)
         self.kind, self._bits = spec.kind, spec.bits
@@ -2985,21 +2990,60 @@ def words_to_ints(hashes: np.ndarray) -> list:
     return [int.from_bytes(row.astype(">u8").tobytes(), "big") for row in hashes]
 
 
-def write_container(path: str, header: dict, arrays: dict) -> None:
-    """Header plus arrays, created fresh and renamed into place."""
-    header = dict(header, arrays=list(arrays))
+MAC_HOLE = "0" * 64  # where the header's MAC goes, same length as the MAC
+
+
+class _Signing:
+    """A file whose every write also goes into a MAC."""
+
+    def __init__(self, fh, mac):
+        self.fh, self.mac = fh, mac
+
+    def write(self, data) -> int:
+        self.mac.update(data)
+        return self.fh.write(data)
+
+
+def write_container(path: str, header: dict, arrays: dict, key: bytes = b""
+                    ) -> None:
+    """Header plus arrays, created fresh and renamed into place.
+
+    The header carries an HMAC-SHA256 of itself and every byte after it,
+    keyed by `key` (a secret kept in the database): a file changed by
+    anything but this tool (a flipped bit, a crafted array) does not load."""
+    import hmac
+    header = dict(header, arrays=list(arrays), mac=MAC_HOLE)
     blob = json.dumps(header).encode("utf-8")
+    hole = blob.index(MAC_HOLE.encode()) + len(INDEX_MAGIC) + 8
 
     def write(fh):
         fh.write(INDEX_MAGIC + len(blob).to_bytes(8, "little") + blob)
+        out = _Signing(fh, hmac.new(key, blob, "sha256"))
         for array in arrays.values():
-            np.lib.format.write_array(fh, np.ascontiguousarray(array),
+            np.lib.format.write_array(out, np.ascontiguousarray(array),
                                       allow_pickle=False)
+        fh.seek(hole)
+        fh.write(out.mac.hexdigest().encode())
     _atomic_write(path, write, binary=True, sync=True)
 
 
-def read_container(path: str) -> tuple[dict, dict]:
-    """(header, arrays); ValueError or OSError when the file is not one."""
+def _container_mac(fh, key: bytes, header_size: int, mac: str = MAC_HOLE
+                   ) -> str:
+    """HMAC of a container from its header on, the header's `mac` zeroed."""
+    import hmac
+    fh.seek(len(INDEX_MAGIC) + 8)
+    blob = fh.read(header_size).replace(f'"mac": "{mac}"'.encode(),
+                                        f'"mac": "{MAC_HOLE}"'.encode(), 1)
+    mac = hmac.new(key, blob, "sha256")
+    while block := fh.read(1 << 20):  # bounded memory whatever the file
+        mac.update(block)
+    return mac.hexdigest()
+
+
+def read_container(path: str, key: bytes = b"") -> tuple[dict, dict]:
+    """(header, arrays); ValueError or OSError when the file is not one of
+    ours: wrong magic or MAC, or arrays other than the header lists."""
+    import hmac
     with open(path, "rb") as fh:
         if fh.read(len(INDEX_MAGIC)) != INDEX_MAGIC:
             raise ValueError("not an index file")
@@ -3007,8 +3051,17 @@ def read_container(path: str) -> tuple[dict, dict]:
         if not 0 < size < 2**20:
             raise ValueError("damaged header")
         header = json.loads(fh.read(size).decode("utf-8"))
+        mac = header.get("mac") if isinstance(header, dict) else None
+        if not isinstance(mac, str) or len(mac) != len(MAC_HOLE):
+            raise ValueError("no checksum")
+        found = _container_mac(fh, key, size, mac)
+        if not hmac.compare_digest(found, mac):
+            raise ValueError("checksum does not match")
+        fh.seek(len(INDEX_MAGIC) + 8 + size)
         arrays = {name: np.lib.format.read_array(fh, allow_pickle=False)
                   for name in header["arrays"]}
+        if fh.read(1):
+            raise ValueError("data after the arrays")
     return header, arrays
 
 
@@ -3310,17 +3363,60 @@ def _dedupe_pairs(found: list, n: int):
 
 
 class BKTreeEngine:
-    """pybktree over the distinct hashes, with an integer popcount distance."""
+    """pybktree over the distinct hashes, with an integer popcount distance.
+
+    The tree's shape is kept as two plain arrays (links): node p's parent
+    and its distance to it.  Nodes are the distinct hashes in order, which is
+    also the order they were added, so every parent comes before its child."""
 
     name = "bktree"
 
-    def __init__(self, hashes: np.ndarray, tree=None):
+    def __init__(self, hashes: np.ndarray, links: tuple | None = None):
         import pybktree
         self.tree_hashes = hashes
         self.values = words_to_ints(hashes)
         self.position = {v: p for p, v in enumerate(self.values)}
         with _no_gc():  # millions of small tuples: the collector only slows
-            self.tree = tree or pybktree.BKTree(bit_distance, self.values)
+            if links is None:
+                self.tree = pybktree.BKTree(bit_distance, self.values)
+            else:
+                self.tree = pybktree.BKTree(bit_distance)
+                self.tree.tree = self._grow(*links)
+
+    def _grow(self, parent: np.ndarray, dist: np.ndarray):
+        """pybktree's nested (item, {distance: child}) nodes from the links,
+        which must describe a tree over these hashes (ValueError if not)."""
+        n = len(self.values)
+        if parent.shape != (n,) or dist.shape != (n,) or n == 0:
+            raise ValueError("links do not fit the hashes")
+        p = parent.astype(np.int64)
+        child = np.arange(1, n)
+        if n > 1 and not ((p[1:] >= 0) & (p[1:] < child)).all():
+            raise ValueError("a parent does not come before its child")
+        d = row_distances(self.tree_hashes[1:], self.tree_hashes[p[1:]])
+        if not np.array_equal(d, dist[1:]):
+            raise ValueError("links disagree with the hashes")
+        nodes = [(v, {}) for v in self.values]
+        kids = [node[1] for node in nodes]
+        for up, far, node in zip(p[1:].tolist(), d.tolist(), nodes[1:]):
+            kids[up][far] = node
+        if sum(map(len, kids)) != n - 1:  # two children at one distance
+            raise ValueError("links disagree with the hashes")
+        return nodes[0]
+
+    def links(self) -> dict:
+        """{"parent", "dist"} arrays of the tree (what bktree.idx holds)."""
+        n = len(self.values)
+        parent, dist = np.zeros(n, np.int64), np.zeros(n, np.uint16)
+        stack = [self.tree.tree] if n else []
+        while stack:
+            item, children = stack.pop()
+            up = self.position[item]
+            for far, node in children.items():
+                parent[self.position[node[0]]] = up
+                dist[self.position[node[0]]] = far
+                stack.append(node)
+        return {"parent": parent, "dist": dist}
 
     def search(self, query: np.ndarray, radius: int):
         q = words_to_ints(query[None, :])[0]
@@ -3403,6 +3499,8 @@ class FlatIndex:
     bits: int
     kind: str = ""
     fingerprint: str = ""
+    key: bytes = b""        # the database's key for the cache files' MACs
+    say: object = field(default=lambda text: None, repr=False)  # notices
     engines: dict = field(default_factory=dict)
     views: dict = field(default_factory=dict)
 
@@ -3488,7 +3586,8 @@ class FlatIndex:
                 self.ids, np.ascontiguousarray(self.centres[:, k]), self.bits,
                 detail=self.detail)
             view.kind = f"{self.kind}/centre{k}"
-            view.fingerprint = self.fingerprint
+            view.fingerprint, view.key, view.say = \
+                self.fingerprint, self.key, self.say
             self.views[k] = view
         return self.views[k]
 
@@ -3553,7 +3652,16 @@ def _check_header(header: dict, spec: HashSpec, fingerprint: str, engine: str):
     return None
 
 
-def save_index(cfg: Config, store: Store) -> FlatIndex:
+def cache_key(store: Store) -> bytes:
+    """The secret that signs the cache files (b"" in a database written
+    before it was kept: the MAC is then a plain checksum)."""
+    with _ignored(ValueError):
+        return bytes.fromhex(store.meta().get("index_key", ""))
+    return b""
+
+
+def save_index(cfg: Config, store: Store, ui: Console | None = None
+               ) -> FlatIndex:
     """Rebuild the index file from the database."""
     spec = cfg.spec
     fingerprint = store.fingerprint()
@@ -3561,14 +3669,13 @@ def save_index(cfg: Config, store: Store) -> FlatIndex:
     flat = FlatIndex.from_arrays(ids, hashes, spec.bits,
                                  extra[:, :spec.variant_count], detail,
                                  extra[:, spec.variant_count:])
-    path = os.path.join(cfg.bk_dir, INDEX_NAME)
-    try:
-        write_container(path, index_header(spec.kind, spec.bits, fingerprint, "flat"),
-                        flat.arrays())
-    except OSError as exc:
-        raise StoreError(f"cannot write the index {path}: "
-                         f"{exc.strerror or exc} (check bk_dir).") from None
-    flat.kind, flat.fingerprint = spec.kind, fingerprint
+    flat.kind, flat.fingerprint, flat.key = spec.kind, fingerprint, \
+        cache_key(store)
+    if ui is not None:
+        flat.say = ui.notice
+    _save_cache(os.path.join(cfg.bk_dir, INDEX_NAME),
+                index_header(spec.kind, spec.bits, fingerprint, "flat"),
+                flat.arrays(), flat)
     return flat
 
 
@@ -3577,63 +3684,95 @@ def load_index(cfg: Config, store: Store, ui: Console) -> FlatIndex:
     spec, path = cfg.spec, os.path.join(cfg.bk_dir, INDEX_NAME)
     fingerprint = store.fingerprint()
     try:
-        header, arrays = read_container(path)
+        header, arrays = read_container(path, cache_key(store))
         reason = _check_header(header, spec, fingerprint, "flat")
         if reason is None:
             flat = FlatIndex(**arrays, bits=spec.bits)
-            _check_shapes(flat, spec.words)
-            if flat.variants.shape[1] != spec.variant_count or \
-                    flat.centres.shape[1] != spec.centre_count:
-                raise ValueError("extra hashes do not match")
-            flat.kind, flat.fingerprint = spec.kind, fingerprint
+            _check_arrays(flat, spec)
+            flat.kind, flat.fingerprint, flat.key, flat.say = \
+                spec.kind, fingerprint, cache_key(store), ui.notice
             return flat
     except FileNotFoundError:
         reason = "is missing"
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
-        reason = "is damaged"
+    except Exception as exc:  # any failure to load: damaged, rebuild it
+        reason = f"is damaged ({_load_failure(exc)})"
     ui.notice(f"index {path} {reason}: rebuilding it from the database.")
-    return save_index(cfg, store)
+    return save_index(cfg, store, ui)
 
 
-def _check_shapes(flat: FlatIndex, words: int) -> None:
-    n, u = len(flat.ids), len(flat.distinct)
+def _load_failure(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)[:80] or type(exc).__name__
+
+
+def _check_arrays(flat: FlatIndex, spec: HashSpec) -> None:
+    """ValueError unless the arrays are an index of `spec` hashes: types,
+    shapes, ids in increasing order, a CSR map that is a permutation and
+    agrees with the hashes, and sorted distinct hashes."""
+    n, u, words = len(flat.ids), len(flat.distinct), spec.words
+    types = {"ids": np.int64, "hashes": np.uint64, "variants": np.uint64,
+             "centres": np.uint64, "detail": np.float32,
+             "distinct": np.uint64, "img_order": np.int64,
+             "img_starts": np.int64}
+    if any(getattr(flat, k).dtype != t for k, t in types.items()):
+        raise ValueError("arrays of the wrong type")
     ok = (flat.hashes.shape == (n, words) and flat.distinct.shape == (u, words)
-          and flat.variants.shape[0::2] == (n, words)
-          and flat.centres.shape[0::2] == (n, words)
+          and flat.variants.shape == (n, spec.variant_count, words)
+          and flat.centres.shape == (n, spec.centre_count, words)
           and flat.detail.shape == (n,)
-          and flat.img_order.shape == (n,) and flat.img_starts.shape == (u + 1,)
-          and (n == 0 or int(flat.img_starts[-1]) == n))
+          and flat.img_order.shape == (n,) and flat.img_starts.shape == (u + 1,))
     if not ok:
         raise ValueError("arrays do not fit together")
+    starts, order = flat.img_starts, flat.img_order
+    per_hash = np.diff(starts)
+    if n and not (starts[0] == 0 and starts[-1] == n and (per_hash > 0).all()
+                  and (flat.ids[1:] > flat.ids[:-1]).all()
+                  and (order >= 0).all() and (order < n).all()
+                  and (np.bincount(order, minlength=n) == 1).all()
+                  and np.isfinite(flat.detail).all()):
+        raise ValueError("ids or image order out of range")
+    if n and not np.array_equal(flat.hashes[order],
+                                np.repeat(flat.distinct, per_hash, axis=0)):
+        raise ValueError("hashes disagree with the distinct hashes")
+    if u > 1:
+        a, b = flat.distinct[:-1], flat.distinct[1:]
+        first = np.argmax(a != b, axis=1)  # the first word that differs
+        rows = np.arange(u - 1)
+        if not (b[rows, first] > a[rows, first]).all():
+            raise ValueError("distinct hashes are not sorted")
 
 
 def load_bktree(flat: FlatIndex, path: str) -> BKTreeEngine:
-    """The pickled BK-tree if its header fits, else a new one (and saved).
-    Unpickling runs code from the file: bk_dir must be trusted (README)."""
-    import pickle
-    with _ignored(OSError, ValueError, KeyError, TypeError, EOFError,
-                  pickle.UnpicklingError, AttributeError, ImportError):
-        header, arrays = read_container(path)
+    """The BK-tree from its links in `path` if they fit the index, else a
+    new one (saved when bk_dir takes it).  Nothing in the file is run: it
+    holds two integer arrays, checked against the hashes."""
+    try:
+        header, arrays = read_container(path, flat.key)
         if header.get("fingerprint") == flat.fingerprint and \
                 header.get("kind") == flat.kind and \
                 header.get("engine") == "bktree":
-            with _no_gc():
-                tree = pickle.loads(arrays["tree"].tobytes())
-            return BKTreeEngine(flat.distinct, tree)
+            return BKTreeEngine(flat.distinct, (arrays["parent"],
+                                                arrays["dist"]))
+    except FileNotFoundError:
+        pass
+    except Exception:  # damaged or crafted: a cache is rebuilt, never trusted
+        pass
     engine = BKTreeEngine(flat.distinct)
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 100_000))
-    try:
-        blob = pickle.dumps(engine.tree, protocol=pickle.HIGHEST_PROTOCOL)
-    finally:
-        sys.setrecursionlimit(limit)
     header = index_header(flat.kind, flat.bits, flat.fingerprint, "bktree")
-    try:
-        write_container(path, header, {"tree": np.frombuffer(blob, np.uint8)})
-    except OSError as exc:
-        raise StoreError(f"cannot write the BK-tree {path}: "
-                         f"{exc.strerror or exc} (check bk_dir).") from None
+    _save_cache(path, header, engine.links(), flat)
     return engine
+
+
+def _save_cache(path: str, header: dict, arrays: dict, flat: FlatIndex) -> None:
+    """Write a cache file; a bk_dir that cannot take it (read-only, full)
+    costs only the time to rebuild it next run."""
+    try:
+        write_container(path, header, arrays, flat.key)
+    except OSError as exc:
+        flat.say(f"cannot save the index cache {path} "
+                 f"({exc.strerror or exc}; check bk_dir): searching from "
+                 f"memory, and the next run rebuilds it.")
 
 
 # ============================================================================
@@ -3875,7 +4014,7 @@ def op_build(cfg: Config, ui: Console) -> UpdateReport:
         report.database = cfg.db_path
         store = _open_store(cfg)
         try:
-            save_index(cfg, store)
+            save_index(cfg, store, ui)
         finally:
             store.close()
     return report
@@ -3928,7 +4067,7 @@ def op_update(cfg: Config, ui: Console) -> UpdateReport:
             if cfg.database_url:
                 store.optimize()
             else:
-                save_index(cfg, store)
+                save_index(cfg, store, ui)
             note_ignored(cfg, store, ui)
         finally:
             store.close()

@@ -300,7 +300,7 @@ class Case:
                                   os.path.join(self.folder, "bktree.idx"))
         seconds = time.perf_counter() - t0
         if set(map(str, self.flat.engines)) != before and name != "auto":
-            note = "incl. pickle + write" if engine.name == "bktree" else ""
+            note = "incl. links + write" if engine.name == "bktree" else ""
             self.row("build", label(engine), None, seconds, "s",
                      peak_mb=PEAK.mb(), note=note)
             if engine.name == "bktree":  # and the load of what it wrote
@@ -309,7 +309,7 @@ class Case:
                 engine = self.flat.engine("bktree", radius, all_pairs,
                                           os.path.join(self.folder, "bktree.idx"))
                 self.row("load", "bktree", None, time.perf_counter() - t0, "s",
-                         note="unpickle")
+                         note="from links")
         return engine
 
 

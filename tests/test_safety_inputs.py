@@ -201,3 +201,211 @@ def test_a_sqlite_run_shows_no_password_either(collection, capsys, monkeypatch):
     assert code == 2 and "PGPASSWORD" in err
     text = every_output(collection, *streams, out, err)
     assert "Zq9" not in text
+
+
+# ---- item 5: hashes.idx is checked, never trusted ----
+
+def container_arrays(path):
+    """{name: (offset of its data, dtype, shape)} of an index file, read
+    from its bytes (whatever the tool's own reader accepts)."""
+    import numpy as np
+    with open(path, "rb") as fh:
+        fh.read(len(rs.INDEX_MAGIC))
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        out = {}
+        for name in header["arrays"]:
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            out[name] = (fh.tell(), dtype, shape)
+            fh.seek(int(np.prod(shape)) * dtype.itemsize, os.SEEK_CUR)
+    return header, out
+
+
+def poke(path, name, values):
+    """Overwrite array `name` of an index file in place (header untouched)."""
+    import numpy as np
+    _, arrays = container_arrays(path)
+    offset, dtype, shape = arrays[name]
+    data = np.broadcast_to(np.asarray(values, dtype=dtype), shape)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(np.ascontiguousarray(data).tobytes())
+
+
+def groups_of(doc):
+    return sorted(sorted(m["path"] for m in g["images"]) for g in doc["groups"])
+
+
+@pytest.mark.parametrize("attack", ["same_hashes", "order_out_of_range",
+                                    "ids_swapped", "huge_start"])
+def test_an_index_with_altered_arrays_is_rebuilt_never_trusted(
+        collection, capsys, attack):
+    params = write_params(collection, distance_threshold=6)
+    code, ref = run_json(capsys, params, "find_duplicates")
+    assert code == 0 and ref["groups"]
+    capsys.readouterr()
+    assert rs.main(["find_duplicates", "--params", params]) == 0
+    assert "rebuilding" not in capsys.readouterr().err  # a sound file is used
+    index = str(collection / "index" / "hashes.idx")
+    _, arrays = container_arrays(index)
+    if attack == "same_hashes":  # every picture the same: all one group
+        poke(index, "distinct", 7)
+        poke(index, "hashes", 7)
+    elif attack == "order_out_of_range":
+        poke(index, "img_order", 10**9)
+    elif attack == "ids_swapped":
+        poke(index, "ids", list(range(arrays["ids"][2][0], 0, -1)))
+    else:
+        poke(index, "img_starts", 2**40)
+    capsys.readouterr()
+    code = rs.main(["find_duplicates", "--params", params, "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "is damaged" in err and "rebuilding it" in err
+    assert groups_of(json.loads(out)) == groups_of(ref)
+    code, again = run_json(capsys, params, "find_duplicates")  # healed
+    assert groups_of(again) == groups_of(ref)
+
+
+def test_an_index_resigned_without_the_database_key_is_refused(collection, capsys):
+    """A forger who recomputes a plain checksum over crafted arrays: the MAC
+    is keyed by a secret kept in the database, so the file is refused."""
+    params = write_params(collection, distance_threshold=6)
+    code, ref = run_json(capsys, params, "find_duplicates")
+    index = str(collection / "index" / "hashes.idx")
+    header, arrays = container_arrays(index)
+    import numpy as np
+    with open(index, "rb") as fh:
+        data = fh.read()
+    loaded = {name: np.frombuffer(data, dtype, int(np.prod(shape)), offset
+                                  ).reshape(shape).copy()
+              for name, (offset, dtype, shape) in arrays.items()}
+    loaded["distinct"][:] = 7
+    loaded["hashes"][:] = 7
+    fields = {k: v for k, v in header.items() if k not in ("arrays", "mac")}
+    rs.write_container(index, fields, loaded, b"")  # a valid plain checksum
+    capsys.readouterr()
+    code = rs.main(["find_duplicates", "--params", params, "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "is damaged" in err
+    assert groups_of(json.loads(out)) == groups_of(ref)
+
+
+# ---- item 6: bktree.idx runs nothing ----
+
+def test_a_crafted_bktree_file_runs_no_code(collection, capsys, tmp_path):
+    import io
+    import pickle
+    import numpy as np
+    params = write_params(collection, engine="bktree", distance_threshold=6)
+    code, ref = run_json(capsys, params, "find_duplicates")
+    path = collection / "index" / "bktree.idx"
+    header, _ = container_arrays(str(path))
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    blob = pickle.dumps(Payload())
+    header = {k: v for k, v in header.items() if k != "mac"}
+    header["arrays"] = ["tree"]
+    text = json.dumps(header).encode()
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.frombuffer(blob, np.uint8))
+    path.write_bytes(rs.INDEX_MAGIC + len(text).to_bytes(8, "little") + text
+                     + buf.getvalue())
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0 and not marker.exists()
+    assert groups_of(doc) == groups_of(ref)
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0 and not marker.exists()
+
+
+def test_the_bktree_cache_holds_plain_arrays_that_give_exact_results(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    near = base[:100] ^ np.uint64(0b1011)
+    hashes = np.unique(np.concatenate([base, near])).reshape(-1, 1)
+    flat = rs.FlatIndex.from_arrays(np.arange(1, len(hashes) + 1), hashes, 64)
+    flat.kind, flat.fingerprint, flat.key = "k", "f", b"secret-key"
+    path = str(tmp_path / "bktree.idx")
+    built = rs.load_bktree(flat, path)
+    header, arrays = rs.read_container(path, b"secret-key")
+    assert set(arrays) == {"parent", "dist"}
+    assert all(a.dtype.kind in "iu" for a in arrays.values())
+    loaded = rs.load_bktree(flat, path)
+    assert loaded.tree.tree == built.tree.tree  # the same nodes, same shape
+    for q in hashes[::7]:
+        pos, d = loaded.search(q, 6)
+        want = np.flatnonzero(rs.distances(hashes, q) <= 6)
+        assert sorted(pos.tolist()) == want.tolist()
+    # links that disagree with the hashes are never used
+    bad = dict(arrays, dist=arrays["dist"] + 1)
+    with pytest.raises(ValueError):
+        rs.BKTreeEngine(hashes, (bad["parent"], bad["dist"]))
+    rs.write_container(path, header, bad, b"secret-key")
+    assert rs.load_bktree(flat, path).tree.tree == built.tree.tree
+
+
+# ---- a read-only or full bk_dir: search runs from memory ----
+
+def mount_tmpfs(folder, size="256k"):
+    """A small tmpfs at `folder`, or skip with the reason."""
+    import subprocess
+    folder.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}",
+                           "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def umount(folder):
+    import subprocess
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder):
+    """Write into `folder` until its file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("state", ["full", "read_only"])
+def test_search_runs_from_memory_when_bk_dir_cannot_be_written(
+        collection, capsys, state):
+    import subprocess
+    ref_params = write_params(collection, bk_dir="index_ref",
+                              distance_threshold=6)
+    code, ref = run_json(capsys, ref_params, "find_duplicates")
+    bk = collection / "index"
+    mount_tmpfs(bk)
+    try:
+        if state == "full":
+            fill(bk)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(bk)], check=True)
+        params = write_params(collection, distance_threshold=6)
+        for engine in ("auto", "bktree"):
+            for op in ("find_duplicates", "search"):
+                capsys.readouterr()
+                code = rs.main([op, "--params", params, "--format", "json",
+                                "--engine", engine])
+                out, err = capsys.readouterr()
+                assert code == 0, err
+                assert "searching from memory" in err
+                if op == "find_duplicates":
+                    assert groups_of(json.loads(out)) == groups_of(ref)
+        code = rs.main(["update", "--params", params])
+        assert code == 0
+    finally:
+        umount(bk)
