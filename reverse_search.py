@@ -2788,8 +2788,20 @@ def _worker_init(job: HashJob) -> None:
     _setup_decoders()
 
 
-def _worker_hash(task: HashTask) -> HashResult:
-    return hash_file(task, _JOB)
+def _worker_main(conn, job: HashJob) -> None:
+    """A worker: hash each task of each chunk received, one result sent per
+    task as soon as it is done (so the parent knows which task a worker
+    that dies was on); None or a closed pipe ends it."""
+    _worker_init(job)
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        if chunk is None:
+            return
+        for task in chunk:
+            conn.send(hash_file(task, job))
 
 
 def _setup_decoders() -> None:
@@ -2819,41 +2831,92 @@ def start_method() -> str:
     return "spawn"
 
 
-def _start_pool(workers: int, job: HashJob):
-    """Workers that ignore Ctrl-C from birth: an ignored signal stays ignored
-    across fork and exec, so one pressed while they start prints nothing."""
+def _start_worker(ctx, job: HashJob) -> Worker:
+    """A worker that ignores Ctrl-C from birth: an ignored signal stays
+    ignored across fork and exec, so one pressed while it starts prints
+    nothing."""
     import gc
     import threading
-    ctx = multiprocessing.get_context(start_method())
+    here, there = ctx.Pipe()
+    process = ctx.Process(target=_worker_main, args=(there, job), daemon=True)
     if threading.current_thread() is not threading.main_thread():
-        return ctx.Pool(workers, _worker_init, (job,))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    gc.freeze()  # forked workers then leave the parent's objects' pages shared
-    try:
-        return ctx.Pool(workers, _worker_init, (job,))
-    finally:
-        gc.unfreeze()
-        signal.signal(signal.SIGINT, previous)
+        process.start()
+    else:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gc.freeze()  # forked workers then leave the parent's objects' pages shared
+        try:
+            process.start()
+        finally:
+            gc.unfreeze()
+            signal.signal(signal.SIGINT, previous)
+    there.close()
+    return Worker(process, here)
+
+
+@dataclass
+class Worker:
+    """A hashing process, its pipe, and the tasks sent to it not yet done
+    (in order: the first is the one it is working on)."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: object
+    busy: list = field(default_factory=list)
+
+    def stop(self, wait: bool) -> None:
+        with _ignored(OSError, ValueError):
+            if wait:
+                self.conn.send(None)
+            else:
+                self.process.kill()
+        self.process.join(30 if wait else 5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+
+
+def died_while_hashing(task: HashTask, exitcode: int | None) -> HashResult:
+    """The result of a task whose worker died: the file is recorded as failed
+    (update tries it again), the run goes on."""
+    result = HashResult(task.path)
+    with _ignored(OSError):
+        st = os.stat(task.path)
+        result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
+    how = f"killed by signal {-exitcode}" if exitcode and exitcode < 0 \
+        else f"exit code {exitcode}"
+    result.error = (f"the hashing process died while decoding this file "
+                    f"({how}; the out-of-memory killer does this; see "
+                    f"max_decode_mb)")
+    return result
 
 
 class Hasher:
-    """Hashes files in worker processes, or here when there are few."""
+    """Hashes files in worker processes, or here when there are few.
+
+    Workers are plain processes with a pipe each, not a multiprocessing.Pool:
+    a Pool loses the task of a worker that is killed (by the out-of-memory
+    killer, say) and waits for its result for ever.  Here a dead worker's
+    current task is failed with the reason, the tasks it had queued go back
+    to the others, and a new worker takes its place."""
+
+    # This many deaths in a row with no result between: something kills
+    # every worker, so stop rather than fail every file one by one.
+    MOST_DEATHS_IN_A_ROW = 8
 
     def __init__(self, job: HashJob, workers: int):
         self.job = job
         self.workers = workers
-        self.pool = None
+        self.crew = []
+        self.ctx = None
+        self.deaths = 0
 
     def __enter__(self) -> Hasher:
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
+        for worker in self.crew:
+            worker.stop(wait=exc_type is None)
+        self.crew = []
 
     # Fewer tasks than this are hashed here: starting a spawned worker costs
     # about as much as hashing 30-60 photos, a forked one about 1.
@@ -2864,17 +2927,68 @@ class Hasher:
 
     def map(self, tasks: list) -> Iterator[HashResult]:
         """Results in completion order."""
-        if self.workers <= 1 or len(tasks) < self.small_job() and self.pool is None:
+        if self.workers <= 1 or len(tasks) < self.small_job() and not self.crew:
             _setup_decoders()
             for task in tasks:
                 yield hash_file(task, self.job)
             return
-        if self.pool is None:
-            self.pool = _start_pool(self.workers, self.job)
+        if self.ctx is None:
+            self.ctx = multiprocessing.get_context(start_method())
+        while len(self.crew) < self.workers:
+            self.crew.append(_start_worker(self.ctx, self.job))
         # Bigger chunks cost less to pass between processes; 16 per worker
         # or more keep the last chunks from leaving a worker idle at the end.
         chunk = max(1, min(16, len(tasks) // (16 * self.workers)))
-        yield from self.pool.imap_unordered(_worker_hash, tasks, chunksize=chunk)
+        todo = list(reversed(tasks))  # popped from the end
+        while todo or any(w.busy for w in self.crew):
+            for worker in list(self.crew):
+                if todo and len(worker.busy) <= chunk:  # one chunk queued ahead
+                    yield from self._feed(worker, todo, chunk)
+            yield from self._collect(todo)
+
+    def _feed(self, worker: Worker, todo: list, chunk: int):
+        part = [todo.pop() for _ in range(min(chunk, len(todo)))]
+        try:
+            worker.conn.send(part)
+            worker.busy += part
+        except OSError:  # it died idle: nothing of this part was started
+            todo.extend(reversed(part))
+            yield from self._replace(worker, todo)
+
+    def _collect(self, todo: list) -> Iterator[HashResult]:
+        """The results that are ready; dead workers replaced."""
+        from multiprocessing.connection import wait
+        waiting = [w for w in self.crew if w.busy]
+        wait([w.conn for w in waiting] + [w.process.sentinel for w in waiting])
+        for worker in waiting:
+            while worker.busy and worker.conn.poll():
+                try:
+                    result = worker.conn.recv()
+                except (EOFError, OSError):  # died: its pipe is closed
+                    break
+                worker.busy.pop(0)
+                self.deaths = 0
+                yield result
+            if not worker.process.is_alive():
+                yield from self._replace(worker, todo)
+
+    def _replace(self, worker: Worker, todo: list) -> Iterator[HashResult]:
+        worker.process.join(5)
+        code = worker.process.exitcode
+        lost, worker.busy = worker.busy, []
+        worker.stop(wait=False)
+        self.crew.remove(worker)
+        self.deaths += 1
+        if lost:
+            todo.extend(reversed(lost[1:]))  # the others go first, to others
+            yield died_while_hashing(lost[0], code)
+        if self.deaths >= self.MOST_DEATHS_IN_A_ROW:
+            raise StoreError(
+                f"{self.deaths} hashing processes in a row died (the last: "
+                f"exit code {code}); stopping. Everything hashed so far is "
+                f"saved. Lower workers or max_decode_mb, or free memory, then "
+                f"run update.")
+        self.crew.append(_start_worker(self.ctx, self.job))
 
 
 # ---- finding files ----

@@ -2,11 +2,16 @@
 settings, a search racing an update, a hashing worker killed, a small file
 that decodes to gigabytes, an unmounted drive."""
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import rs, run_json, write_params
+from conftest import ROOT, rs, run_json, write_params
 
 
 def error_of(capsys, *args):
@@ -71,3 +76,75 @@ def test_a_thousand_workers_are_capped_with_a_notice(collection, capsys):
     assert f"key 'workers' is 1000; using {most}" in captured.err
     run = rs.parse_run(["build", "--params", params])
     assert run.config.worker_count == most < 1000
+
+
+# ---- a hashing worker killed (as the out-of-memory killer does) ----
+
+SCRIPT = os.path.join(ROOT, "reverse_search.py")
+
+
+def slow_png(path, w=4000, h=3000):
+    """A small file that takes about 0.15 s to decode (12 MP of gradient)."""
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1).astype(np.uint8)
+    Image.fromarray(a).save(path, compress_level=1)
+
+
+def children(pid):
+    """(pid, CPU seconds) of the live child processes of pid, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            ticks = int(fields[11]) + int(fields[12])  # utime + stime
+            found.append((int(entry), ticks / os.sysconf("SC_CLK_TCK")))
+    return found
+
+
+def kill_a_busy_child(proc, busy_seconds=0.05, timeout=60):
+    """SIGKILL the first child of proc that has been computing a while."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for pid, cpu in children(proc.pid):
+            if cpu >= busy_seconds:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.02)
+    pytest.fail("no busy worker appeared")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_worker_fails_its_file_and_the_run_goes_on(tmp_path):
+    import shutil
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    slow_png(imgs / "slow00.png")
+    for k in range(1, 10):  # 8 or more: fewer are hashed without workers
+        shutil.copy(imgs / "slow00.png", imgs / f"slow{k:02}.png")
+    params = write_params(tmp_path, workers=2)
+    proc = subprocess.Popen([sys.executable, SCRIPT, "build", "--params", params,
+                             "--format", "json", "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        kill_a_busy_child(proc)
+        out, err = proc.communicate(timeout=120)  # before the fix: hung for ever
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["files"] == 10 and doc["hashed"] == 9 and doc["failed"] == 1
+    reason = doc["failures"][0]["error"]
+    assert "hashing process died" in reason and "signal 9" in reason
+    # the failed file is tried again by the next update, and hashed
+    code = subprocess.run([sys.executable, SCRIPT, "update", "--params", params,
+                           "--format", "json", "-q"], capture_output=True,
+                          text=True, timeout=120)
+    assert code.returncode == 0 and json.loads(code.stdout)["failed"] == 0
