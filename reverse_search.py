@@ -4148,6 +4148,10 @@ def _open_store(cfg: Config, create: bool = False, path: str | None = None):
         store = PgStore(cfg.database_url, create)
     else:
         path = path or cfg.db_path
+        if os.path.islink(path):  # SQLite would write where it points
+            raise StoreError(f"{path} is a symbolic link; the database must be "
+                             f"a plain file (point db_dir at its folder "
+                             f"instead).")
         try:
             store = Store(path, create)
         except (OSError, sqlite3.Error) as exc:
@@ -5221,7 +5225,8 @@ def _finish_manifest(manifest: str, remaining: list) -> None:
                 "utf-8", "surrogateescape")), binary=True, sync=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        os.replace(manifest, manifest.replace(".jsonl", f"-undone-{stamp}.jsonl"))
+        place_new(manifest, _free_name(manifest.replace(
+            ".jsonl", f"-undone-{stamp}.jsonl")))  # never over another file
 
 
 def _read_json(path: str, missing: str) -> dict:

@@ -339,3 +339,25 @@ def test_quarantine_and_output_apart_from_img_dirs(collection, capsys, key, valu
     assert rs.main(["find_duplicates", "--params", params]) == 2
     err = capsys.readouterr().err
     assert f"key '{key}'" in err and "img_dirs" in err and "params.json" in err
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="Linux allows "
+                    "file names that are not UTF-8")
+def test_a_file_name_that_is_not_utf8_moves_and_comes_back(collection, capsys):
+    """Issue 14.11: such names were 'no longer exists' to move."""
+    name = os.path.join(os.fsencode(collection / "imgs"), b"sub", b"caf\xe9.jpg")
+    with open(collection / "imgs" / "p3.jpg", "rb") as src, open(name, "wb") as dst:
+        dst.write(src.read())
+    before = tree(collection / "imgs")
+    params = write_params(collection)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert len(doc["groups"]) == 3
+    code, out = run_json(capsys, params, "move", "--yes")
+    assert out["failures"] == [] and len(out["done"]) == 3
+    assert any("\\xe9" in d["from"] for d in out["done"])
+    assert not os.path.exists(name)
+    code, out = run_json(capsys, params, "undo")
+    assert out["failures"] == [] and len(out["done"]) == 3
+    assert tree(collection / "imgs") == before
+    code, out = run_json(capsys, params, "update")
+    assert out["hashed"] == 0
