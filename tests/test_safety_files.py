@@ -92,6 +92,20 @@ def test_the_lock_and_manifest_are_never_opened_through_a_link(collection, capsy
     assert "images.db.lock is a symbolic link" in capsys.readouterr().err
 
 
+def test_a_database_name_planted_as_a_link_is_refused(collection, capsys):
+    """SQLite follows a link at the database's own name: a dangling one made
+    a new database wherever it pointed."""
+    params = write_params(collection)
+    os.makedirs(collection / "db")
+    target = collection / "elsewhere" / "made.db"
+    os.makedirs(target.parent)
+    os.symlink(target, collection / "db" / "images.db")
+    capsys.readouterr()
+    assert rs.main(["update", "--params", params, "-q"]) == 1
+    assert "images.db is a symbolic link" in capsys.readouterr().err
+    assert not target.exists()
+
+
 def test_a_hard_link_at_the_manifest_is_never_appended_to(collection, capsys):
     victim = collection / "victim.jpg"
     picture(77).save(victim, quality=90)
