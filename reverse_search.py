@@ -5027,6 +5027,7 @@ def _move_one(m: Move, store, places: Places, manifest: str,
                   "row": _row_record(m.row, store)}
         append_line(manifest, json.dumps(record, ensure_ascii=False))  # intent first
         if os.path.lexists(dest):  # an interrupted move got this far before
+            sweep_temps(dest)
             os.unlink(path)
         else:
             transfer(path, dest, sha)
