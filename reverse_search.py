@@ -3068,6 +3068,364 @@ class Walk:
 
 
 # ============================================================================
+# Verification
+# ============================================================================
+#
+# A hash says two pictures look alike as a whole; it cannot see one picture
+# inside another (a screenshot, a post, a frame), a crop, or a quarter turn.
+# Verification checks a candidate pair on the pixels: ORB keypoints of both
+# pictures at VERIFY_SIDE pixels, matched by Hamming distance (ratio test),
+# then a similarity transform (scale, any rotation, shift; mirrored tried
+# too) fitted by RANSAC.  A pair is accepted when enough matches agree on a
+# sane transform AND the pixels agree where the pictures overlap: two
+# different photos in the same template (two screenshots of one app, two
+# posts, two polaroid frames) share many keypoints on the template, but their
+# pictures disagree over one large region, which is what PIXEL_CHECK finds.
+# OpenCV is optional: without it the tool runs hashes only, and says so.
+
+VERIFY_SIDE = 512      # long side the features are found at (prototype: 25 ms a pair)
+VERIFY_FEATURES = 1000  # ORB keypoints per picture
+MIN_INLIERS = 12       # matches that agree on the transform
+RATIO = 0.8            # Lowe's ratio test on the two nearest descriptors
+MAX_SCALE = 6.0        # one picture at most 6x the other's size (36x the area)
+MIN_SPREAD = 0.01      # inliers must span 1 % of the overlap on each side
+MIN_INSIDE = 0.5       # at least half of one picture lies inside the other
+GRID = 12              # pixel check: cells across the overlap
+MAX_DISAGREE = 0.2     # largest region of disagreeing cells, share of the informative ones
+MIN_COUNTED = 12       # informative cells needed to judge (of GRID x GRID)
+FLAT_STD = 5.0         # a cell with less grey-level spread is flat
+FLAT_TOLERANCE = 24.0  # two flat cells agree within this many grey levels
+CELL_NCC = 0.3         # two textured cells agree at this correlation or more
+
+
+@functools.lru_cache(maxsize=None)
+def _cv2():
+    """OpenCV, or None when it is not installed (hashes-only matching)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)  # our own workers use the cores; OpenCV's pool fought them
+    return cv2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where one picture lies in the other, in the OTHER picture's pixels.
+
+    inner: "a" when picture a lies inside b (box in b's pixels), "b" when b
+    lies inside a (box in a's pixels), "" when each is mostly the other.
+    share: the inner picture's part of the outer one's area (0..1)."""
+
+    inner: str
+    box: tuple          # (left, top, right, bottom) pixels of the outer picture
+    scale: float        # size of b over size of a
+    turn: int           # 0, 90, 180 or 270 degrees clockwise, a to b
+    angle: float        # the rest of the rotation, degrees clockwise
+    mirror: bool
+    share: float
+    inliers: int
+
+    def describe(self) -> str:
+        """What b is, said of b: "holds the picture, 31 % of its area",
+        "cropped to 64 %", "turned 90°", "mirrored"."""
+        parts = []
+        pct = round(100 * self.share)
+        if self.inner == "a" and self.share < 0.9:
+            parts.append(f"holds the picture, {pct} % of its area")
+        elif self.inner == "b" and self.share < 0.9:
+            parts.append(f"cropped to {pct} %")
+        elif not self.inner:
+            parts.append(f"overlaps it, {pct} % of its area")
+        if self.turn:
+            parts.append(f"turned {self.turn}°")
+        if abs(self.angle) >= 0.5:
+            parts.append(f"tilted {self.angle:+.0f}°")
+        if self.mirror:
+            parts.append("mirrored")
+        if not parts:
+            parts.append("same framing")
+        return ", ".join(parts)
+
+    def as_json(self) -> dict:
+        return {"inner": self.inner, "box": [round(v, 1) for v in self.box],
+                "scale": round(self.scale, 3), "turn": self.turn,
+                "angle": round(self.angle, 1), "mirror": self.mirror,
+                "share": round(self.share, 3), "inliers": self.inliers}
+
+
+@dataclass
+class Verdict:
+    accepted: bool
+    reason: str          # why not, or "verified"
+    inliers: int = 0
+    geometry: Geometry | None = None
+
+
+@dataclass
+class Features:
+    """One picture's keypoints at the work size (a grey copy kept for the
+    pixel check; its mirrored keypoints found only when asked for)."""
+
+    width: int           # displayed size (EXIF rotation applied)
+    height: int
+    grey: np.ndarray     # work size, uint8
+    points: np.ndarray   # (n, 2) float32, work pixels
+    descriptors: np.ndarray
+    _mirrored: tuple | None = None
+
+    @property
+    def factor(self) -> float:
+        """Work pixels per displayed pixel."""
+        return self.grey.shape[1] / self.width
+
+    def oriented(self, mirror: bool) -> tuple:
+        """(points, descriptors) of the picture or of its left-right mirror
+        (points in the mirror's own pixels)."""
+        if not mirror:
+            return self.points, self.descriptors
+        if self._mirrored is None:
+            self._mirrored = _orb_features(np.ascontiguousarray(
+                self.grey[:, ::-1]))
+        return self._mirrored
+
+
+def _orb_features(grey: np.ndarray) -> tuple:
+    cv2 = _cv2()
+    orb = cv2.ORB_create(nfeatures=VERIFY_FEATURES, fastThreshold=10,
+                         edgeThreshold=15)
+    keypoints, desc = orb.detectAndCompute(grey, None)
+    points = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
+    return points, desc if desc is not None else np.zeros((0, 32), np.uint8)
+
+
+def load_features(path: str, max_pixels: int) -> Features:
+    """Decode small (JPEG draft), EXIF-rotate, grey, ORB.  SkipFile if not."""
+    from PIL import Image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            im = Image.open(path)
+            if im.size[0] * im.size[1] > max_pixels:
+                raise SkipFile("too many pixels")
+            orientation = _exif_orientation(im)
+            if im.format == "JPEG":
+                im.draft("L", (VERIFY_SIDE, VERIFY_SIDE))
+            im.seek(0)
+            im = to_8bit(im)
+            if orientation in _ORIENT:
+                im = im.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise SkipFile(describe_image_error(exc, path)) from exc
+    width, height = im.size
+    scale = VERIFY_SIDE / max(width, height)
+    if scale < 1:
+        im = im.resize((max(1, round(width * scale)),
+                        max(1, round(height * scale))), Image.BILINEAR)
+    grey = np.asarray(im.convert("L"))
+    return Features(width, height, grey, *_orb_features(grey))
+
+
+def verify_features(a: Features, b: Features) -> Verdict:
+    """Is b the picture a (cropped, framed, turned, mirrored, scaled)?"""
+    best = Verdict(False, "too few matching keypoints")
+    for mirror in (False, True):
+        verdict = _verify_oriented(a, b, mirror)
+        if verdict.accepted:
+            return verdict
+        if verdict.inliers > best.inliers:
+            best = verdict
+    return best
+
+
+def _ratio_matches(da: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """(k, 2) index pairs that pass the ratio test."""
+    if len(da) < 2 or len(db) < 2:
+        return np.zeros((0, 2), np.int64)
+    matcher = _cv2().BFMatcher(_cv2().NORM_HAMMING)
+    pairs = [(m[0].queryIdx, m[0].trainIdx) for m in matcher.knnMatch(da, db, k=2)
+             if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+def _verify_oriented(a: Features, b: Features, mirror: bool) -> Verdict:
+    points, desc = a.oriented(mirror)
+    pairs = _ratio_matches(desc, b.descriptors)
+    if len(pairs) < MIN_INLIERS:
+        return Verdict(False, "too few matching keypoints", len(pairs))
+    src, dst = points[pairs[:, 0]], b.points[pairs[:, 1]]
+    transform, mask = _cv2().estimateAffinePartial2D(
+        src, dst, method=_cv2().RANSAC, ransacReprojThreshold=4.0,
+        maxIters=2000, confidence=0.995)
+    if transform is None:
+        return Verdict(False, "no transform fits the matches")
+    inl = mask.ravel().astype(bool)
+    n = int(inl.sum())
+    grey = a.grey[:, ::-1] if mirror else a.grey
+    why = _degenerate(transform, src[inl], dst[inl], grey.shape, b.grey.shape)
+    if why:
+        return Verdict(False, why, n)
+    if disagreeing_region(grey, b.grey, transform) > MAX_DISAGREE:
+        return Verdict(False, "the pixels differ where the pictures overlap", n)
+    return Verdict(True, "verified", n, _geometry(transform, a, b, mirror, n))
+
+
+def _scale_angle(transform: np.ndarray) -> tuple:
+    return (math.hypot(transform[0, 0], transform[1, 0]),
+            math.degrees(math.atan2(transform[1, 0], transform[0, 0])))
+
+
+def _overlap(transform: np.ndarray, shape_a: tuple, shape_b: tuple):
+    """a's frame carried into b and clipped to b: (box, a's share seen, b's
+    share covered), or None when they do not overlap."""
+    ha, wa = shape_a
+    hb, wb = shape_b
+    corners = np.array([[0, 0], [wa, 0], [wa, ha], [0, ha]], np.float64)
+    moved = corners @ transform[:, :2].T + transform[:, 2]
+    x0, y0 = np.maximum(moved.min(axis=0), 0)
+    x1, y1 = np.minimum(moved.max(axis=0), (wb, hb))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    area = (x1 - x0) * (y1 - y0)
+    scale = _scale_angle(transform)[0]
+    return (x0, y0, x1, y1), min(1.0, area / scale ** 2 / (wa * ha)), \
+        area / (wb * hb)
+
+
+def _degenerate(transform, src, dst, shape_a, shape_b) -> str:
+    """Why a fitted transform cannot be a copy, or ""."""
+    scale, _ = _scale_angle(transform)
+    if len(src) < MIN_INLIERS:
+        return "too few keypoints agree on one transform"
+    if not 1 / MAX_SCALE <= scale <= MAX_SCALE:
+        return f"implausible scale ({scale:.2f})"
+    overlap = _overlap(transform, shape_a, shape_b)
+    if overlap is None:
+        return "the pictures would not overlap"
+    box, seen_a, covered_b = overlap
+    if max(seen_a, covered_b) < MIN_INSIDE:
+        return "the pictures would overlap only at an edge"
+    area_b = (box[2] - box[0]) * (box[3] - box[1])
+    if _span(dst) < MIN_SPREAD * area_b or \
+            _span(src) < MIN_SPREAD * area_b / scale ** 2:
+        return "the agreeing keypoints are bunched in one spot"
+    return ""
+
+
+def _span(points: np.ndarray) -> float:
+    low, high = points.min(axis=0), points.max(axis=0)
+    return float((high[0] - low[0]) * (high[1] - low[1]))
+
+
+def disagreeing_region(grey_a: np.ndarray, grey_b: np.ndarray,
+                       transform: np.ndarray) -> float:
+    """The largest connected region of GRID x GRID cells where a (carried into
+    b's frame, brightness matched) and b differ, as a share of the cells with
+    something to compare.  A sticker or a caption is a small region; a
+    different picture in the same template is one large region."""
+    cv2 = _cv2()
+    hb, wb = grey_b.shape
+    warped = cv2.warpAffine(np.ascontiguousarray(grey_a), transform, (wb, hb),
+                            flags=cv2.INTER_AREA)
+    inside = cv2.warpAffine(np.full(grey_a.shape, 255, np.uint8), transform,
+                            (wb, hb), flags=cv2.INTER_NEAREST)
+    size = (max(GRID, wb // 2), max(GRID, hb // 2))  # halved: noise averaged
+    x = cv2.resize(warped, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    y = cv2.resize(grey_b, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    m = cv2.resize(inside, size, interpolation=cv2.INTER_AREA) >= 250
+    if m.sum() < 16:
+        return 1.0
+    spread = x[m].std()
+    gain = y[m].std() / spread if spread > 1 else 1.0
+    x = (x - x[m].mean()) * gain + y[m].mean()
+    bad, counted = _cell_disagreement(x, y, m)
+    if counted < MIN_COUNTED:
+        return 1.0  # too little to compare: not proven, so not accepted
+    count, _, stats, _ = cv2.connectedComponentsWithStats(bad, connectivity=4)
+    largest = stats[1:, cv2.CC_STAT_AREA].max() if count > 1 else 0
+    return float(largest) / counted
+
+
+def _cell_disagreement(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple:
+    """(GRID x GRID uint8 map of disagreeing cells, cells that count): flat
+    cells that agree say nothing and do not count."""
+    h, w = x.shape
+    bad = np.zeros((GRID, GRID), np.uint8)
+    counted = 0
+    for i in range(GRID):
+        rows = slice(i * h // GRID, (i + 1) * h // GRID)
+        for j in range(GRID):
+            cols = slice(j * w // GRID, (j + 1) * w // GRID)
+            inside = m[rows, cols]
+            if inside.size < 4 or inside.sum() < 0.8 * inside.size:
+                continue
+            a, b = x[rows, cols][inside], y[rows, cols][inside]
+            bad[i, j] = _cells_differ(a, b)
+            counted += bool(bad[i, j]) or a.std() >= FLAT_STD or b.std() >= FLAT_STD
+    return bad, counted
+
+
+def _cells_differ(a: np.ndarray, b: np.ndarray) -> bool:
+    sa, sb = float(a.std()), float(b.std())
+    if sa < FLAT_STD and sb < FLAT_STD:
+        return abs(float(a.mean()) - float(b.mean())) > FLAT_TOLERANCE
+    if sa < FLAT_STD / 2 or sb < FLAT_STD / 2:
+        return True  # texture against flat
+    ncc = float(((a - a.mean()) * (b - b.mean())).mean()) / (sa * sb)
+    return ncc < CELL_NCC
+
+
+def _geometry(transform, a: Features, b: Features, mirror: bool,
+              inliers: int) -> Geometry:
+    """The transform in displayed pixels: which picture holds the other,
+    where, how turned."""
+    scale_work, angle = _scale_angle(transform)
+    scale = scale_work * a.factor / b.factor
+    turn = round(angle / 90) % 4 * 90
+    rest = angle - round(angle / 90) * 90
+    box, seen_a, covered_b = _overlap(transform, a.grey.shape, b.grey.shape)
+    if seen_a >= 0.9 or covered_b < 0.9:  # a inside b (or partial): box in b
+        inner, share = ("a" if seen_a >= 0.9 else ""), covered_b
+        box = tuple(v / b.factor for v in box)
+    else:  # b inside a: b's frame carried back into a
+        inverse = _cv2().invertAffineTransform(transform)
+        box, _, kept = _overlap(inverse, b.grey.shape, a.grey.shape)
+        if mirror:  # the box is in the mirror's pixels: back to a's own
+            w = a.grey.shape[1]
+            box = (w - box[2], box[1], w - box[0], box[3])
+        inner, share = "b", kept
+        box = tuple(v / a.factor for v in box)
+    return Geometry(inner, box, scale, turn, rest, mirror, share, inliers)
+
+
+class Verifier:
+    """verify() for pairs of files, each file's features found once a run."""
+
+    def __init__(self, max_pixels: int, cache_size: int = 4096):
+        self.max_pixels = max_pixels
+        self.cache: dict = {}
+        self.cache_size = cache_size  # 4096 x ~300 KB: bounded memory
+        self.checked = 0
+
+    def features(self, path: str) -> Features | None:
+        if path not in self.cache:
+            if len(self.cache) >= self.cache_size:
+                self.cache.pop(next(iter(self.cache)))
+            try:
+                self.cache[path] = load_features(path, self.max_pixels)
+            except (SkipFile, OSError, MemoryError):
+                self.cache[path] = None
+        return self.cache[path]
+
+    def check(self, path_a: str, path_b: str) -> Verdict:
+        a, b = self.features(path_a), self.features(path_b)
+        if a is None or b is None:
+            return Verdict(False, "could not be read for verification")
+        self.checked += 1
+        return verify_features(a, b)
+
+
+# ============================================================================
 # Index
 # ============================================================================
 #
