@@ -328,6 +328,7 @@ OPERATIONS = ("build", "update", "search", "find_duplicates", "export", "move",
 HASH_METHODS = ("ahash", "phash", "phash_simple", "dhash", "dhash_vertical",
                 "whash", "whash_db4", "colorhash")
 HASH_MODES = ("fast", "exact")
+MATCHINGS = ("verified", "fast")
 ENGINES = ("auto", "scan", "mih", "bktree")
 FORMATS = ("text", "json", "csv")
 GROUPINGS = ("representative", "connected")
@@ -381,8 +382,15 @@ class Config:
         "handled; exact: plain ImageHash values, bit for bit",
         choices=HASH_MODES)
     match_orientations: bool = _key(
-        False, "also find mirrored, flipped and 90/180/270-degree rotated "
-        "copies (stores 7 more hashes per image)")
+        True, "also find mirrored, flipped and 90/180/270-degree rotated "
+        "copies (stores 7 more hashes per image; with matching verified, "
+        "each such match is checked on the pixels)")
+    matching: str = _key(
+        "verified", "verified: matches that hashes alone cannot vouch for "
+        "(another orientation, a region, a larger distance) are checked on "
+        "the pixels with OpenCV keypoints and kept only if one picture is "
+        "found in the other, which also says where; fast: hashes only",
+        choices=MATCHINGS)
     centre_hashes: bool = _key(
         True, "also hash the central 90 % and 80 % of each picture and match "
         "on those too: finds cropped, slightly rotated, captioned and "
@@ -3125,6 +3133,16 @@ class Geometry:
     mirror: bool
     share: float
     inliers: int
+    outer_size: tuple = (0, 0)  # displayed pixels of the picture holding the box
+
+    @property
+    def box_fraction(self) -> tuple:
+        """The box as shares (0..1) of the outer picture's width and height."""
+        w, h = self.outer_size
+        if not w or not h:
+            return ()
+        x0, y0, x1, y1 = self.box
+        return (x0 / w, y0 / h, x1 / w, y1 / h)
 
     def describe(self) -> str:
         """What b is, said of b: "holds the picture, 31 % of its area",
@@ -3149,6 +3167,7 @@ class Geometry:
 
     def as_json(self) -> dict:
         return {"inner": self.inner, "box": [round(v, 1) for v in self.box],
+                "box_fraction": [round(v, 4) for v in self.box_fraction],
                 "scale": round(self.scale, 3), "turn": self.turn,
                 "angle": round(self.angle, 1), "mirror": self.mirror,
                 "share": round(self.share, 3), "inliers": self.inliers}
@@ -3387,6 +3406,7 @@ def _geometry(transform, a: Features, b: Features, mirror: bool,
     if seen_a >= 0.9 or covered_b < 0.9:  # a inside b (or partial): box in b
         inner, share = ("a" if seen_a >= 0.9 else ""), covered_b
         box = tuple(v / b.factor for v in box)
+        outer = (b.width, b.height)
     else:  # b inside a: b's frame carried back into a
         inverse = _cv2().invertAffineTransform(transform)
         box, _, kept = _overlap(inverse, b.grey.shape, a.grey.shape)
@@ -3395,7 +3415,9 @@ def _geometry(transform, a: Features, b: Features, mirror: bool,
             box = (w - box[2], box[1], w - box[0], box[3])
         inner, share = "b", kept
         box = tuple(v / a.factor for v in box)
-    return Geometry(inner, box, scale, turn, rest, mirror, share, inliers)
+        outer = (a.width, a.height)
+    return Geometry(inner, tuple(float(v) for v in box), float(scale), turn,
+                    float(rest), mirror, float(share), inliers, outer)
 
 
 class Verifier:
@@ -4608,6 +4630,73 @@ class Match:
     mtime_ns: int = 0
     keep: bool = False
     variant: str | None = None  # how it matched when not as stored
+    how: How | None = None
+
+
+@dataclass
+class How:
+    """How a match was found: the hash stage (and its region or orientation)
+    and, when verified, where the one picture lies in the other."""
+
+    stage: str
+    region: str | None = None    # MATCH_NAMES name, None for the whole picture
+    verified: bool = False
+    geometry: Geometry | None = None
+
+    def text(self) -> str:
+        found = self.stage + (f" ({self.region})" if self.region else "")
+        if not self.verified:
+            return found
+        return f"{found}, verified: {self.geometry.describe()}"
+
+    def as_json(self) -> dict:
+        return {"stage": self.stage, "region": self.region,
+                "verified": self.verified,
+                "geometry": self.geometry.as_json() if self.geometry else None,
+                "text": self.text()}
+
+
+def stage_name(code: int) -> str:
+    """The stage a match code belongs to."""
+    if code < 0:
+        return "whole hash"
+    return "orientation" if code < len(VARIANTS) else "centre"
+
+
+# Verified mode also takes whole-hash candidates this many bits past the
+# threshold, each one verified (a sticker moves a copy ~12 bits away).
+VERIFY_EXTRA_BITS = 6
+
+
+class Judge:
+    """Which hash candidates become matches.  fast: every one within the
+    threshold.  verified: a whole-picture hash within the threshold is
+    taken as it is; the rest (another orientation, a region, a larger
+    distance) only when verification finds the one picture in the other."""
+
+    def __init__(self, cfg: Config, ui: Console):
+        self.verifier = None
+        if cfg.matching == "verified":
+            if _cv2() is None:
+                ui.notice("OpenCV is not installed (pip install "
+                          "opencv-python-headless): matching by hashes only, "
+                          "as with \"matching\": \"fast\".")
+            else:
+                self.verifier = Verifier(cfg.max_image_pixels)
+
+    @property
+    def extra_bits(self) -> int:
+        return VERIFY_EXTRA_BITS if self.verifier else 0
+
+    def __call__(self, path_a: str, path_b: str, hit: Hit, limit) -> How | None:
+        stage = stage_name(hit.variant)
+        region = MATCH_NAMES[hit.variant] if hit.variant >= 0 else None
+        within = hit.effective <= limit
+        if self.verifier is None or within and stage == "whole hash":
+            return How(stage, region) if within else None
+        verdict = self.verifier.check(path_a, path_b)
+        return How(stage, region, True, verdict.geometry) \
+            if verdict.accepted else None
 
 
 @dataclass
@@ -4643,10 +4732,13 @@ class DuplicatesReport:
     seconds: float = 0.0
 
 
-def _match(row: ImageRow, bits: int, distance: int, variant: int = -1) -> Match:
+def _match(row: ImageRow, bits: int, distance: int, variant: int = -1,
+           how: How | None = None) -> Match:
     return Match(row.path, hash_hex(row.hash, bits), int(distance), row.width,
                  row.height, row.size, row.mtime_ns,
-                 variant=MATCH_NAMES[variant] if variant >= 0 else None)
+                 variant=MATCH_NAMES[variant] if variant >= 0 else None,
+                 how=how or How(stage_name(variant), MATCH_NAMES[variant]
+                                if variant >= 0 else None))
 
 
 def query_files(run: Run) -> list:
@@ -4673,6 +4765,8 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     store = ready_store(cfg, ui)
     try:
         radius, spec = cfg.distance_threshold, cfg.spec
+        judge = Judge(cfg, ui)
+        reach = radius + judge.extra_bits  # candidates; the judge decides
         # PostgreSQL searches its own chunk columns, which hold main hashes
         # only: with centre hashes, the local index answers (as it does for
         # find_duplicates)
@@ -4684,15 +4778,15 @@ def op_search(run: Run, ui: Console) -> SearchReport:
         else:
             flat = load_index(cfg, store, ui)
             bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
-            engine = flat.engine(cfg.engine, radius, False, bktree)
-            views = flat.view_engines(cfg.engine, radius, False, bktree)
+            engine = flat.engine(cfg.engine, reach, False, bktree)
+            views = flat.view_engines(cfg.engine, reach, False, bktree)
             engine_name, images = engine.name, len(flat.ids)
         report = SearchReport(cfg.db_name, engine_name, images)
         with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
             results = sorted(hasher.map([HashTask(p) for p in paths]),
                              key=lambda r: r.path)
-        found = [_search_one_pg(r, store, radius, spec) if in_db else
-                 _search_one(r, flat, engine, radius, views,
+        found = [_search_one_pg(r, store, reach, spec) if in_db else
+                 _search_one(r, flat, engine, reach, views,
                              cfg.adaptive_threshold) for r in results]
         id_of = (lambda p: p) if in_db else (lambda p: int(flat.ids[p]))
         marks = load_marks(cfg)
@@ -4703,13 +4797,14 @@ def op_search(run: Run, ui: Console) -> SearchReport:
                                 error=result.error)
             for p, hit in hits.items():
                 row = rows[id_of(p)]
-                if cfg.adaptive_threshold and hit.effective > pair_threshold(
-                        radius, result.detail, row.detail):
-                    continue
+                limit = pair_threshold(radius, result.detail, row.detail) \
+                    if cfg.adaptive_threshold else radius
                 if marks and frozenset((result.path, row.path)) in marks:
                     continue
-                query.matches.append(_match(row, spec.bits, hit.bits,
-                                            hit.variant))
+                how = judge(result.path, row.path, hit, limit)
+                if how is not None:
+                    query.matches.append(_match(row, spec.bits, hit.bits,
+                                                hit.variant, how))
             query.matches.sort(key=lambda m: (m.distance, m.path))
             if cfg.stop_on_first_match:
                 query.matches = query.matches[:1]
@@ -5648,7 +5743,8 @@ def settings_of(cfg: Config) -> dict:
 def _match_json(m: Match) -> dict:
     return {"path": shown(m.path), "hash": m.hash, "distance": m.distance,
             "width": m.width, "height": m.height, "size": m.size,
-            "mtime": _iso(m.mtime_ns), "keep": m.keep, "variant": m.variant}
+            "mtime": _iso(m.mtime_ns), "keep": m.keep, "variant": m.variant,
+            "how": m.how.as_json() if m.how else None}
 
 
 def _failures_json(failures: list) -> list:
@@ -5696,20 +5792,22 @@ def csv_rows(report) -> Iterator[list]:
     """Header row, then one row per match, group member, failure or image."""
     if isinstance(report, SearchReport):
         yield ["query", "query_hash", "match", "match_hash", "distance",
-               "width", "height", "size", "error"]
+               "width", "height", "size", "error"] + HOW_COLUMNS
         for q in report.queries:
             if not q.matches:
-                yield [shown(q.query), q.hash, "", "", "", "", "", "", q.error]
+                yield [shown(q.query), q.hash, "", "", "", "", "", "", q.error,
+                       "", "", ""]
             for m in q.matches:
                 yield [shown(q.query), q.hash, shown(m.path), m.hash, m.distance,
-                       m.width, m.height, m.size, ""]
+                       m.width, m.height, m.size, ""] + _how_cells(m)
     elif isinstance(report, DuplicatesReport):
         yield ["group", "keep", "path", "hash", "distance", "width", "height",
-               "size", "mtime"]
+               "size", "mtime"] + HOW_COLUMNS
         for n, g in enumerate(report.groups, 1):
-            for m in g.images:
+            for k, m in enumerate(g.images):
                 yield [n, int(m.keep), shown(m.path), m.hash, m.distance,
-                       m.width, m.height, m.size, _iso(m.mtime_ns)]
+                       m.width, m.height, m.size, _iso(m.mtime_ns)] + \
+                    (_how_cells(m) if k else ["", "", ""])
     elif isinstance(report, UpdateReport):
         yield ["path", "error"]
         for f in report.failures + report.unreadable_dirs:
@@ -5720,6 +5818,26 @@ def csv_rows(report) -> Iterator[list]:
             yield [shown(a), shown(b), ""]
         for f in report.skipped:
             yield [shown(f.path), "", f.error]
+
+
+HOW_COLUMNS = ["stage", "how", "box"]
+
+
+def _how_cells(m: Match) -> list:
+    """stage, how it matched, and the box "left top right bottom" (pixels of
+    the picture that holds the other) when verification found one."""
+    if m.how is None:
+        return ["", "", ""]
+    g = m.how.geometry
+    box = " ".join(f"{v:.0f}" for v in g.box) if g and g.inner else ""
+    return [m.how.stage, m.how.text(), box]
+
+
+def _how_suffix(m: Match) -> str:
+    """What the text output adds after a match: how, unless plain."""
+    if m.how is None or m.how.stage == "whole hash" and not m.how.verified:
+        return ""
+    return f"  ({m.how.text()})"
 
 
 TEXT_FAILURES = 20  # longer lists go to the results files only
@@ -5749,8 +5867,7 @@ def text_lines(report) -> Iterator[str]:
                    f"{human_bytes(_reclaimable(g))} reclaimable")
             for m in g.images:
                 tag = f"d={m.distance}" + " keep" * m.keep
-                how = f"  ({m.variant})" if m.variant else ""
-                yield f"  {tag:<11} {shown(m.path)}  {_dims(m)}{how}"
+                yield f"  {tag:<11} {shown(m.path)}  {_dims(m)}{_how_suffix(m)}"
         if report.low_detail:
             yield (f"{len(report.low_detail)} nearly blank or tiny images were "
                    f"not compared (listed under low_detail in the JSON).")
@@ -5767,8 +5884,7 @@ def _query_text(q: QueryResult) -> Iterator[str]:
     if not q.matches:
         yield "  no match"
     for m in q.matches:
-        how = f"  ({m.variant})" if m.variant else ""
-        yield f"  d={m.distance:<4} {shown(m.path)}  {_dims(m)}{how}"
+        yield f"  d={m.distance:<4} {shown(m.path)}  {_dims(m)}{_how_suffix(m)}"
 
 
 def _dims(m: Match) -> str:
@@ -6050,8 +6166,14 @@ def _html_item(m: dict, thumb: dict, folders: dict) -> dict:
     item = _where(m["path"], folders)
     item.update(thumb=thumb["thumb"], w=m["width"], h=m["height"], size=m["size"],
                 date=m["mtime"].replace("T", " "), dist=m["distance"])
-    if m.get("variant"):  # matched through another orientation
-        item["how"] = m["variant"]
+    how = m.get("how") or {}
+    if how.get("verified") or how.get("region"):  # not a plain whole-hash match
+        item["how"] = how["text"]
+    geometry = how.get("geometry") or {}
+    if geometry.get("inner") == "a":  # the query (or lead) inside this one
+        item["box"] = geometry["box_fraction"]
+    elif geometry.get("inner") == "b":  # this one inside the query (or lead)
+        item["lead_box"] = geometry["box_fraction"]
     if m["keep"]:
         item["role"] = "keep"
     return item
@@ -6182,6 +6304,9 @@ nav .where { color: #445; margin-left: 8px; }
 .card img { display: block; width: @PX@px; height: @PX@px; object-fit: contain;
             background: #eceef2; border-radius: 4px; }
 .card img.broken { visibility: hidden; }
+.card a { position: relative; display: block; }
+.found-box { position: absolute; border: 2px solid #f08c00;
+  box-sizing: border-box; pointer-events: none; }
 .badge { position: absolute; top: 12px; left: 12px; padding: 1px 8px;
          border-radius: 10px; font-weight: 700; font-size: 11px; color: #fff;
          letter-spacing: .04em; }
@@ -6273,6 +6398,19 @@ in the .json and .csv files beside it.</p></noscript>
     return c;
   }
 
+  // A box given as shares of a picture's width and height, drawn over its
+  // thumbnail (scaled to fit a px square, centred).
+  function drawBox(c, it, f) {
+    if (!it.w || !it.h) return;
+    var px = data.px, k = px / Math.max(it.w, it.h);
+    var w = it.w * k, h = it.h * k, x = (px - w) / 2, y = (px - h) / 2;
+    var b = el("div", "found-box");
+    b.style.left = (x + f[0] * w) + "px"; b.style.top = (y + f[1] * h) + "px";
+    b.style.width = ((f[2] - f[0]) * w) + "px";
+    b.style.height = ((f[3] - f[1]) * h) + "px";
+    c.querySelector("a").appendChild(b);
+  }
+
   function setBox(s, n) {
     var box = el("section", "set");
     box.setAttribute("data-group", n);
@@ -6294,7 +6432,13 @@ in the .json and .csv files beside it.</p></noscript>
     var cards = el("div", "cards");
     var keepAt = 0;
     s.items.forEach(function (it, k) { if (it.role === "keep") keepAt = k; });
-    s.items.forEach(function (it, k) { cards.appendChild(card(it, k, keepAt)); });
+    var made = s.items.map(function (it, k) { return card(it, k, keepAt); });
+    made.forEach(function (c) { cards.appendChild(c); });
+    // Verified matches: where the one picture lies in the other.
+    s.items.forEach(function (it, k) {
+      if (it.box) drawBox(made[k], it, it.box);
+      if (it.lead_box) drawBox(made[0], s.items[0], it.lead_box);
+    });
     box.appendChild(cards);
     return box;
   }
