@@ -4644,7 +4644,7 @@ class How:
     geometry: Geometry | None = None
 
     def text(self) -> str:
-        found = self.stage + (f" ({self.region})" if self.region else "")
+        found = self.region or self.stage
         if not self.verified:
             return found
         return f"{found}, verified: {self.geometry.describe()}"
