@@ -51,7 +51,7 @@ PARAMS_NAME = "params.json"
 DB_NAME = "images.db"
 INDEX_NAME = "hashes.idx"
 BKTREE_NAME = "bktree.idx"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: traits (format, camera EXIF, greyscale) for the keep rule
 INDEX_FORMAT = 3
 INDEX_MAGIC = b"REVERSE-SEARCH-INDEX\n"
 
@@ -332,8 +332,9 @@ MATCHINGS = ("verified", "fast")
 ENGINES = ("auto", "scan", "mih", "bktree")
 FORMATS = ("text", "json", "csv")
 GROUPINGS = ("representative", "connected")
-KEEP_CRITERIA = ("most_pixels", "largest_file", "oldest", "newest",
-                 "folder_order", "shortest_path")
+KEEP_CRITERIA = ("most_pixels", "oldest", "camera_exif", "original_format",
+                 "unedited", "largest_file", "newest", "folder_order",
+                 "shortest_path")
 DEFAULT_EXTENSIONS = [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp",
                       ".dib", ".tif", ".tiff", ".webp", ".avif", ".heic",
                       ".heif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
@@ -416,7 +417,8 @@ class Config:
         "most others; connected = chains of near pairs (can join different "
         "pictures)", choices=GROUPINGS)
     keep_rule: list = _key(
-        ["most_pixels", "largest_file", "oldest", "folder_order"],
+        ["most_pixels", "oldest", "camera_exif", "original_format", "unedited",
+         "largest_file", "folder_order"],
         "which file of a group is kept, criteria in order "
         f"({', '.join(KEEP_CRITERIA)}; folder_order = order of img_dirs)")
     protected_dirs: list = _key(
@@ -772,7 +774,8 @@ CREATE TABLE IF NOT EXISTS images (
     width     INTEGER,
     height    INTEGER,
     error     TEXT,
-    hashed_at REAL
+    hashed_at REAL,
+    traits    TEXT
 );
 CREATE INDEX IF NOT EXISTS images_size ON images(size);
 """
@@ -794,6 +797,7 @@ class ImageRow:
     variants: bytes | None = None  # hashes of the other orientations, packed
     low_detail: bool = False       # too flat to compare (blank, 1x1, ...)
     detail: float = 4.0            # information in the picture (see detail_bits)
+    traits: str | None = None      # Traits.text(); None: hashed before schema 2
 
 
 @dataclass(slots=True)  # one per stored file: keep it small
@@ -802,7 +806,7 @@ class RowState:
 
     size: int
     mtime_ns: int
-    ok: bool
+    ok: bool  # hashed, with everything this version stores
 
 
 def path_to_db(path: str):
@@ -968,7 +972,7 @@ class Store(Scoped):
     """The SQLite database of one collection, behind a few small methods."""
 
     ROW_COLUMNS = ("path, size, mtime_ns, digest, hash, width, height, error, id, "
-                   "variants, low_detail, detail")
+                   "variants, low_detail, detail, traits")
 
     def __init__(self, path: str, create: bool = False):
         self.path = path
@@ -991,6 +995,11 @@ class Store(Scoped):
 
     def _migrate(self, version: int) -> None:
         if version == SCHEMA_VERSION:
+            return
+        if version == 1:  # rows hashed before have no traits: update rehashes them
+            with self.db:
+                self.db.execute("ALTER TABLE images ADD COLUMN traits TEXT")
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         with self.db:  # version 0: a new file
             self.db.executescript(SCHEMA)
@@ -1083,18 +1092,19 @@ class Store(Scoped):
         with self.db:
             self.db.executemany(
                 "INSERT INTO images (path, size, mtime_ns, digest, hash, variants, "
-                "low_detail, detail, width, height, error, hashed_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                "low_detail, detail, width, height, error, hashed_at, traits) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
                 "mtime_ns=excluded.mtime_ns, digest=excluded.digest, "
                 "hash=excluded.hash, variants=excluded.variants, "
                 "low_detail=excluded.low_detail, detail=excluded.detail, "
                 "width=excluded.width, "
                 "height=excluded.height, error=excluded.error, "
-                "hashed_at=excluded.hashed_at",
+                "hashed_at=excluded.hashed_at, traits=excluded.traits",
                 [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
                   hash_to_db(r.hash, bits), r.variants, int(r.low_detail),
-                  r.detail, r.width, r.height, r.error, now) for r in rows])
+                  r.detail, r.width, r.height, r.error, now, r.traits)
+                 for r in rows])
             self._bump()
 
     def delete_paths(self, paths: Iterable[str]) -> int:
@@ -1116,20 +1126,21 @@ class Store(Scoped):
         """path -> RowState for every stored file under `roots` (all when
         None): what update compares, and what it may delete."""
         sql, params = ("1", []) if roots is None else self._ranges_sql(roots)
-        return {path_from_db(p): RowState(s, m, e is None) for p, s, m, e in
-                self.db.execute("SELECT path, size, mtime_ns, error FROM "
-                                f"images WHERE {sql}", params)}
+        return {path_from_db(p): RowState(s, m, bool(ok)) for p, s, m, ok in
+                self.db.execute("SELECT path, size, mtime_ns, error IS NULL "
+                                "AND traits IS NOT NULL FROM images WHERE "
+                                f"{sql}", params)}
 
     def hashed_with_size(self, size: int) -> set:
         """Digests of the hashed files of this size (moved or copied files)."""
         cur = self.db.execute("SELECT digest FROM images WHERE size = ? AND "
-                              "hash IS NOT NULL", (size,))
+                              "hash IS NOT NULL AND traits IS NOT NULL", (size,))
         return {digest for digest, in cur}
 
     def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
                               "size = ? AND digest = ? AND hash IS NOT NULL "
-                              "LIMIT 1", (size, digest))
+                              "AND traits IS NOT NULL LIMIT 1", (size, digest))
         row = cur.fetchone()
         return None if row is None else self._row(row)
 
@@ -1214,7 +1225,7 @@ class Store(Scoped):
     def _row(r) -> ImageRow:
         return ImageRow(path_from_db(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
                         r[5], r[6], r[7], r[8], r[9], bool(r[10]),
-                        4.0 if r[11] is None else r[11])
+                        4.0 if r[11] is None else r[11], r[12])
 
 
 class RunLock:
@@ -1282,7 +1293,7 @@ class RunLock:
 # - `generation` in meta is bumped in the same transaction as every write, so
 #   the fingerprint changes whenever any writer changes hashes.
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 PG_CHUNKS = 3            # chunk columns c0..c2 (3 x ~21 bits of a 64-bit hash)
 PG_INSTALL = 'pip install "psycopg[binary]"'
 PG_PAGE = 20_000         # rows per page when reading by path
@@ -1318,12 +1329,14 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_size ON images (size);
 CREATE INDEX IF NOT EXISTS images_raw ON images (path) WHERE raw;
 """,
+    # traits for the keep rule; rows hashed before have none: update rehashes
+    2: "ALTER TABLE images ADD COLUMN IF NOT EXISTS traits TEXT;",
 }
 
 # the columns an ImageRow is read from, in _pg_row's order
 PG_ROW_COLUMNS = ("path, size, mtime_ns, digest, coalesce(hash_bytes, "
                   "int8send(hash)), width, height, error, id, variants, "
-                  "low_detail, detail")
+                  "low_detail, detail, traits")
 HASHED = "(hash IS NOT NULL OR hash_bytes IS NOT NULL)"
 INCOMING = """
 CREATE TEMP TABLE IF NOT EXISTS incoming (
@@ -1331,18 +1344,19 @@ CREATE TEMP TABLE IF NOT EXISTS incoming (
     digest BYTEA, hash BIGINT, hash_bytes BYTEA, variants BYTEA,
     low_detail BOOLEAN, detail DOUBLE PRECISION, width INTEGER, height INTEGER,
     error TEXT,
-    c0 INTEGER, c1 INTEGER, c2 INTEGER, root BYTEA) ON COMMIT DELETE ROWS
+    c0 INTEGER, c1 INTEGER, c2 INTEGER, root BYTEA, traits TEXT)
+    ON COMMIT DELETE ROWS
 """
 INCOMING_TYPES = ["int4", "bytea", "bool", "int8", "int8", "bytea", "int8",
                   "bytea", "bytea", "bool", "float8", "int4", "int4", "text",
-                  "int4", "int4", "int4", "bytea"]
+                  "int4", "int4", "int4", "bytea", "text"]
 UPSERT = """
 INSERT INTO images (path, raw, size, mtime_ns, digest, hash, hash_bytes,
                     variants, low_detail, detail, width, height, error, c0,
-                    c1, c2, host, root, hashed_at)
+                    c1, c2, host, root, hashed_at, traits)
 SELECT DISTINCT ON (path) path, raw, size, mtime_ns, digest, hash, hash_bytes,
        variants, low_detail, detail, width, height, error, c0, c1, c2,
-       %(host)s, root, now()
+       %(host)s, root, now(), traits
 FROM incoming ORDER BY path, seq DESC
 ON CONFLICT (path) DO UPDATE SET
     size = excluded.size, mtime_ns = excluded.mtime_ns,
@@ -1352,7 +1366,8 @@ ON CONFLICT (path) DO UPDATE SET
     width = excluded.width,
     height = excluded.height, error = excluded.error, c0 = excluded.c0,
     c1 = excluded.c1, c2 = excluded.c2, host = excluded.host,
-    root = excluded.root, hashed_at = excluded.hashed_at
+    root = excluded.root, hashed_at = excluded.hashed_at,
+    traits = excluded.traits
 """
 # DISTINCT ON: one command may not update a row twice; ORDER BY path: every
 # writer locks rows in the same order, so overlapping upserts cannot deadlock.
@@ -1975,7 +1990,7 @@ class PgStore(Scoped):
             out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
                         value if short else None, None if short else value,
                         r.variants, bool(r.low_detail), r.detail, r.width,
-                        r.height, pg_text(r.error), *c, root))
+                        r.height, pg_text(r.error), *c, root, r.traits))
         return out
 
     def _check_kind(self) -> None:
@@ -2017,8 +2032,9 @@ class PgStore(Scoped):
             [_root_range(os.path.abspath(r)) for r in roots]
         out = {}
         for lo, hi in ranges:
-            for p, s, m, ok in self._paged("size, mtime_ns, error IS NULL",
-                                           "true", lo, hi):
+            for p, s, m, ok in self._paged("size, mtime_ns, error IS NULL "
+                                           "AND traits IS NOT NULL", "true",
+                                           lo, hi):
                 out[pg_path_from_db(p)] = RowState(s, m, ok)
         return out
 
@@ -2042,12 +2058,13 @@ class PgStore(Scoped):
     def hashed_with_size(self, size: int) -> set:
         """Digests of the hashed files of this size (moved or copied files)."""
         cur = self._sql(f"SELECT digest FROM images WHERE size = %s AND "
-                        f"{HASHED}", (size,))
+                        f"{HASHED} AND traits IS NOT NULL", (size,))
         return {bytes(d) for d, in cur}
 
     def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
         row = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE size = %s "
-                        f"AND digest = %s AND {HASHED} LIMIT 1",
+                        f"AND digest = %s AND {HASHED} AND traits IS NOT "
+                        f"NULL LIMIT 1",
                         (size, digest)).fetchone()
         return None if row is None else _pg_row(row)
 
@@ -2231,7 +2248,7 @@ def _pg_row(r) -> ImageRow:
     return ImageRow(pg_path_from_db(r[0]), r[1], r[2],
                     None if r[3] is None else bytes(r[3]), value, r[5], r[6],
                     r[7], r[8], None if r[9] is None else bytes(r[9]),
-                    bool(r[10]), 4.0 if r[11] is None else r[11])
+                    bool(r[10]), 4.0 if r[11] is None else r[11], r[12])
 
 
 class PgRunLock:
@@ -2477,12 +2494,52 @@ class Hashed:
     low_detail: bool = False
     detail: float = 4.0
     centres: tuple = ()
+    traits: str = ""
+
+
+# What the keep rule reads besides size and time, taken from the file's header
+# while it is open for hashing (no extra decode): its format, whether a camera
+# wrote it (EXIF Make or Model; editors and converters often drop EXIF), and
+# whether it is greyscale (a colour copy of the same picture is the original).
+LOSSY_FORMATS = frozenset({"JPEG", "MPO", "HEIF", "AVIF", "WEBP"})
+LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "DIB", "TIFF", "PPM", "TGA", "QOI"})
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L",
+                        "F"})
+
+
+@dataclass
+class Traits:
+    format: str = "?"
+    camera: bool = False
+    grey: bool = False
+
+    def text(self) -> str:
+        return " ".join([self.format] + ["camera"] * self.camera +
+                        ["grey"] * self.grey)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Traits | None:
+        if text is None:
+            return None
+        words = text.split()
+        return cls(words[0] if words else "?", "camera" in words,
+                   "grey" in words)
+
+    @classmethod
+    def of(cls, im) -> Traits:
+        try:
+            exif = im.getexif()
+            camera = bool(exif.get(0x010F) or exif.get(0x0110))
+        except Exception:  # damaged EXIF is common and harmless
+            camera = False
+        return cls(im.format or "?", camera, im.mode in GREY_MODES)
 
 
 def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
     """Hashes of an encoded image, or SkipFile."""
     from PIL import Image
     im = Image.open(io.BytesIO(data))
+    traits = Traits.of(im).text()
     width, height = im.size
     if width * height > max_pixels:
         raise SkipFile(f"too many pixels: {width}x{height} is over "
@@ -2501,7 +2558,7 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
                     for keep in CENTRES[:spec.centre_count])
     probe = _detail_probe(im)
     return Hashed(value, variants, width, height, low_detail(probe),
-                  detail_bits(probe), centres)
+                  detail_bits(probe), centres, traits)
 
 
 def centre_region(im, keep: float):
@@ -2696,12 +2753,13 @@ class HashResult:
     reused: bool = False
     low_detail: bool = False
     detail: float = 4.0
+    traits: str | None = None
 
     def row(self) -> ImageRow:
         return ImageRow(self.path, self.size, self.mtime_ns, self.digest,
                         self.hash, self.width, self.height, self.error,
                         variants=self.variants, low_detail=self.low_detail,
-                        detail=self.detail)
+                        detail=self.detail, traits=self.traits)
 
 
 @dataclass(frozen=True)
@@ -2739,6 +2797,7 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
         result.variants = pack_hashes(hashed.variants + hashed.centres,
                                       job.spec.bits)
         result.low_detail, result.detail = hashed.low_detail, hashed.detail
+        result.traits = hashed.traits
     except SkipFile as exc:
         result.error = str(exc)
     except OSError as exc:
@@ -4465,6 +4524,7 @@ def _record(result: HashResult, store: Store, writer: BatchWriter,
                 source.hash, source.width, source.height
             result.variants, result.low_detail, result.detail = \
                 source.variants, source.low_detail, source.detail
+            result.traits = source.traits
             report.reused += 1
     if result.error:
         report.failed += 1
@@ -4718,7 +4778,8 @@ class SearchReport:
 
 @dataclass
 class Group:
-    images: list  # of Match; the first is the one the keep rule keeps
+    images: list  # of Match; the first leads, `keep` marks the one kept
+    keep_reason: str = ""  # "kept: oldest (by 3 days)": what decided
 
 
 @dataclass
@@ -4894,15 +4955,19 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         components = duplicate_groups(flat, engine, radius, adaptive, views)
         rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)
         rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
+        if old := sum(1 for r in rows.values() if r.traits is None):
+            ui.notice(f"{old} files were hashed by an earlier version, without "
+                      f"the format and EXIF the keep rule reads: run update.")
         marks = load_marks(cfg)
         groups = []
         for comp in components:  # best-kept first, so it wins ties for lead
-            ranked = sorted(comp.tolist(), key=lambda p: keep_key(rows[p], cfg))
+            ctx = KeepContext.of([rows[p] for p in comp.tolist()], cfg.img_dirs)
+            ranked = sorted(comp.tolist(),
+                            key=lambda p: keep_key(rows[p], cfg, ctx))
             for members in split_group(ranked, flat, radius, rows, marks,
                                        cfg.grouping == "connected", adaptive):
-                kept = min(members, key=lambda p: keep_key(rows[p], cfg))
-                groups.append(_group(members, kept, flat, rows, cfg.spec.bits,
-                                     radius, adaptive))
+                groups.append(_group(members, flat, rows, cfg, radius,
+                                     adaptive))
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
                                    g.images[0].path))
         failures = [Failure(r.path, r.error) for r in store.failed_rows()]
@@ -5040,23 +5105,137 @@ def load_marks(cfg: Config) -> set:
     return marks
 
 
-def keep_key(row: ImageRow, cfg: Config) -> tuple:
+# ---- the keep rule: which file of a group a person would keep ----
+
+# Files written within 2 s of each other count as the same age: copies made in
+# one go (an unzip, a sync, a script) and FAT's 2-second mtime steps say
+# nothing about which came first.
+SAME_AGE_NS = 2 * 10**9
+
+
+@dataclass
+class KeepContext:
+    """What the keep rule compares a group's files against."""
+
+    oldest: int
+    newest: int
+    lossy_pixels: frozenset  # pixel counts of the group's lossy-format files
+    colour: bool             # some file of the group is in colour
+    roots: list
+    spread: dict = field(default_factory=dict)  # path -> mean bits to others
+    centre: float = 0.0      # the smallest spread
+
+    @classmethod
+    def of(cls, rows: Sequence[ImageRow], roots: list) -> KeepContext:
+        traits = [Traits.parse(r.traits) for r in rows]
+        spread = _spread(rows)
+        return cls(min(r.mtime_ns for r in rows), max(r.mtime_ns for r in rows),
+                   frozenset(_pixels(r) for r, t in zip(rows, traits)
+                             if t and t.format in LOSSY_FORMATS),
+                   any(t and not t.grey for t in traits), roots, spread,
+                   min(spread.values(), default=0.0))
+
+    def off_centre(self, row: ImageRow) -> bool:
+        """Edits move a picture's hash each its own way: the original sits
+        in the middle of its copies, the edited ones further out."""
+        return self.spread.get(row.path, 0.0) > self.centre + CENTRE_SLACK
+
+    def reencoded(self, row: ImageRow, t: Traits | None) -> bool:
+        """A lossless file (PNG, TIFF...) with the pixels of a JPEG (or other
+        lossy file) of its group: a conversion.  Photos are born lossy, and a
+        lossless copy of a lossy file only grows."""
+        return bool(t) and t.format in LOSSLESS_FORMATS and \
+            _pixels(row) in self.lossy_pixels
+
+    def edits(self, t: Traits | None, variant: str | None) -> list:
+        """Signs that a file is an edited copy: greyscale in a group with
+        colour, matched only mirrored, turned or by its centre."""
+        return ["greyscale"] * bool(t and t.grey and self.colour) + \
+            [variant] * bool(variant)
+
+
+# Hash bits (mean distance to the group) within which files count as equally
+# central: a re-encode moves the hash by a bit or two at random.
+CENTRE_SLACK = 0.5
+SPREAD_SAMPLE = 64  # distances to at most this many members: O(64 n)
+
+
+def _spread(rows: Sequence[ImageRow]) -> dict:
+    """path -> mean Hamming distance of its hash to (a sample of) the others."""
+    sample = [r.hash for r in rows[:SPREAD_SAMPLE] if r.hash is not None]
+    if len(sample) < 3:  # a pair has no middle
+        return {}
+    return {r.path: sum((r.hash ^ h).bit_count() for h in sample) /
+            (len(sample) - 1) for r in rows if r.hash is not None}
+
+
+def _pixels(row: ImageRow) -> int:
+    return (row.width or 0) * (row.height or 0)
+
+
+def keep_key(row: ImageRow, cfg: Config, ctx: KeepContext,
+             variant: str | None = None) -> tuple:
     """Sort key of the keep rule: the smallest key is the file to keep."""
-    key = []
-    for criterion in cfg.keep_rule:
-        if criterion == "most_pixels":
-            key.append(-(row.width or 0) * (row.height or 0))
-        elif criterion == "largest_file":
-            key.append(-row.size)
-        elif criterion == "oldest":
-            key.append(row.mtime_ns)
-        elif criterion == "newest":
-            key.append(-row.mtime_ns)
-        elif criterion == "folder_order":
-            key.append(_root_index(row.path, cfg.img_dirs))
-        else:  # shortest_path
-            key.append(len(row.path))
-    return (*key, row.path)
+    t = Traits.parse(row.traits)
+    parts = {
+        "most_pixels": lambda: -_pixels(row),
+        "oldest": lambda: 0 if row.mtime_ns - ctx.oldest <= SAME_AGE_NS
+        else row.mtime_ns,
+        "newest": lambda: 0 if ctx.newest - row.mtime_ns <= SAME_AGE_NS
+        else -row.mtime_ns,
+        "camera_exif": lambda: 0 if t and t.camera else 1,
+        "original_format": lambda: int(ctx.reencoded(row, t)),
+        "unedited": lambda: (len(ctx.edits(t, variant)), ctx.off_centre(row)),
+        "largest_file": lambda: -row.size,
+        "folder_order": lambda: _root_index(row.path, ctx.roots),
+        "shortest_path": lambda: len(row.path),
+    }
+    return (*(parts[c]() for c in cfg.keep_rule), row.path)
+
+
+def choose_keep(rows: list, variants: list, cfg: Config) -> tuple[int, str]:
+    """(position of the file to keep, why: the criterion that decided)."""
+    ctx = KeepContext.of(rows, cfg.img_dirs)
+    keys = [keep_key(r, cfg, ctx, v) for r, v in zip(rows, variants)]
+    order = sorted(range(len(rows)), key=keys.__getitem__)
+    kept, runner = order[0], order[1]
+    step = next((k for k, (a, b) in enumerate(zip(keys[kept], keys[runner]))
+                 if a != b), len(cfg.keep_rule))
+    if step >= len(cfg.keep_rule):
+        return kept, "kept: alike by every criterion of keep_rule; first by path"
+    return kept, "kept: " + keep_reason(cfg.keep_rule[step], rows[kept],
+                                        rows[runner], variants[runner], ctx)
+
+
+def keep_reason(criterion: str, kept: ImageRow, other: ImageRow,
+                other_variant: str | None, ctx: KeepContext) -> str:
+    """Why `kept` beat the best of the others (`other`), in a few words."""
+    if criterion == "most_pixels":
+        ratio = _pixels(kept) / max(1, _pixels(other))
+        return f"{ratio:.0f}x the pixels" if ratio >= 10 else \
+            f"{ratio:.2g}x the pixels"
+    if criterion in ("oldest", "newest"):
+        gap = abs(kept.mtime_ns - other.mtime_ns) / 1e9
+        when = f"{gap / 86400:.0f} days" if gap >= 2 * 86400 else \
+            f"{gap / 3600:.0f} hours" if gap >= 7200 else f"{gap:.0f} s"
+        return f"{criterion} (by {when})"
+    if criterion == "camera_exif":
+        return "camera EXIF (the others have none: edited or converted copies)"
+    if criterion == "original_format":
+        mine = Traits.parse(kept.traits)
+        theirs = Traits.parse(other.traits)
+        return (f"original format ({mine.format if mine else '?'}, the "
+                f"{theirs.format if theirs else '?'} copies are re-encodes)")
+    if criterion == "unedited":
+        edits = ctx.edits(Traits.parse(other.traits), other_variant) or \
+            ["further from the group's middle: an edit"]
+        return f"no edits detected (the next is {', '.join(edits)})"
+    if criterion == "largest_file":
+        return (f"largest file ({kept.size / 1024:,.1f} KB, the next "
+                f"{other.size / 1024:,.1f} KB)")
+    if criterion == "folder_order":
+        return "earlier folder in img_dirs"
+    return "shortest path"
 
 
 def _root_index(path: str, roots: list) -> int:
@@ -5066,18 +5245,20 @@ def _root_index(path: str, roots: list) -> int:
     return len(roots)
 
 
-def _group(members: list, kept: int, flat: FlatIndex, rows: dict,
-           bits: int, radius: int, adaptive: bool) -> Group:
-    """members[0] leads and distances are measured to it; `kept` is the
-    image the keep rule keeps."""
+def _group(members: list, flat: FlatIndex, rows: dict, cfg: Config,
+           radius: int, adaptive: bool) -> Group:
+    """members[0] leads and distances are measured to it; the keep rule
+    picks the image to keep, also from how each matched the lead."""
     limit = pair_threshold(radius, flat.detail[members[0]],
                            flat.detail[members]) if adaptive else radius
     _, dist, which = flat.match_distances(members[0], members, limit)
-    images = [_match(rows[p], bits, d, w) for p, d, w in zip(members, dist, which)]
-    for p, image in zip(members, images):
-        image.keep = p == kept
+    images = [_match(rows[p], cfg.spec.bits, d, w)
+              for p, d, w in zip(members, dist, which)]
+    kept, reason = choose_keep([rows[p] for p in members],
+                               [m.variant for m in images], cfg)
+    images[kept].keep = True
     images[1:] = sorted(images[1:], key=lambda m: (m.distance, m.path))
-    return Group(images)
+    return Group(images, reason)
 
 
 def _reclaimable(group: Group) -> int:
@@ -5112,7 +5293,7 @@ def make_plan(report: DuplicatesReport, cfg: Config) -> list:
         for m in g.images:
             if m.keep:
                 action = "keep"
-                reason = f"kept by keep_rule ({', '.join(cfg.keep_rule)})"
+                reason = g.keep_reason
             elif any(_inside(m.path, d) for d in cfg.protected_dirs):
                 action, reason = "protected", "in a protected folder"
             else:
@@ -5781,7 +5962,8 @@ def to_json(report, cfg: Config) -> dict:
                 "group_count": len(report.groups),
                 "duplicates": sum(len(g.images) - 1 for g in report.groups),
                 "bytes_reclaimable": sum(map(_reclaimable, report.groups)),
-                "groups": [{"images": [_match_json(m) for m in g.images]}
+                "groups": [{"keep_reason": g.keep_reason,
+                            "images": [_match_json(m) for m in g.images]}
                            for g in report.groups],
                 "low_detail": [shown(r.path) for r in report.low_detail],
                 "failures": _failures_json(report.failures)}
@@ -5864,7 +6046,7 @@ def text_lines(report) -> Iterator[str]:
     else:
         for n, g in enumerate(report.groups, 1):
             yield (f"group {n}: {len(g.images)} images, "
-                   f"{human_bytes(_reclaimable(g))} reclaimable")
+                   f"{human_bytes(_reclaimable(g))} reclaimable; {g.keep_reason}")
             for m in g.images:
                 tag = f"d={m.distance}" + " keep" * m.keep
                 yield f"  {tag:<11} {shown(m.path)}  {_dims(m)}{_how_suffix(m)}"

@@ -114,3 +114,95 @@ def test_a_database_from_before_coverage_is_upgraded(two_folders, capsys):
     assert code == 0 and doc["hashed"] == 0
     code, doc, err = run(capsys, params, "search")
     assert "not searched" not in err and matched(doc)["other.jpg"] == ["p50.jpg"]
+
+
+# ---- item 2: the keep rule keeps what a person would keep, and says why ----
+
+def same_age(*paths, when=1_700_000_000):
+    for path in paths:
+        os.utime(path, (when, when))
+
+
+@pytest.fixture
+def album(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "queries").mkdir()
+    return tmp_path
+
+
+def only_group(capsys, params):
+    run(capsys, params, "update")
+    code, doc, err = run(capsys, params, "find_duplicates")
+    assert code == 0 and len(doc["groups"]) == 1, doc
+    group = doc["groups"][0]
+    kept = [os.path.basename(i["path"]) for i in group["images"] if i["keep"]]
+    return kept, group["keep_reason"], doc
+
+
+def test_a_png_conversion_of_a_jpeg_is_not_kept(album, capsys):
+    imgs = album / "imgs"
+    picture(3).save(imgs / "photo.jpg", quality=90)
+    Image.open(imgs / "photo.jpg").save(imgs / "photo_converted.png")  # larger
+    same_age(imgs / "photo.jpg", imgs / "photo_converted.png")
+    kept, reason, _ = only_group(capsys, write_params(album))
+    assert kept == ["photo.jpg"]
+    assert reason == "kept: original format (JPEG, the PNG copies are re-encodes)"
+
+
+def test_the_oldest_is_kept_and_the_reason_is_everywhere(album, capsys):
+    imgs = album / "imgs"
+    picture(3).save(imgs / "b_original.jpg", quality=80)
+    picture(3).save(imgs / "a_copy.jpg", quality=95)  # a larger file
+    same_age(imgs / "b_original.jpg", when=1_600_000_000)
+    same_age(imgs / "a_copy.jpg", when=1_600_000_000 + 3 * 86400)
+    params = write_params(album)
+    kept, reason, _ = only_group(capsys, params)
+    assert kept == ["b_original.jpg"] and reason == "kept: oldest (by 3 days)"
+    plan = json.load(open(album / "out" / "plan.json"))["entries"]
+    assert [e["reason"] for e in plan if e["action"] == "keep"] == [reason]
+    assert reason in (album / "out" / "plan.csv").read_text()
+    capsys.readouterr()
+    rs.main(["find_duplicates", "--params", params])
+    assert f"reclaimable; {reason}" in capsys.readouterr().out
+
+
+def test_more_pixels_then_camera_exif_then_colour(album, capsys):
+    imgs = album / "imgs"
+    params = write_params(album)
+    picture(4).save(imgs / "big.jpg", quality=90)
+    picture(4).resize((320, 240), Image.LANCZOS).save(imgs / "small.jpg", quality=95)
+    kept, reason, _ = only_group(capsys, params)
+    assert kept == ["big.jpg"] and reason == "kept: 4x the pixels"
+    os.remove(imgs / "small.jpg")
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Camera maker", "Model 1"
+    picture(4).save(imgs / "camera.jpg", quality=70, exif=exif)  # smaller file
+    same_age(imgs / "big.jpg", imgs / "camera.jpg")
+    kept, reason, _ = only_group(capsys, params)
+    assert kept == ["camera.jpg"] and reason.startswith("kept: camera EXIF")
+    os.remove(imgs / "camera.jpg")
+    picture(4).convert("L").save(imgs / "grey.jpg", quality=100)  # larger file
+    same_age(imgs / "big.jpg", imgs / "grey.jpg")
+    kept, reason, _ = only_group(capsys, params)
+    assert kept == ["big.jpg"]
+    assert reason == "kept: no edits detected (the next is greyscale)"
+
+
+def test_a_database_without_traits_is_upgraded_by_update(album, capsys):
+    imgs = album / "imgs"
+    picture(3).save(imgs / "photo.jpg", quality=90)
+    Image.open(imgs / "photo.jpg").save(imgs / "photo_converted.png")
+    same_age(imgs / "photo.jpg", imgs / "photo_converted.png")
+    params = write_params(album)
+    run(capsys, params, "build")
+    db = sqlite3.connect(album / "db" / "images.db")  # as version 1 wrote it
+    with db:
+        db.execute("ALTER TABLE images DROP COLUMN traits")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    code, doc, err = run(capsys, params, "find_duplicates")
+    assert code == 0 and "run update" in err
+    code, doc, err = run(capsys, params, "update")
+    assert (doc["hashed"], doc["reused"]) == (2, 0)
+    kept, reason, _ = only_group(capsys, params)
+    assert kept == ["photo.jpg"]
