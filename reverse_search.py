@@ -5700,7 +5700,7 @@ def _row_record(row: ImageRow, store) -> dict:
     return {"kind": meta.get("hash_kind"), "bits": int(meta.get("hash_bits", 0)),
             "hash": format(row.hash, "x"), "width": row.width,
             "height": row.height, "low_detail": row.low_detail,
-            "detail": row.detail,
+            "detail": row.detail, "traits": row.traits,
             "variants": row.variants.hex() if row.variants else None}
 
 
@@ -5716,7 +5716,7 @@ def _row_from_record(rec: dict, path: str, kind: str | None, bits: int):
                         int(r["width"]), int(r["height"]), None,
                         variants=bytes.fromhex(r["variants"]) if r["variants"]
                         else None, low_detail=bool(r["low_detail"]),
-                        detail=float(r["detail"]))
+                        detail=float(r["detail"]), traits=r.get("traits"))
     except (KeyError, TypeError, ValueError, OSError):
         return None
 
