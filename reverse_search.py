@@ -243,6 +243,18 @@ def sweep_temps(path: str) -> int:
     return gone
 
 
+def sweep_stale_temps(folder: str, hours: float = 1.0) -> None:
+    """Temporary files of runs killed mid-write (results, thumbnails) that
+    are over an hour old: a run still writing its own is never that slow."""
+    cutoff = time.time() - hours * 3600
+    with _ignored(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(TEMP_MARK):
+                with _ignored(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+
+
 def transfer(src: str, dst: str, sha256: str, replace: bool = False) -> None:
     """Move the plain file src to dst, which must not exist (replace=True:
     may exist and is replaced).  On one file system a hard link (the same
@@ -5468,9 +5480,9 @@ class Places:
         self.quarantine = os.path.abspath(cfg.quarantine_dir)
         self.real_quarantine = os.path.realpath(cfg.quarantine_dir)
 
-    def collection_problem(self, path: str) -> str | None:
+    def collection_problem(self, path: str, moving: bool = True) -> str | None:
         """Why `path` is not a place in the collection move may take from
-        (or undo put back to), or None."""
+        (moving) or undo put back to, or None."""
         if not os.path.isabs(path) or os.path.normpath(path) != path:
             return "not an absolute, normalised path"
         root = next(((r, real) for r, real in self.roots if _inside(path, r)),
@@ -5479,7 +5491,7 @@ class Places:
             return "not under img_dirs"
         if any(_inside(path, d) or path == d for d in self.tool):
             return "inside one of the tool's own folders"
-        if any(_inside(path, d) for d in self.cfg.protected_dirs):
+        if moving and any(_inside(path, d) for d in self.cfg.protected_dirs):
             return "in a protected folder"
         folder = os.path.dirname(path)
         while not os.path.lexists(folder):  # undo: folders made again later
@@ -5680,10 +5692,18 @@ def _refusal(exc: Exception) -> str:
 
 
 def _quarantine_folder(folder: str, places: Places) -> None:
+    """Make folder inside the quarantine, never through a link planted there
+    (checked before anything is made, and after)."""
+    refused = FileRefused("a symbolic link inside quarantine_dir leads out "
+                          "of it; the file stays where it was")
+    probe = folder
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if _inside(probe, places.quarantine) and not places.in_quarantine(probe):
+        raise refused
     os.makedirs(folder, exist_ok=True)
     if not places.in_quarantine(folder):
-        raise FileRefused("a symbolic link inside quarantine_dir leads out "
-                          "of it; the file stays where it was")
+        raise refused
 
 
 def _same_bytes(path: str, sha: str) -> bool:
@@ -5790,7 +5810,7 @@ def _manifest_record(line: str, n: int, places: Places) -> tuple:
             not re.fullmatch(r"[0-9a-f]{64}", rec["sha256"]):
         return None, "not a move record; left in the manifest"
     src, dst = rec["quarantined"], rec["original"]
-    why = places.collection_problem(dst)
+    why = places.collection_problem(dst, moving=False)
     if why:
         return None, f"its original place is {why}; left in quarantine"
     if not places.in_quarantine(src) or not _mirrors(src, dst, places):
@@ -6103,6 +6123,7 @@ def write_results(report, cfg: Config, doc: dict) -> list:
         _atomic_write(base + ".json", lambda fh: fh.write(text + "\n"))
         _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
             csv_rows(report)))
+    sweep_stale_temps(cfg.output_dir)
     written = [base + ".json", base + ".csv"]
     if isinstance(report, DuplicatesReport):
         written += write_plan(make_plan(report, cfg), cfg)
@@ -6298,6 +6319,7 @@ def placeholder(folder: str, px: int) -> None:
 
 def _prune_thumbnails(folder: str, used: set) -> None:
     """Drop our own thumbnails of files no longer in the report."""
+    sweep_stale_temps(folder)
     for name in os.listdir(folder):
         if _THUMB_NAME.fullmatch(name) and name not in used:
             with _ignored(OSError):

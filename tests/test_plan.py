@@ -306,6 +306,10 @@ def test_a_symlinked_folder_in_the_quarantine_carries_nothing_out(collection, ca
 
 
 def test_move_never_follows_a_symlinked_folder_in_the_quarantine(collection, capsys):
+    """Not even to make a folder: the link is a level above the file's."""
+    (collection / "imgs" / "sub" / "deeper").mkdir()
+    os.rename(collection / "imgs" / "sub" / "p1_small.png",
+              collection / "imgs" / "sub" / "deeper" / "p1_small.png")
     params = planned(collection, capsys)
     elsewhere = collection / "elsewhere"
     elsewhere.mkdir()
@@ -316,7 +320,14 @@ def test_move_never_follows_a_symlinked_folder_in_the_quarantine(collection, cap
     assert out["done"] == [] and len(out["failures"]) == 2
     assert "symbolic link inside quarantine_dir" in out["failures"][0]["error"]
     assert list(elsewhere.iterdir()) == []
-    assert os.path.exists(collection / "imgs" / "sub" / "p1_small.png")
+    assert os.path.exists(collection / "imgs" / "sub" / "deeper" / "p1_small.png")
+
+
+def test_undo_puts_files_back_into_a_folder_protected_since(collection, capsys):
+    params, manifest = moved_once(collection, capsys)
+    params = write_params(collection, protected_dirs=["imgs/sub"])
+    code, out = run_json(capsys, params, "undo")
+    assert len(out["done"]) == 2 and out["failures"] == []
 
 
 # ---- issue 15.14 and 14 (low): undo with nothing to undo; folder roles ----

@@ -355,3 +355,19 @@ def test_a_half_copy_an_older_version_left_at_the_original_path_is_replaced(
     code, doc = run_json(capsys, params, "undo")
     assert digest(a_from) == mine and os.path.exists(a_to)
     assert any("now exists" in f["error"] for f in doc["failures"])
+
+
+def test_temporary_files_of_killed_runs_are_swept_once_stale(collection, capsys):
+    params = write_params(collection)
+    out = collection / "out"
+    thumbs = out / "search_files"
+    os.makedirs(thumbs)
+    stale = [out / f"{rs.TEMP_MARK}0000aaaa-111111111111",
+             thumbs / f"{rs.TEMP_MARK}0000bbbb-222222222222"]
+    fresh = out / f"{rs.TEMP_MARK}0000cccc-333333333333"  # a run writing now
+    for path in stale + [fresh]:
+        path.write_bytes(b"half")
+    for path in stale:
+        os.utime(path, (1, 1))
+    assert run_json(capsys, params, "search")[0] == 0
+    assert [p.exists() for p in stale] == [False, False] and fresh.exists()
