@@ -20,6 +20,15 @@ median of each column, and the 1-minute load average around every run.
     python3 bench/bench_peers.py --corpus DIR --reps 5 --json out.json
     python3 bench/bench_peers.py --tools reverse_search,czkawka
 
+--scale 100k,1M runs reverse_search alone end to end at those sizes on a
+synthetic database (bench/data/scale/<N>/, made once through the script's own
+Store: 62 % unrelated images, the rest in near-duplicate clusters of 2-6 with
+up to 3 bits changed per hash, centre hashes alike; the 400 images of the 50
+largest clusters are real 64x64 JPEGs so the report's first page has
+pictures): `find_duplicates` (r=8) with a missing index file, again with the
+index file, again without the HTML report, and `search` of one image, each a
+whole process: wall, CPU, peak memory (the process and its children).
+
 Scores against truth.csv (bench/evaluate.py's rules): pair precision (pairs
 inside reported groups that are true, `related` and `hard` pairs left out),
 pair recall (the issue's "near-dup recall": true pairs reported / all true
@@ -226,12 +235,148 @@ def table(runs: dict, label: dict) -> str:
                      "same" if len({r.result for r in rs}) == 1 else
                      f"{len({r.result for r in rs})} different",
                      fmt(median([r.load for r in rs]), ".2f")])
+    return markdown(head, rows)
+
+
+def markdown(head: list, rows: list) -> str:
+    """A Markdown table, columns padded (README-ready)."""
     cells = [head] + rows
     width = [max(len(r[k]) for r in cells) for k in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |"
              for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- scale --
+
+SCALE_GENERATOR = 1     # bump when the fixture changes
+SCALE_CLUSTERED = 0.38  # share of images in clusters (1M: ~110k groups)
+SCALE_REAL = 50         # largest clusters (8 images each) made real files
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text.rstrip("km")) * {"k": 10**3, "m": 10**6}.get(
+        text[-1:], 1))
+
+
+def load_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reverse_search", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reverse_search"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def scale_hashes(n: int, rng):
+    """(main hashes, centre hashes (n, 2), cluster sizes) as uint64."""
+    import numpy as np
+    sizes = [8] * SCALE_REAL
+    left = int(n * SCALE_CLUSTERED) - sum(sizes)
+    while left > 1:
+        k = min(int(rng.choice([2, 2, 2, 3, 3, 4, 5, 6])), left)
+        sizes.append(k)
+        left -= k
+    base = rng.integers(0, 2**64 - 1, (n, 3), dtype=np.uint64, endpoint=True)
+    at = 0
+    for k in sizes:  # members: the cluster's first hashes, 0-3 bits changed
+        flips = rng.integers(0, 64, (k - 1, 3, 3))
+        keep = rng.integers(0, 4, (k - 1, 3, 1)) > np.arange(3)
+        masks = np.where(keep, np.left_shift(np.uint64(1),
+                                             flips.astype(np.uint64)), 0)
+        base[at + 1:at + k] = base[at] ^ np.bitwise_or.reduce(masks, axis=2)
+        at += k
+    return base[:, 0], base[:, 1:], sizes
+
+
+def make_scale_fixture(rs, n: int, folder: str) -> str:
+    """A params.json over a synthetic database of n images (made once)."""
+    import numpy as np
+    from PIL import Image
+    folder = os.path.abspath(folder)
+    params = os.path.join(folder, "params.json")
+    stamp = os.path.join(folder, "fixture.json")
+    want = {"generator": SCALE_GENERATOR, "n": n}
+    if os.path.exists(stamp):
+        with open(stamp) as fh:
+            if json.load(fh) == want:
+                return params
+    shutil.rmtree(folder, ignore_errors=True)
+    images = os.path.join(folder, "images")
+    os.makedirs(images)
+    with open(params, "w") as fh:
+        json.dump({"img_dirs": [images], "input_dir": images,
+                   "db_dir": os.path.join(folder, "db"),
+                   "bk_dir": os.path.join(folder, "index"),
+                   "output_dir": os.path.join(folder, "out"),
+                   "distance_threshold": 8, "workers": 2}, fh)
+    cfg = rs.config_from(rs.read_params(params), params, {})
+    rng = np.random.default_rng([SCALE_GENERATOR, n])
+    main, centres, sizes = scale_hashes(n, rng)
+    real = sum(sizes[:SCALE_REAL])
+    colours = rng.integers(0, 256, (real, 4, 4, 3), dtype=np.uint8)
+    store = rs.Store(cfg.db_path, create=True)
+    store.start_kind(cfg.spec)
+    bits, batch = cfg.spec.bits, 50_000
+    for lo in range(0, n, batch):
+        rows = []
+        for k in range(lo, min(n, lo + batch)):
+            path = os.path.join(images, f"p{k // 1000:04d}", f"i{k:07d}.jpg")
+            rows.append(rs.ImageRow(
+                path, 20_000 + k % 9973, 1_700_000_000_000_000_000 + k,
+                k.to_bytes(32, "big"), int(main[k]), 64, 64, None, None,
+                rs.pack_hashes([int(h) for h in centres[k]], bits),
+                False, 3.3))
+            if k < real:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(colours[k]).resize((64, 64)).save(path)
+        store.upsert(rows, bits)
+        print(f"  fixture {n}: {min(n, lo + batch)} rows", file=sys.stderr,
+              flush=True)
+    store.close()
+    with open(stamp, "w") as fh:
+        json.dump(want, fh)
+    return params
+
+
+def scale(sizes: list, reps: int) -> int:
+    rs = load_tool()
+    rows = []
+    for n in sizes:
+        folder = os.path.join(HERE, "data", "scale", str(n))
+        params = make_scale_fixture(rs, n, folder)
+        base = [sys.executable, TOOL, "--params", params, "-q"]
+        query = os.path.join(folder, "images", "p0000", "i0000005.jpg")
+        cases = [("find_duplicates, index file missing",
+                  base + ["find_duplicates"], True),
+                 ("find_duplicates", base + ["find_duplicates"], False),
+                 ("find_duplicates, no HTML report",
+                  base + ["find_duplicates", "--no-html-report"], False),
+                 ("search, one image", base + ["search", query], False)]
+        for name, cmd, cold in cases:
+            took = []
+            for _ in range(1 if cold else reps):
+                if cold:
+                    shutil.rmtree(os.path.join(folder, "index"),
+                                  ignore_errors=True)
+                load = os.getloadavg()[0]
+                took.append((*timed(cmd), load))
+            row = [f"{n:,}", name] + [fmt(median([t[k] for t in took]), f)
+                                      for k, f in ((0, ".2f"), (1, ".2f"),
+                                                   (2, ".0f"), (3, ".2f"))]
+            rows.append(row)
+            print("  " + "  ".join(row), file=sys.stderr, flush=True)
+        with open(os.path.join(folder, "out", "find_duplicates.json")) as fh:
+            doc = json.load(fh)
+        rows.append([f"{n:,}", f"({doc['group_count']:,} groups, "
+                     f"{doc['duplicates']:,} duplicates)", "", "", "", ""])
+    print(f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
+          f"{machine()}; median of {reps} runs (1 for a missing index)\n")
+    print(markdown(["images", "run", "wall s", "CPU s", "peak MB", "load 1m"],
+                   rows))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -249,7 +394,13 @@ def main(argv=None) -> int:
     ap.add_argument("--czkawka-level", type=int, default=None,
                     help="czkawka similarity level 0-50 (default: its own)")
     ap.add_argument("--json", metavar="FILE", help="also save every run here")
+    ap.add_argument("--scale", metavar="SIZES", default="",
+                    help="instead: reverse_search alone on synthetic databases "
+                         "of these sizes, e.g. 100k,1M (see above)")
     args = ap.parse_args(argv)
+    if args.scale:
+        return scale([parse_size(x) for x in args.scale.split(",") if x],
+                     args.reps)
     corpus = os.path.abspath(args.corpus)
     if not os.path.isfile(os.path.join(corpus, "truth.csv")):
         print(f"bench_peers: no truth.csv in {corpus}; build a corpus with "
