@@ -378,7 +378,7 @@ class _ignored:
 # ============================================================================
 
 OPERATIONS = ("build", "update", "search", "find_duplicates", "export", "move",
-              "undo")
+              "undo", "review")
 HASH_METHODS = ("ahash", "phash", "phash_simple", "dhash", "dhash_vertical",
                 "whash", "whash_db4", "colorhash")
 HASH_MODES = ("fast", "exact")
@@ -505,6 +505,12 @@ class Config:
     lock_timeout: float = _key(
         10.0, "seconds to wait for another run that is writing the database",
         minimum=0)
+    review_port: int = _key(
+        0, "review: port of the review page on 127.0.0.1 (0 = a free port "
+        "chosen each run)", minimum=0, maximum=65535)
+    review_idle_minutes: float = _key(
+        30.0, "review: the server stops after this many minutes without a "
+        "request from the page", minimum=0.05, maximum=10080)
     database_url: str = _key(
         "", "PostgreSQL database instead of SQLite: postgresql://user@host:5432/"
         "dbname or libpq's key=value form (password in PGPASSWORD, ~/.pgpass "
@@ -6783,6 +6789,7 @@ def emit(report, run: Run, ui: Console) -> None:
 
 
 def open_in_browser(path: str) -> None:
+    """A file (the HTML report) or the review page's http:// address."""
     import webbrowser
     # A onefile executable's bootloader puts its unpacked libraries first on
     # LD_LIBRARY_PATH (Linux); the browser must start with the system's own.
@@ -6795,10 +6802,1161 @@ def open_in_browser(path: str) -> None:
             os.environ["LD_LIBRARY_PATH"] = original
     try:
         with _ignored(Exception):  # no browser is not an error: path is shown
-            webbrowser.open(pathlib.Path(path).as_uri())
+            webbrowser.open(path if path.startswith("http://") else
+                            pathlib.Path(path).as_uri())
     finally:
         if saved is not None:
             os.environ["LD_LIBRARY_PATH"] = saved
+
+
+# ============================================================================
+# Review: a local page to choose, act and undo
+# ============================================================================
+#
+# `review` serves one page from a ReviewServer (the standard library's
+# ThreadingHTTPServer: nothing to bundle) and answers it from a
+# ReviewSession, which holds the groups of find_duplicates, the user's keep
+# choices and the image ids the page may ask for.  The page acts only through
+# the functions the command line uses: write_plan + op_move for apply,
+# op_undo for undo, the not_duplicates CSV for "not a duplicate", op_search
+# for a dropped image.
+#
+# Security model (the server runs on the user's machine, beside their files):
+# - bound to 127.0.0.1 only, on review_port (0: a free port);
+# - a random token per run (secrets.token_urlsafe, 32 bytes) in the first
+#   URL; the page then sends it in a header, and a cookie (SameSite=Strict,
+#   HttpOnly, named by port) carries it for <img> requests; every request
+#   without it is refused (403);
+# - the Host header must name 127.0.0.1 or localhost with our port (no DNS
+#   rebinding); an Origin or Sec-Fetch-Site from another site is refused (no
+#   requests from other tabs); every change is a POST that must carry the
+#   token header and our Origin;
+# - images are served by id only: ids are handed out for paths read from the
+#   database in this run, never taken from a request; nothing else on disk is
+#   reachable (no static folder);
+# - names reach the page as JSON data and are put in with textContent, never
+#   as HTML; the page's Content-Security-Policy allows only its own inline
+#   script (by nonce) and connections to itself, so nothing is fetched from
+#   the internet.
+
+REVIEW_PAGE_SIZE = 20       # groups per page: quick even with 10,000 groups
+REVIEW_THUMB_PX = 200       # thumbnails on the cards
+REVIEW_FILES = "review_files"  # thumbnail cache inside output_dir
+REVIEW_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+                  "WEBP": "image/webp", "BMP": "image/bmp"}  # sent as they are
+# t-SNE on 2,000 images takes about TSNE_SECONDS_2000 s on one core; above
+# MAP_MOST images the map shows an even sample (see README for the figures).
+MAP_MOST = 3000
+
+
+class ReviewRefused(ReverseSearchError):
+    """A request the review server refuses: status and a one-line reason."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _QuietConsole(Console):
+    """Notices of the operations review runs, kept for the page to show."""
+
+    def __init__(self, echo: Console):
+        super().__init__(True)
+        self.echo, self.said = echo, []
+
+    def notice(self, text: str) -> None:
+        self.said.append(text)
+        self.echo.notice(text)
+
+
+class ReviewSession:
+    """What the page works on: groups, the user's choices, served ids."""
+
+    def __init__(self, run: Run, ui: Console):
+        import threading
+        self.run, self.cfg, self.ui = run, run.config, ui
+        self.lock = threading.RLock()
+        self.paths: list = []      # id -> path, only paths read from the database
+        self.ids: dict = {}        # path -> id
+        self.revoked: set = set()  # ids of files moved away
+        self.groups: list = []     # Group, as find_duplicates orders them
+        self.chosen: dict = {}     # path -> True (keep) / False (move): the user's
+        self.report = None
+        self.map = None
+        self.thumbs = os.path.join(self.cfg.output_dir, REVIEW_FILES)
+        self.uploads = None        # temporary folder for dropped images
+
+    # ---- ids: the only way the page names a file ----
+
+    def id_of(self, path: str) -> int:
+        if path not in self.ids:
+            self.ids[path] = len(self.paths)
+            self.paths.append(path)
+        self.revoked.discard(self.ids[path])
+        return self.ids[path]
+
+    def path_of(self, text) -> str:
+        try:
+            n = int(text)
+        except (TypeError, ValueError):
+            raise ReviewRefused(404, "no such image") from None
+        if not 0 <= n < len(self.paths) or n in self.revoked:
+            raise ReviewRefused(404, "no such image")
+        return self.paths[n]
+
+    # ---- groups ----
+
+    def refresh(self) -> None:
+        """find_duplicates again (after a change), and its result files."""
+        with self.lock:
+            ui = _QuietConsole(self.ui)
+            run = dataclasses.replace(self.run, quiet=True)
+            run.config = dataclasses.replace(self.cfg, operation="find_duplicates")
+            run.config.sources = self.cfg.sources
+            report = op_find_duplicates(run, ui)
+            write_results(report, run.config, to_json(report, run.config))
+            self.report, self.groups = report, report.groups
+            self.map = None
+
+    def keeps(self, g: Group) -> list:
+        """Keep (True) or move (False) for each image: the user's choice,
+        else the keep rule's."""
+        return [self.chosen.get(m.path, m.keep) for m in g.images]
+
+    def page(self, number: int, size: int = REVIEW_PAGE_SIZE) -> dict:
+        with self.lock:
+            pages = max(1, -(-len(self.groups) // size))
+            number = min(max(number, 1), pages)
+            first = (number - 1) * size
+            cards = [self.card(k) for k in range(first, min(first + size, len(self.groups)))]
+            moving = self.plan_entries()
+            return {"page": number, "pages": pages, "size": size,
+                    "total": len(self.groups), "groups": cards,
+                    "images": self.report.images if self.report else 0,
+                    "bits": self.cfg.spec.bits,
+                    "threshold": self.cfg.distance_threshold,
+                    "to_move": sum(e.action == "move" for e in moving),
+                    "reclaim": sum(e.size for e in moving if e.action == "move"),
+                    "chosen": len(self.chosen),
+                    "quarantined": self.quarantined()}
+
+    def card(self, n: int) -> dict:
+        g = self.groups[n]
+        keeps = self.keeps(g)
+        rule = ", ".join(self.cfg.keep_rule)
+        items = []
+        for m, keep in zip(g.images, keeps):
+            folder, name = os.path.split(shown(m.path))
+            user = m.path in self.chosen
+            items.append({
+                "id": self.id_of(m.path), "name": name, "folder": folder,
+                "size": m.size, "w": m.width, "h": m.height,
+                "date": _iso(m.mtime_ns).replace("T", " "),
+                "dist": m.distance, "how": m.variant or "whole picture",
+                "keep": keep, "protected": self.protected(m.path),
+                "reason": ("your choice" if user else
+                           f"keep_rule ({rule})" if keep else "")})
+        return {"n": n + 1, "items": items,
+                "reclaim": sum(m.size for m, k in zip(g.images, keeps) if not k)}
+
+    def protected(self, path: str) -> bool:
+        return any(_inside(path, d) for d in self.cfg.protected_dirs)
+
+    def toggle_keep(self, n: int, image: str) -> dict:
+        with self.lock:
+            g = self.group(n)
+            path = self.path_of(image)
+            at = next((k for k, m in enumerate(g.images) if m.path == path), None)
+            if at is None:
+                raise ReviewRefused(400, "that image is not in this group")
+            keeps = self.keeps(g)
+            keeps[at] = not keeps[at]
+            if not any(keeps):
+                raise ReviewRefused(409, "a group keeps at least one image: "
+                                         "choose another to keep first")
+            for m, keep in zip(g.images, keeps):
+                if keep != m.keep:
+                    self.chosen[m.path] = keep
+                else:
+                    self.chosen.pop(m.path, None)
+            return self.card(n)
+
+    def group(self, n) -> Group:
+        try:
+            return self.groups[int(n)]
+        except (TypeError, ValueError, IndexError):
+            raise ReviewRefused(404, "no such group (run again?)") from None
+
+    # ---- not a duplicate ----
+
+    def not_duplicate(self, n: int, images: list) -> None:
+        """Mark a pair, or one image against the rest of its group, as
+        different pictures: saved to not_duplicates, honoured by every run."""
+        with self.lock:
+            g = self.group(n)
+            chosen = [self.path_of(i) for i in images]
+            members = [m.path for m in g.images]
+            if not chosen or len(chosen) > 2 or \
+                    any(p not in members for p in chosen):
+                raise ReviewRefused(400, "mark one or two images of the group")
+            others = chosen[1:] or [p for p in members if p != chosen[0]]
+            add_not_duplicates(self.cfg, [(chosen[0], p) for p in others
+                                          if p != chosen[0]])
+            self.refresh()
+
+    # ---- apply and undo ----
+
+    def plan_entries(self) -> list:
+        """The plan move would follow: the rule's, with the user's choices."""
+        if self.report is None:
+            return []
+        entries = make_plan(self.report, self.cfg)
+        by_path = {}
+        for g in self.groups:
+            for m, keep in zip(g.images, self.keeps(g)):
+                by_path[m.path] = keep
+        for e in entries:
+            if by_path.get(e.path) and e.action != "keep":
+                e.action, e.reason = "keep", "chosen on the review page"
+            elif by_path.get(e.path) is False and e.action == "keep":
+                e.action, e.reason = "move", "chosen on the review page"
+                if self.protected(e.path):
+                    e.action, e.reason = "protected", "in a protected folder"
+        return entries
+
+    def apply_summary(self) -> dict:
+        with self.lock:
+            moving = [e for e in self.plan_entries() if e.action == "move"]
+            return {"files": len(moving),
+                    "bytes": sum(e.size for e in moving),
+                    "human": human_bytes(sum(e.size for e in moving)),
+                    "groups": len({e.group for e in moving}),
+                    "chosen": len(self.chosen),
+                    "quarantine": shown(os.path.abspath(self.cfg.quarantine_dir))}
+
+    def apply(self, expected: int) -> dict:
+        """Move what the plan says through move's own code and manifest."""
+        with self.lock:
+            entries = self.plan_entries()
+            moving = sum(e.action == "move" for e in entries)
+            if moving != expected:
+                raise ReviewRefused(409, f"the plan changed ({moving} files to "
+                                         f"move, not {expected}); look again")
+            cfg = dataclasses.replace(self.cfg, operation="move")
+            cfg.sources = self.cfg.sources
+            write_plan(entries, cfg)
+            report = _move_planned(self.run, cfg, _QuietConsole(self.ui))
+            for src, _ in report.done:
+                self.revoked.add(self.ids.get(src, -1))
+                self.chosen.pop(src, None)
+            self.refresh()
+            return _move_json(report)
+
+    def undo(self) -> dict:
+        with self.lock:
+            cfg = dataclasses.replace(self.cfg, operation="undo")
+            cfg.sources = self.cfg.sources
+            ui = _QuietConsole(self.ui)
+            report = op_undo(cfg, ui)
+            if report.done and "run update" in " ".join(ui.said):
+                op_update(dataclasses.replace(cfg, operation="update"), ui)
+            self.refresh()
+            return _move_json(report)
+
+    def quarantined(self) -> int:
+        """Files the manifest says are in quarantine (what undo restores)."""
+        manifest = os.path.join(self.cfg.quarantine_dir, MANIFEST_NAME)
+        try:
+            with open(manifest, "rb") as fh:
+                return sum(1 for line in fh if line.strip())
+        except OSError:
+            return 0
+
+    # ---- search ----
+
+    def search(self, data: bytes | None, path: str | None, name: str) -> dict:
+        """Matches of a dropped image (bytes) or of an image file on disk."""
+        import tempfile
+        if data is not None:
+            with self.lock:
+                if self.uploads is None:
+                    self.uploads = tempfile.mkdtemp(prefix="reverse_search-")
+            suffix = os.path.splitext(name)[1].lower()
+            if not re.fullmatch(r"\.[a-z0-9]{1,5}", suffix):
+                suffix = ".img"
+            path = os.path.join(self.uploads, f"dropped-{uuid.uuid4().hex}{suffix}")
+            _atomic_write(path, lambda fh: fh.write(data), binary=True)
+        elif not path or not os.path.isfile(path):
+            raise ReviewRefused(400, f"not an image file: {shown(path or '')}")
+        try:
+            cfg = dataclasses.replace(self.cfg, operation="search",
+                                      stop_on_first_match=False)
+            cfg.sources = self.cfg.sources
+            report = op_search(Run(cfg, self.run.params_path, [path], True),
+                               _QuietConsole(self.ui))
+        finally:
+            if data is not None:
+                with _ignored(OSError):
+                    os.unlink(path)
+        q = report.queries[0]
+        with self.lock:
+            group_of = {m.path: n for n, g in enumerate(self.groups)
+                        for m in g.images}
+            matches = [{"id": self.id_of(m.path),
+                        "name": os.path.basename(shown(m.path)),
+                        "folder": os.path.dirname(shown(m.path)),
+                        "dist": m.distance, "how": m.variant or "whole picture",
+                        "w": m.width, "h": m.height, "size": m.size,
+                        "group": group_of.get(m.path)} for m in q.matches]
+        return {"query": name or shown(path), "error": q.error,
+                "matches": matches, "bits": self.cfg.spec.bits,
+                "images": report.images}
+
+    def close(self) -> None:
+        if self.uploads:
+            import shutil
+            shutil.rmtree(self.uploads, ignore_errors=True)
+
+    # ---- map ----
+
+    def collection_map(self) -> dict:
+        with self.lock:
+            if self.map is None:
+                self.map = self._make_map()
+            return self.map
+
+    def _make_map(self) -> dict:
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            return {"error": "The map needs scikit-learn, which is not "
+                             "installed: pip install scikit-learn (see README)."}
+        store = _open_store(self.cfg)
+        try:
+            flat = load_index(self.cfg, store, _QuietConsole(self.ui))
+            total = len(flat.ids)
+            pick = np.arange(total)
+            if total > MAP_MOST:  # an even sample keeps the map quick
+                pick = np.random.default_rng(0).choice(total, MAP_MOST,
+                                                       replace=False)
+                pick.sort()
+            rows = store.rows_by_id(int(flat.ids[p]) for p in pick)
+        finally:
+            store.close()
+        if len(pick) < 5:
+            return {"error": f"Too few images for a map ({len(pick)})."}
+        # Bits of the main and centre hashes as 0/1 features: Euclidean
+        # distance between them is the square root of the Hamming distance,
+        # so neighbours are the same and t-SNE's fastest path applies.
+        words = flat.hashes[pick]
+        if flat.centres.size:
+            words = np.concatenate([words, flat.centres[pick].reshape(
+                len(pick), -1)], axis=1)
+        bits = np.unpackbits(words.astype(">u8").view(np.uint8), axis=1)
+        xy = TSNE(2, perplexity=min(30.0, (len(pick) - 1) / 3), init="pca",
+                  random_state=0, max_iter=500).fit_transform(
+            bits.astype(np.float32))
+        xy = (xy - xy.min(axis=0)) / np.maximum(np.ptp(xy, axis=0), 1e-9)
+        group_of = {m.path: n for n, g in enumerate(self.groups)
+                    for m in g.images}
+        points = []
+        for p, (x, y) in zip(pick.tolist(), xy.tolist()):
+            row = rows.get(int(flat.ids[p]))
+            if row is not None:
+                points.append([self.id_of(row.path), round(x, 4), round(y, 4),
+                               group_of.get(row.path, -1)])
+        return {"points": points, "total": total, "shown": len(points),
+                "sampled": total > MAP_MOST}
+
+
+def _move_planned(run: Run, cfg: Config, ui: Console) -> MoveReport:
+    """move, as the command line runs it, on the plan just written; the
+    page has asked for the confirmation already."""
+    return op_move(dataclasses.replace(run, config=cfg, yes=True, quiet=True), ui)
+
+
+def _move_json(report: MoveReport) -> dict:
+    return {"operation": report.operation, "summary": summary_line(report),
+            "done": [[shown(a), shown(b)] for a, b in report.done],
+            "skipped": [[shown(f.path), f.error] for f in report.skipped]}
+
+
+def add_not_duplicates(cfg: Config, pairs: list) -> None:
+    """Add path pairs to the not_duplicates CSV (the file made afresh)."""
+    path = cfg.not_duplicates
+    old = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            old = fh.read()
+    if old and not old.endswith("\n"):
+        old += "\n"
+    if not old:
+        old = "path_a,path_b\n"
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(
+        [os.path.abspath(a), os.path.abspath(b)] for a, b in pairs)
+    try:
+        _atomic_write(path, lambda fh: fh.write(old + out.getvalue()))
+    except (OSError, UnicodeEncodeError) as exc:
+        raise ReviewRefused(500, f"cannot write {path} (key 'not_duplicates'): "
+                                 f"{exc}") from None
+
+
+# ---- the server ----
+
+def _review_handler(session: ReviewSession, token: str, port_of, nonce: str):
+    """The request handler class, closed over one session and its token."""
+    import http.server
+    import secrets
+    from urllib.parse import urlsplit, parse_qs
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "reverse_search"
+        sys_version = ""
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # no access log on the console
+            pass
+
+        # ---- checks made before anything is answered ----
+
+        def allowed_hosts(self) -> set:
+            port = port_of()
+            return {f"127.0.0.1:{port}", f"localhost:{port}"}
+
+        def check(self, post: bool) -> dict:
+            host = self.headers.get("Host", "")
+            if host not in self.allowed_hosts():
+                raise ReviewRefused(403, "wrong Host header")
+            origin = self.headers.get("Origin")
+            if origin is not None and origin not in {
+                    "http://" + h for h in self.allowed_hosts()}:
+                raise ReviewRefused(403, "request from another site")
+            if self.headers.get("Sec-Fetch-Site", "same-origin") not in (
+                    "same-origin", "none"):
+                raise ReviewRefused(403, "request from another site")
+            query = parse_qs(urlsplit(self.path).query)
+            given = self.headers.get("X-Review-Token") or ""
+            if not post:
+                given = given or (query.get("token") or [""])[0] or \
+                    self.cookie_token()
+            elif origin is None:
+                raise ReviewRefused(403, "a change must come from the page")
+            if not given or not secrets.compare_digest(given, token):
+                raise ReviewRefused(403, "missing or wrong token: open the "
+                                         "address review printed")
+            self.server.touch()
+            return query
+
+        def cookie_token(self) -> str:
+            from http.cookies import SimpleCookie
+            jar = SimpleCookie()
+            with _ignored(Exception):
+                jar.load(self.headers.get("Cookie", ""))
+            morsel = jar.get(f"rs_review_{port_of()}")
+            return morsel.value if morsel else ""
+
+        # ---- answers ----
+
+        def send(self, status: int, body: bytes, kind: str,
+                 extra: dict | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def send_json(self, doc, status: int = 200) -> None:
+            self.send(status, json.dumps(doc, ensure_ascii=False).encode(),
+                      "application/json; charset=utf-8",
+                      {"Cache-Control": "no-store"})
+
+        def handle_one(self, post: bool) -> None:
+            try:
+                query = self.check(post)
+                route = urlsplit(self.path).path
+                if post:
+                    self.do_change(route)
+                else:
+                    self.do_read(route, query)
+            except ReviewRefused as exc:
+                self.send_json({"error": str(exc)}, exc.status)
+            except ReverseSearchError as exc:
+                self.send_json({"error": str(exc)}, 409)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except Exception as exc:  # the page shows it; the server goes on
+                self.send_json({"error": f"{type(exc).__name__}: {exc}"}, 500)
+
+        def do_GET(self):
+            self.handle_one(False)
+
+        def do_HEAD(self):
+            self.handle_one(False)
+
+        def do_POST(self):
+            self.handle_one(True)
+
+        def do_read(self, route: str, query: dict) -> None:
+            arg = lambda k, d="": (query.get(k) or [d])[0]  # noqa: E731
+            if route == "/":
+                cookie = (f"rs_review_{port_of()}={token}; Path=/; HttpOnly; "
+                          f"SameSite=Strict")
+                self.send(200, review_page(token, nonce).encode(),
+                          "text/html; charset=utf-8",
+                          {"Set-Cookie": cookie, "Cache-Control": "no-store",
+                           "Content-Security-Policy": REVIEW_CSP % nonce})
+            elif route == "/api/groups":
+                self.send_json(session.page(_int(arg("page", "1"))))
+            elif route == "/api/group":
+                n = _int(arg("n"), -1)
+                session.group(n)
+                self.send_json(session.card(n))
+            elif route == "/api/apply":
+                self.send_json(session.apply_summary())
+            elif route == "/api/map":
+                self.send_json(session.collection_map())
+            elif route.startswith("/thumb/"):
+                self.send_image(session.path_of(route[7:]), thumb=True)
+            elif route.startswith("/image/"):
+                self.send_image(session.path_of(route[7:]), thumb=False)
+            else:
+                raise ReviewRefused(404, "not found")
+
+        def do_change(self, route: str) -> None:
+            length = _int(self.headers.get("Content-Length", "0"), 0)
+            limit = session.cfg.max_file_mb << 20
+            if length < 0 or length > limit:
+                raise ReviewRefused(413, "too large")
+            data = self.rfile.read(length) if length else b""
+            kind = self.headers.get("Content-Type", "")
+            if route == "/api/search" and not kind.startswith("application/json"):
+                name = unquote(self.headers.get("X-File-Name", "dropped image"))
+                self.send_json(session.search(data, None, name))
+                return
+            try:
+                body = json.loads(data or b"{}")
+            except ValueError:
+                raise ReviewRefused(400, "not JSON") from None
+            if not isinstance(body, dict):
+                raise ReviewRefused(400, "not a JSON object")
+            if route == "/api/keep":
+                self.send_json(session.toggle_keep(_int(body.get("group"), -1),
+                                                   body.get("image")))
+            elif route == "/api/not-duplicate":
+                session.not_duplicate(_int(body.get("group"), -1),
+                                      list(body.get("images") or []))
+                self.send_json({"ok": True})
+            elif route == "/api/apply":
+                self.send_json(session.apply(_int(body.get("files"), -1)))
+            elif route == "/api/undo":
+                self.send_json(session.undo())
+            elif route == "/api/search":
+                path = body.get("path")
+                self.send_json(session.search(None, path if isinstance(
+                    path, str) else None, ""))
+            else:
+                raise ReviewRefused(404, "not found")
+
+        def send_image(self, path: str, thumb: bool) -> None:
+            cfg = session.cfg
+            if thumb:
+                own_folder(session.thumbs)
+                info = thumbnail(path, session.thumbs, REVIEW_THUMB_PX,
+                                 cfg.max_image_pixels)
+                if info["thumb"] == PLACEHOLDER_NAME:
+                    placeholder(session.thumbs, REVIEW_THUMB_PX)
+                with open(os.path.join(session.thumbs, info["thumb"]), "rb") as fh:
+                    body = fh.read()
+                kind = "image/png" if info["thumb"] == PLACEHOLDER_NAME \
+                    else "image/jpeg"
+            else:
+                body, kind = full_image(path, cfg.max_image_pixels)
+            self.send(200, body, kind, {"Cache-Control": "private, max-age=300"})
+
+    return Handler
+
+
+def _int(text, default: int = 0) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return default
+
+
+def full_image(path: str, max_pixels: int) -> tuple:
+    """(bytes, content type) of an image at full size: the file itself when
+    a browser shows its format, else a PNG made from it."""
+    from PIL import Image
+    _setup_decoders()
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ReviewRefused(422, "larger than max_image_pixels")
+            if im.format in REVIEW_FORMATS:
+                with open(path, "rb") as fh:
+                    return fh.read(), REVIEW_FORMATS[im.format]
+            im.seek(0)
+            out = io.BytesIO()
+            to_8bit(im).save(out, "PNG")
+            return out.getvalue(), "image/png"
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ReviewRefused(404, f"cannot read the image: {exc}") from None
+
+
+class ReviewServer:
+    """127.0.0.1 only; stops on Ctrl-C or after review_idle_minutes."""
+
+    def __init__(self, session: ReviewSession, port: int, idle: float):
+        import http.server
+        import secrets
+        self.token = secrets.token_urlsafe(32)
+        nonce = secrets.token_urlsafe(16)
+        handler = _review_handler(session, self.token, lambda: self.port, nonce)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.touch = self.touch
+        self.port = self.httpd.server_address[1]
+        self.idle, self.last = idle, time.monotonic()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/?token={self.token}"
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def serve(self) -> str:
+        """Serve until Ctrl-C or idle; returns why it stopped."""
+        import threading
+        why = ["idle"]
+
+        def watch():
+            while time.monotonic() - self.last < self.idle:
+                time.sleep(min(1.0, self.idle / 10))
+            self.httpd.shutdown()
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            self.httpd.serve_forever(poll_interval=0.25)
+        except KeyboardInterrupt:
+            why = ["Ctrl-C"]
+        finally:
+            self.httpd.server_close()
+        return why[0]
+
+
+def op_review(run: Run, ui: Console) -> None:
+    """Serve the review page until Ctrl-C or review_idle_minutes of quiet;
+    what was done is in the quarantine manifest and not_duplicates."""
+    cfg, start = run.config, time.monotonic()
+    session = ReviewSession(run, ui)
+    ui.notice("review: finding duplicates first ...")
+    session.refresh()
+    server = ReviewServer(session, cfg.review_port,
+                          cfg.review_idle_minutes * 60)
+    print(f"review: {server.url}", flush=True)
+    ui.notice(f"review: {len(session.groups)} groups; stops after "
+              f"{cfg.review_idle_minutes:g} idle minutes or on Ctrl-C.")
+    if run.open_report:
+        open_in_browser(server.url)
+    try:
+        stopped = server.serve()
+    finally:
+        session.close()
+    ui.notice(f"review: stopped ({stopped}) after "
+              f"{(time.monotonic() - start) / 60:.1f} minutes.")
+
+
+def review_page(token: str, nonce: str) -> str:
+    parts = {"TOKEN": _script_json(token), "NONCE": nonce}
+    return re.sub(r"@(TOKEN|NONCE)@", lambda m: parts[m.group(1)],
+                  REVIEW_TEMPLATE)
+
+
+REVIEW_CSP = ("default-src 'none'; script-src 'nonce-%s'; style-src "
+              "'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+# The review page: no build step, no library, nothing from the internet.
+# Names are set with textContent only, so a hostile file name stays text.
+REVIEW_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Review duplicates · reverse_search</title>
+<link rel="icon" href="data:,">
+<style>
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       margin: 0; color: #222; background: #f6f6f4; }
+header { position: sticky; top: 0; z-index: 5; background: #fff;
+         border-bottom: 1px solid #ddd; padding: 8px 20px; display: flex;
+         gap: 14px; align-items: center; flex-wrap: wrap; }
+header h1 { font-size: 17px; margin: 0 8px 0 0; }
+.stat b { font-size: 15px; }
+button { font: inherit; padding: 4px 10px; border: 1px solid #bbb;
+         border-radius: 5px; background: #fafafa; cursor: pointer; }
+button.primary { background: #1f6feb; color: #fff; border-color: #1f6feb; }
+button:disabled { opacity: .45; cursor: default; }
+main { padding: 12px 20px; max-width: 1500px; margin: 0 auto; }
+nav.tabs button.on { background: #222; color: #fff; }
+.pager { margin: 8px 0; display: flex; gap: 6px; align-items: center; }
+.group { background: #fff; border: 1px solid #ddd; border-radius: 8px;
+         margin: 10px 0; padding: 8px 12px; }
+.group.focus { outline: 3px solid #1f6feb; }
+.group h2 { font-size: 14px; margin: 2px 0 8px; display: flex; gap: 10px;
+            align-items: center; }
+.tiles { display: flex; flex-wrap: wrap; gap: 10px; }
+.tile { width: 210px; border: 2px solid #ccc; border-radius: 6px; padding: 4px;
+        background: #fff; position: relative; }
+.tile.keep { border-color: #2e8b57; background: #f1fbf4; }
+.tile.move { border-color: #c0392b; background: #fdf3f2; }
+.tile.focus { box-shadow: 0 0 0 3px #1f6feb; }
+.tile img.thumb { width: 200px; height: 200px; object-fit: contain;
+                  background: #eee; cursor: pointer; display: block; }
+.tile .name { font-weight: 600; overflow-wrap: anywhere; }
+.tile .meta, .tile .folder { color: #555; font-size: 12px;
+                             overflow-wrap: anywhere; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 4px;
+         font-size: 12px; font-weight: 700; color: #fff; }
+.badge.keep { background: #2e8b57; } .badge.move { background: #c0392b; }
+.badge.protected { background: #777; }
+.tile .acts { display: flex; gap: 4px; margin-top: 4px; flex-wrap: wrap; }
+.tile .acts button { font-size: 12px; padding: 2px 6px; }
+#drop { border: 2px dashed #999; border-radius: 8px; padding: 18px;
+        text-align: center; color: #555; background: #fff; }
+body.dragging #drop { border-color: #1f6feb; background: #eef4ff; }
+.modal { position: fixed; inset: 0; background: rgba(0,0,0,.55); z-index: 10;
+         display: flex; align-items: center; justify-content: center; }
+.modal .box { background: #fff; border-radius: 8px; padding: 16px 20px;
+              max-width: 720px; max-height: 80vh; overflow: auto; }
+#compare { position: fixed; inset: 0; background: #111; z-index: 10;
+           display: flex; flex-direction: column; }
+#compare .bar { color: #eee; padding: 6px 12px; display: flex; gap: 10px;
+                align-items: center; }
+#compare .views { flex: 1; display: flex; gap: 4px; min-height: 0; }
+#compare .view { flex: 1; overflow: hidden; position: relative;
+                 background: #222; cursor: grab; }
+#compare .view img { position: absolute; left: 0; top: 0;
+                     transform-origin: 0 0; image-rendering: auto; }
+#compare .cap { position: absolute; left: 4px; bottom: 4px; color: #fff;
+                background: rgba(0,0,0,.6); padding: 1px 6px; font-size: 12px;
+                z-index: 1; overflow-wrap: anywhere; max-width: 95%; }
+#map-wrap { position: relative; background: #fff; border: 1px solid #ddd;
+            border-radius: 8px; }
+#map { display: block; width: 100%; height: 640px; cursor: crosshair; }
+#map-tip { position: absolute; pointer-events: none; background: #fff;
+           border: 1px solid #999; padding: 3px; display: none; }
+#map-tip img { width: 120px; height: 120px; object-fit: contain; display: block; }
+.note { color: #555; }
+.error { color: #b00020; font-weight: 600; }
+.hidden { display: none !important; }
+kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
+      background: #fafafa; font-size: 12px; }
+</style>
+</head>
+<body>
+<header>
+  <h1>Review duplicates</h1>
+  <span class="stat"><b id="s-groups">0</b> groups</span>
+  <span class="stat"><b id="s-move">0</b> files to move
+    (<b id="s-reclaim">0 B</b>)</span>
+  <nav class="tabs">
+    <button id="tab-groups" class="on">Groups</button>
+    <button id="tab-search">Search</button>
+    <button id="tab-map">Map</button>
+  </nav>
+  <button id="apply" class="primary">Apply: move to quarantine…</button>
+  <button id="undo">Undo moves (<span id="s-quarantined">0</span>)</button>
+  <span id="status" class="note"></span>
+</header>
+<main>
+  <section id="groups-view">
+    <p class="note">Click a picture to keep or move it. Keys: <kbd>j</kbd>/<kbd>k</kbd>
+      next/previous group, <kbd>←</kbd>/<kbd>→</kbd> picture, <kbd>Space</kbd>
+      keep/move, <kbd>x</kbd> not a duplicate, <kbd>c</kbd> compare,
+      <kbd>n</kbd>/<kbd>p</kbd> page, <kbd>a</kbd> apply, <kbd>Esc</kbd> close.</p>
+    <div class="pager" id="pager-top"></div>
+    <div id="groups"></div>
+    <div class="pager" id="pager-bottom"></div>
+  </section>
+  <section id="search-view" class="hidden">
+    <div id="drop">Drop an image here (or anywhere on this page) to find it in
+      the collection.<br>
+      <input id="search-path" size="60" placeholder="or paste the path of an image file">
+      <button id="search-go">Search</button></div>
+    <h2 id="search-title"></h2>
+    <div class="tiles" id="search-results"></div>
+  </section>
+  <section id="map-view" class="hidden">
+    <p class="note" id="map-note">Each dot is an image, placed by the
+      similarity of its hashes (t-SNE); groups have colours, others are
+      grey. Point at a dot to see it, click to open its group.</p>
+    <div id="map-wrap"><canvas id="map"></canvas><div id="map-tip"><img alt=""></div></div>
+  </section>
+</main>
+<div id="compare" class="hidden">
+  <div class="bar"><b>Compare</b><span>wheel: zoom together · drag: pan together</span>
+    <button id="cmp-fit">Fit</button><button id="cmp-one">1:1</button>
+    <button id="cmp-close">Close (Esc)</button></div>
+  <div class="views" id="cmp-views"></div>
+</div>
+<div id="modal" class="modal hidden"><div class="box" id="modal-box"></div></div>
+<script nonce="@NONCE@">
+(() => {
+  "use strict";
+  const TOKEN = @TOKEN@;
+  history.replaceState(null, "", "/");  // the token leaves the address bar
+  const $ = id => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const human = n => {
+    const u = ["B", "KB", "MB", "GB"]; let i = 0;
+    while (n >= 1024 && i < 3) { n /= 1024; i++; }
+    return i ? n.toFixed(1) + " " + u[i] : n + " B";
+  };
+  const state = { page: 1, data: null, focus: 0, tile: 0, view: "groups",
+                  selected: new Set() };
+
+  async function call(method, url, body, raw) {
+    const opts = { method, headers: { "X-Review-Token": TOKEN } };
+    if (raw) { opts.body = body; opts.headers["X-File-Name"] = encodeURIComponent(raw); }
+    else if (body !== undefined) {
+      opts.body = JSON.stringify(body);
+      opts.headers["Content-Type"] = "application/json";
+    }
+    let res;
+    try { res = await fetch(url, opts); }
+    catch (e) { throw new Error("the review server has stopped: run review again"); }
+    const doc = await res.json();
+    if (!res.ok) throw new Error(doc.error || res.statusText);
+    return doc;
+  }
+  function say(text, bad) {
+    const s = $("status"); s.textContent = text; s.className = bad ? "error" : "note";
+  }
+  const guard = fn => async (...a) => { try { await fn(...a); } catch (e) { say(e.message, true); } };
+
+  // ---- groups ----
+  async function load(page, focus) {
+    const d = await call("GET", "/api/groups?page=" + page);
+    state.data = d; state.page = d.page;
+    state.focus = Math.min(focus || 0, Math.max(0, d.groups.length - 1));
+    state.tile = 0; state.selected.clear();
+    render();
+  }
+  function stats(d) {
+    $("s-groups").textContent = d.total.toLocaleString();
+    $("s-move").textContent = d.to_move.toLocaleString();
+    $("s-reclaim").textContent = human(d.reclaim);
+    $("s-quarantined").textContent = d.quarantined;
+    $("undo").disabled = !d.quarantined;
+    $("apply").disabled = !d.to_move;
+  }
+  function pager(box) {
+    const d = state.data; box.replaceChildren();
+    const b = (label, page) => {
+      const x = el("button", "page", label); x.disabled = page < 1 || page > d.pages || page === d.page;
+      x.onclick = guard(() => load(page)); box.append(x);
+    };
+    b("« first", 1); b("‹ previous", d.page - 1);
+    box.append(el("span", "", `page ${d.page} of ${d.pages} · groups ` +
+      `${d.total ? (d.page - 1) * d.size + 1 : 0}–${Math.min(d.page * d.size, d.total)} of ${d.total}`));
+    b("next ›", d.page + 1); b("last »", d.pages);
+  }
+  function render() {
+    const d = state.data; stats(d);
+    pager($("pager-top")); pager($("pager-bottom"));
+    const box = $("groups"); box.replaceChildren();
+    if (!d.groups.length) box.append(el("p", "note", "No duplicate groups: nothing to review."));
+    d.groups.forEach((g, gi) => box.append(card(g, gi)));
+    markFocus(false);
+  }
+  function card(g, gi) {
+    const c = el("div", "group"); c.dataset.n = g.n;
+    const h = el("h2");
+    h.append(el("span", "", `Group ${g.n} · ${g.items.length} images · ${human(g.reclaim)} reclaimable`));
+    const cmp = el("button", "compare", "Compare"); cmp.onclick = () => compare(g);
+    const pair = el("button", "pair", "Selected two: not duplicates");
+    pair.onclick = guard(() => notDuplicate(g, [...state.selected]));
+    h.append(cmp, pair); c.append(h);
+    const tiles = el("div", "tiles");
+    g.items.forEach((it, ti) => tiles.append(tile(g, it, gi, ti)));
+    c.append(tiles);
+    return c;
+  }
+  function tile(g, it, gi, ti) {
+    const t = el("div", "tile " + (it.keep ? "keep" : "move"));
+    t.dataset.id = it.id;
+    const img = el("img", "thumb"); img.loading = "lazy"; img.alt = it.name;
+    img.src = "/thumb/" + it.id; img.title = "click: keep / move";
+    img.onclick = guard(() => toggle(g, it));
+    t.append(img);
+    const badge = it.protected && !it.keep ? el("span", "badge protected", "PROTECTED")
+      : el("span", "badge " + (it.keep ? "keep" : "move"), it.keep ? "KEEP" : "MOVE");
+    const line = el("div"); line.append(badge);
+    if (it.reason) line.append(" ", el("span", "meta reason", it.reason));
+    t.append(line, el("div", "name", it.name), el("div", "folder", it.folder));
+    const scale = ti === 0 ? "the group's lead" :
+      `distance ${it.dist} of ${state.data.bits} bits (match ≤ ${state.data.threshold})`;
+    t.append(el("div", "meta", `${it.w}×${it.h} px · ${human(it.size)} · ${it.date}`),
+             el("div", "meta dist", scale), el("div", "meta how", "matched: " + it.how));
+    const acts = el("div", "acts");
+    const nd = el("button", "notdup", "not a duplicate");
+    nd.title = "this picture is not a copy of the others (saved to not_duplicates)";
+    nd.onclick = guard(() => notDuplicate(g, [it.id]));
+    const sel = el("label"); const box = el("input"); box.type = "checkbox";
+    box.onchange = () => { box.checked ? state.selected.add(it.id) : state.selected.delete(it.id); };
+    sel.append(box, " select");
+    acts.append(nd, sel); t.append(acts);
+    t.onmouseenter = () => { state.focus = gi; state.tile = ti; markFocus(false); };
+    return t;
+  }
+  function markFocus(scroll) {
+    document.querySelectorAll(".focus").forEach(e => e.classList.remove("focus"));
+    const c = $("groups").children[state.focus]; if (!c || !c.classList.contains("group")) return;
+    c.classList.add("focus");
+    const t = c.querySelectorAll(".tile")[state.tile]; if (t) t.classList.add("focus");
+    if (scroll) c.scrollIntoView({ block: "nearest" });
+  }
+  async function toggle(g, it) {
+    const fresh = await call("POST", "/api/keep", { group: g.n - 1, image: it.id });
+    const i = state.data.groups.indexOf(g);
+    state.data.groups[i] = fresh;
+    const d = await call("GET", "/api/groups?page=" + state.page);
+    state.data = d; render();
+    say(`group ${g.n}: ${it.name} will be ${fresh.items.find(x => x.id === it.id).keep ? "kept" : "moved"}`);
+  }
+  async function notDuplicate(g, ids) {
+    if (!ids.length || ids.length > 2) { say("select one or two pictures of the group", true); return; }
+    await call("POST", "/api/not-duplicate", { group: g.n - 1, images: ids });
+    say(`group ${g.n}: marked as not duplicates (saved to not_duplicates)`);
+    await load(state.page, state.focus);
+  }
+
+  // ---- apply and undo ----
+  function modal(nodes, buttons) {
+    const box = $("modal-box"); box.replaceChildren(...nodes);
+    const row = el("p"); buttons.forEach(b => row.append(b, " ")); box.append(row);
+    $("modal").classList.remove("hidden"); (buttons[0] || box).focus();
+  }
+  const closeModal = () => $("modal").classList.add("hidden");
+  function button(label, cls, fn) { const b = el("button", cls, label); b.onclick = guard(fn); return b; }
+  async function apply() {
+    const s = await call("GET", "/api/apply");
+    if (!s.files) { say("nothing to move"); return; }
+    modal([el("h2", "", "Move duplicates to quarantine?"),
+           el("p", "summary", `${s.files} files (${s.human}) from ${s.groups} groups will move into ${s.quarantine}. ` +
+              `${s.chosen} choices are yours; every other group follows keep_rule. Undo puts them back.`)],
+          [button("Move them", "primary confirm", async () => {
+             const r = await call("POST", "/api/apply", { files: s.files });
+             report(r); await load(1); }),
+           button("Cancel", "", closeModal)]);
+  }
+  function report(r) {
+    const list = el("ul");
+    r.done.forEach(([a, b]) => list.append(el("li", "", a + " → " + b)));
+    r.skipped.forEach(([a, why]) => list.append(el("li", "error", a + ": " + why)));
+    modal([el("h2", "", r.operation === "move" ? "Moved" : "Restored"),
+           el("p", "summary", r.summary), list], [button("Close", "", closeModal)]);
+  }
+  async function undo() {
+    modal([el("h2", "", "Undo?"), el("p", "", "Every file in the quarantine goes back where it was.")],
+          [button("Put them back", "primary confirm", async () => {
+             const r = await call("POST", "/api/undo"); report(r); await load(state.page); }),
+           button("Cancel", "", closeModal)]);
+  }
+
+  // ---- compare: zoom and pan together ----
+  const view = { scale: 1, x: 0, y: 0 };
+  function compare(g) {
+    const box = $("cmp-views"); box.replaceChildren();
+    g.items.forEach(it => {
+      const v = el("div", "view"); const img = el("img"); img.src = "/image/" + it.id;
+      img.alt = it.name; img.onload = fit;
+      v.append(img, el("div", "cap", `${it.name} · ${it.w}×${it.h}` + (it.keep ? " · KEEP" : "")));
+      box.append(v);
+    });
+    $("compare").classList.remove("hidden"); fit();
+  }
+  function fit() {
+    const v = document.querySelector("#cmp-views .view"); if (!v) return;
+    const imgs = [...document.querySelectorAll("#cmp-views img")].filter(i => i.naturalWidth);
+    if (!imgs.length) return;
+    const w = Math.max(...imgs.map(i => i.naturalWidth)), h = Math.max(...imgs.map(i => i.naturalHeight));
+    view.scale = Math.min(v.clientWidth / w, v.clientHeight / h); view.x = 0; view.y = 0; draw();
+  }
+  function draw() {
+    document.querySelectorAll("#cmp-views img").forEach(i => {
+      // every image drawn at the scale of the largest, so details line up
+      const big = Math.max(...[...document.querySelectorAll("#cmp-views img")].map(j => j.naturalWidth || 1));
+      const s = view.scale * big / (i.naturalWidth || big);
+      i.style.transform = `translate(${view.x}px, ${view.y}px) scale(${s})`;
+    });
+  }
+  $("cmp-views").addEventListener("wheel", e => {
+    e.preventDefault();
+    const r = e.target.closest(".view").getBoundingClientRect();
+    const px = e.clientX - r.left, py = e.clientY - r.top;
+    const k = e.deltaY < 0 ? 1.25 : 0.8;
+    view.x = px - (px - view.x) * k; view.y = py - (py - view.y) * k; view.scale *= k; draw();
+  }, { passive: false });
+  let drag = null;
+  $("cmp-views").addEventListener("mousedown", e => { drag = [e.clientX, e.clientY]; e.preventDefault(); });
+  window.addEventListener("mouseup", () => { drag = null; });
+  window.addEventListener("mousemove", e => {
+    if (!drag) return;
+    view.x += e.clientX - drag[0]; view.y += e.clientY - drag[1]; drag = [e.clientX, e.clientY]; draw();
+  });
+  $("cmp-fit").onclick = fit;
+  $("cmp-one").onclick = () => {
+    const big = Math.max(...[...document.querySelectorAll("#cmp-views img")].map(j => j.naturalWidth || 1));
+    view.scale = 1; view.x = 0; view.y = 0; draw(); return big;
+  };
+  const closeCompare = () => $("compare").classList.add("hidden");
+  $("cmp-close").onclick = closeCompare;
+
+  // ---- search ----
+  async function search(file, path) {
+    show("search");
+    $("search-title").textContent = "Searching…"; $("search-results").replaceChildren();
+    const r = file ? await call("POST", "/api/search", file, file.name || "pasted image")
+                   : await call("POST", "/api/search", { path });
+    $("search-title").textContent = r.error ? `${r.query}: ${r.error}` :
+      `${r.query}: ${r.matches.length} matches among ${r.images} images, nearest first`;
+    r.matches.forEach(m => {
+      const t = el("div", "tile result"); const img = el("img", "thumb");
+      img.src = "/thumb/" + m.id; img.alt = m.name; t.append(img);
+      t.append(el("div", "name", m.name), el("div", "folder", m.folder),
+               el("div", "meta dist", `distance ${m.dist} of ${r.bits} bits`),
+               el("div", "meta how", "matched: " + m.how),
+               el("div", "meta", `${m.w}×${m.h} px · ${human(m.size)}`));
+      if (m.group !== null) {
+        const b = button(`open group ${m.group + 1}`, "", () => openGroup(m.group)); t.append(b);
+      }
+      $("search-results").append(t);
+    });
+  }
+  $("search-go").onclick = guard(() => search(null, $("search-path").value.trim()));
+  $("search-path").addEventListener("keydown", e => { if (e.key === "Enter") $("search-go").click(); });
+  window.addEventListener("dragover", e => { e.preventDefault(); document.body.classList.add("dragging"); });
+  window.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
+  window.addEventListener("drop", guard(async e => {
+    e.preventDefault(); document.body.classList.remove("dragging");
+    const f = e.dataTransfer.files[0];
+    if (f) await search(f);
+  }));
+  window.addEventListener("paste", guard(async e => {
+    const f = [...(e.clipboardData || {}).files || []][0];
+    if (f) await search(f);
+  }));
+
+  // ---- map ----
+  let map = null;
+  async function drawMap() {
+    if (!map) {
+      $("map-note").textContent = "Placing the images (t-SNE)…";
+      map = await call("GET", "/api/map");
+    }
+    const note = $("map-note");
+    if (map.error) { note.textContent = map.error; note.className = "error"; return; }
+    note.textContent = (map.sampled ? `An even sample of ${map.shown.toLocaleString()} of ` +
+      `${map.total.toLocaleString()} images (sampled above the size t-SNE draws quickly). ` :
+      `All ${map.total.toLocaleString()} images. `) +
+      "Placed by the similarity of their hashes (t-SNE); groups have colours, " +
+      "others are grey. Point at a dot to see it, click to open its group.";
+    const cv = $("map"), r = cv.getBoundingClientRect();
+    cv.width = r.width; cv.height = r.height;
+    const g = cv.getContext("2d"); g.clearRect(0, 0, cv.width, cv.height);
+    map.xy = map.points.map(([id, x, y, grp]) => [id, 12 + x * (cv.width - 24), 12 + y * (cv.height - 24), grp]);
+    for (const [, x, y, grp] of map.xy) {
+      g.fillStyle = grp < 0 ? "rgba(120,120,120,.5)" : `hsl(${(grp * 137.5) % 360},70%,45%)`;
+      g.beginPath(); g.arc(x, y, grp < 0 ? 2.5 : 4, 0, 7); g.fill();
+    }
+    cv.dataset.drawn = map.xy.length;
+  }
+  function nearest(e) {
+    if (!map || !map.xy) return null;
+    const r = $("map").getBoundingClientRect(), x = e.clientX - r.left, y = e.clientY - r.top;
+    let best = null, bd = 64;
+    for (const p of map.xy) { const d = (p[1] - x) ** 2 + (p[2] - y) ** 2; if (d < bd) { bd = d; best = p; } }
+    return best;
+  }
+  $("map").addEventListener("mousemove", e => {
+    const p = nearest(e), tip = $("map-tip");
+    if (!p) { tip.style.display = "none"; return; }
+    tip.querySelector("img").src = "/thumb/" + p[0];
+    tip.style.left = (p[1] + 10) + "px"; tip.style.top = (p[2] + 10) + "px"; tip.style.display = "block";
+  });
+  $("map").addEventListener("click", guard(async e => {
+    const p = nearest(e);
+    if (p && p[3] >= 0) await openGroup(p[3]);
+    else if (p) say("that image is in no group");
+  }));
+  async function openGroup(n) {
+    show("groups");
+    const size = state.data ? state.data.size : 20;
+    await load(Math.floor(n / size) + 1, n % size);
+    markFocus(true);
+  }
+
+  // ---- views and keys ----
+  function show(name) {
+    state.view = name;
+    for (const v of ["groups", "search", "map"]) {
+      $(v + "-view").classList.toggle("hidden", v !== name);
+      $("tab-" + v).classList.toggle("on", v === name);
+    }
+    if (name === "map") guard(drawMap)();
+  }
+  $("tab-groups").onclick = () => show("groups");
+  $("tab-search").onclick = () => show("search");
+  $("tab-map").onclick = () => show("map");
+  $("apply").onclick = guard(apply);
+  $("undo").onclick = guard(undo);
+  async function moveFocus(step) {
+    const d = state.data, n = state.focus + step;
+    if (n >= d.groups.length && d.page < d.pages) await load(d.page + 1, 0);
+    else if (n < 0 && d.page > 1) await load(d.page - 1, d.size - 1);
+    else state.focus = Math.max(0, Math.min(n, d.groups.length - 1));
+    state.tile = 0; markFocus(true);
+  }
+  document.addEventListener("keydown", guard(async e => {
+    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "Escape") { closeCompare(); closeModal(); return; }
+    if (state.view !== "groups" || !state.data || !$("modal").classList.contains("hidden")) return;
+    const g = state.data.groups[state.focus];
+    const k = e.key;
+    if (k === "j" || k === "ArrowDown") { e.preventDefault(); await moveFocus(1); }
+    else if (k === "k" || k === "ArrowUp") { e.preventDefault(); await moveFocus(-1); }
+    else if (!g) return;
+    else if (k === "ArrowRight" || k === "l") { state.tile = Math.min(state.tile + 1, g.items.length - 1); markFocus(false); }
+    else if (k === "ArrowLeft" || k === "h") { state.tile = Math.max(state.tile - 1, 0); markFocus(false); }
+    else if (k === " " || k === "Enter") { e.preventDefault(); const t = state.tile; await toggle(g, g.items[t]); state.tile = t; markFocus(false); }
+    else if (k === "x") { await notDuplicate(g, [g.items[state.tile].id]); }
+    else if (k === "c") { compare(g); }
+    else if (k === "n") { if (state.data.page < state.data.pages) await load(state.page + 1); }
+    else if (k === "p") { if (state.page > 1) await load(state.page - 1); }
+    else if (k === "a") { await apply(); }
+  }));
+  guard(() => load(1))().then(() => { document.body.dataset.ready = "1"; });
+})();
+</script>
+</body>
+</html>
+"""
 
 
 # ============================================================================
@@ -6815,13 +7973,17 @@ OPERATION_HELP = {
                        "(plan.json, plan.csv) of which file to keep",
     "move": "move the files the plan marks 'move' into quarantine_dir",
     "undo": "put every quarantined file back where it was",
+    "review": "open a local page to look at the duplicate groups, choose "
+              "what to keep, mark pictures that are not duplicates, move to "
+              "quarantine and undo, search by dropping an image, and see a "
+              "map of the collection",
     "export": "print every stored file with its hash, size and dimensions",
 }
 
 # The operations that read each key (help shows an operation only the keys
 # it reads); a key not listed here is read by every operation.
-_HASHING_OPS = ("build", "update", "search", "find_duplicates")
-_MATCHING_OPS = ("search", "find_duplicates")
+_HASHING_OPS = ("build", "update", "search", "find_duplicates", "review")
+_MATCHING_OPS = ("search", "find_duplicates", "review")
 KEY_USERS = dict(
     dict.fromkeys(("hash_method", "hash_size", "colorhash_binbits", "hash_mode",
                    "match_orientations", "centre_hashes", "trim_borders",
@@ -6831,9 +7993,10 @@ KEY_USERS = dict(
                      "adaptive_threshold", "engine", "not_duplicates",
                      "html_report"), _MATCHING_OPS),
     input_dir=("search",), stop_on_first_match=("search",),
-    grouping=("find_duplicates",), keep_rule=("find_duplicates",),
-    protected_dirs=("find_duplicates", "move"),
-    quarantine_dir=("find_duplicates", "move", "undo"))
+    grouping=("find_duplicates", "review"), keep_rule=("find_duplicates", "review"),
+    protected_dirs=("find_duplicates", "move", "review"),
+    quarantine_dir=("find_duplicates", "move", "undo", "review"),
+    review_port=("review",), review_idle_minutes=("review",))
 
 # What a list flag's values are, for the help ("--img-dirs FOLDER...").
 LIST_METAVARS = {"extensions": "EXT", "keep_rule": "CRITERION"}
@@ -6895,8 +8058,12 @@ def build_parser(operation: str | None = None) -> argparse.ArgumentParser:
                          help="print only results and errors")
     general.add_argument("--debug", action="store_true",
                          help="show a traceback on unexpected errors")
-    general.add_argument("--open", action="store_true", dest="open_report",
-                         help="open the HTML report in the browser afterwards"
+    general.add_argument("--open", action=argparse.BooleanOptionalAction,
+                         dest="open_report", default=None,
+                         help="open the review page in the browser (default); "
+                         "--no-open leaves the browser alone (scripts)"
+                         if operation == "review" else
+                         "open the HTML report in the browser afterwards"
                          if operation in (None,) + _MATCHING_OPS
                          else argparse.SUPPRESS)
     general.add_argument("-y", "--yes", action="store_true",
@@ -6965,6 +8132,7 @@ def overview_help() -> str:
         f"  --format FORMAT   what is printed: {', '.join(FORMATS)}\n"
         f"  -q, --quiet       print only results and errors\n"
         f"  --open            open the HTML report in the browser afterwards\n"
+        f"  --no-open         review: leave the browser alone\n"
         f"  --debug           show a traceback on unexpected errors\n"
         f"  --version         print the version\n\n"
         f"examples:\n"
@@ -7050,8 +8218,10 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
         raise ConfigError("command line: query images are only taken by "
                           "search, e.g. 'reverse_search.py search photo.jpg'.")
     cfg = config_from(read_params(params), params, overrides)
-    run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug,
-              ns.open_report, yes=ns.yes)
+    opens = ns.open_report if ns.open_report is not None else \
+        cfg.operation == "review"  # review's page is the point of it
+    run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug, opens,
+              yes=ns.yes)
     if cfg.workers > most_workers():
         run.notices.append(
             f"{_origin('workers', cfg.sources['workers'])} is {cfg.workers}; "
@@ -7074,6 +8244,8 @@ def dispatch(run: Run, ui: Console):
         return op_move(run, ui)
     if cfg.operation == "undo":
         return op_undo(cfg, ui)
+    if cfg.operation == "review":
+        return op_review(run, ui)
     return op_export(cfg, ui)
 
 
@@ -7094,7 +8266,9 @@ def _run(argv: list) -> int:
         ui = Console(run.quiet)
         for notice in run.notices:
             ui.notice(notice)
-        emit(dispatch(run, ui), run, ui)
+        report = dispatch(run, ui)
+        if report is not None:  # review has answered its page already
+            emit(report, run, ui)
         return 0
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
