@@ -5682,15 +5682,27 @@ def op_move(run: Run, ui: Console) -> MoveReport:
             confirm(run, move_summary(moves, cfg.quarantine_dir), ui)
             with _run_lock(cfg):
                 _open_manifest(manifest)
-                for m in moves:
-                    _move_one(m, store, places, manifest, report)
-                moved = [src for src, _ in report.done]
-                if moved:
-                    store.delete_paths(moved)
+                _move_all(moves, store, places, manifest, report)
     finally:
         store.close()
     report.seconds = time.monotonic() - start
     return report
+
+
+def _move_all(moves: list, store, places: Places, manifest: str,
+              report: MoveReport, batch: int = 200) -> None:
+    """Each move in turn; moved files leave the database every `batch`
+    files, and at the end even if interrupted."""
+    forgotten = 0
+    try:
+        for m in moves:
+            _move_one(m, store, places, manifest, report)
+            if len(report.done) - forgotten >= batch:
+                store.delete_paths(src for src, _ in report.done[forgotten:])
+                forgotten = len(report.done)
+    finally:
+        if len(report.done) > forgotten:
+            store.delete_paths(src for src, _ in report.done[forgotten:])
 
 
 def _open_manifest(manifest: str) -> None:
@@ -5801,33 +5813,47 @@ def op_undo(cfg: Config, ui: Console) -> MoveReport:
         return report
     with _run_lock(cfg):
         lines = _manifest_lines(manifest)
-        places, keep, rows = Places(cfg), [], []
         store = _open_store(cfg) if _store_exists(cfg) else None
-        kind = store and store.hash_kind()
-        bits = int(store.meta().get("hash_bits", 0)) if store else 0
+        rows = []  # filled as files come back, stored even if interrupted
         try:
-            for n, line in reversed(lines):
-                rec, why = _manifest_record(line, n, places)
-                if rec is not None:
-                    why = _undo_one(rec, report)
-                    if why is None and store is not None:
-                        row = _row_from_record(rec, rec["original"], kind, bits)
-                        rows += [row] if row else []
-                if why:
-                    where = rec["quarantined"] if rec else f"{manifest} line {n}"
-                    report.skipped.append(Failure(where, why))
-                    keep.append(line)
-            if rows:
-                store.use_roots(cfg.img_dirs)
-                store.upsert(rows, bits)
+            keep = _undo_lines(lines, Places(cfg), report, rows, store)
         finally:
             if store is not None:
+                _store_rows(store, rows, cfg)
                 store.close()
-        _finish_manifest(manifest, list(reversed(keep)))
+        _finish_manifest(manifest, keep)
     if len(rows) < len(report.done):
         ui.notice("run update to index the restored files again.")
     report.seconds = time.monotonic() - start
     return report
+
+
+def _undo_lines(lines: list, places: Places, report: MoveReport, rows: list,
+                store) -> list:
+    """Restore the files of the manifest's lines, newest first; the rows of
+    the restored files go to `rows`.  Returns the lines to keep."""
+    kind = store.hash_kind() if store else None
+    bits = int(store.meta().get("hash_bits", 0)) if store else 0
+    keep = []
+    for n, line in reversed(lines):
+        rec, why = _manifest_record(line, n, places)
+        if rec is not None:
+            before = len(report.done)
+            why = _undo_one(rec, report)
+            if len(report.done) > before:  # back now, its bytes checked
+                row = _row_from_record(rec, rec["original"], kind, bits)
+                rows += [row] if row else []
+        if why:
+            where = rec["quarantined"] if rec else f"{report.manifest} line {n}"
+            report.skipped.append(Failure(where, why))
+            keep.append(line)
+    return list(reversed(keep))
+
+
+def _store_rows(store, rows: list, cfg: Config) -> None:
+    if rows:
+        store.use_roots(cfg.img_dirs)
+        store.upsert(rows, int(store.meta().get("hash_bits", 0)))
 
 
 def _manifest_lines(manifest: str) -> list:

@@ -372,3 +372,18 @@ def test_a_file_name_that_is_not_utf8_moves_and_comes_back(collection, capsys):
     assert tree(collection / "imgs") == before
     code, out = run_json(capsys, params, "update")
     assert out["hashed"] == 0
+
+
+def test_a_line_whose_file_never_left_restores_no_row(collection, capsys):
+    """An interrupted move logs a line before the file goes; undo must not
+    give the file now at that path the hashes the line carries."""
+    params, manifest = moved_once(collection, capsys)
+    lines = manifest.read_text().splitlines()
+    run_json(capsys, params, "undo")
+    manifest.write_text(lines[-1] + "\n")  # the line, its file back home
+    original = json.loads(lines[-1])["original"]
+    picture(40).save(original)  # a different picture there now
+    code, out = run_json(capsys, params, "undo")
+    assert code == 0 and out["done"] == [] and out["failures"] == []
+    code, out = run_json(capsys, params, "update")
+    assert out["hashed"] == 1
