@@ -204,8 +204,11 @@ def test_letterboxed_and_framed_copies_are_found(collection, capsys):
                          "search")
     found = {os.path.basename(q["query"]): names(m["path"] for m in q["matches"])
              for q in doc["queries"]}
-    assert found["boxed.png"] == ["grainy.png"]
-    assert found["framed.png"] == ["grainy.png"]
+    # p3.jpg is the same picture without the grain: region matching (the
+    # content box, windows) may find it too, and nothing else
+    for name in ("boxed.png", "framed.png"):
+        assert "grainy.png" in found[name]
+        assert set(found[name]) <= {"grainy.png", "p3.jpg"}
 
 
 def test_a_cropped_copy_matches_on_the_centre(collection, capsys):
@@ -223,7 +226,7 @@ def test_a_cropped_copy_matches_on_the_centre(collection, capsys):
     match = [m for m in query["matches"] if m["path"].endswith("p23.png")]
     assert len(match) == 1 and match[0]["variant"].startswith("centre")
     code, off = run_json(capsys, write_params(collection, matching="fast"),
-                         "search", "--no-centre-hashes")
+                         "search", "--no-centre-hashes", "--no-region-windows")
     query = next(q for q in off["queries"] if q["query"].endswith("crop.png"))
     assert not any(m["path"].endswith("p23.png") for m in query["matches"])
 
