@@ -5298,6 +5298,7 @@ class Match:
     keep: bool = False
     variant: str | None = None  # how it matched when not as stored
     how: How | None = None
+    action: str | None = None   # find_duplicates: keep, move or protected
 
 
 @dataclass
@@ -5637,6 +5638,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         failures = [Failure(r.path, r.error) for r in store.failed_rows()]
         report = DuplicatesReport(cfg.db_name, engine.name, len(flat.ids),
                                   groups, failures, store.low_detail_rows())
+        plan_actions(report, cfg)
     finally:
         store.close()
     report.seconds = time.monotonic() - start
@@ -6038,18 +6040,25 @@ class PlanEntry:
     distance: int
 
 
+def plan_actions(report: DuplicatesReport, cfg: Config) -> None:
+    """What move would do with each file: keep, move or protected."""
+    for g in report.groups:
+        for m in g.images:
+            m.action = "keep" if m.keep else "protected" if any(
+                _inside(m.path, d) for d in cfg.protected_dirs) else "move"
+
+
 def make_plan(report: DuplicatesReport, cfg: Config) -> list:
     entries = []
     for n, g in enumerate(report.groups, 1):
         kept = next(m for m in g.images if m.keep)
         for m in g.images:
-            if m.keep:
-                action = "keep"
+            action = m.action
+            if action == "keep":
                 reason = g.keep_reason
-            elif any(_inside(m.path, d) for d in cfg.protected_dirs):
-                action, reason = "protected", "in a protected folder"
+            elif action == "protected":
+                reason = "in a protected folder"
             else:
-                action = "move"
                 reason = f"duplicate of {shown(kept.path)} (distance {m.distance})"
             entries.append(PlanEntry(n, action, m.path, reason, m.size,
                                      m.mtime_ns, m.hash, m.distance))
@@ -6709,10 +6718,13 @@ def settings_of(cfg: Config) -> dict:
 
 
 def _match_json(m: Match) -> dict:
-    return {"path": shown(m.path), "hash": m.hash, "distance": m.distance,
-            "width": m.width, "height": m.height, "size": m.size,
-            "mtime": _iso(m.mtime_ns), "keep": m.keep, "variant": m.variant,
-            "how": m.how.as_json() if m.how else None}
+    doc = {"path": shown(m.path), "hash": m.hash, "distance": m.distance,
+           "width": m.width, "height": m.height, "size": m.size,
+           "mtime": _iso(m.mtime_ns), "keep": m.keep, "variant": m.variant,
+           "how": m.how.as_json() if m.how else None}
+    if m.action:
+        doc["action"] = m.action
+    return doc
 
 
 def _failures_json(failures: list) -> list:
@@ -6770,13 +6782,19 @@ def csv_rows(report) -> Iterator[list]:
                 yield [shown(q.query), q.hash, shown(m.path), m.hash, m.distance,
                        m.width, m.height, m.size, ""] + _how_cells(m)
     elif isinstance(report, DuplicatesReport):
+        # keep as in the JSON (true/false); `how` names the variant; files
+        # that could not be read follow the groups, with their error
         yield ["group", "keep", "path", "hash", "distance", "width", "height",
-               "size", "mtime"] + HOW_COLUMNS
+               "size", "mtime"] + HOW_COLUMNS + ["action", "keep_reason",
+                                                 "error"]
         for n, g in enumerate(report.groups, 1):
             for k, m in enumerate(g.images):
-                yield [n, int(m.keep), shown(m.path), m.hash, m.distance,
+                yield [n, _csv_bool(m.keep), shown(m.path), m.hash, m.distance,
                        m.width, m.height, m.size, _iso(m.mtime_ns)] + \
-                    (_how_cells(m) if k else ["", "", ""])
+                    (_how_cells(m) if k else ["", "", ""]) + \
+                    [m.action or "", g.keep_reason if m.keep else "", ""]
+        for f in report.failures:
+            yield ["", "", shown(f.path)] + [""] * 11 + [f.error]
     elif isinstance(report, UpdateReport):
         yield ["path", "error"]
         for f in report.failures + report.unreadable_dirs:
@@ -6790,6 +6808,10 @@ def csv_rows(report) -> Iterator[list]:
 
 
 HOW_COLUMNS = ["stage", "how", "box"]
+
+
+def _csv_bool(value: bool) -> str:
+    return "true" if value else "false"  # as JSON writes it
 
 
 def _how_cells(m: Match) -> list:
@@ -6901,14 +6923,16 @@ def export_rows(report: ExportReport) -> Iterator[list]:
     yield ["path", "hash", "size", "width", "height", "mtime", "error"]
     for r in report.store.iter_rows():
         yield [shown(r.path), "" if r.hash is None else hash_hex(r.hash, report.bits),
-               r.size, r.width, r.height, _iso(r.mtime_ns), r.error or ""]
+               r.size, "" if r.width is None else r.width,
+               "" if r.height is None else r.height, _iso(r.mtime_ns),
+               r.error or ""]
 
 
 def write_export(report: ExportReport, cfg: Config, out) -> list:
     """Stream every row to export.csv (and stdout in the chosen format)."""
     path = os.path.join(cfg.output_dir, "export.csv")
     keys = ["path", "hash", "size", "width", "height", "mtime", "error"]
-    fmt = cfg.output_format
+    fmt, out = cfg.output_format, _Reader(out)
 
     def body(fh):
         file_csv, out_csv = csv.writer(fh), csv.writer(out)
@@ -6920,7 +6944,7 @@ def write_export(report: ExportReport, cfg: Config, out) -> list:
                       + ', "images": [')
         for n, row in enumerate(export_rows(report)):
             file_csv.writerow(row)
-            if fmt == "csv" or fmt == "text" and n:
+            if fmt in ("csv", "text"):  # text: tab-separated, header first
                 out_csv.writerow(row) if fmt == "csv" else \
                     out.write("\t".join(map(str, row)) + "\n")
             elif fmt == "json" and n:
@@ -6932,7 +6956,24 @@ def write_export(report: ExportReport, cfg: Config, out) -> list:
 
     with _output_errors(cfg.output_dir):
         _atomic_write(path, body)
+    if out.gone:  # export.csv is complete; now stop as `| head` expects
+        raise BrokenPipeError
     return [path]
+
+
+class _Reader:
+    """stdout while a result file is streamed: when its reader goes away
+    (`| head`), the file is still finished."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> None:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self.gone = True
 
 
 class _output_errors:
@@ -6945,7 +6986,8 @@ class _output_errors:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, OSError):
+        if exc_type is not None and issubclass(exc_type, OSError) and \
+                not issubclass(exc_type, BrokenPipeError):  # stdout's reader left
             raise StoreError(f"cannot write results to {self.folder}: "
                              f"{exc.strerror or exc} (check output_dir).") from None
         return False
@@ -7499,7 +7541,7 @@ def emit(report, run: Run, ui: Console) -> None:
             print(json_text(doc))
         elif cfg.output_format == "csv":
             csv.writer(sys.stdout).writerows(csv_rows(report))
-        elif not run.quiet:
+        else:  # -q silences progress and notices, never the results
             for line in text_lines(report):
                 print(line)
         ui.notice(summary_line(report))
@@ -8976,7 +9018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: list) -> int:
-    debug = "--debug" in argv
+    debug, run = "--debug" in argv, None
     try:
         run = parse_run(argv)
         if run is None:
@@ -8987,30 +9029,62 @@ def _run(argv: list) -> int:
         report = dispatch(run, ui)
         if report is not None:  # review has answered its page already
             emit(report, run, ui)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
         return 0
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        return _stdout_gone()
     except ReverseSearchError as exc:
-        print(f"reverse_search: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(f"error: {exc}", exc.exit_code, argv, run)
     except KeyboardInterrupt:
-        print("reverse_search: interrupted. Everything hashed so far is saved; "
-              "run update to continue.", file=sys.stderr)
-        return 130
+        return _fail("interrupted. Everything hashed so far is saved; run "
+                     "update to continue.", 130, argv, run)
     except OSError as exc:
         if debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"reverse_search: error:{where}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
+        return _fail(f"error:{where}: {exc.strerror or exc}", 1, argv, run)
     except Exception as exc:
         if debug:
             raise
-        print(f"reverse_search: internal error: {type(exc).__name__}: {exc}. "
-              f"Run again with --debug for details, and please report it.",
-              file=sys.stderr)
-        return 1
+        return _fail(f"internal error: {type(exc).__name__}: {exc}. Run again "
+                     f"with --debug for details, and please report it.", 1,
+                     argv, run)
+
+
+def _fail(message: str, code: int, argv: list, run: Run | None) -> int:
+    """The message on stderr; with --format json also a JSON document on
+    stdout, so a script reading stdout always gets one."""
+    print(f"reverse_search: {message}", file=sys.stderr)
+    fmt = run.config.output_format if run else _flag_value(argv, "--format")
+    if fmt == "json":
+        operation = run.config.operation if run else next(
+            (a for a in argv if a.replace("-", "_") in OPERATIONS), None)
+        with _ignored(OSError):
+            print(json.dumps({"operation": operation and operation.replace(
+                "-", "_"), "tool_version": __version__, "error": message,
+                "exit_code": code}, ensure_ascii=False), flush=True)
+    return code
+
+
+def _flag_value(argv: list, flag: str) -> str | None:
+    """The value of `flag` as typed, when the command line could not be read."""
+    for k, arg in enumerate(argv):
+        if arg == flag and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _stdout_gone() -> int:
+    """Stop quietly, as `head` expects, with the exit status a process killed
+    by SIGPIPE has (141 in a shell); later flushes go nowhere."""
+    with _ignored(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    return 141
 
 
 class _Tee:

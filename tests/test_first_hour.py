@@ -206,3 +206,83 @@ def test_a_database_without_traits_is_upgraded_by_update(album, capsys):
     assert (doc["hashed"], doc["reused"]) == (2, 0)
     kept, reason, _ = only_group(capsys, params)
     assert kept == ["photo.jpg"]
+
+
+# ---- item 4: -q silences notices, not results ----
+
+def test_quiet_still_prints_the_results(collection, capsys):
+    params = write_params(collection)
+    rs.main(["build", "--params", params, "-q"])
+    capsys.readouterr()
+    assert rs.main(["search", "--params", params, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "q1.jpg" in out and "p1.jpg" in out and "no match" in out
+    assert err == ""
+    assert rs.main(["find_duplicates", "--params", params, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "group 1:" in out and err == ""
+
+
+# ---- item 14: output for scripts ----
+
+def test_duplicates_csv_has_keep_as_json_action_how_and_failures(collection, capsys):
+    import csv
+    import io
+    (collection / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    params = write_params(collection, protected_dirs=["imgs/sub/keepme"])
+    (collection / "imgs" / "sub" / "keepme").mkdir()
+    picture(5).save(collection / "imgs" / "sub" / "keepme" / "p5_copy.jpg", quality=60)
+    code, doc, _ = run(capsys, params, "find_duplicates")
+    capsys.readouterr()
+    rs.main(["find_duplicates", "--params", params, "--format", "csv", "-q"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    images = [i for g in doc["groups"] for i in g["images"]]
+    assert [r["keep"] for r in rows if r["group"]] == \
+        [json.dumps(i["keep"]) for i in images]
+    assert [r["action"] for r in rows if r["group"]] == [i["action"] for i in images]
+    assert {i["action"] for i in images} == {"keep", "move", "protected"}
+    assert all(r["keep_reason"].startswith("kept: ") for r in rows if r["keep"] == "true")
+    assert {"how", "stage", "action", "keep_reason", "error"} <= set(rows[0])
+    failed = [r for r in rows if not r["group"]]
+    assert [os.path.basename(r["path"]) for r in failed] == ["broken.jpg"]
+    assert "not an image" in failed[0]["error"]
+    with open(collection / "out" / "find_duplicates.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows
+
+
+def test_an_error_still_gives_a_json_document(collection, capsys):
+    params = write_params(collection)
+    code = rs.main(["search", "--params", params, "--format", "json",
+                    "--img-dirs", str(collection / "nowhere")])
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert code == 2 and doc["exit_code"] == 2 and doc["operation"] == "search"
+    assert "nowhere" in doc["error"] and "nowhere" in err
+    code = rs.main(["search", "--params", params, "--format", "json", "--no-such-flag"])
+    assert code == 2 and json.loads(capsys.readouterr().out)["exit_code"] == 2
+
+
+def test_text_export_has_a_header_and_no_none(collection, capsys):
+    (collection / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    params = write_params(collection)
+    rs.main(["build", "--params", params, "-q"])
+    capsys.readouterr()
+    assert rs.main(["export", "--params", params, "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("\t") == ["path", "hash", "size", "width", "height",
+                                    "mtime", "error"]
+    assert len(lines) == 9 and "None" not in "\n".join(lines)
+
+
+def test_a_closed_pipe_ends_quietly(collection):
+    import subprocess
+    import sys
+    params = write_params(collection)
+    script = os.path.join(os.path.dirname(rs.__file__), "reverse_search.py")
+    subprocess.run([sys.executable, script, "build", "--params", params, "-q"], check=True)
+    proc = subprocess.Popen([sys.executable, script, "export", "--params", params],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert "Broken pipe" not in err and "Exception" not in err
