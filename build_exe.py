@@ -49,6 +49,9 @@ HIDDEN_IMPORTS = [
     "pybktree",
     # progress bar: imported inside Console; without it no bar is drawn.
     "tqdm",
+    # verified matching (ORB keypoints, RANSAC): imported inside _cv2();
+    # without it the tool matches by hashes only and says so.
+    "cv2",
 ]
 
 # Modules never used by reverse_search that PyInstaller would otherwise bundle

@@ -3600,12 +3600,14 @@ RATIO = 0.8            # Lowe's ratio test on the two nearest descriptors
 MAX_SCALE = 6.0        # one picture at most 6x the other's size (36x the area)
 MIN_SPREAD = 0.01      # inliers must span 1 % of the overlap on each side
 MIN_INSIDE = 0.5       # at least half of one picture lies inside the other
+MAX_STRETCH = 2.0      # an affine fit may squash one axis at most 2x the other
 GRID = 12              # pixel check: cells across the overlap
 MAX_DISAGREE = 0.2     # largest region of disagreeing cells, share of the informative ones
 MIN_COUNTED = 12       # informative cells needed to judge (of GRID x GRID)
 FLAT_STD = 5.0         # a cell with less grey-level spread is flat
 FLAT_TOLERANCE = 24.0  # two flat cells agree within this many grey levels
-CELL_NCC = 0.3         # two textured cells agree at this correlation or more
+CELL_NCC = 0.5         # two textured cells agree at this correlation or more (0.3 let
+                       # two screenshots of one app through: skies correlate)
 
 
 @functools.lru_cache(maxsize=None)
@@ -3775,11 +3777,22 @@ def _verify_oriented(a: Features, b: Features, mirror: bool) -> Verdict:
     if len(pairs) < MIN_INLIERS:
         return Verdict(False, "too few matching keypoints", len(pairs))
     src, dst = points[pairs[:, 0]], b.points[pairs[:, 1]]
-    transform, mask = _cv2().estimateAffinePartial2D(
-        src, dst, method=_cv2().RANSAC, ransacReprojThreshold=4.0,
-        maxIters=2000, confidence=0.995)
-    if transform is None:
-        return Verdict(False, "no transform fits the matches")
+    verdict = Verdict(False, "no transform fits the matches")
+    # a similarity first; an affine map (a squashed or stretched copy) when
+    # that fails: it has two more ways to fit noise, so it comes second
+    for fit in (_cv2().estimateAffinePartial2D, _cv2().estimateAffine2D):
+        transform, mask = fit(src, dst, method=_cv2().RANSAC,
+                              ransacReprojThreshold=4.0, maxIters=2000,
+                              confidence=0.995)
+        if transform is not None:
+            verdict = _check_transform(transform, mask, src, dst, a, b, mirror)
+            if verdict.accepted:
+                return verdict
+    return verdict
+
+
+def _check_transform(transform, mask, src, dst, a: Features, b: Features,
+                     mirror: bool) -> Verdict:
     inl = mask.ravel().astype(bool)
     n = int(inl.sum())
     grey = a.grey[:, ::-1] if mirror else a.grey
@@ -3792,8 +3805,17 @@ def _verify_oriented(a: Features, b: Features, mirror: bool) -> Verdict:
 
 
 def _scale_angle(transform: np.ndarray) -> tuple:
-    return (math.hypot(transform[0, 0], transform[1, 0]),
-            math.degrees(math.atan2(transform[1, 0], transform[0, 0])))
+    """Scale (square root of the area ratio) and rotation (degrees) of the
+    similarity nearest to the transform."""
+    m = transform[:, :2]
+    scale = math.sqrt(abs(float(np.linalg.det(m))))
+    return scale, math.degrees(math.atan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))
+
+
+def _stretch(transform: np.ndarray) -> float:
+    """How unevenly the transform scales: 1 for a similarity."""
+    high, low = np.linalg.svd(transform[:, :2], compute_uv=False)
+    return float(high / low) if low > 1e-9 else math.inf
 
 
 def _overlap(transform: np.ndarray, shape_a: tuple, shape_b: tuple):
@@ -3820,6 +3842,8 @@ def _degenerate(transform, src, dst, shape_a, shape_b) -> str:
         return "too few keypoints agree on one transform"
     if not 1 / MAX_SCALE <= scale <= MAX_SCALE:
         return f"implausible scale ({scale:.2f})"
+    if np.linalg.det(transform[:, :2]) < 0 or _stretch(transform) > MAX_STRETCH:
+        return "implausible stretch or reflection"
     overlap = _overlap(transform, shape_a, shape_b)
     if overlap is None:
         return "the pictures would not overlap"
@@ -5334,6 +5358,10 @@ def stage_name(code: int) -> str:
 # Verified mode also takes whole-hash candidates this many bits past the
 # threshold, each one verified (a sticker moves a copy ~12 bits away).
 VERIFY_EXTRA_BITS = 6
+# Candidates verified per query, nearest first: one costs ~30 ms (features of
+# the stored image ~10, the check ~20), so a search stays under a second
+# however many unrelated pictures a large collection puts near the query.
+VERIFY_PER_QUERY = 24
 
 
 class Judge:
@@ -5344,6 +5372,7 @@ class Judge:
 
     def __init__(self, cfg: Config, ui: Console):
         self.verifier = None
+        self.left = VERIFY_PER_QUERY
         if cfg.matching == "verified":
             if _cv2() is None:
                 ui.notice("OpenCV is not installed (pip install "
@@ -5362,9 +5391,15 @@ class Judge:
         within = hit.effective <= limit
         if self.verifier is None or within and stage == "whole hash":
             return How(stage, region) if within else None
+        if self.left <= 0:
+            return None
+        self.left -= 1
         verdict = self.verifier.check(path_a, path_b)
         return How(stage, region, True, verdict.geometry) \
             if verdict.accepted else None
+
+    def next_query(self) -> None:
+        self.left = VERIFY_PER_QUERY
 
 
 @dataclass
@@ -5464,7 +5499,8 @@ def op_search(run: Run, ui: Console) -> SearchReport:
             query = QueryResult(result.path, None if result.hash is None else
                                 hash_hex(result.hash, spec.bits),
                                 error=result.error)
-            for p, hit in hits.items():
+            judge.next_query()
+            for p, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
                 row = rows[id_of(p)]
                 limit = pair_threshold(radius, result.detail, row.detail) \
                     if cfg.adaptive_threshold else radius
