@@ -2797,7 +2797,8 @@ def _cut_pair(a: np.ndarray, most: float) -> tuple:
     """(first, end) rows of `a` kept by _side_cut from both ends.  When the
     two cuts cross (a smooth picture, fog or sky, let one walk run through
     it to the far border), each side is walked again only up to where the
-    other leaves the least picture, and the larger result is kept."""
+    other leaves the least picture, and the result holding more
+    photographic lines is kept."""
     n, least = len(a), max(1, int(0.15 * len(a)))
     plain = _plain_lines(a)
     t = _side_cut(a, plain, most)
@@ -2806,7 +2807,10 @@ def _cut_pair(a: np.ndarray, most: float) -> tuple:
         return t, n - b
     options = [(_side_cut(a, plain, most, n - b - least), n - b),
                (t, n - _side_cut(a[::-1], plain[::-1], most, n - t - least))]
-    return max(options, key=lambda o: (o[1] - o[0] >= least, o[1] - o[0]))
+    # the option holding more photographic lines: the other one is page
+    return max(options, key=lambda o: (o[1] - o[0] >= least,
+                                       int((~plain[o[0]:o[1]]).sum()),
+                                       o[1] - o[0]))
 
 
 def _plain_lines(a: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ mode) the images are hashed once with `build`; each threshold then runs
     python3 bench/evaluate.py --bad-inputs      # also check bad_inputs/
     python3 bench/evaluate.py --corpus /work/data/std --corpus /work/data/tough \
         --settings default                      # shipped defaults, both corpora
+    python3 bench/evaluate.py --corpus /work/data/tough --settings default \
+        --candidates                            # candidate pairs per stage
 
 A setting is METHOD:SIZE:THRESHOLD[:MODE], MODE fast (default) or exact, or
 `default`: the tool's shipped defaults (no hash keys in params.json at all).
@@ -31,6 +33,8 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter, defaultdict
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,6 +48,7 @@ DEFAULT_SETTINGS = ("dhash:8:5 dhash:8:10 dhash:8:14 "
                     "dhash:8:10:exact phash:8:10:exact").split()
 BAD_INPUT_HASHES = ("dhash", "phash")  # hashed at size 8, fast mode
 CLOSE_ENOUGH = 4  # bad input "matches its group" at this distance or less
+CANDIDATE_EXTRA = 6  # --candidates also scores threshold + this (verified reach)
 BUILD_HINT = """\
 No corpus at {corpus} (truth.csv missing). Build it first:
   apt-get update
@@ -393,8 +398,8 @@ class Build:
         return self.hashed / self.seconds if self.seconds else 0.0
 
 
-def evaluate(corpus: str, settings: list, tool: Tool, truth: dict
-             ) -> tuple[list, list]:
+def evaluate(corpus: str, settings: list, tool: Tool, truth: dict,
+             candidates: list | None = None) -> tuple[list, list]:
     images = os.path.join(corpus, "images")
     originals = sorted(os.path.join(corpus, f) for f, i in truth.items()
                        if i.category == "original")
@@ -432,7 +437,128 @@ def evaluate(corpus: str, settings: list, tool: Tool, truth: dict
                 {what.split()[0]: sec for what, sec in tool.steps[t0:]},
                 name))
             print(f"scored {s.label}", file=sys.stderr)
+            if candidates is not None:
+                r = s.threshold if s.threshold >= 0 else load_tool().Config(
+                    ).distance_threshold
+                candidates += candidate_scores(corpus, truth, params, s.label,
+                                               [r, r + CANDIDATE_EXTRA])
     return builds, results
+
+
+# ---------------------------------------------------------------- candidates
+
+def load_tool():
+    """The reverse_search module evaluate.py runs, imported."""
+    import importlib.util
+    if "reverse_search_eval" in sys.modules:
+        return sys.modules["reverse_search_eval"]
+    spec = importlib.util.spec_from_file_location("reverse_search_eval", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reverse_search_eval"] = module  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class CandidateScore:
+    """Candidate pairs of find_duplicates before grouping and verification
+    (every stage, after the adaptive threshold), against the truth."""
+
+    setting: str
+    radius: int
+    pairs: int = 0
+    true: int = 0
+    false: int = 0
+    hard: int = 0
+    positives: int = 0
+    hard_positives: int = 0
+    stages: dict = field(default_factory=dict)  # stage -> [true, false]
+    per_edit: dict = field(default_factory=dict)  # transform -> [found, all]
+
+
+def candidate_scores(corpus: str, truth: dict, params: str, label: str,
+                     radii: list) -> list:
+    """Score the tool's candidate_edges at each radius: how many true pairs
+    (original or near_dup, same picture) have a candidate edge of their
+    own, how many candidates join different pictures, and per edit the
+    share of copies with an edge to their original."""
+    rs = load_tool()
+    cfg = rs.config_from(rs.read_params(params), params, {})
+    store = rs._open_store(cfg)
+    try:
+        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
+        rows = store.rows_by_id(int(i) for i in flat.ids)
+    finally:
+        store.close()
+    files = [relative(corpus, rows[int(i)].path) for i in flat.ids]
+    items = [truth.get(f) for f in files]
+    out = []
+    for r in radii:
+        got = []
+        engine = flat.engine("auto", r, True)
+        regions = flat.region_engines("auto", r, True, "")
+        rs.duplicate_groups(flat, engine, r, cfg.adaptive_threshold, regions,
+                            keep_edge=lambda e: got.append(e) or
+                            np.ones(len(e), bool))
+        score = CandidateScore(label, r)
+        seen = set()
+        for e in got:
+            for a, b, stage in zip(e.a.tolist(), e.b.tolist(), e.stages()):
+                x, y = items[a], items[b]
+                if x is None or y is None:
+                    continue
+                key = frozenset((x.file, y.file))
+                if key in seen:
+                    continue
+                seen.add(key)
+                score.pairs += 1
+                cell = score.stages.setdefault(stage, [0, 0])
+                if x.group_id != y.group_id:
+                    score.false += 1
+                    cell[1] += 1
+                elif {x.category, y.category} <= {"original", "near_dup"}:
+                    score.true += 1
+                    cell[0] += 1
+                elif "hard" in (x.category, y.category):
+                    score.hard += 1
+        good = defaultdict(Counter)
+        for item in truth.values():
+            good[item.group_id][item.category] += 1
+        for cats in good.values():
+            tp, hard, _ = same_group_pairs(cats)
+            score.positives += tp
+            score.hard_positives += hard
+        for item in truth.values():
+            if item.category in ("near_dup", "hard"):
+                cell = score.per_edit.setdefault(item.transform, [0, 0])
+                cell[1] += 1
+                cell[0] += frozenset((item.file, item.original)) in seen
+        out.append(score)
+    return out
+
+
+def candidates_report(scores: list) -> str:
+    if not scores:
+        return ""
+    out = [table(
+        "Candidates (find_duplicates before grouping and verification, every "
+        "stage): pairs with an edge of their own; recall = true pairs with "
+        "an edge / all true pairs (%)",
+        ["setting", "radius", "candidates", "true", "false", "hard",
+         "recall", "hard recall", "by stage (true/false)"],
+        [[s.setting, s.radius, s.pairs, s.true, s.false, s.hard,
+          pct(s.true / s.positives if s.positives else None),
+          pct(s.hard / s.hard_positives if s.hard_positives else None),
+          ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(s.stages.items()))]
+         for s in scores], left=(0, 8))]
+    edits = sorted({t for s in scores for t in s.per_edit})
+    out.append(table(
+        "Candidates per edit: % of copies with a candidate edge to their "
+        "original",
+        ["edit"] + [f"{s.setting} r={s.radius}" for s in scores],
+        [[t] + [pct(s.per_edit[t][0] / s.per_edit[t][1]) if t in s.per_edit
+                else "-" for s in scores] for t in edits]))
+    return "\n".join(out)
 
 
 def check_bad_inputs(corpus: str, tool: Tool, truth: dict) -> list:
@@ -667,6 +793,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tool-args", default="", metavar="FLAGS",
                     help="more reverse_search flags for every call, e.g. "
                          "'--engine mih'")
+    ap.add_argument("--candidates", action="store_true",
+                    help="also score find_duplicates' candidate pairs before "
+                         "grouping and verification, per stage and edit, at "
+                         f"the threshold and {CANDIDATE_EXTRA} bits past it")
     ap.add_argument("--json", metavar="FILE", help="also save the numbers here")
     ap.add_argument("--work-dir", metavar="DIR",
                     help="keep databases and results here (default: a "
@@ -698,8 +828,10 @@ def run_corpus(corpus: str, args, work_dir: str | None) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="ndbench-") as tmp:
         tool = Tool(os.path.abspath(work_dir or tmp), args.workers,
                     shlex.split(args.tool_args))
+        candidates = [] if args.candidates else None
         try:
-            builds, results = evaluate(corpus, args.settings, tool, truth)
+            builds, results = evaluate(corpus, args.settings, tool, truth,
+                                       candidates)
             checks = check_bad_inputs(corpus, tool, truth) if args.bad_inputs \
                 else []
         except RuntimeError as exc:
@@ -709,6 +841,8 @@ def run_corpus(corpus: str, args, work_dir: str | None) -> dict | None:
     print(f"{version}{' ' + args.tool_args if args.tool_args else ''} on "
           f"{os.path.relpath(corpus)} ({len(truth)} images)\n")
     print(report(builds, results, truth, checks), flush=True)
+    if candidates:
+        print(candidates_report(candidates), flush=True)
     return {"tool": version, "tool_args": args.tool_args, "corpus": corpus,
             **to_json(builds, results, checks)}
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageDraw
 
 from conftest import picture, rs, run_json, write_params
+from pg_server import pg_server, pg_url  # noqa: F401
 from test_engines import ENGINES, hash_sets
 
 # ---------------------------------------------------------------- images --
@@ -434,3 +435,27 @@ def test_an_old_database_is_rehashed_once_with_a_notice(edited, capsys):
                                             for m in q["matches"]]
              for q in doc["queries"]}
     assert found["crop25.jpg"] == ["p1.jpg"]
+
+
+# ------------------------------------------------------------ PostgreSQL --
+
+def test_postgresql_holds_the_region_hashes_and_gives_the_same_matches(
+        edited, pg_url, capsys):
+    """The content box and windows live in the same extra-hash column on
+    both stores: the same copies are found, through the same stages."""
+    pg_dir = edited / "pg"
+    pg_dir.mkdir()
+    lite = write_params(edited, matching="fast")
+    pg = write_params(pg_dir, database_url=pg_url, matching="fast",
+                      img_dirs=[str(edited / "imgs")],
+                      input_dir=str(edited / "queries"))
+    found = []
+    for params in (lite, pg):
+        code, doc = run_json(capsys, params, "search")
+        assert code == 0
+        found.append({os.path.basename(q["query"]): [
+            (os.path.basename(m["path"]), m["distance"], m["variant"])
+            for m in q["matches"]] for q in doc["queries"]})
+    assert found[0] == found[1]
+    assert found[1]["crop25.jpg"][0][0] == "p1.jpg"
+    assert found[1]["screenshot.jpg"][0][2] == "content box"
