@@ -3028,12 +3028,30 @@ def variant_weight(variant: int) -> float:
     return WINDOW_WEIGHT if variant >= WINDOW_CODE else 1
 
 
-def window_detail_ok(detail_a, detail_b):
-    """Windows are matched only between pictures of full detail (DETAIL_FULL
-    bits or more): below it hashes collide (pair_threshold), and 80 windows
-    per picture multiply the collisions.  On the tough corpus, 29 of the 35
-    false window pairs joined dark astronomical frames (detail 0.2-1.6)."""
-    return np.minimum(detail_a, detail_b) >= DETAIL_FULL
+def window_weight(detail_a, detail_b):
+    """What a window match's distance counts between pictures of these
+    details: WINDOW_WEIGHT from WINDOW_DETAIL bits of detail up, growing to
+    4/3 of it at DETAIL_FULL (8 bits allowed at threshold 12, down to 6),
+    and never below DETAIL_FULL (inf): there hashes collide
+    (pair_threshold), and 80 windows per picture multiply the collisions.
+    On the tough corpus 29 of 35 false window pairs joined dark telescope
+    frames (detail 0.2-1.6); on the standard corpus the false ones left
+    were pictures of 2.1-2.5 bits, 8 bits apart."""
+    least = np.minimum(detail_a, detail_b)
+    scale = np.clip(0.75 + 0.25 * (least - DETAIL_FULL) /
+                    (WINDOW_DETAIL - DETAIL_FULL), 0.75, 1.0)
+    return np.where(least >= DETAIL_FULL, WINDOW_WEIGHT / scale, np.inf)
+
+
+def window_effective(bits, detail_a, detail_b):
+    """bits * window_weight, inf where windows do not count (0 * inf is no
+    number)."""
+    weight = window_weight(detail_a, detail_b)
+    return np.where(np.isinf(weight), np.inf,
+                    np.asarray(bits) * np.where(np.isinf(weight), 0, weight))
+
+
+WINDOW_DETAIL = 3.0  # bits of detail from which windows reach 2/3 of the threshold
 
 
 def code_weights(codes: np.ndarray) -> np.ndarray:
@@ -4534,6 +4552,7 @@ class Regions:
     radius: int
     content: RegionView | None = None
     windows: RegionView | None = None
+    scan_windows: bool = False  # search: scan flat.windows, no index of them
 
 
 @dataclass
@@ -4652,11 +4671,14 @@ class FlatIndex:
     def region_engines(self, name: str, radius: int, all_pairs: bool,
                        bktree_path: str) -> Regions:
         """The centre views, the content box view and the window view, each
-        with its engine for its radius."""
+        with its engine for its radius.  A search (not all_pairs) scans the
+        windows instead: indexing 80 windows per image costs seconds at
+        100,000 images (sorting them, the multi-index tables), a scan of
+        them 30 ms per query."""
         stem, ext = os.path.splitext(bktree_path)
         out = Regions(self.view_engines(name, radius, all_pairs, bktree_path),
-                      radius)
-        for key in ("content", "windows"):
+                      radius, scan_windows=not all_pairs)
+        for key in ("content",) + ("windows",) * all_pairs:
             view = self.region_view(key)
             if view is not None:
                 r = radius if key == "content" else code_radius(radius,
@@ -4710,8 +4732,7 @@ class FlatIndex:
             bits = np.where(better, d, bits)
             which = np.where(better, len(VARIANTS) + k, which)
         best = best.astype(np.float64)
-        for d, code in self._region_distances(lead, others):
-            weighed = d * code_weights(code)
+        for d, code, weighed in self._region_distances(lead, others):
             better = (weighed < best) & open_
             best = np.where(better, weighed, best)
             bits = np.where(better, d, bits)
@@ -4719,10 +4740,10 @@ class FlatIndex:
         return best, bits, which
 
     def _region_distances(self, lead: int, others: np.ndarray):
-        """(bits, code) from `lead` to each of `others` through the content
-        boxes (box to whole, whole to box, box to box: 65535 bits where an
-        image has no box) and through the windows (whole to the nearest
-        window, both ways)."""
+        """(bits, code, effective distance) from `lead` to each of `others`
+        through the content boxes (box to whole, whole to box, box to box:
+        65535 bits where an image has no box) and through the windows (whole
+        to the nearest window, both ways, weighed by window_weight)."""
         h = self.hashes
         if self.content.shape[1]:
             boxed = self.boxes != np.uint64(FULL_BOX_WORD)
@@ -4734,7 +4755,7 @@ class FlatIndex:
                       boxed[others] & boxed[lead])]
             for a, b, ok in pairs:
                 d = np.where(ok, row_distances(a, b), far)
-                yield d, np.full(len(others), CONTENT_CODE)
+                yield d, np.full(len(others), CONTENT_CODE), d.astype(float)
         k = self.windows.shape[1]
         if k:
             mine = self.windows[lead]  # (K, W) against the others' wholes
@@ -4743,11 +4764,11 @@ class FlatIndex:
                 axis=2, dtype=np.uint16)
             d2 = np.bitwise_count(theirs ^ h[lead][None, None, :]).sum(
                 axis=2, dtype=np.uint16)
-            ok = window_detail_ok(self.detail[lead], self.detail[others])
             for d in (d1, d2):
                 at = np.argmin(d, axis=1)
                 d = d[np.arange(len(others)), at]
-                yield np.where(ok, d, np.uint16(65535)), WINDOW_CODE + at
+                yield d, WINDOW_CODE + at, window_effective(
+                    d, self.detail[lead], self.detail[others])
 
     def view(self, k: int) -> FlatIndex:
         """Centre region k of every image, indexed as the main hashes are
@@ -5578,9 +5599,9 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
     """Region hits of one query into `found`: its centres against the same
     centres; its whole against the stored content boxes and windows; its
     own content box and windows against the stored wholes (and boxes).
-    Windows only where both pictures have full detail (window_detail_ok)."""
+    A window match counts by window_weight (none below DETAIL_FULL)."""
     radius = regions.radius
-    windows_ok = window_detail_ok(detail, flat.detail)
+    weights = window_weight(detail, flat.detail)  # inf: no window match
     v, c = flat.variants.shape[1], flat.centres.shape[1]
     for k, (view, view_engine) in enumerate(regions.centres):
         pos, dist = view_engine.search(extra[v + k], radius)
@@ -5600,8 +5621,15 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
         pos, dist = engine.search(query, code_radius(radius, code))
         for images, d in zip(flat.images_of(pos), dist.tolist()):
             for p in images.tolist():
-                if code < WINDOW_CODE or windows_ok[p]:
-                    _keep_best(found, p, d, variant_weight(code), code, code)
+                weight = weights[p] if code >= WINDOW_CODE else 1
+                if weight < np.inf and d * weight <= radius:
+                    _keep_best(found, p, d, weight, code, code)
+    if regions.scan_windows and flat.windows.shape[1]:
+        for p, k, d in _scan_windows(flat.windows, whole,
+                                     code_radius(radius, WINDOW_CODE)):
+            if weights[p] < np.inf and d * weights[p] <= radius:
+                _keep_best(found, p, d, weights[p], WINDOW_CODE + k, -1,
+                           WINDOW_CODE + k)
     for view in (regions.content, regions.windows):
         if view is None:
             continue
@@ -5614,9 +5642,21 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
             owners, rows = view.rows_of(pos)
             for j, row in zip(owners.tolist(), rows.tolist()):
                 code, p = int(view.code[row]), int(view.owner[row])
-                if code < WINDOW_CODE or windows_ok[p]:
-                    _keep_best(found, p, int(dist[j]), variant_weight(code),
-                               code, own, code)
+                weight = weights[p] if code >= WINDOW_CODE else 1
+                if weight < np.inf and dist[j] * weight <= radius:
+                    _keep_best(found, p, int(dist[j]), weight, code, own,
+                               code)
+
+
+def _scan_windows(windows: np.ndarray, query: np.ndarray, radius: int,
+                  block: int = 1 << 15):
+    """(image, window, bits) for every stored window within radius of the
+    query, by popcount over blocks of images (bounded memory)."""
+    for start in range(0, len(windows), block):
+        d = np.bitwise_count(windows[start:start + block] ^ query).sum(
+            axis=2, dtype=np.uint16)
+        for p, k in zip(*np.nonzero(d <= radius)):
+            yield start + int(p), int(k), int(d[p, k])
 
 
 @dataclass
@@ -5785,8 +5825,11 @@ def duplicate_groups(flat: FlatIndex, engine, radius: int,
     u = len(flat.distinct)
     edges = candidate_edges(flat, engine, radius, _as_regions(views, radius))
     of_image = flat.distinct_of_images()
-    keep = (edges.code < WINDOW_CODE) | window_detail_ok(
-        flat.detail[edges.a], flat.detail[edges.b])  # a window is one image's
+    windows = edges.code >= WINDOW_CODE  # a window is one image's
+    edges.effective[windows] = window_effective(
+        edges.bits[windows], flat.detail[edges.a[windows]],
+        flat.detail[edges.b[windows]])
+    keep = edges.effective <= radius
     if adaptive:  # the least detail among the images of each hash
         detail = flat.distinct_detail()
         keep &= edges.effective <= pair_threshold(

@@ -338,18 +338,20 @@ def score_search(doc: dict, corpus: str, truth: dict) -> SearchScore:
 
 
 def stage_of(match: dict) -> str:
-    """Which matching stage found a match, as the tool's JSON says it: the
-    `how` record when there is one, else the name of the hash that matched."""
+    """Which matching stage found a match: from the name of the hash that
+    matched (the "variant" the tool reports), else the stage its `how`
+    record names, else the whole picture."""
+    name = match.get("variant") or ""
+    for prefix, stage in (("centre", "centre"), ("content", "content box"),
+                          ("window", "window")):
+        if name.startswith(prefix):
+            return stage
+    if name:
+        return "orientation"
     how = match.get("how")
     if isinstance(how, dict) and how.get("stage"):
         return str(how["stage"])
-    name = match.get("variant") or ""
-    if not name:
-        return "whole"
-    for prefix in ("centre", "content", "window"):
-        if name.startswith(prefix):
-            return prefix
-    return "orientation"
+    return "whole"
 
 
 def median_distances(rows: list, corpus: str, truth: dict) -> dict:
@@ -502,8 +504,15 @@ def candidate_scores(corpus: str, truth: dict, params: str, label: str,
                             np.ones(len(e), bool))
         score = CandidateScore(label, r)
         seen = set()
-        for e in got:
-            for a, b, stage in zip(e.a.tolist(), e.b.tolist(), e.stages()):
+        same = [(int(x), int(y), "exact hash")  # one hash: joined by the index
+                for k in range(len(flat.distinct))
+                for members in [flat.img_order[flat.img_starts[k]:
+                                               flat.img_starts[k + 1]]]
+                for i, x in enumerate(members) for y in members[i + 1:]]
+        pairs = [list(zip(e.a.tolist(), e.b.tolist(), e.stages()))
+                 for e in got] + [same]
+        for edges in pairs:
+            for a, b, stage in edges:
                 x, y = items[a], items[b]
                 if x is None or y is None:
                     continue
