@@ -1082,6 +1082,18 @@ class Store(Scoped):
             self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
                             (COVERAGE_KEY, Coverage("", []).to_meta()))
 
+    def snapshot(self) -> None:
+        """From here to close(), every read sees one state of the database
+        (a read transaction): an update running beside a search cannot take
+        away a row between the index and the rows it points to.  Writers
+        wait for it (busy_timeout), so hold it only while reading."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+
+    def end_snapshot(self) -> None:
+        if self.db.in_transaction:
+            self.db.commit()
+
     def close(self) -> None:
         self.db.close()
 
@@ -1870,6 +1882,13 @@ class PgStore(Scoped):
             return True
         except StoreError:
             return False
+
+    def snapshot(self) -> None:
+        """Nothing: rows that vanish while a search runs (a concurrent
+        update) are skipped by the callers instead."""
+
+    def end_snapshot(self) -> None:
+        pass
 
     def close(self) -> None:
         self.conn.close()
@@ -5496,6 +5515,10 @@ def op_search(run: Run, ui: Console) -> SearchReport:
         radius, spec = cfg.distance_threshold, cfg.spec
         judge = Judge(cfg, ui)
         reach = radius + judge.extra_bits  # candidates; the judge decides
+        with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
+            results = sorted(hasher.map([HashTask(p) for p in paths]),
+                             key=lambda r: r.path)
+        store.snapshot()  # the index and the rows it names: one state
         # PostgreSQL searches its own chunk columns, which hold main hashes
         # only: with region hashes (centres, content boxes, windows), the
         # local index answers (as it does for find_duplicates)
@@ -5511,22 +5534,22 @@ def op_search(run: Run, ui: Console) -> SearchReport:
             regions = flat.region_engines(cfg.engine, reach, False, bktree)
             engine_name, images = engine.name, len(flat.ids)
         report = SearchReport(cfg.db_name, engine_name, images)
-        with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
-            results = sorted(hasher.map([HashTask(p) for p in paths]),
-                             key=lambda r: r.path)
         found = [_search_one_pg(r, store, reach, spec) if in_db else
                  _search_one(r, flat, engine, reach, regions,
                              cfg.adaptive_threshold) for r in results]
         id_of = (lambda p: p) if in_db else (lambda p: int(flat.ids[p]))
         marks = load_marks(cfg)
         rows = store.rows_by_id(id_of(p) for _, hits in found for p in hits)
+        store.end_snapshot()  # verification may take a while: let writers in
         for result, hits in found:
             query = QueryResult(result.path, None if result.hash is None else
                                 hash_hex(result.hash, spec.bits),
                                 error=result.error)
             judge.next_query()
             for p, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
-                row = rows[id_of(p)]
+                row = rows.get(id_of(p))
+                if row is None:  # removed by an update since the search
+                    continue
                 limit = pair_threshold(radius, result.detail, row.detail) \
                     if cfg.adaptive_threshold else radius
                 if marks and frozenset((result.path, row.path)) in marks:
@@ -5691,6 +5714,9 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
     cfg, start = run.config, time.monotonic()
     store = ready_store(cfg, ui)
     try:
+        # no snapshot here: finding pairs can take minutes, and a reader
+        # that long would make an update's writes time out; rows an update
+        # removed meanwhile are dropped (_still_stored)
         flat = load_index(cfg, store, ui)
         radius = cfg.distance_threshold
         bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
@@ -5699,6 +5725,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         adaptive = cfg.adaptive_threshold
         components = duplicate_groups(flat, engine, radius, adaptive, regions)
         rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)
+        components = _still_stored(components, flat, rows)
         rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
         if old := sum(1 for r in rows.values() if r.traits is None):
             ui.notice(f"{old} files were hashed by an earlier version, without "
@@ -5723,6 +5750,13 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         store.close()
     report.seconds = time.monotonic() - start
     return report
+
+
+def _still_stored(components: list, flat: FlatIndex, rows: dict) -> list:
+    """The groups without the images an update removed while we looked."""
+    kept = [c[[int(flat.ids[p]) in rows for p in c.tolist()]]
+            for c in components]
+    return [c for c in kept if len(c) > 1]
 
 
 @dataclass

@@ -148,3 +148,56 @@ def test_a_killed_worker_fails_its_file_and_the_run_goes_on(tmp_path):
                            "--format", "json", "-q"], capture_output=True,
                           text=True, timeout=120)
     assert code.returncode == 0 and json.loads(code.stdout)["failed"] == 0
+
+
+# ---- search or find_duplicates while an update removes files ----
+
+def update_removes_between_index_and_rows(monkeypatch, params, victim):
+    """Right after the index is loaded, a second connection, as update does
+    (Store.delete_paths), forgets `victim`: the race of a search with an
+    update, made deterministic.  Returns what the writer saw."""
+    seen = []
+    load = rs.load_index
+
+    def load_then_update_runs(cfg, store, ui):
+        flat = load(cfg, store, ui)
+        writer = rs.Store(cfg.db_path)
+        writer.db.execute("PRAGMA busy_timeout = 300")
+        try:
+            writer.delete_paths([str(victim)])
+            seen.append("removed")
+        except rs.sqlite3.OperationalError as exc:  # the reader's snapshot
+            seen.append(str(exc))
+        finally:
+            writer.close()
+        return flat
+
+    monkeypatch.setattr(rs, "load_index", load_then_update_runs)
+    return seen
+
+
+@pytest.mark.parametrize("operation", ["search", "find_duplicates"])
+def test_an_update_removing_a_match_mid_run_is_no_internal_error(
+        collection, capsys, monkeypatch, operation):
+    params = write_params(collection)
+    assert run_json(capsys, params, "build")[0] == 0
+    victim = collection / "imgs" / "p1.jpg"
+    seen = update_removes_between_index_and_rows(monkeypatch, params, victim)
+    capsys.readouterr()
+    code = rs.main([operation, "--params", params, "--format", "json", "-q"])
+    out, err = capsys.readouterr()
+    assert "internal error" not in err and code == 0, err
+    doc = json.loads(out)
+    assert seen  # the writer ran between the index and the rows
+    if seen == ["removed"]:  # the writer got in: the file is simply not reported
+        shown_paths = json.dumps(doc)
+        assert str(victim) not in shown_paths
+    else:  # the writer waited: the answer is the state the run started from
+        assert "locked" in seen[0]
+        paths = [m["path"] for q in doc.get("queries", []) for m in q["matches"]] + \
+            [m["path"] for g in doc.get("groups", []) for m in g["images"]]
+        assert str(victim) in paths
+    # once the run is over, the update goes through
+    writer = rs.Store(os.path.join(collection, "db", "images.db"))
+    assert writer.delete_paths([str(victim)]) == 1
+    writer.close()
