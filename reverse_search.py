@@ -573,6 +573,7 @@ class Run:
     debug: bool = False
     open_report: bool = False
     notices: list = field(default_factory=list)  # said once the run starts
+    verbose: bool = False
     yes: bool = False  # move without asking
 
 
@@ -802,7 +803,8 @@ def _check_folder_roles(cfg: Config) -> None:
                     f"params.json.")
 
 
-def check_folders(cfg: Config, names: Sequence[str]) -> None:
+def check_folders(cfg: Config, names: Sequence[str],
+                  absent_ok: Sequence[str] = ()) -> None:
     """The folders an operation reads from must exist and be folders."""
     for name in names:
         where = _origin(name, cfg.sources.get(name, PARAMS_NAME))
@@ -811,6 +813,8 @@ def check_folders(cfg: Config, names: Sequence[str]) -> None:
             if name == "input_dir" and os.path.isfile(path):
                 continue  # a single query image is fine
             if not os.path.exists(path):
+                if path in absent_ok:
+                    continue
                 raise ConfigError(f"{where}: folder {path} does not exist. "
                                   f"Create it or correct the path.")
             if not os.path.isdir(path):
@@ -5062,6 +5066,11 @@ class UpdateReport:
     seconds: float = 0.0
     failures: list = field(default_factory=list)
     unreadable_dirs: list = field(default_factory=list)
+    # update lists what it found (build would list every file)
+    added: list = field(default_factory=list)     # paths
+    changed: list = field(default_factory=list)   # paths, rehashed
+    removed_files: list = field(default_factory=list)
+    renamed: list = field(default_factory=list)   # (old path, new path)
 
 
 class BatchWriter:
@@ -5123,24 +5132,31 @@ def sync_store(cfg: Config, store: Store, ui: Console, operation: str,
     report = UpdateReport(operation, store.path, spec.describe())
     walk, seen = _walk(cfg, cfg.img_dirs), set()
     total = None
-    if sys.stderr.isatty() and not ui.quiet:  # a bar wants a total
-        total = len(states) or sum(1 for _ in _walk(cfg, cfg.img_dirs))
+    if sys.stderr.isatty() and not ui.quiet:
+        # a bar wants a total: the files to hash (the others take no time,
+        # and counting them would make the time left a guess)
+        total = sum(1 for f in _walk(cfg, cfg.img_dirs)
+                    if not f.error and not _as_stored(f, states, rehash))
     writer, job = BatchWriter(store, spec.bits), _job(cfg)
+    copied = {}  # new path -> the stored path whose bytes it has
     try:
         with Hasher(job, cfg.worker_count) as hasher, \
-                ui.progress(total, operation) as bar:
+                ui.progress(total, f"{operation}: hashing") as bar:
             known = KnownDigests(store)
             for batch in _batched(walk, 1000):
                 tasks = _plan_batch(batch, states, known, seen, writer, report,
                                     rehash)
-                bar.update(len(batch) - len(tasks))
                 for result in hasher.map(tasks):
-                    _record(result, store, writer, report, job)
+                    _record(result, store, writer, report, job, copied)
                     bar.update(1)
     finally:
         writer.flush()  # keep every file hashed so far, even on Ctrl-C
-    report.unreadable_dirs = [Failure(p, e) for p, e in walk.unreadable]
-    report.removed = _drop_missing(store, states, seen, walk.unreadable)
+    kept = _absent_roots(cfg, states, seen, ui)
+    report.unreadable_dirs = [Failure(p, e) for p, e in walk.unreadable
+                              if p not in kept] + \
+        [Failure(root, why) for root, why in kept.items()]
+    _forget_missing(store, states, seen, walk.unreadable + list(kept.items()),
+                    copied, report)
     store.record_coverage(cfg.img_dirs, spec.kind)
     report.seconds = time.monotonic() - start
     return report
@@ -5160,14 +5176,22 @@ def _plan_batch(batch, states, known, seen, writer, report,
             report.failed += 1
             report.failures.append(Failure(found.path, found.error))
             continue
-        old = None if rehash else states.get(found.path)
-        if old and old.ok and old.size == found.size and \
-                old.mtime_ns == found.mtime_ns:
+        if _as_stored(found, states, rehash):
             report.unchanged += 1
             continue
+        if report.operation == "update":
+            (report.changed if found.path in states else
+             report.added).append(found.path)
         tasks.append(HashTask(found.path, known(found.size) if states
                               and not rehash else frozenset()))
     return tasks
+
+
+def _as_stored(found: FoundFile, states: dict, rehash: bool) -> bool:
+    """Whether a stored file is as it was hashed (same size and mtime)."""
+    old = None if rehash else states.get(found.path)
+    return bool(old and old.ok and old.size == found.size and
+                old.mtime_ns == found.mtime_ns)
 
 
 class KnownDigests:
@@ -5189,12 +5213,13 @@ class KnownDigests:
 
 
 def _record(result: HashResult, store: Store, writer: BatchWriter,
-            report: UpdateReport, job: HashJob) -> None:
+            report: UpdateReport, job: HashJob, copied: dict) -> None:
     if result.reused:  # same bytes as a stored file: copy its hash
         source = store.hashed_by_digest(result.size, result.digest)
         if source is None:
             result = hash_file(HashTask(result.path), job)
         else:
+            copied[result.path] = source.path  # a rename, if source is gone
             result.hash, result.width, result.height = \
                 source.hash, source.width, source.height
             result.variants, result.low_detail, result.detail = \
@@ -5209,11 +5234,42 @@ def _record(result: HashResult, store: Store, writer: BatchWriter,
     writer.add(result.row())
 
 
-def _drop_missing(store: Store, states: dict, seen: set, unreadable: list) -> int:
-    """Forget files that are gone, but not those in folders we could not read."""
-    blocked = tuple(folder.rstrip(os.sep) + os.sep for folder, _ in unreadable)
+def _forget_missing(store: Store, states: dict, seen: set, blocked: list,
+                    copied: dict, report: UpdateReport) -> None:
+    """Forget files that are gone, but not those in folders we could not
+    read; a gone file whose bytes reappeared under a new name was renamed
+    or moved (its row is already there under the new name)."""
+    blocked = tuple(folder.rstrip(os.sep) + os.sep for folder, _ in blocked)
     gone = [p for p in states if p not in seen and not p.startswith(blocked)]
-    return store.delete_paths(gone) if gone else 0
+    if gone:
+        store.delete_paths(gone)
+    left = set(gone)
+    for new, old in copied.items():
+        if old in left:
+            left.discard(old)
+            report.renamed.append((old, new))
+    moved_to = {new for _, new in report.renamed}
+    report.added = [p for p in report.added if p not in moved_to]
+    report.removed_files = sorted(left)
+    report.removed = len(left)
+
+
+def _absent_roots(cfg: Config, states: dict, seen: set, ui: Console) -> dict:
+    """img_dirs folders that are missing or empty while the database holds
+    files under them: a drive not mounted, most likely.  Their rows are
+    kept (root -> why), never forgotten without a word."""
+    kept = {}
+    for root in cfg.img_dirs:
+        if any(covers(root, p) for p in seen):
+            continue  # stops at the first file: cheap for a folder in use
+        count = sum(1 for p in states if covers(root, p))
+        if count:
+            state = "is missing" if not os.path.isdir(root) else "is empty"
+            kept[root] = (f"{state}, but the database holds {count} files "
+                          f"under it: kept them (is a drive not mounted?). If "
+                          f"you emptied it on purpose, run build.")
+            ui.notice(f"warning: img_dirs folder {shown(root)} {kept[root]}")
+    return kept
 
 
 def op_build(cfg: Config, ui: Console) -> UpdateReport:
@@ -5292,10 +5348,14 @@ def op_update(cfg: Config, ui: Console) -> UpdateReport:
     if not _store_exists(cfg):
         ui.notice(f"no database at {cfg.db_name} yet: building it.")
         return op_build(cfg, ui)
-    check_folders(cfg, ["img_dirs"])
     with _run_lock(cfg):
         store = _open_store(cfg)
         try:
+            # a covered folder that is gone (an unmounted drive) is reported
+            # by sync_store, and its rows kept; any other must exist
+            covered = store.coverage(cfg.spec.kind).roots
+            check_folders(cfg, ["img_dirs"], absent_ok=[
+                r for r in cfg.img_dirs if not outside([r], covered)])
             report = sync_store(cfg, store, ui, "update")
             if cfg.database_url:
                 store.optimize()
@@ -6853,11 +6913,19 @@ def to_json(report, cfg: Config) -> dict:
     head = {"operation": cfg.operation, "tool_version": __version__,
             "settings": settings_of(cfg)}
     if isinstance(report, UpdateReport):
+        lists = ("added", "changed", "removed_files", "renamed")
         body = {k: v for k, v in dataclasses.asdict(report).items()
-                if k not in ("failures", "unreadable_dirs", "operation")}
+                if k not in ("failures", "unreadable_dirs", "operation") + lists}
         body["seconds"] = round(report.seconds, 3)
         body["failures"] = _failures_json(report.failures)
         body["unreadable_dirs"] = _failures_json(report.unreadable_dirs)
+        if report.operation == "update":  # build would list every file
+            body["renamed"] = len(report.renamed)
+            body.update({f"{k}_files": [shown(p) for p in getattr(report, k)]
+                         for k in ("added", "changed")})
+            body["removed_files"] = [shown(p) for p in report.removed_files]
+            body["renamed_files"] = [{"from": shown(a), "to": shown(b)}
+                                     for a, b in report.renamed]
     elif isinstance(report, MoveReport):
         body = {"manifest": report.manifest, "plan": report.source or None,
                 "seconds": round(report.seconds, 3),
@@ -6951,8 +7019,10 @@ def _how_suffix(m: Match) -> str:
 TEXT_FAILURES = 20  # longer lists go to the results files only
 
 
-def text_lines(report) -> Iterator[str]:
+def text_lines(report, verbose: bool = False) -> Iterator[str]:
     if isinstance(report, UpdateReport):
+        if verbose:
+            yield from _changes_text(report)
         for f in report.failures[:TEXT_FAILURES]:
             yield f"skipped {shown(f.path)}: {f.error}"
         if len(report.failures) > TEXT_FAILURES:
@@ -6984,6 +7054,18 @@ def text_lines(report) -> Iterator[str]:
                   f"(see update's output or export)."
 
 
+def _changes_text(report: UpdateReport) -> Iterator[str]:
+    """update -v: every file added, changed, renamed or moved, removed."""
+    for path in report.added:
+        yield f"added    {shown(path)}"
+    for path in report.changed:
+        yield f"changed  {shown(path)}"
+    for old, new in report.renamed:
+        yield f"renamed  {shown(old)} -> {shown(new)}"
+    for path in report.removed_files:
+        yield f"removed  {shown(path)}"
+
+
 def _query_text(q: QueryResult) -> Iterator[str]:
     if q.error:
         yield f"{shown(q.query)}: cannot hash: {q.error}"
@@ -7002,9 +7084,10 @@ def _dims(m: Match) -> str:
 def summary_line(report) -> str:
     if isinstance(report, UpdateReport):
         rate = report.hashed / report.seconds if report.seconds else 0.0
+        moved = f", {len(report.renamed)} renamed" if report.renamed else ""
         return (f"{report.operation}: {report.files} files, {report.hashed} "
                 f"hashed, {report.reused} reused, {report.unchanged} unchanged, "
-                f"{report.failed} failed, {report.removed} removed in "
+                f"{report.failed} failed, {report.removed} removed{moved} in "
                 f"{report.seconds:.1f} s ({rate:.0f} images/s)")
     if isinstance(report, MoveReport):
         verb = "moved" if report.operation == "move" else "restored"
@@ -7659,7 +7742,7 @@ def emit(report, run: Run, ui: Console) -> None:
         elif cfg.output_format == "csv":
             csv.writer(sys.stdout).writerows(csv_rows(report))
         else:  # -q silences progress and notices, never the results
-            for line in text_lines(report):
+            for line in text_lines(report, run.verbose):
                 print(line)
         ui.notice(summary_line(report))
     ui.notice("results: " + ", ".join(shown(p) for p in written))
@@ -8933,6 +9016,10 @@ def build_parser(operation: str | None = None) -> argparse.ArgumentParser:
                          ", ".join(FORMATS) + " (same as --output-format)")
     general.add_argument("-q", "--quiet", action="store_true",
                          help="print only results and errors")
+    general.add_argument("-v", "--verbose", action="store_true",
+                         help="list every file added, changed, renamed and "
+                              "removed" if operation in (None, "update")
+                         else argparse.SUPPRESS)
     general.add_argument("--debug", action="store_true",
                          help="show a traceback on unexpected errors")
     general.add_argument("--open", action=argparse.BooleanOptionalAction,
@@ -9008,6 +9095,8 @@ def overview_help() -> str:
         f"program)\n"
         f"  --format FORMAT   what is printed: {', '.join(FORMATS)}\n"
         f"  -q, --quiet       print only results and errors\n"
+        f"  -v, --verbose     update: list every file added, changed, renamed, "
+        f"removed\n"
         f"  --open            open the HTML report in the browser afterwards\n"
         f"  --no-open         review: leave the browser alone\n"
         f"  --debug           show a traceback on unexpected errors\n"
@@ -9098,7 +9187,7 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
     opens = ns.open_report if ns.open_report is not None else \
         cfg.operation == "review"  # review's page is the point of it
     run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug, opens,
-              yes=ns.yes)
+              yes=ns.yes, verbose=ns.verbose)
     if cfg.workers > most_workers():
         run.notices.append(
             f"{_origin('workers', cfg.sources['workers'])} is {cfg.workers}; "

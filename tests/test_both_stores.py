@@ -62,7 +62,9 @@ def test_update_add_modify_delete_and_move(pair, capsys):
     os.rename(collection / "imgs" / "p3.jpg", collection / "imgs" / "sub" / "p3.jpg")
     docs = [run_json(capsys, params, "update")[1] for params in (lite, pg)]
     for doc in docs:
-        assert (doc["hashed"], doc["reused"], doc["removed"]) == (2, 1, 2)
+        assert (doc["hashed"], doc["reused"], doc["removed"]) == (2, 1, 1)
+        assert doc["renamed_files"] == [{"from": str(collection / "imgs" / "p3.jpg"),
+                                         "to": str(collection / "imgs" / "sub" / "p3.jpg")}]
     exports = [run_json(capsys, params, "export")[1]["images"] for params in (lite, pg)]
     assert exports[0] == exports[1]
     groups = [run_json(capsys, params, "find_duplicates")[1]["groups"] for params in (lite, pg)]

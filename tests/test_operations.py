@@ -109,7 +109,8 @@ def test_moved_file_keeps_its_hash_without_decoding(collection, capsys):
     run_json(capsys, params, "build")
     os.rename(collection / "imgs" / "p3.jpg", collection / "imgs" / "sub" / "moved.jpg")
     code, doc = run_json(capsys, params, "update")
-    assert (doc["hashed"], doc["reused"], doc["removed"]) == (0, 1, 1)
+    assert (doc["hashed"], doc["reused"], doc["removed"]) == (0, 1, 0)
+    assert doc["renamed"] == 1  # a move is not a removal
 
 
 def test_build_replaces_the_database_only_when_complete(collection, capsys):

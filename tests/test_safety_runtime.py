@@ -4,6 +4,7 @@ that decodes to gigabytes, an unmounted drive."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,3 +202,128 @@ def test_an_update_removing_a_match_mid_run_is_no_internal_error(
     writer = rs.Store(os.path.join(collection, "db", "images.db"))
     assert writer.delete_paths([str(victim)]) == 1
     writer.close()
+
+
+# ---- update: an unmounted drive is not an emptied collection ----
+
+def test_update_keeps_the_rows_of_an_empty_mount_point(collection, capsys):
+    params = write_params(collection)
+    assert run_json(capsys, params, "build")[0] == 0
+    import shutil
+    shutil.move(str(collection / "imgs"), str(collection / "elsewhere"))
+    (collection / "imgs").mkdir()  # the mount point, drive not mounted
+    capsys.readouterr()
+    code = rs.main(["update", "--params", params, "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["removed"] == 0 and doc["removed_files"] == []
+    assert "is empty, but the database holds 7 files under it" in err
+    assert "not mounted" in err and "run build" in err
+    assert [d["path"] for d in doc["unreadable_dirs"]] == [str(collection / "imgs")]
+    # the drive is back: nothing to rehash, every file still found
+    (collection / "imgs").rmdir()
+    shutil.move(str(collection / "elsewhere"), str(collection / "imgs"))
+    code, doc = run_json(capsys, params, "update")
+    assert code == 0 and doc["unchanged"] == 7 and doc["hashed"] == 0
+
+
+def test_update_keeps_the_rows_of_a_missing_root_and_updates_the_others(
+        collection, capsys):
+    from conftest import picture
+    other = collection / "other"
+    other.mkdir()
+    picture(9).save(other / "o9.jpg")
+    params = write_params(collection, img_dirs=["imgs", "other"])
+    assert run_json(capsys, params, "build")[0] == 0
+    import shutil
+    shutil.rmtree(collection / "imgs")  # the mount point itself is gone
+    picture(10).save(other / "o10.jpg")
+    capsys.readouterr()
+    code = rs.main(["update", "--params", params, "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["removed"] == 0 and doc["added_files"] == [str(other / "o10.jpg")]
+    assert "is missing, but the database holds 7 files" in err
+
+
+def test_a_missing_folder_the_database_never_held_is_still_an_error(collection, capsys):
+    params = write_params(collection)
+    assert run_json(capsys, params, "build")[0] == 0
+    code, err = error_of(capsys, "update", "--params", params,
+                         "--img-dirs", str(collection / "imgs"), str(collection / "typo"))
+    assert code == 2 and "typo does not exist" in err
+
+
+# ---- update reports renames and lists the files ----
+
+def test_update_reports_renames_and_lists_every_file(collection, capsys):
+    from conftest import picture
+    params = write_params(collection)
+    assert run_json(capsys, params, "build")[0] == 0
+    imgs = collection / "imgs"
+    os.rename(imgs / "p3.jpg", imgs / "p3 renamed.jpg")
+    os.rename(imgs / "p4.jpg", imgs / "sub" / "p4.jpg")   # moved
+    os.remove(imgs / "p5.jpg")
+    picture(33).save(imgs / "new.jpg")
+    picture(2).rotate(3).save(imgs / "p2.jpg", quality=92)  # changed in place
+    capsys.readouterr()
+    code = rs.main(["update", "--params", params, "--format", "json", "-q"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert doc["renamed_files"] == [
+        {"from": str(imgs / "p3.jpg"), "to": str(imgs / "p3 renamed.jpg")},
+        {"from": str(imgs / "p4.jpg"), "to": str(imgs / "sub" / "p4.jpg")}]
+    assert doc["renamed"] == 2 and doc["removed"] == 1
+    assert doc["removed_files"] == [str(imgs / "p5.jpg")]
+    assert doc["added_files"] == [str(imgs / "new.jpg")]
+    assert doc["changed_files"] == [str(imgs / "p2.jpg")]
+    # the same in text with -v; without -v, only the summary
+    os.rename(imgs / "new.jpg", imgs / "newer.jpg")
+    capsys.readouterr()
+    assert rs.main(["update", "--params", params, "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert f"renamed  {imgs / 'new.jpg'} -> {imgs / 'newer.jpg'}" in out
+    assert "0 removed, 1 renamed" in err
+    os.rename(imgs / "newer.jpg", imgs / "newest.jpg")
+    capsys.readouterr()
+    assert rs.main(["update", "--params", params]) == 0
+    assert "renamed" not in capsys.readouterr().out
+
+
+# ---- update shows a total and the time left ----
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux pty")
+def test_update_progress_has_a_total_and_time_left(collection):
+    import fcntl
+    import pty
+    import shutil
+    import struct
+    import termios
+    params = write_params(collection, workers=1)
+    assert subprocess.run([sys.executable, SCRIPT, "build", "--params", params, "-q"],
+                          timeout=120).returncode == 0
+    slow_png(collection / "imgs" / "slow0.png", 3000, 2000)
+    for k in range(1, 6):
+        shutil.copy(collection / "imgs" / "slow0.png", collection / "imgs" / f"slow{k}.png")
+        with open(collection / "imgs" / f"slow{k}.png", "ab") as fh:
+            fh.write(b"x" * k)  # other bytes: each one is decoded
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal 100 columns wide, as a user has
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        os.execv(sys.executable, [sys.executable, SCRIPT, "update", "--params", params])
+    said = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        said += chunk
+    os.waitpid(pid, 0)
+    text = said.decode(errors="replace")
+    assert "6 hashed" in text, text
+    # tqdm: "update: hashing:  50%|...| 3/6 [00:01<00:01, 2.1img/s]"
+    assert re.search(r"update: hashing: .*\d/6 \[\d\d:\d\d<\d\d:\d\d", text), text
