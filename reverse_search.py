@@ -511,6 +511,10 @@ class Config:
     max_image_pixels: int = _key(
         178956970, "images with more pixels are skipped before decoding",
         minimum=1)
+    max_decode_mb: int = _key(
+        1024, "memory one image may take while it is decoded, per hashing "
+        "process (MiB); larger ones are skipped before decoding, so a small "
+        "file cannot take gigabytes", minimum=16)
     max_file_mb: int = _key(
         1024, "files larger than this many MiB are skipped", minimum=1)
     lock_timeout: float = _key(
@@ -2728,7 +2732,8 @@ class Traits:
         return cls(im.format or "?", camera, im.mode in GREY_MODES)
 
 
-def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
+def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int,
+                     max_decode: int = 1024 * 2**20) -> Hashed:
     """Hashes of an encoded image, or SkipFile."""
     from PIL import Image
     im = Image.open(io.BytesIO(data))
@@ -2737,6 +2742,9 @@ def hash_image_bytes(data: bytes, spec: HashSpec, max_pixels: int) -> Hashed:
     if width * height > max_pixels:
         raise SkipFile(f"too many pixels: {width}x{height} is over "
                        f"max_image_pixels ({max_pixels:,}); not decoded")
+    if spec.mode == "fast":
+        draft(im, spec)  # a JPEG is decoded at 1/2 to 1/8: it costs that
+    check_decode_memory(im, max_decode)
     outer = None
     if spec.mode == "fast":
         orientation = _exif_orientation(im)
@@ -2987,6 +2995,49 @@ def _lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
     return w / np.where(total == 0, 1.0, total)
 
 
+# Peak bytes per pixel while an image is decoded and flattened to 8 bits:
+# Pillow keeps 1 byte for 1, L and P and 4 for RGB (padded) and the rest,
+# and to_8bit's copies come on top (P to RGB; transparency composited over
+# white in RGBA; 16-bit and float greys scaled through float64).  Measured
+# with ru_maxrss on 24 MP images, Pillow 13 (README, limits): RGB PNG 3.9,
+# RGBA PNG 15.3, GIF 4.5, 16-bit grey PNG 25, RGB WebP 15.4, RGBA WebP 23.
+PEAK_BYTES = {"1": 1, "L": 1, "P": 5, "RGB": 4, "RGBX": 4, "CMYK": 8,
+              "YCbCr": 8, "LAB": 8, "HSV": 8, "RGBA": 16, "RGBa": 16,
+              "LA": 16, "La": 16, "PA": 16, "I;16": 26, "I;16L": 26,
+              "I;16B": 26, "I;16N": 26, "I": 28, "F": 28}
+# libwebp decodes into a buffer of its own, which Pillow then copies.
+FORMAT_EXTRA_BYTES = {"WEBP": 12}
+
+
+def decode_bytes(im) -> int:
+    """About the most memory decoding `im` and flattening it will take,
+    from its header (after any draft), before a byte is decoded."""
+    per = PEAK_BYTES.get(im.mode, 28)
+    if im.mode == "P" and "transparency" in im.info:
+        per = PEAK_BYTES["RGBA"]
+    per += FORMAT_EXTRA_BYTES.get(im.format, 0)
+    return im.size[0] * im.size[1] * per
+
+
+def check_decode_memory(im, budget: int) -> None:
+    """SkipFile when decoding would take more than `budget` bytes: a small
+    file (a 38-byte WebP of 16383x10920 pixels) must not take gigabytes."""
+    need = decode_bytes(im)
+    if need > budget:
+        raise SkipFile(
+            f"decoding would take about {need / 2**20:,.0f} MiB "
+            f"({im.size[0]}x{im.size[1]} {im.format or ''} {im.mode}), over "
+            f"max_decode_mb ({budget // 2**20:,}); not decoded")
+
+
+def draft(im, spec: HashSpec) -> None:
+    """Let a JPEG decode at the smallest scale (1/2, 1/4, 1/8) that is still
+    as large as the hash needs: other formats decode only at full size."""
+    if im.format == "JPEG":
+        im.draft("L" if spec.method != "colorhash" else "RGB",
+                 (spec.work_side, spec.work_side))
+
+
 def centre_region(im, keep: float):
     """The centred box holding `keep` of the width and of the height."""
     w, h = im.size
@@ -3132,8 +3183,7 @@ def prepare_image(im, spec: HashSpec, orientation: int = 1,
     from PIL import Image
     grey = spec.method != "colorhash"
     side = spec.work_side
-    if im.format == "JPEG":
-        im.draft("L" if grey else "RGB", (side, side))
+    draft(im, spec)
     im.seek(0)  # first frame of an animation
     im = to_8bit(im)
     factor = min(im.size) // side
@@ -3257,6 +3307,7 @@ class HashJob:
     spec: HashSpec
     max_pixels: int
     max_bytes: int
+    max_decode: int = 1024 * 2**20
 
 
 def hash_file(task: HashTask, job: HashJob) -> HashResult:
@@ -3279,7 +3330,8 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
             raise SkipFile("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF, palette, pywt border notes
-            hashed = hash_image_bytes(data, job.spec, job.max_pixels)
+            hashed = hash_image_bytes(data, job.spec, job.max_pixels,
+                                      job.max_decode)
         result.hash, result.width, result.height = \
             hashed.hash, hashed.width, hashed.height
         result.variants = pack_hashes(
@@ -5116,7 +5168,8 @@ def _walk(cfg: Config, roots: list) -> Walk:
 
 
 def _job(cfg: Config) -> HashJob:
-    return HashJob(cfg.spec, cfg.max_image_pixels, cfg.max_file_mb * 2**20)
+    return HashJob(cfg.spec, cfg.max_image_pixels, cfg.max_file_mb * 2**20,
+                   cfg.max_decode_mb * 2**20)
 
 
 def sync_store(cfg: Config, store: Store, ui: Console, operation: str,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -327,3 +328,62 @@ def test_update_progress_has_a_total_and_time_left(collection):
     assert "6 hashed" in text, text
     # tqdm: "update: hashing:  50%|...| 3/6 [00:01<00:01, 2.1img/s]"
     assert re.search(r"update: hashing: .*\d/6 \[\d\d:\d\d<\d\d:\d\d", text), text
+
+
+# ---- a small file that decodes to gigabytes ----
+
+# 38 bytes: a lossless WebP of 16383x10920 RGBA pixels (178.9 MP, under the
+# default max_image_pixels), made by Pillow from one uniform colour.
+BOMB_WEBP = bytes.fromhex("524946461e000000574542505650384c110000002ffeffa91a"
+                          "0750e42ad4a3808188e87f0000")
+
+MEASURE = ("import resource, subprocess, sys\n"
+           "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+           "print(r.returncode)\n"
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+           "print(r.stdout)\n")
+
+
+def test_a_small_webp_that_decodes_to_gigabytes_is_skipped_in_bounded_memory(tmp_path):
+    from PIL import Image
+    from conftest import picture
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "bomb.webp").write_bytes(BOMB_WEBP)
+    picture(1).save(imgs / "p1.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's bomb warning: the header only
+        with Image.open(imgs / "bomb.webp") as im:  # the crafted file it claims
+            assert im.size == (16383, 10920) and im.mode == "RGBA"
+            assert im.size[0] * im.size[1] < rs.Config().max_image_pixels
+    params = write_params(tmp_path, workers=2)
+    out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, SCRIPT,
+                          "build", "--params", params, "--format", "json", "-q"],
+                         capture_output=True, text=True, timeout=300).stdout
+    code, peak_kib, doc = out.split("\n", 2)
+    assert code == "0"
+    doc = json.loads(doc)
+    assert doc["hashed"] == 1 and doc["failed"] == 1
+    reason = doc["failures"][0]["error"]
+    assert "max_decode_mb" in reason and "16383x10920" in reason
+    # before: 4.25 GB and 14 s for this one file
+    assert int(peak_kib) < 600 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"
+
+
+def test_the_decode_budget_counts_a_jpeg_at_the_size_it_decodes_at(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    y, x = np.mgrid[0:4000, 0:6000]
+    rgb = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(imgs / "big.jpg", quality=80)      # 24 MP
+    Image.fromarray(rgb).save(imgs / "big.png", compress_level=1)  # 24 MP
+    Image.fromarray(rgb[:1000, :1500]).save(imgs / "small.png")   # 1.5 MP
+    params = write_params(tmp_path, max_decode_mb=16)
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0
+    failed = {os.path.basename(f["path"]): f["error"] for f in doc["failures"]}
+    # a PNG decodes at full size (24 MP x 4 bytes: 92 MiB); a JPEG at 1/8
+    assert list(failed) == ["big.png"] and "about 92 MiB" in failed["big.png"]
+    assert doc["hashed"] == 2
