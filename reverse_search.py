@@ -6391,10 +6391,17 @@ def _plan_csv(path: str, actions: dict, plan: Plan) -> dict | None:
     cannot round (mtime_ns has 19 digits)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+            text = fh.read()
+        head = text.split("\n", 1)[0]
+        # spreadsheets set to a comma as decimal mark save with ';'
+        sep = max(",;\t", key=head.count)
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=sep))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError:
+        raise PlanError(f"{path} is not UTF-8 text: save it as 'CSV UTF-8', or "
+                        f"delete it to use plan.json alone.") from None
+    except (OSError, csv.Error) as exc:
         raise PlanError(f"cannot read {path}: {exc}. Fix it, or delete it to "
                         f"use plan.json alone.") from None
     if rows and not {"path", "action"} <= set(rows[0]):

@@ -146,6 +146,29 @@ def test_an_edit_of_the_action_column_in_plan_csv_is_what_move_does(collection, 
     assert moved_names(out) == ["p2_q40.jpg"] and out["plan"].endswith("plan.csv")
 
 
+def test_a_plan_csv_saved_with_semicolons_is_read(collection, capsys):
+    """What a spreadsheet set to a comma as decimal mark saves."""
+    params = planned(collection, capsys)
+    path = collection / "out" / "plan.csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    with open(path, "w", newline="", encoding="utf-8-sig") as fh:
+        csv.writer(fh, delimiter=";").writerows(
+            [r[:1] + ["keep"] + r[2:] if r[2].endswith("p1_small.png") else r
+             for r in rows])
+    code, out = run_json(capsys, params, "move", "--yes")
+    assert moved_names(out) == ["p2_q40.jpg"]
+
+
+def test_a_plan_csv_that_is_not_utf8_is_refused_with_a_message(collection, capsys):
+    params = planned(collection, capsys)
+    path = collection / "out" / "plan.csv"
+    path.write_bytes(path.read_bytes() + "\ncaf\xe9".encode("cp1252"))
+    capsys.readouterr()
+    assert rs.main(["move", "--yes", "--params", params]) == 1
+    assert "CSV UTF-8" in capsys.readouterr().err
+
+
 def test_a_row_deleted_from_plan_csv_stays(collection, capsys):
     params = planned(collection, capsys)
     edit_csv(collection, {"p2_q40.jpg": "DELETE"})
