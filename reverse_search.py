@@ -7864,9 +7864,10 @@ REVIEW_THUMB_PX = 200       # thumbnails on the cards
 REVIEW_FILES = "review_files"  # thumbnail cache inside output_dir
 REVIEW_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
                   "WEBP": "image/webp", "BMP": "image/bmp"}  # sent as they are
-# t-SNE on 2,000 images takes about TSNE_SECONDS_2000 s on one core; above
-# MAP_MOST images the map shows an even sample (see README for the figures).
-MAP_MOST = 3000
+# Above MAP_MOST images the map shows an even sample: t-SNE took 26 s for
+# 500 and 33 s for 1,000 images on the shared 2-core machine
+# (bench/bench_review.py), growing about linearly from there.
+MAP_MOST = 2000
 
 
 class ReviewRefused(ReverseSearchError):
@@ -7905,6 +7906,7 @@ class ReviewSession:
         self.map = None
         self.thumbs = os.path.join(self.cfg.output_dir, REVIEW_FILES)
         self.uploads = None        # temporary folder for dropped images
+        self._plan = None          # (choices it was made for, plan entries)
 
     # ---- ids: the only way the page names a file ----
 
@@ -7963,7 +7965,6 @@ class ReviewSession:
     def card(self, n: int) -> dict:
         g = self.groups[n]
         keeps = self.keeps(g)
-        rule = ", ".join(self.cfg.keep_rule)
         items = []
         for m, keep in zip(g.images, keeps):
             folder, name = os.path.split(shown(m.path))
@@ -7972,10 +7973,10 @@ class ReviewSession:
                 "id": self.id_of(m.path), "name": name, "folder": folder,
                 "size": m.size, "w": m.width, "h": m.height,
                 "date": _iso(m.mtime_ns).replace("T", " "),
-                "dist": m.distance, "how": m.variant or "whole picture",
+                "dist": m.distance, "how": _how_shown(m),
                 "keep": keep, "protected": self.protected(m.path),
                 "reason": ("your choice" if user else
-                           f"keep_rule ({rule})" if keep else "")})
+                           g.keep_reason or "kept by keep_rule" if keep else "")})
         return {"n": n + 1, "items": items,
                 "reclaim": sum(m.size for m, k in zip(g.images, keeps) if not k)}
 
@@ -8027,9 +8028,16 @@ class ReviewSession:
     # ---- apply and undo ----
 
     def plan_entries(self) -> list:
-        """The plan move would follow: the rule's, with the user's choices."""
+        """The plan move would follow: the rule's, with the user's choices
+        (kept until the next change: 0.1 s for 10,000 groups)."""
         if self.report is None:
             return []
+        key = (id(self.report), tuple(sorted(self.chosen.items())))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = key, self._make_plan_entries()
+        return self._plan[1]
+
+    def _make_plan_entries(self) -> list:
         entries = make_plan(self.report, self.cfg)
         by_path = {}
         for g in self.groups:
@@ -8125,7 +8133,7 @@ class ReviewSession:
             matches = [{"id": self.id_of(m.path),
                         "name": os.path.basename(shown(m.path)),
                         "folder": os.path.dirname(shown(m.path)),
-                        "dist": m.distance, "how": m.variant or "whole picture",
+                        "dist": m.distance, "how": _how_shown(m),
                         "w": m.width, "h": m.height, "size": m.size,
                         "group": group_of.get(m.path)} for m in q.matches]
         return {"query": name or shown(path), "error": q.error,
@@ -8187,6 +8195,10 @@ class ReviewSession:
                                group_of.get(row.path, -1)])
         return {"points": points, "total": total, "shown": len(points),
                 "sampled": total > MAP_MOST}
+
+
+def _how_shown(m: Match) -> str:
+    return m.how.text() if m.how else m.variant or "whole hash"
 
 
 def _move_planned(run: Run, cfg: Config, ui: Console) -> MoveReport:
@@ -9403,8 +9415,9 @@ def run_from_desktop(params: str) -> int:
             code = _run(["--params", params, "--open", "--yes"])
         finally:
             sys.stdout, sys.stderr = saved
-    if code != 0 or "results:" not in said.getvalue() or \
-            ".html" not in said.getvalue():
+    shown_page = "review: http" in said.getvalue() or \
+        "results:" in said.getvalue() and ".html" in said.getvalue()
+    if code != 0 or not shown_page:
         open_in_browser(write_status_page(folder, said.getvalue(), code,
                                           log_path))
     _wait_if_own_console()

@@ -235,7 +235,7 @@ def test_the_whole_flow_in_the_browser(served, browser):
     kept1 = [t[1] for t in first if t[0] == 1 and t[2] == "keep"]
     assert len(kept1) == 1
     text = page.locator(".group").first.inner_text()
-    assert "KEEP" in text and "keep_rule" in text and "of 64 bits" in text
+    assert "KEEP" in text and "kept: " in text and "of 64 bits" in text
     assert "matched:" in text and "×" in text
     if os.environ.get("REVERSE_SEARCH_DOCS_SHOT") == "1":
         page.screenshot(path=os.path.join(ROOT, "docs", "review.png"))
@@ -330,3 +330,29 @@ def test_the_whole_flow_in_the_browser(served, browser):
         assert "scikit-learn" in page.locator("#map-note").inner_text()
     assert errors == []
     page.close()
+
+
+def test_a_double_click_with_operation_review_opens_the_review_page(tmp_path):
+    """run_from_desktop (the executable without a terminal) serves review
+    and opens its page; a stand-in browser records what it was asked to open."""
+    params = make_collection(tmp_path)
+    keys = json.loads(open(params, encoding="utf-8").read())
+    keys.update(operation="review", review_idle_minutes=0.05)
+    with open(params, "w", encoding="utf-8") as fh:
+        json.dump(keys, fh)
+    record = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$1\" >> '{record}'\n")
+    browser.chmod(0o755)
+    env = dict(os.environ, BROWSER=str(browser))
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, reverse_search as rs; "
+         "sys.exit(rs.run_from_desktop(sys.argv[1]))", str(params)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    opened = record.read_text().split()
+    assert len(opened) == 1 and re.fullmatch(
+        r"http://127\.0\.0\.1:\d+/\?token=[\w-]{40,}", opened[0]), opened
+    log = (tmp_path / "reverse_search.log").read_text()
+    assert "review: http://127.0.0.1:" in log and "stopped (idle)" in log
+    assert (tmp_path / "out" / "plan.json").is_file()  # as find_duplicates writes
