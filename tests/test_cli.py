@@ -50,6 +50,9 @@ def test_each_operation_has_its_own_help(capsys):
     assert "--distance-threshold" not in build and "--input-dir" not in build
     assert "--hash-method" in build
     assert "--quarantine-dir" in undo and "--hash-method" not in undo
+    for hashing in ("--content-box", "--region-windows", "--max-decode-mb", "--matching"):
+        assert hashing not in undo, hashing
+    assert "--max-decode-mb" in build and "--matching" in search
     assert "--keep-rule CRITERION..." in help_text(capsys, "find_duplicates", "--help")
     for out in (search, undo, build):
         assert "[X ...]" not in out and " X " not in out
