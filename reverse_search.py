@@ -1048,6 +1048,66 @@ def join_hash_blocks(blocks: list, words: int, variants: int) -> tuple:
     return tuple(np.concatenate(part) for part in zip(*blocks))
 
 
+APPLICATION_ID = 0x72737263  # "rsrc" in the SQLite header: one of ours
+
+
+def describe_db_error(exc: sqlite3.Error, path: str) -> str:
+    """What went wrong with the SQLite database at `path`, and what to do."""
+    name = getattr(exc, "sqlite_errorname", "")  # Python 3.11+
+    text, folder = str(exc), os.path.dirname(path) or "."
+    if "FULL" in name or "full" in text:
+        return (f"db_dir {folder} is full ({text}): free some space there, "
+                f"or choose another db_dir, and run again (files hashed so "
+                f"far are kept).")
+    if "READONLY" in name or "readonly" in text or "read-only" in text:
+        return (f"the database {path} is read-only ({text}): build and "
+                f"update write to it; give write access to it and to "
+                f"{folder}, or choose another db_dir (search and export "
+                f"only read it).")
+    if "CORRUPT" in name or "NOTADB" in name or "malformed" in text or \
+            "not a database" in text:
+        return (f"the database {path} is damaged ({text}): run build, which "
+                f"hashes your images again and replaces it (copy it first if "
+                f"you want to try sqlite3's .recover).")
+    if "IOERR" in name or "I/O" in text:
+        return (f"cannot read or write the database {path} ({text}): check "
+                f"the disk of db_dir and its free space.")
+    if "BUSY" in name or "locked" in text:
+        return (f"the database {path} is busy ({text}): another program "
+                f"holds it; try again when it has finished.")
+    return f"the database {path} cannot be used: {text}."
+
+
+def marked_ours(path: str) -> bool:
+    """Whether the SQLite header of `path` carries our APPLICATION_ID (read
+    from the bytes: true even when later pages are damaged)."""
+    with _ignored(OSError), open(path, "rb") as fh:
+        head = fh.read(100)
+        return head.startswith(b"SQLite format 3\0") and \
+            int.from_bytes(head[68:72], "big") == APPLICATION_ID
+    return False
+
+
+def _foreign(db: sqlite3.Connection, version: int) -> str | None:
+    """Why the database is another program's, or None if it is ours (or
+    still empty).  Ours carry APPLICATION_ID; older ones are known by their
+    tables."""
+    app = db.execute("PRAGMA application_id").fetchone()[0]
+    if app == APPLICATION_ID:
+        return None
+    if app:
+        return f"it is marked as another program's (application id {app:#x})"
+    tables = {name for name, in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if version == 0 and tables <= {"meta", "images"}:
+        return None  # new, or our first schema step was cut short
+    if {"meta", "images"} <= tables and db.execute(
+            "SELECT 1 FROM meta WHERE key = 'db_id'").fetchone():
+        return None
+    shown_tables = ", ".join(sorted(tables)[:5]) or "none"
+    return f"its tables are {shown_tables}"
+
+
 class Store(Scoped):
     """The SQLite database of one collection, behind a few small methods."""
 
@@ -1063,15 +1123,21 @@ class Store(Scoped):
             self.db = sqlite3.connect(path, timeout=30)
             self.db.execute("PRAGMA busy_timeout = 30000")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            foreign = _foreign(self.db, version)
+            if foreign:
+                self.db.close()
+                raise StoreError(
+                    f"{path} is not a reverse_search database ({foreign}); it "
+                    f"was left as it is. Choose another db_dir, or move that "
+                    f"file away.")
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{path} was written by a newer reverse_search (schema "
                     f"{version}, this one knows {SCHEMA_VERSION}); upgrade, or "
                     f"use another db_dir.")
             self._migrate(version)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot use database {path}: {exc}. Move it away "
-                             f"and run build.") from None
+        except sqlite3.Error as exc:
+            raise StoreError(describe_db_error(exc, path)) from None
 
     def _migrate(self, version: int) -> None:
         if version == SCHEMA_VERSION:
@@ -1084,6 +1150,7 @@ class Store(Scoped):
         with self.db:  # version 0: a new file
             self.db.executescript(SCHEMA)
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)",
                             (uuid.uuid4().hex,))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
@@ -1177,6 +1244,7 @@ class Store(Scoped):
         with self.db:  # the secret that signs the cache files, made once
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('index_key', ?)",
                             (os.urandom(32).hex(),))
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         self.set_meta(**kind_meta(spec))
 
     def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
@@ -1334,6 +1402,14 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW |
                          _CLOEXEC, 0o666)
         except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM,
+                             errno.ENOSPC) and not os.path.islink(self.path):
+                raise StoreError(
+                    f"cannot write in db_dir {os.path.dirname(self.path)} "
+                    f"({exc.strerror}): build, update, move and undo write "
+                    f"the database there; give write access or free space, "
+                    f"or choose another db_dir (search and export only read "
+                    f"it).") from None
             why = "is a symbolic link" if os.path.islink(self.path) else \
                 f"cannot be opened ({exc.strerror})"
             raise StoreError(f"the lock file {self.path} {why}; remove it "
@@ -3310,17 +3386,51 @@ class HashJob:
     max_decode: int = 1024 * 2**20
 
 
+_SPECIAL_FILES = {stat.S_IFIFO: "a FIFO (named pipe)",
+                  stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket",
+                  stat.S_IFDIR: "a folder"}
+
+
+def special_file(mode: int) -> str | None:
+    """What a file that is not a regular file is, for the skip reason."""
+    if stat.S_ISREG(mode):
+        return None
+    return "not a regular file: " + _SPECIAL_FILES.get(stat.S_IFMT(mode),
+                                                        "a special file")
+
+
+def open_regular(path: str):
+    """`path` opened for reading if it is a regular file, else SkipFile.
+    Checked before opening (a tape rewinds on open) and after (it may have
+    been swapped); O_NONBLOCK: opening a FIFO never waits for a writer."""
+    why = special_file(os.stat(path).st_mode)
+    if why:
+        raise SkipFile(why)
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    why = special_file(os.fstat(fd).st_mode)
+    if why:
+        os.close(fd)
+        raise SkipFile(why)
+    with _ignored(OSError, AttributeError):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def hash_file(task: HashTask, job: HashJob) -> HashResult:
     """Read a file once, digest its bytes, decode from the same buffer."""
     result = HashResult(task.path)
     try:
-        with open(task.path, "rb") as fh:
+        with open_regular(task.path) as fh:
             st = os.fstat(fh.fileno())
             result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
+            too_big = SkipFile(f"file is over max_file_mb "
+                               f"({job.max_bytes // 2**20} MiB)")
             if st.st_size > job.max_bytes:
-                raise SkipFile(f"file is {st.st_size / 2**20:,.0f} MiB, over "
-                               f"max_file_mb ({job.max_bytes // 2**20})")
-            data = fh.read()
+                raise too_big  # not read at all
+            data = fh.read(job.max_bytes + 1)  # and if it grew meanwhile
+            if len(data) > job.max_bytes:
+                raise too_big
         # sha256 has CPU instructions on current x86 and ARM: 3x blake2b there
         result.digest = hashlib.sha256(data).digest()[:16]
         if result.digest in task.known:
@@ -3666,10 +3776,9 @@ class Walk:
                 st = entry.stat(follow_symlinks=False)
                 return FoundFile(entry.path, 0, st.st_mtime_ns,
                                  "broken symbolic link")
-            if not entry.is_file():
-                return None  # fifos, sockets, devices
             st = entry.stat()
-            return FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+            return FoundFile(entry.path, st.st_size, st.st_mtime_ns,
+                             special_file(st.st_mode))  # FIFOs, devices
         except OSError as exc:
             return FoundFile(entry.path, 0, 0, describe_os_error(exc))
 
@@ -5070,8 +5179,8 @@ class Console:
         self.quiet = quiet
 
     def notice(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
+        if not self.quiet:  # file names in it may hold terminal escapes
+            print(printable(text), file=sys.stderr, flush=True)
 
     def progress(self, total: int | None, what: str):
         if self.quiet or not sys.stderr.isatty():
@@ -5340,6 +5449,8 @@ def op_build(cfg: Config, ui: Console) -> UpdateReport:
     with RunLock(cfg.db_path, cfg.lock_timeout):
         target = cfg.db_path
         if os.path.exists(cfg.db_path):
+            if not marked_ours(cfg.db_path):  # ours, even damaged, is replaced
+                _open_store(cfg).close()  # another program's is refused
             target = cfg.db_path + ".new"  # resumed if a build was interrupted
         store = _open_store(cfg, create=True, path=target)
         try:
@@ -5378,7 +5489,9 @@ def _open_store(cfg: Config, create: bool = False, path: str | None = None):
                              f"instead).")
         try:
             store = Store(path, create)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            raise StoreError(describe_db_error(exc, path)) from None
+        except OSError as exc:
             raise StoreError(f"cannot open database {path}: {exc}.") from None
     store.set_scope(cfg.img_dirs, cfg.spec.kind)
     return store
@@ -6304,8 +6417,8 @@ def write_plan(entries: list, cfg: Config) -> list:
     # of CPU for a million-image plan
     rows = [dict(vars(e), path=shown(e.path)) for e in entries]
     doc = {"operation": "plan", "tool_version": __version__,
-           "created": _iso(time.time_ns()), "database": cfg.db_name,
-           "quarantine_dir": cfg.quarantine_dir,
+           "created": _iso(time.time_ns()), "database": shown(cfg.db_name),
+           "quarantine_dir": shown(cfg.quarantine_dir),
            "actions_sha256": actions_digest({r["path"]: r["action"]
                                              for r in rows}),
            "entries": rows}
@@ -6670,7 +6783,8 @@ def _move_one(m: Move, store, places: Places, manifest: str,
                   "size": m.row.size, "mtime_ns": m.row.mtime_ns,
                   "moved_at": _iso(time.time_ns()),
                   "row": _row_record(m.row, store)}
-        append_line(manifest, json.dumps(record, ensure_ascii=False))  # intent first
+        append_line(manifest, json.dumps(record))  # intent first; ASCII:
+        # a name that is not UTF-8 comes back exactly (\udcxx escapes)
         if os.path.lexists(dest):  # an interrupted move got this far before
             sweep_temps(dest)
             os.unlink(path)
@@ -6936,6 +7050,18 @@ def shown(path: str) -> str:
                                                            "backslashreplace")
 
 
+# What text output escapes besides shown(): control characters (terminal
+# escape sequences, CR, newlines, tabs) and the bidi overrides that make a
+# name read backwards.  JSON and CSV keep names exact.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """shown(text) safe for a terminal: \\x1b, \\r, \\n, \\u202e, ..."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape")
+                            .decode("ascii"), shown(text))
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -6949,7 +7075,14 @@ def _iso(mtime_ns: int) -> str:
 
 
 def settings_of(cfg: Config) -> dict:
+    """The settings as results show them: paths through shown(), no
+    password."""
     settings = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+    for name, f in CONFIG_FIELDS.items():
+        if f.metadata["path"]:
+            value = settings[name]
+            settings[name] = [shown(v) for v in value] if \
+                isinstance(value, list) else shown(value)
     settings["database_url"] = redact_url(cfg.database_url)
     return settings
 
@@ -7011,6 +7144,9 @@ def to_json(report, cfg: Config) -> dict:
                            for g in report.groups],
                 "low_detail": [shown(r.path) for r in report.low_detail],
                 "failures": _failures_json(report.failures)}
+    for key in ("database", "manifest"):  # paths that may not be UTF-8
+        if isinstance(body.get(key), str):
+            body[key] = shown(body[key])
     return {**head, **body}
 
 
@@ -7084,28 +7220,28 @@ def text_lines(report, verbose: bool = False) -> Iterator[str]:
         if verbose:
             yield from _changes_text(report)
         for f in report.failures[:TEXT_FAILURES]:
-            yield f"skipped {shown(f.path)}: {f.error}"
+            yield f"skipped {printable(f.path)}: {f.error}"
         if len(report.failures) > TEXT_FAILURES:
             yield (f"... and {len(report.failures) - TEXT_FAILURES} more "
                    f"skipped files: see the results files.")
         for f in report.unreadable_dirs:
-            yield f"could not read folder {shown(f.path)}: {f.error}"
+            yield f"could not read folder {printable(f.path)}: {f.error}"
     elif isinstance(report, SearchReport):
         for q in report.queries:
             yield from _query_text(q)
     elif isinstance(report, MoveReport):
         verb = "moved" if report.operation == "move" else "restored"
         for a, b in report.done:
-            yield f"{verb} {shown(a)} -> {shown(b)}"
+            yield f"{verb} {printable(a)} -> {printable(b)}"
         for f in report.skipped:
-            yield f"skipped {shown(f.path)}: {f.error}"
+            yield f"skipped {printable(f.path)}: {f.error}"
     else:
         for n, g in enumerate(report.groups, 1):
             yield (f"group {n}: {len(g.images)} images, "
                    f"{human_bytes(_reclaimable(g))} reclaimable; {g.keep_reason}")
             for m in g.images:
                 tag = f"d={m.distance}" + " keep" * m.keep
-                yield f"  {tag:<11} {shown(m.path)}  {_dims(m)}{_how_suffix(m)}"
+                yield f"  {tag:<11} {printable(m.path)}  {_dims(m)}{_how_suffix(m)}"
         if report.low_detail:
             yield (f"{len(report.low_detail)} nearly blank or tiny images were "
                    f"not compared (listed under low_detail in the JSON).")
@@ -7128,13 +7264,13 @@ def _changes_text(report: UpdateReport) -> Iterator[str]:
 
 def _query_text(q: QueryResult) -> Iterator[str]:
     if q.error:
-        yield f"{shown(q.query)}: cannot hash: {q.error}"
+        yield f"{printable(q.query)}: cannot hash: {q.error}"
         return
-    yield f"{shown(q.query)}  [{q.hash}]"
+    yield f"{printable(q.query)}  [{q.hash}]"
     if not q.matches:
         yield "  no match"
     for m in q.matches:
-        yield f"  d={m.distance:<4} {shown(m.path)}  {_dims(m)}{_how_suffix(m)}"
+        yield f"  d={m.distance:<4} {printable(m.path)}  {_dims(m)}{_how_suffix(m)}"
 
 
 def _dims(m: Match) -> str:
@@ -7152,7 +7288,7 @@ def summary_line(report) -> str:
     if isinstance(report, MoveReport):
         verb = "moved" if report.operation == "move" else "restored"
         return (f"{report.operation}: {len(report.done)} files {verb}, "
-                f"{len(report.skipped)} skipped; manifest {shown(report.manifest)}")
+                f"{len(report.skipped)} skipped; manifest {printable(report.manifest)}")
     if isinstance(report, SearchReport):
         hit = sum(1 for q in report.queries if q.matches)
         return (f"search: {len(report.queries)} queries, {hit} with matches, "
@@ -7206,7 +7342,7 @@ def write_export(report: ExportReport, cfg: Config, out) -> list:
             file_csv.writerow(row)
             if fmt in ("csv", "text"):  # text: tab-separated, header first
                 out_csv.writerow(row) if fmt == "csv" else \
-                    out.write("\t".join(map(str, row)) + "\n")
+                    out.write("\t".join(printable(str(v)) for v in row) + "\n")
             elif fmt == "json" and n:
                 out.write(("\n" if first else ",\n") + json.dumps(
                     dict(zip(keys, row)), ensure_ascii=False))
@@ -7329,7 +7465,7 @@ def thumbnail(path: str, folder: str, px: int, max_pixels: int) -> dict:
         st = os.stat(real)
         info.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
         name = _thumb_name(real, st, px)
-        with Image.open(real) as im:
+        with open_regular(real) as fh, Image.open(fh) as im:
             w, h = im.size
             if w * h > max_pixels:
                 return info  # the hasher refused it too: never decode a bomb
@@ -7805,7 +7941,7 @@ def emit(report, run: Run, ui: Console) -> None:
             for line in text_lines(report, run.verbose):
                 print(line)
         ui.notice(summary_line(report))
-    ui.notice("results: " + ", ".join(shown(p) for p in written))
+    ui.notice("results: " + ", ".join(written))
 
 
 def open_in_browser(path: str) -> None:
@@ -9316,6 +9452,9 @@ def _run(argv: list) -> int:
         return _stdout_gone()
     except ReverseSearchError as exc:
         return _fail(f"error: {exc}", exc.exit_code, argv, run)
+    except sqlite3.Error as exc:  # damaged pages, a full or read-only disk
+        path = run.config.db_path if run else DB_NAME
+        return _fail(f"error: {describe_db_error(exc, path)}", 1, argv, run)
     except KeyboardInterrupt:
         return _fail("interrupted. Everything hashed so far is saved; run "
                      "update to continue.", 130, argv, run)
@@ -9335,7 +9474,7 @@ def _run(argv: list) -> int:
 def _fail(message: str, code: int, argv: list, run: Run | None) -> int:
     """The message on stderr; with --format json also a JSON document on
     stdout, so a script reading stdout always gets one."""
-    print(f"reverse_search: {message}", file=sys.stderr)
+    print(f"reverse_search: {printable(message)}", file=sys.stderr)
     fmt = run.config.output_format if run else _flag_value(argv, "--format")
     if fmt == "json":
         operation = run.config.operation if run else next(

@@ -409,3 +409,288 @@ def test_search_runs_from_memory_when_bk_dir_cannot_be_written(
         assert code == 0
     finally:
         umount(bk)
+
+
+# ---- item 11: folder and file names that are not UTF-8 ----
+
+def test_a_root_that_is_not_utf8_works_in_every_output_and_move_undo(
+        tmp_path, capsys):
+    if sys.platform == "win32":
+        pytest.skip("Windows file names are UTF-16: no undecodable bytes")
+    root = os.path.join(os.fsencode(tmp_path), b"photos_\xff")
+    os.makedirs(root)
+    for seed in (1, 2, 3):
+        picture(seed).save(os.fsdecode(os.path.join(root, b"p%d.jpg" % seed)))
+    odd = os.path.join(root, b"copy_of_p1_\xfe\xfd.jpg")  # longer: moved
+    with open(os.path.join(root, b"p1.jpg"), "rb") as fh:
+        original = fh.read()
+    with open(odd, "wb") as fh:
+        fh.write(original)
+    params = write_params(tmp_path, keep_rule=["shortest_path"],
+                          html_report=True)
+    flags = ["--params", params, "--img-dirs", os.fsdecode(root)]
+    query = os.fsdecode(os.path.join(root, b"p2.jpg"))
+    for op, extra in (("build", []), ("update", []), ("search", [query]),
+                      ("find_duplicates", []), ("export", [])):
+        for fmt in ("json", "text", "csv"):
+            capsys.readouterr()
+            code = rs.main([op, *extra, *flags, "--format", fmt])
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            assert "internal error" not in err
+            if fmt == "json":
+                json.loads(out)
+    for name in ("build", "search", "find_duplicates", "plan"):
+        with open(tmp_path / "out" / f"{name}.json", encoding="utf-8") as fh:
+            doc = json.load(fh)  # valid UTF-8 JSON
+    assert all("photos_\\xff" in e["path"] for e in doc["entries"])
+    html = (tmp_path / "out" / "find_duplicates.html").read_text("utf-8")
+    assert "photos_" in html
+    code = rs.main(["move", "--yes", *flags])
+    out, err = capsys.readouterr()
+    assert code == 0 and "1 files moved" in err, err
+    assert not os.path.exists(odd)
+    code = rs.main(["undo", *flags])
+    out, err = capsys.readouterr()
+    assert code == 0 and "1 files restored" in err, err
+    with open(odd, "rb") as fh:
+        assert fh.read() == original
+
+
+# ---- item 12: only regular files, never a hang ----
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "reverse_search.py")
+
+
+def run_bounded(*args, timeout=90):
+    """The script in a subprocess that cannot hang the suite or eat the
+    machine's memory (4 GiB of address space)."""
+    import resource
+    import subprocess
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero_link"])
+def test_a_query_that_is_not_a_regular_file_is_skipped_never_hangs(
+        collection, kind):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    query = collection / "queries" / "odd.jpg"
+    if kind == "fifo":
+        os.mkfifo(query)
+    else:
+        os.symlink("/dev/zero", query)
+    params = write_params(collection, html_report=True)
+    run_bounded("build", "--params", params, "-q")
+    done = run_bounded("search", query, "--params", params, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    error = doc["queries"][0]["error"]
+    assert "not a regular file" in error
+    assert ("FIFO" if kind == "fifo" else "character device") in error
+    done = run_bounded("search", "--params", params, "--format", "json")
+    assert done.returncode == 0, done.stderr  # the whole folder, odd.jpg too
+    assert any("not a regular file" in (q["error"] or "")
+               for q in json.loads(done.stdout)["queries"])
+
+
+def test_collection_files_that_are_not_regular_are_skipped_with_a_reason(
+        collection, capsys):
+    import socket
+    imgs = collection / "imgs"
+    os.mkfifo(imgs / "pipe.jpg")
+    os.symlink("/dev/zero", imgs / "zero.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(imgs / "sock.png"))
+        params = write_params(collection)
+        done = run_bounded("build", "--params", params, "--format", "json")
+    finally:
+        sock.close()
+    assert done.returncode == 0, done.stderr
+    failures = {os.path.basename(f["path"]): f["error"]
+                for f in json.loads(done.stdout)["failures"]}
+    assert "FIFO" in failures["pipe.jpg"]
+    assert "character device" in failures["zero.jpg"]
+    assert "socket" in failures["sock.png"]
+    assert json.loads(done.stdout)["hashed"] == 7
+
+
+def test_a_file_over_max_file_mb_is_skipped_unread(collection, capsys):
+    big = collection / "imgs" / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(3 * 2**20)  # sparse: 3 MiB, no disk used
+    params = write_params(collection, max_file_mb=1)
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0
+    failures = {os.path.basename(f["path"]): f["error"] for f in doc["failures"]}
+    assert "max_file_mb" in failures["big.png"]
+
+
+# ---- file names with terminal escapes, CR or newlines ----
+
+HOSTILE = ["red\x1b[31mname.jpg", "cr\rname.jpg", "two\nlines.jpg",
+           "rtl\u202egpj.exe.jpg"]
+
+
+def test_names_with_control_characters_are_escaped_in_text_output_only(
+        tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    picture(4).save(imgs / "a.jpg")
+    for name in HOSTILE:
+        picture(4).save(imgs / name)
+    (tmp_path / "queries").mkdir()
+    picture(4).save(tmp_path / "queries" / "esc\x1b]0;title\x07.jpg")
+    params = write_params(tmp_path, distance_threshold=4)
+    for op in ("build", "find_duplicates", "search", "export"):
+        capsys.readouterr()
+        assert rs.main([op, "--params", params, "--format", "text"]) == 0
+        out, err = capsys.readouterr()
+        for raw in ("\x1b", "\r", "\u202e", "\x07"):
+            assert raw not in out + err, (op, raw)
+        assert "\n" not in "".join(l for l in out.splitlines()
+                                   if "two" in l and "lines" in l) or op
+        assert "two\\nlines.jpg" in out or op in ("build",), (op, out)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    names = {os.path.basename(m["path"]) for g in doc["groups"]
+             for m in g["images"]}
+    assert set(HOSTILE) <= names  # JSON keeps them exact
+    import csv
+    with open(tmp_path / "out" / "find_duplicates.csv", newline="",
+              encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(HOSTILE) <= {os.path.basename(r["path"]) for r in rows}
+
+
+# ---- the database: damaged, full, read-only, someone else's ----
+
+def database_messages(params, capsys, ops=("update", "search",
+                                           "find_duplicates", "export")):
+    """{op: (exit code, stderr)} of each operation."""
+    out = {}
+    for op in ops:
+        capsys.readouterr()
+        code = rs.main([op, "--params", params])
+        out[op] = (code, capsys.readouterr().err)
+        assert "internal error" not in out[op][1], (op, out[op][1])
+        assert "Traceback" not in out[op][1]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["other_tables", "user_version_1", "not_sqlite"])
+def test_another_programs_images_db_is_refused_never_changed(
+        collection, capsys, kind):
+    import hashlib
+    import sqlite3
+    db = collection / "db" / "images.db"
+    db.parent.mkdir()
+    if kind == "not_sqlite":
+        db.write_bytes(b"my notes, not a database\n" * 100)
+    else:
+        con = sqlite3.connect(db)
+        if kind == "other_tables":
+            con.execute("CREATE TABLE photos (id INTEGER, url TEXT)")
+        else:
+            con.execute("CREATE TABLE images (id INTEGER, blob BLOB)")
+            con.execute("CREATE TABLE meta (key TEXT, value TEXT)")
+            con.execute("PRAGMA user_version = 1")
+        con.execute("INSERT INTO %s VALUES (1, 'x')" % (
+            "photos" if kind == "other_tables" else "images"))
+        con.commit()
+        con.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    params = write_params(collection)
+    found = database_messages(params, capsys, ("build", "update", "search",
+                                               "find_duplicates", "export"))
+    for op, (code, err) in found.items():
+        assert code != 0, op
+        if kind == "not_sqlite":
+            assert "damaged" in err or "not a reverse_search database" in err
+        else:
+            assert "not a reverse_search database" in err, (op, err)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(os.listdir(db.parent)) == ["images.db", "images.db.lock"] \
+        or sorted(os.listdir(db.parent)) == ["images.db"]
+
+
+def test_damaged_database_pages_give_a_message_and_build_replaces_them(
+        collection, capsys):
+    params = write_params(collection)
+    assert run_json(capsys, params, "build")[0] == 0
+    db = collection / "db" / "images.db"
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 2 * page
+    data[page:] = b"\xa5" * (len(data) - page)  # every page after the first
+    db.write_bytes(bytes(data))
+    for op, (code, err) in database_messages(params, capsys).items():
+        assert code == 1 and "is damaged" in err and "run build" in err, (op, err)
+    code, doc = run_json(capsys, params, "build")
+    assert code == 0 and doc["hashed"] == 7
+    assert run_json(capsys, params, "search")[0] == 0
+
+
+def test_a_full_db_dir_gives_a_message(collection, capsys):
+    folder = collection / "db"
+    mount_tmpfs(folder, "1m")
+    try:
+        fill(folder)
+        params = write_params(collection)
+        for room in (0, 12, 24):  # full from the start, or in mid-build
+            with open(folder / "filler", "r+b") as fh:
+                fh.truncate(os.path.getsize(folder / "filler") - room * 1024)
+            found = database_messages(params, capsys, ("build",))
+            code, err = found["build"]
+            assert code == 1 and "is full" in err and "free some space" in err, \
+                (room, err)
+        os.unlink(folder / "filler")
+        assert run_json(capsys, params, "build")[0] == 0
+    finally:
+        umount(folder)
+
+
+def test_a_read_only_database_file_stops_update_with_a_message(collection,
+                                                               capsys):
+    """The file alone read-only (another user's, or a read-only bind mount
+    as here, since root ignores permissions): SQLite opens it read-only."""
+    import subprocess
+    params = write_params(collection)
+    assert run_json(capsys, params, "build")[0] == 0
+    (collection / "imgs" / "p9.jpg").write_bytes(
+        (collection / "queries" / "other.jpg").read_bytes())
+    db = collection / "db" / "images.db"
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(db), str(db)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(db)],
+                       capture_output=True)
+        code, err = database_messages(params, capsys, ("update",))["update"]
+        assert code == 1 and "is read-only" in err, err
+        assert "give write access" in err
+    finally:
+        umount(db)
+
+
+def test_a_read_only_db_dir_stops_update_with_a_message(collection, capsys):
+    import subprocess
+    folder = collection / "db"
+    mount_tmpfs(folder, "4m")
+    try:
+        params = write_params(collection)
+        assert run_json(capsys, params, "build")[0] == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        code, err = database_messages(params, capsys, ("update",))["update"]
+        assert code == 1 and "Read-only" in err and "give write access" in err, err
+        code, doc = run_json(capsys, params, "search")  # reading still works
+        assert code == 0 and doc["queries"]
+    finally:
+        umount(folder)
