@@ -1067,8 +1067,9 @@ def describe_db_error(exc: sqlite3.Error, path: str) -> str:
     if "CORRUPT" in name or "NOTADB" in name or "malformed" in text or \
             "not a database" in text:
         return (f"the database {path} is damaged ({text}): run build, which "
-                f"hashes your images again and replaces it (copy it first if "
-                f"you want to try sqlite3's .recover).")
+                f"hashes your images again and replaces it (a database it "
+                f"does not know as its own must be moved away first; keep a "
+                f"copy if you want to try sqlite3's .recover).")
     if "IOERR" in name or "I/O" in text:
         return (f"cannot read or write the database {path} ({text}): check "
                 f"the disk of db_dir and its free space.")
