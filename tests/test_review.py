@@ -269,6 +269,30 @@ def test_the_whole_flow_in_the_browser(served, browser):
     assert len(doc["groups"]) == 2
     assert not any("p3" in m["path"] for g in doc["groups"] for m in g["images"])
 
+    # keys: next and previous group; compare zooms and pans every picture together
+    page.locator("header h1").hover()
+    page.keyboard.press("j")
+    assert page.locator(".group.focus").get_attribute("data-n") == "2"
+    page.keyboard.press("k")
+    assert page.locator(".group.focus").get_attribute("data-n") == "1"
+    page.keyboard.press("c")
+    page.wait_for_function("[...document.querySelectorAll('#cmp-views img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    view = page.locator("#cmp-views .view").first.bounding_box()
+    page.mouse.move(view["x"] + 100, view["y"] + 100)
+    page.mouse.wheel(0, -300)
+    page.mouse.down()
+    page.mouse.move(view["x"] + 160, view["y"] + 130)
+    page.mouse.up()
+    shown_at = page.evaluate("""[...document.querySelectorAll('#cmp-views img')].map(i => {
+        const m = new DOMMatrix(getComputedStyle(i).transform);
+        return [m.e, m.f, m.a * i.naturalWidth]; })""")
+    assert len(shown_at) == 3 and shown_at[0][:2] != [0, 0]
+    for x, y, width in shown_at:  # same place, same drawn size (320 px one too)
+        assert (round(x), round(y), round(width)) == tuple(map(round, shown_at[0]))
+    page.keyboard.press("Escape")
+    assert page.locator("#compare").is_hidden()
+
     # apply: exactly the files shown as "move", byte for byte into quarantine
     to_move = sorted(t[1] for t in tiles(page) if t[2] == "move")
     assert "p2.jpg" in to_move and "p2 q40.jpg" not in to_move
@@ -325,6 +349,17 @@ def test_the_whole_flow_in_the_browser(served, browser):
         assert page.locator("#map").get_attribute("data-drawn") == "10"
         assert "All 10 images" in page.locator("#map-note").inner_text()
         page.screenshot(path=str(root / "map.png"))
+        # point at a dot of group 2: its thumbnail; click: its group opens
+        points = json.loads(s.request("GET", "/api/map", {"X-Review-Token": s.token})[1])
+        target = next(p for p in points["points"] if p[3] == 1)
+        box = page.locator("#map").bounding_box()
+        x = box["x"] + 12 + target[1] * (box["width"] - 24)
+        y = box["y"] + 12 + target[2] * (box["height"] - 24)
+        page.mouse.move(x, y)
+        assert page.locator("#map-tip img").get_attribute("src").startswith("/thumb/")
+        page.mouse.click(x, y)
+        page.wait_for_selector("#groups-view:not(.hidden) .group.focus")
+        assert page.locator(".group.focus").get_attribute("data-n") == "2"
     except ImportError:
         page.wait_for_selector("#map-note.error")
         assert "scikit-learn" in page.locator("#map-note").inner_text()
