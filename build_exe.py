@@ -218,6 +218,9 @@ def main(argv=None) -> int:
     size = os.path.getsize(EXE)
     print(f"built {os.path.relpath(EXE)}: {size / 2**20:.1f} MiB "
           f"in {seconds:.0f} s")
+    # the guide travels with the program: its first-run page links to it
+    shutil.copy2(os.path.join(HERE, "README.md"), os.path.join(DIST, "README.md"))
+    print(f"shipped {os.path.relpath(os.path.join(DIST, 'README.md'))} beside it")
     if not ns.no_check:
         check(EXE)
         print("checked: --version, phash and whash runs work")

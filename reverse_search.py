@@ -595,8 +595,23 @@ def default_params() -> dict:
             else f.default_factory() for name, f in CONFIG_FIELDS.items()}
 
 
-def write_default_params(path: str) -> None:
-    text = json.dumps(default_params(), indent=2) + "\n"
+def desktop_params() -> dict:
+    """The defaults a double-clicked executable writes beside itself: no
+    example collection there, so the user's Pictures folder (a `photos`
+    folder beside the executable when there is none: not the executable's own
+    folder, which holds the quarantine), and find_duplicates, its main job."""
+    pictures = os.path.join(os.path.expanduser("~"), "Pictures")
+    return dict(default_params(), operation="find_duplicates",
+                img_dirs=[pictures if os.path.isdir(pictures) else "photos"],
+                input_dir="find")
+
+
+def write_default_params(path: str, desktop: bool = False) -> None:
+    params = desktop_params() if desktop else default_params()
+    text = json.dumps(params, indent=2) + "\n"
+    if params["img_dirs"] == ["photos"]:  # a folder to drop pictures into
+        with _ignored(OSError):
+            os.makedirs(os.path.join(os.path.dirname(path), "photos"))
     _atomic_write(path, lambda fh: fh.write(text), replace=False, sync=True)  # never
     # overwrite: a params.json that appeared meanwhile is the user's
 
@@ -739,19 +754,25 @@ def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
     base = os.path.dirname(os.path.abspath(params_path))
     values = {name: _resolve(name, value, base)  # default paths: beside params
               for name, value in default_params().items()}
+    problems = []  # every mistake at once: one edit, not one run per typo
     for name, value in raw.items():
         if name not in CONFIG_FIELDS:
             near = difflib.get_close_matches(name, CONFIG_FIELDS, n=1)
             hint = f"did you mean '{near[0]}'?" if near else \
                 "remove it (README.md lists every key)."
-            raise ConfigError(f"{params_path}: unknown key '{name}': {hint}")
-        value = _check_value(name, value, params_path)
-        _check_range(name, value, params_path)
-        values[name] = _resolve(name, value, base)
+            problems.append(f"{params_path}: unknown key '{name}': {hint}")
+            continue
+        with _collected(problems):
+            value = _check_value(name, value, params_path)
+            _check_range(name, value, params_path)
+            values[name] = _resolve(name, value, base)
     for name, value in overrides.items():
-        value = _check_value(name, value, "command line")
-        _check_range(name, value, "command line")
-        values[name] = _resolve(name, value, os.getcwd())
+        with _collected(problems):
+            value = _check_value(name, value, "command line")
+            _check_range(name, value, "command line")
+            values[name] = _resolve(name, value, os.getcwd())
+    if problems:
+        raise ConfigError("\n".join(problems))
     cfg = Config(**values)
     cfg.sources = {name: "command line" if name in overrides else params_path
                    for name in CONFIG_FIELDS}
@@ -759,6 +780,22 @@ def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
     _check_folder_roles(cfg)
     check_database_url(cfg.database_url, cfg.sources["database_url"])
     return cfg
+
+
+class _collected:
+    """Add a ConfigError's message to `problems` and go on."""
+
+    def __init__(self, problems: list):
+        self.problems = problems
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, ConfigError):
+            self.problems.append(str(exc))
+            return True
+        return False
 
 
 def _resolve(name: str, value, base: str):
@@ -809,7 +846,9 @@ def _check_folder_roles(cfg: Config) -> None:
 
 def check_folders(cfg: Config, names: Sequence[str],
                   absent_ok: Sequence[str] = ()) -> None:
-    """The folders an operation reads from must exist and be folders."""
+    """The folders an operation reads from must exist and be folders; every
+    one that does not is named in one message."""
+    problems = []
     for name in names:
         where = _origin(name, cfg.sources.get(name, PARAMS_NAME))
         paths = cfg.img_dirs if name == "img_dirs" else [getattr(cfg, name)]
@@ -819,15 +858,17 @@ def check_folders(cfg: Config, names: Sequence[str],
             if not os.path.exists(path):
                 if path in absent_ok:
                     continue
-                raise ConfigError(f"{where}: folder {path} does not exist. "
-                                  f"Create it or correct the path.")
-            if not os.path.isdir(path):
-                raise ConfigError(f"{where}: {path} is a file, not a folder.")
+                problems.append(f"{where}: folder {path} does not exist. "
+                                f"Create it or correct the path.")
+            elif not os.path.isdir(path):
+                problems.append(f"{where}: {path} is a file, not a folder.")
     for name in ("db_dir", "bk_dir", "output_dir"):
         path = getattr(cfg, name)
         where = _origin(name, cfg.sources.get(name, PARAMS_NAME))
         if os.path.exists(path) and not os.path.isdir(path):
-            raise ConfigError(f"{where}: {path} is a file, not a folder.")
+            problems.append(f"{where}: {path} is a file, not a folder.")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 # ============================================================================
@@ -7418,7 +7459,8 @@ def write_html_report(doc: dict, out_dir: str, thumb_px: int = 160) -> str:
                 "sets": _html_sets(doc, thumbs, folders),
                 "dirs": [{"path": f, "uri": uri} for f, (_, uri) in
                          folders.items()],
-                "failures": doc.get("failures", [])}
+                "failures": doc.get("failures", []),
+                "threshold": doc.get("settings", {}).get("distance_threshold")}
         page = _html_page(doc, data)
         _atomic_write(page_path, lambda fh: fh.write(page))
     return page_path
@@ -7567,6 +7609,7 @@ def _html_sets(doc: dict, thumbs: dict, folders: dict) -> list:
                     for m in q["matches"]]}
                 for q in doc["queries"]]
     return [{"reclaim": sum(m["size"] for m in g["images"] if not m["keep"]),
+             "reason": g.get("keep_reason", ""),
              "items": [_html_item(m, thumbs[m["path"]], folders)
                        for m in g["images"]]}
             for g in doc["groups"]]
@@ -7575,7 +7618,10 @@ def _html_sets(doc: dict, thumbs: dict, folders: dict) -> list:
 def _html_item(m: dict, thumb: dict, folders: dict) -> dict:
     item = _where(m["path"], folders)
     item.update(thumb=thumb["thumb"], w=m["width"], h=m["height"], size=m["size"],
-                date=m["mtime"].replace("T", " "), dist=m["distance"])
+                date=m["mtime"].replace("T", " "), dist=m["distance"],
+                bits=4 * len(m["hash"] or ""))  # hex digits: 4 bits each
+    if m.get("action") in ("move", "protected"):
+        item["action"] = m["action"]
     how = m.get("how") or {}
     if how.get("verified") or how.get("region"):  # not a plain whole-hash match
         item["how"] = how["text"]
@@ -7719,10 +7765,16 @@ nav .where { color: #445; margin-left: 8px; }
   box-sizing: border-box; pointer-events: none; }
 .badge { position: absolute; top: 12px; left: 12px; padding: 1px 8px;
          border-radius: 10px; font-weight: 700; font-size: 11px; color: #fff;
-         letter-spacing: .04em; }
+         letter-spacing: .04em; max-width: calc(100% - 40px);
+         white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .badge.keep { background: #2f9e44; }
 .badge.query { background: #1c7ed6; }
 .badge.dist { background: rgba(40, 40, 50, .75); font-weight: 600; }
+.card.move { border-color: #e8590c; }
+.action { margin-top: 4px; font-weight: 700; }
+.action.move { color: #c2410c; } .action.protected { color: #667; }
+.why { color: #2b8a3e; margin-top: 4px; }
+.scale { color: #556; }
 .name { font-weight: 600; margin-top: 6px; overflow-wrap: anywhere; }
 .dir { color: #778; overflow-wrap: anywhere; }
 .meta { color: #334; }
@@ -7776,7 +7828,7 @@ in the .json and .csv files beside it.</p></noscript>
     return d;
   }
 
-  function card(it, k, keepAt) {
+  function card(it, k, keepAt, reason) {
     var c = el("figure", "card" + (it.role ? " " + it.role : ""));
     // Hook for a later "Not a duplicate" button: the two items in this set.
     if (k !== keepAt) c.setAttribute("data-pair", keepAt + "," + k);
@@ -7798,13 +7850,29 @@ in the .json and .csv files beside it.</p></noscript>
       : it.role === "query" ? el("span", "badge query", "QUERY")
       : el("span", "badge dist", "distance " + it.dist +
            (it.how ? " \u00b7 " + it.how : ""));
-    if (it.role === "keep") badge.title = "the keep rule keeps this file";
+    // the badge stays inside its card; the whole text is in its tooltip
+    badge.title = it.role === "keep" ? (reason || "the keep rule keeps this file")
+      : badge.textContent;
     c.appendChild(badge);
     c.appendChild(el("div", "name", it.name));
     c.appendChild(folder(dir.path));
     var dims = (it.w && it.h) ? it.w + " × " + it.h : "? × ?";
     c.appendChild(el("div", "meta", dims + " · " + bytes(it.size)));
     c.appendChild(el("div", "meta", it.date || ""));
+    if (it.dist !== null && it.dist !== undefined && it.role !== "query"
+        && it.bits) {  // what "distance N" means
+      c.appendChild(el("div", "meta scale", it.dist + " of " + it.bits
+        + " bits differ" + (data.threshold !== null && data.threshold !== undefined
+                            ? " · threshold " + data.threshold : "")));
+    }
+    if (it.how) c.appendChild(el("div", "meta", it.how));
+    if (it.role === "keep" && reason) c.appendChild(el("div", "why", reason));
+    if (it.action === "move") {
+      c.classList.add("move");
+      c.appendChild(el("div", "action move", "move takes it to the quarantine"));
+    } else if (it.action === "protected") {
+      c.appendChild(el("div", "action protected", "in a protected folder: move leaves it"));
+    }
     return c;
   }
 
@@ -7836,13 +7904,16 @@ in the .json and .csv files beside it.</p></noscript>
       h.appendChild(document.createTextNode("Group " + (n + 1) + " "));
       h.appendChild(el("span", "more", "· "
         + count(s.items.length, "image", "images") + " · "
-        + bytes(s.reclaim) + " reclaimable"));
+        + bytes(s.reclaim) + " reclaimable"
+        + (s.reason ? " · " + s.reason : "")));
     }
     box.appendChild(h);
     var cards = el("div", "cards");
     var keepAt = 0;
     s.items.forEach(function (it, k) { if (it.role === "keep") keepAt = k; });
-    var made = s.items.map(function (it, k) { return card(it, k, keepAt); });
+    var made = s.items.map(function (it, k) {
+      return card(it, k, keepAt, s.reason);
+    });
     made.forEach(function (c) { cards.appendChild(c); });
     // Verified matches: where the one picture lies in the other.
     s.items.forEach(function (it, k) {
@@ -9376,16 +9447,27 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
         raise _unknown_flags(extras, parser)
     operation = operation_name(ns.operation) if ns.operation else None
     params = os.path.abspath(ns.params or default_params_path())
+    notices = []
     if not os.path.exists(params):
+        frozen = getattr(sys, "frozen", False)
         try:
-            write_default_params(params)
+            write_default_params(params, desktop=frozen)
         except OSError as exc:
             raise ConfigError(f"{params} does not exist and cannot be created "
                               f"({exc.strerror}).") from None
-        print(f"Created {params} with default settings. Edit img_dirs (your "
-              f"image folders) and input_dir (images to look for), then run "
-              f"again.", file=sys.stderr)
-        return None
+        created = (f"Created {params} with default settings. Edit img_dirs "
+                   f"(your image folders) and input_dir (images to look "
+                   f"for)")
+        examples = default_params()["img_dirs"] + [default_params()["input_dir"]]
+        base = os.path.dirname(params)
+        if frozen or not all(os.path.isdir(os.path.join(base, p))
+                             for p in examples):
+            print(created + ", then run again.", file=sys.stderr)
+            return None
+        # a fresh clone: the defaults name its example collection, so the
+        # first run does the job (README's one run command)
+        notices.append(created + " to use your own pictures; this run uses "
+                       "the example collection.")
     overrides = {name: getattr(ns, name) for name in CONFIG_FIELDS
                  if getattr(ns, name, None) is not None}
     if operation:
@@ -9398,6 +9480,7 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
         cfg.operation == "review"  # review's page is the point of it
     run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug, opens,
               yes=ns.yes, verbose=ns.verbose)
+    run.notices += notices
     if cfg.workers > most_workers():
         run.notices.append(
             f"{_origin('workers', cfg.sources['workers'])} is {cfg.workers}; "
@@ -9558,25 +9641,103 @@ def run_from_desktop(params: str) -> int:
             sys.stdout, sys.stderr = saved
     shown_page = "review: http" in said.getvalue() or \
         "results:" in said.getvalue() and ".html" in said.getvalue()
+    status = os.path.join(folder, STATUS_PAGE)
     if code != 0 or not shown_page:
         open_in_browser(write_status_page(folder, said.getvalue(), code,
-                                          log_path))
+                                          log_path, params))
+    else:  # the report is shown: an older status page would only mislead
+        with _ignored(OSError):
+            os.remove(status)
     _wait_if_own_console()
     return code
 
 
-def write_status_page(folder: str, text: str, code: int, log_path: str) -> str:
-    """A short page with what the run said, for runs without a terminal."""
-    title = "reverse_search finished" if code == 0 else "reverse_search: error"
+STATUS_PAGE = "reverse_search-status.html"
+# What a first double-click shows: what to edit, in order, and how paths are
+# written in JSON (a Windows path needs / or doubled backslashes).
+FIRST_STEPS = """<ol>
+<li>Open <code>{params}</code> in a text editor (Notepad on Windows, TextEdit on a Mac).</li>
+<li>Set <code>img_dirs</code> to the folders of pictures to check, between
+quotes and square brackets. It now says <code>{img_dirs}</code>. Write a path
+with forward slashes, or with every backslash doubled:
+<pre>"img_dirs": ["C:/Users/you/Pictures", "D:/Photos"]
+"img_dirs": ["C:\\\\Users\\\\you\\\\Pictures"]
+"img_dirs": ["/home/you/Pictures"]          (Linux)
+"img_dirs": ["/Users/you/Pictures"]         (Mac)</pre></li>
+<li>Leave <code>"operation": "find_duplicates"</code> to find copies, or set
+<code>"search"</code> and put the pictures you are looking for in the folder
+<code>input_dir</code> names.</li>
+<li>Save the file and double-click the program again. It hashes the pictures
+(the first time takes a while: dozens to hundreds of pictures a second) and opens a
+report in your browser: each group of copies, the one it would keep and why.</li>
+<li>To act on it, set <code>"operation": "move"</code>: the copies marked
+<i>move</i> go to the <code>quarantine</code> folder beside the program, nothing
+is deleted. <code>"operation": "undo"</code> puts them all back.</li>
+</ol>"""
+
+
+def write_status_page(folder: str, text: str, code: int, log_path: str,
+                      params: str = "") -> str:
+    """A short page for runs without a terminal: what to do first (first
+    run), every problem to fix (errors), or the summary first, then the
+    details (other runs)."""
+    lines = text.strip().splitlines()
+    first = code == 0 and any(line.startswith("Created ") for line in lines)
+    errors = [line for line in lines if not line.startswith("Created ")]
+    if first:
+        title = "reverse_search: set it up"
+        body = _first_steps(params) + "<pre>" + html.escape(text) + "</pre>"
+    elif code != 0:
+        title = "reverse_search: something to fix"
+        body = ("<p>Nothing was changed. Fix what is listed, save, and "
+                "double-click again:</p><pre class=err>" +
+                html.escape("\n".join(errors)) + "</pre>" +
+                _path_hint(params))
+    else:
+        title = "reverse_search: done"
+        summary = [line for line in lines if _is_summary(line)]
+        body = ("<pre>" + html.escape("\n".join(summary)) + "</pre>"
+                "<details><summary>Everything it said "
+                f"({len(lines):,} lines)</summary><pre>" +
+                html.escape(text) + "</pre></details>")
+    readme = os.path.join(folder, "README.md")
+    guide = (f"<p>Guide: <a href='{html.escape(file_uri(readme))}'>README.md"
+             f"</a> beside the program.</p>" if os.path.exists(readme) else "")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}"
-            f"</title></head><body style='font:15px sans-serif;max-width:60em;"
-            f"margin:2em auto'><h1>{title}</h1><pre style='white-space:"
-            f"pre-wrap'>{html.escape(text)}</pre><p>Log: <code>"
+            f"</title><style>body{{font:15px sans-serif;max-width:60em;"
+            f"margin:2em auto}}pre{{white-space:pre-wrap;background:#f4f4f4;"
+            f"padding:.5em}}.err{{color:#a00}}</style></head><body>"
+            f"<h1>{title}</h1>{body}{guide}<p>Log: <code>"
             f"{html.escape(log_path)}</code></p></body></html>\n")
-    path = os.path.join(folder, "reverse_search-status.html")
+    path = os.path.join(folder, STATUS_PAGE)
     with _ignored(OSError):
         _atomic_write(path, lambda fh: fh.write(page))
     return path
+
+
+def _first_steps(params: str) -> str:
+    try:
+        dirs = json.dumps(read_params(params).get("img_dirs"))
+    except ReverseSearchError:
+        dirs = "?"
+    return ("<p>Welcome. The program wrote its settings file; before it "
+            "looks at any picture, tell it where yours are:</p>" +
+            FIRST_STEPS.format(params=html.escape(params),
+                               img_dirs=html.escape(dirs)))
+
+
+def _path_hint(params: str) -> str:
+    return (f"<p>The settings are in <code>{html.escape(params)}</code>. In "
+            f"it, write a Windows path with forward slashes "
+            f"(<code>\"C:/Users/you/Pictures\"</code>) or doubled backslashes "
+            f"(<code>\"C:\\\\Users\\\\you\\\\Pictures\"</code>).</p>")
+
+
+def _is_summary(line: str) -> bool:
+    """The lines a person wants first: the operation's summary, where the
+    results went, errors."""
+    head = line.split(":", 1)[0]
+    return head in OPERATIONS or head in ("results", "reverse_search")
 
 
 def _wait_if_own_console() -> None:

@@ -158,6 +158,11 @@ def test_readme_documents_every_key_and_operation():
         assert f"| `{op}` |" in readme, op
 
 
-def test_shipped_params_json_holds_the_defaults():
-    with open(os.path.join(os.path.dirname(rs.__file__), "params.json"), encoding="utf-8") as fh:
-        assert json.load(fh) == rs.default_params()
+def test_the_params_json_a_first_run_writes_holds_the_defaults(tmp_path):
+    """The defaults are checked from the script, never from the user's
+    params.json (untracked, theirs to edit)."""
+    path = tmp_path / "params.json"
+    rs.write_default_params(str(path))
+    assert json.loads(path.read_text(encoding="utf-8")) == rs.default_params()
+    assert rs.config_from(rs.default_params(), str(path), {}) == \
+        rs.config_from({}, str(path), {})

@@ -286,3 +286,121 @@ def test_a_closed_pipe_ends_quietly(collection):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, 141)
     assert "Broken pipe" not in err and "Exception" not in err
+
+
+# ---- item 7: params.json is the user's; the defaults live in the script ----
+
+def test_params_json_is_not_tracked_and_tests_do_not_read_it():
+    import subprocess
+    root = os.path.dirname(rs.__file__)
+    if not os.path.isdir(os.path.join(root, ".git")) and \
+            not os.path.isfile(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "params.json"], cwd=root,
+                             capture_output=True, text=True).stdout
+    ignored = subprocess.run(["git", "check-ignore", "-q", "params.json"], cwd=root)
+    assert tracked == "" and ignored.returncode == 0
+    tests = os.path.join(root, "tests")
+    for name in os.listdir(tests):
+        if name.endswith(".py") and name != "test_first_hour.py":
+            text = open(os.path.join(tests, name), encoding="utf-8").read()
+            assert "default_params_path()" not in text, name
+
+
+def test_a_fresh_clone_runs_the_examples_on_first_run(tmp_path, capsys):
+    import shutil
+    root = tmp_path / "clone"
+    shutil.copytree(os.path.join(os.path.dirname(rs.__file__), "examples"),
+                    root / "examples")
+    capsys.readouterr()
+    assert rs.main(["--params", str(root / "params.json"), "-q"]) == 0
+    assert "forest.jpg" in capsys.readouterr().out  # it searched
+    capsys.readouterr()
+    assert rs.main(["--params", str(root / "params.json")]) == 0
+    assert "Created" not in capsys.readouterr().err  # written once
+
+
+# ---- item 8: the double-clicked executable ----
+
+def test_a_first_double_click_says_what_to_edit(tmp_path, monkeypatch):
+    monkeypatch.setenv("BROWSER", "true")
+    monkeypatch.setattr(rs.sys, "frozen", True, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))
+    (tmp_path / "home" / "Pictures").mkdir(parents=True)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "README.md").write_text("# guide")
+    params = app / "params.json"
+    assert rs.run_from_desktop(str(params)) == 0
+    written = json.loads(params.read_text())
+    assert written["img_dirs"] == [str(tmp_path / "home" / "Pictures")]
+    assert written["operation"] == "find_duplicates"
+    page = (app / "reverse_search-status.html").read_text()
+    assert "set it up" in page and "<ol>" in page
+    assert "C:/Users/you/Pictures" in page and "/home/you/Pictures" in page
+    assert "README.md" in page and "file://" in page
+    # two mistakes: both on the page at once
+    params.write_text(json.dumps({"img_dirs": ["nowhere"], "hash_size": "eight",
+                                  "distance_treshold": 3}))
+    assert rs.run_from_desktop(str(params)) == 2
+    page = (app / "reverse_search-status.html").read_text()
+    assert "hash_size" in page and "distance_treshold" in page
+    assert "C:/Users/you/Pictures" in page
+    # then a success: the report opens and the old error page goes
+    photos = app / "photos"
+    photos.mkdir()
+    picture(1).save(photos / "a.jpg")
+    picture(1).resize((320, 240)).save(photos / "b.jpg")
+    params.write_text(json.dumps({"img_dirs": ["photos"], "operation": "find_duplicates",
+                                  "workers": 1}))
+    assert rs.run_from_desktop(str(params)) == 0
+    assert not (app / "reverse_search-status.html").exists()
+    # a move: its summary comes before the list of files
+    params.write_text(json.dumps({"img_dirs": ["photos"], "operation": "move",
+                                  "workers": 1}))
+    assert rs.run_from_desktop(str(params)) == 0
+    page = (app / "reverse_search-status.html").read_text()
+    assert page.index("move: 1 files moved") < page.index("moved ")
+
+
+def test_every_missing_folder_is_named_at_once(tmp_path, capsys):
+    params = write_params(tmp_path, img_dirs=["one", "two"])
+    assert rs.main(["build", "--params", params]) == 2
+    err = capsys.readouterr().err
+    assert "one does not exist" in err and "two does not exist" in err
+
+
+# ---- item 15: the report explains itself ----
+
+from test_report_browser import browser, open_page, page_data  # noqa: E402,F401
+
+
+def test_the_report_gives_scale_reason_and_what_move_takes(collection, capsys, open_page):
+    imgs = collection / "imgs"
+    # a crop, found by its centre: the longest badge text there is
+    Image.open(imgs / "p3.jpg").crop((40, 30, 600, 450)).save(imgs / "p3_crop.jpg")
+    params = write_params(collection, protected_dirs=["imgs/sub"])
+    code, doc, _ = run(capsys, params, "find_duplicates")
+    page_path = collection / "out" / "find_duplicates.html"
+    data = page_data(str(page_path))
+    assert data["threshold"] == 12
+    assert [s["reason"] for s in data["sets"]] == [g["keep_reason"] for g in doc["groups"]]
+    page = open_page(str(page_path))
+    cards = page.locator(".card")
+    scales = page.locator(".card .scale").all_inner_texts()
+    assert scales and all(t.endswith(" of 64 bits differ · threshold 12") for t in scales)
+    assert page.locator(".card.keep .why").all_inner_texts() == \
+        [g["keep_reason"] for g in doc["groups"]]
+    assert all(g["keep_reason"] in h for g, h in
+               zip(doc["groups"], page.locator("section.set h2").all_inner_texts()))
+    moves = [os.path.basename(i["path"]) for g in doc["groups"] for i in g["images"]
+             if i["action"] == "move"]
+    shown = page.locator(".card.move .name").all_inner_texts()
+    assert moves and shown == moves
+    assert page.locator(".action.protected").count() == \
+        sum(i["action"] == "protected" for g in doc["groups"] for i in g["images"])
+    for k in range(cards.count()):  # every badge inside its card
+        card, badge = cards.nth(k).bounding_box(), \
+            cards.nth(k).locator(".badge").bounding_box()
+        assert badge["x"] + badge["width"] <= card["x"] + card["width"], k

@@ -74,8 +74,10 @@ def browser(tmp_path_factory):
     return str(script), record
 
 
-def run(args, cwd, browser=(None, None), start_method=None):
+def run(args, cwd, browser=(None, None), start_method=None, home=None):
     env = dict(os.environ)
+    if home:  # where the first run looks for a Pictures folder
+        env["HOME"] = env["USERPROFILE"] = str(home)
     if start_method:
         env[rs.START_METHOD_ENV] = start_method
     if browser[0]:
@@ -104,24 +106,28 @@ def test_first_run_writes_params_beside_the_exe(frozen_exe, tmp_path, browser):
     assert (version.returncode, version.stdout.strip()) == (0, rs.__version__)
     assert sorted(os.listdir(app)) == [EXE_NAME]
     opened(browser)
-    first = run([exe], elsewhere, browser)  # as a double-click: no arguments
+    home = tmp_path / "home"  # no Pictures folder: img_dirs is photos/ beside it
+    home.mkdir()
+    first = run([exe], elsewhere, browser, home=home)  # a double-click: no arguments
     assert first.returncode == 0, first.stderr
     params = app / "params.json"
     assert params.is_file() and os.listdir(elsewhere) == []
+    assert (app / "photos").is_dir()  # made for the pictures to check
     assert str(params) in first.stderr and "img_dirs" in first.stderr
     assert first.stdout == ""
-    assert json.loads(params.read_text(encoding="utf-8")) == rs.default_params()
+    written = json.loads(params.read_text(encoding="utf-8"))
+    assert written == dict(rs.default_params(), img_dirs=["photos"], input_dir="find",
+                           operation="find_duplicates")
     if browser[0]:  # what to do is also shown as a page, for a double-click
         pages = [url for url, _ in opened(browser)]
         assert len(pages) == 1 and pages[0].startswith("file://"), pages
         page = app / os.path.basename(pages[0])
         assert str(params) in page.read_text(encoding="utf-8")
-    # the default folders, relative to params.json, do not exist beside the
-    # exe: a clear error that names them there, exit 2
-    second = run([exe], elsewhere, browser)
-    assert second.returncode == 2, second.stderr
-    assert "does not exist" in second.stderr and \
-        os.path.join(str(app), "examples") in second.stderr, second.stderr
+    # the default img_dirs is photos/ beside the exe (no Pictures folder
+    # here): the second double-click finds the duplicates there
+    second = run([exe], elsewhere, browser, home=home)
+    assert second.returncode == 0, second.stderr
+    assert "find_duplicates: 0 groups" in second.stderr, second.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -327,8 +327,10 @@ def test_the_shipped_params_json_works(capsys, tmp_path):
     """The README's run command on the shipped example collection."""
     root = tmp_path / "clone"
     shutil.copytree(os.path.dirname(rs.__file__), root, ignore=shutil.ignore_patterns(
-        "db", "index", "results", ".git", "bench", "tests", "__pycache__"))
+        "db", "index", "results", ".git", "bench", "tests", "__pycache__",
+        "params.json"))  # a fresh clone has none: the first run writes it
     code, doc = run_json(capsys, root / "params.json")
+    assert json.loads((root / "params.json").read_text()) == rs.default_params()
     assert code == 0 and doc["operation"] == "search"
     hits = {os.path.basename(q["query"]): names(m["path"] for m in q["matches"])
             for q in doc["queries"]}
