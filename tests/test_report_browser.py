@@ -84,28 +84,37 @@ def synthetic(doc, groups):
 
 # ---- without a browser: the files written ----
 
-def test_one_thumbnail_per_file_and_a_placeholder_for_unreadable(run, tmp_path):
+def test_thumbnails_for_big_files_and_other_formats_placeholder_for_unreadable(
+        run, tmp_path):
+    """Small JPEG/PNG files are shown as they are (no thumbnail to make); a
+    big JPEG and a TIFF get one thumbnail each, unreadable files the
+    placeholder; a second report reuses the thumbnails."""
     root, docs = run
     doc = copy.deepcopy(docs["find_duplicates"])
-    files = {m["path"] for g in doc["groups"] for m in g["images"]}
-    doc["groups"][0]["images"][1]["path"] = str(root / "gone.jpg")
-    doc["groups"][1]["images"][1]["path"] = str(root / "imgs" / "broken.jpg")
+    big, tiff = tmp_path / "big.jpg", tmp_path / "other.tif"
+    picture(2, (2000, 1200)).save(big, quality=80)
+    picture(3).save(tiff)
+    replaced = {"gone.jpg": root / "gone.jpg", "broken.jpg": root / "imgs" / "broken.jpg",
+                "big.jpg": big, "other.tif": tiff}
+    for k, path in enumerate(replaced.values()):
+        doc["groups"][k]["images"][1]["path"] = str(path)
     doc["groups"].append(copy.deepcopy(doc["groups"][2]))  # same files again
-    page = write_html_report(doc, str(tmp_path))
-    assert page == str(tmp_path / "find_duplicates.html")
-    thumbs = sorted(os.listdir(tmp_path / "find_duplicates_files"))
-    assert "unreadable.png" in thumbs
-    assert len(thumbs) == len(files) - 2 + 1  # two unreadable, one placeholder
+    out = tmp_path / "out"
+    page = write_html_report(doc, str(out))
+    assert page == str(out / "find_duplicates.html")
+    thumbs = sorted(os.listdir(out / "find_duplicates_files"))
+    assert len(thumbs) == 3 and "unreadable.png" in thumbs  # big, tiff, placeholder
     for name in thumbs:
-        with Image.open(tmp_path / "find_duplicates_files" / name) as im:
+        with Image.open(out / "find_duplicates_files" / name) as im:
             assert max(im.size) == 160 and im.mode == "RGB"
-    data = page_data(page)
-    items = [it for s in data["sets"] for it in s["items"]]
-    assert {it["thumb"] for it in items if it["name"] in ("gone.jpg", "broken.jpg")} \
-        == {"unreadable.png"}
-    made = lambda name: os.stat(tmp_path / "find_duplicates_files" / name).st_mtime_ns
+    items = [it for s in page_data(page)["sets"] for it in s["items"]]
+    thumb = {it["name"]: it.get("thumb") for it in items}
+    assert thumb["gone.jpg"] == thumb["broken.jpg"] == "unreadable.png"
+    assert {thumb["big.jpg"], thumb["other.tif"]} == set(thumbs) - {"unreadable.png"}
+    assert all("thumb" not in it for it in items if it["name"] not in replaced)
+    made = lambda name: os.stat(out / "find_duplicates_files" / name).st_mtime_ns
     before = {name: made(name) for name in thumbs if name != "unreadable.png"}
-    write_html_report(docs["find_duplicates"], str(tmp_path))  # again: reused
+    write_html_report(doc, str(out))  # again: reused
     assert {name: made(name) for name in before} == before
 
 
@@ -216,7 +225,8 @@ def test_duplicates_page_as_a_person_sees_it(run, tmp_path, open_page):
         assert [c.get_attribute("data-pair") for c in box.locator(".card").all()] == \
             [None] + [f"0,{j}" for j in range(1, len(group["images"]))]
     sizes = load_every_thumbnail(page)
-    assert len(sizes) == 11 and all(max(s) == 160 for s in sizes)
+    # small JPEG/PNG files: shown as they are (the browser scales them)
+    assert len(sizes) == 11 and all(max(s) in (320, 400, 640) for s in sizes)
     names = page.locator(".card .name").all_inner_texts()
     assert sizes[names.index("p5_exif6.jpg")][0] > sizes[names.index("p5_exif6.jpg")][1]
     assert "café ñ.png" in names

@@ -82,3 +82,32 @@ def test_find_duplicates_gives_the_same_results_every_run(tmp_path, capsys):
                      .read_text(encoding="utf-8"))
     assert doc["group_count"] == 6 and doc["duplicates"] == 18
     assert all(r == runs[0] for r in runs[1:])
+
+
+# ---- the HTML report costs the same at any size ----
+
+def test_report_makes_thumbnails_for_the_first_page_only(tmp_path):
+    """60 groups of two TIFFs (a format browsers do not draw): thumbnails for
+    the 50 groups of the first page; later cards show the file itself."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    groups = []
+    for g in range(60):
+        images = []
+        for k in range(2):
+            path = folder / f"g{g:02d}_{k}.tif"
+            Image.new("RGB", (24, 16), (g * 4, k * 100, 50)).save(path)
+            images.append({"path": str(path), "width": 24, "height": 16,
+                           "size": path.stat().st_size, "mtime": "2024-01-01T00:00:00",
+                           "distance": k, "keep": k == 0})
+        groups.append({"images": images})
+    page = rs.write_html_report({"operation": "find_duplicates", "groups": groups},
+                                str(tmp_path / "out"))
+    made = os.listdir(tmp_path / "out" / "find_duplicates_files")
+    assert len(made) == 2 * rs.HTML_PAGE_SIZE + 1  # and the placeholder
+    text = open(page, encoding="utf-8").read()
+    data = json.loads(text[text.index('id="report-data">') + 17:
+                           text.index("</script>")])
+    thumbs = [[it.get("thumb") for it in s["items"]] for s in data["sets"]]
+    assert all(t and t != rs.PLACEHOLDER_NAME for s in thumbs[:50] for t in s)
+    assert all(t is None for s in thumbs[50:] for t in s)
