@@ -208,6 +208,7 @@ def test_duplicates_page_as_a_person_sees_it(run, tmp_path, open_page):
                      f"{rs.human_bytes(doc['bytes_reclaimable'])} reclaimable"]
     assert texts(page, "#failures summary") == ["1 file could not be read"]
     page.click("#failures summary")
+    page.wait_for_selector("#failure-list li")  # filled on the toggle event
     assert [t.split(": ")[0] for t in texts(page, "#failure-list li")] == \
         [str(root / "imgs" / "broken.jpg")]
     assert texts(page, "nav.pager .page") == ["Page 1 of 1"] * 2
