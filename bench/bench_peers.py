@@ -250,7 +250,7 @@ def markdown(head: list, rows: list) -> str:
 
 # ---------------------------------------------------------------- scale --
 
-SCALE_GENERATOR = 1     # bump when the fixture changes
+SCALE_GENERATOR = 3     # bump when the fixture changes
 SCALE_CLUSTERED = 0.38  # share of images in clusters (1M: ~110k groups)
 SCALE_REAL = 50         # largest clusters (8 images each) made real files
 
@@ -270,8 +270,10 @@ def load_tool():
     return module
 
 
-def scale_hashes(n: int, rng):
-    """(main hashes, centre hashes (n, 2), cluster sizes) as uint64."""
+def scale_hashes(n: int, slots: int, rng):
+    """(n, slots) uint64 hashes (the main one, then every stored extra) and
+    the cluster sizes: members are their cluster's first row with 0-3 bits
+    changed in each hash."""
     import numpy as np
     sizes = [8] * SCALE_REAL
     left = int(n * SCALE_CLUSTERED) - sum(sizes)
@@ -279,16 +281,17 @@ def scale_hashes(n: int, rng):
         k = min(int(rng.choice([2, 2, 2, 3, 3, 4, 5, 6])), left)
         sizes.append(k)
         left -= k
-    base = rng.integers(0, 2**64 - 1, (n, 3), dtype=np.uint64, endpoint=True)
+    base = rng.integers(0, 2**64 - 1, (n, slots), dtype=np.uint64,
+                        endpoint=True)
+    one = np.uint64(1)
     at = 0
-    for k in sizes:  # members: the cluster's first hashes, 0-3 bits changed
-        flips = rng.integers(0, 64, (k - 1, 3, 3))
-        keep = rng.integers(0, 4, (k - 1, 3, 1)) > np.arange(3)
-        masks = np.where(keep, np.left_shift(np.uint64(1),
-                                             flips.astype(np.uint64)), 0)
+    for k in sizes:
+        flips = rng.integers(0, 64, (k - 1, slots, 3)).astype(np.uint64)
+        keep = rng.integers(0, 4, (k - 1, slots, 1)) > np.arange(3)
+        masks = np.where(keep, np.left_shift(one, flips), np.uint64(0))
         base[at + 1:at + k] = base[at] ^ np.bitwise_or.reduce(masks, axis=2)
         at += k
-    return base[:, 0], base[:, 1:], sizes
+    return base, sizes
 
 
 def make_scale_fixture(rs, n: int, folder: str) -> str:
@@ -314,7 +317,14 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
                    "distance_threshold": 8, "workers": 2}, fh)
     cfg = rs.config_from(rs.read_params(params), params, {})
     rng = np.random.default_rng([SCALE_GENERATOR, n])
-    main, centres, sizes = scale_hashes(n, rng)
+    spec = cfg.spec
+    hashes, sizes = scale_hashes(n, 1 + spec.extra_count, rng)
+    if spec.content_count:  # no content box: its hash is the whole one
+        at = 1 + spec.variant_count + spec.centre_count
+        hashes[:, at] = hashes[:, 0]
+        hashes[:, at + 1] = rs.FULL_BOX_WORD
+    extras = hashes[:, 1:].astype(">u8")
+    traits = rs.Traits(format="JPEG").text()
     real = sum(sizes[:SCALE_REAL])
     colours = rng.integers(0, 256, (real, 4, 4, 3), dtype=np.uint8)
     store = rs.Store(cfg.db_path, create=True)
@@ -326,15 +336,15 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
             path = os.path.join(images, f"p{k // 1000:04d}", f"i{k:07d}.jpg")
             rows.append(rs.ImageRow(
                 path, 20_000 + k % 9973, 1_700_000_000_000_000_000 + k,
-                k.to_bytes(32, "big"), int(main[k]), 64, 64, None, None,
-                rs.pack_hashes([int(h) for h in centres[k]], bits),
-                False, 3.3))
+                k.to_bytes(32, "big"), int(hashes[k, 0]), 64, 64, None, None,
+                extras[k].tobytes(), False, 3.3, traits))
             if k < real:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 Image.fromarray(colours[k]).resize((64, 64)).save(path)
         store.upsert(rows, bits)
         print(f"  fixture {n}: {min(n, lo + batch)} rows", file=sys.stderr,
               flush=True)
+    store.record_coverage(cfg.img_dirs, spec.kind)  # no walk of the folder
     store.close()
     with open(stamp, "w") as fh:
         json.dump(want, fh)
