@@ -7540,17 +7540,18 @@ def make_thumbnails(paths: list, folder: str, px: int, max_pixels: int) -> dict:
         warnings.simplefilter("ignore")  # EXIF and palette notes
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             made = dict(zip(paths, pool.map(
-                lambda p: thumbnail(p, folder, px, max_pixels), paths)))
+                lambda p: thumbnail(p, folder, px, max_pixels, as_is=True),
+                paths)))
     _prune_thumbnails(folder, {t["thumb"] for t in made.values()})
     return made
 
 
 def thumbnail(path: str, folder: str, px: int, max_pixels: int,
-              make: bool = True) -> dict:
+              make: bool = True, as_is: bool = False) -> dict:
     """{"thumb": file name in folder, "w", "h", "size", "mtime_ns"}; the
     placeholder (and None for what is unknown) when the file cannot be read;
-    "thumb" None when the page shows the file itself (a small picture a
-    browser draws, or make=False)."""
+    "thumb" None when the page shows the file itself: make=False, or as_is
+    and a small picture a browser draws (HTML_AS_IS_*)."""
     info = {"thumb": PLACEHOLDER_NAME, "w": None, "h": None, "size": None,
             "mtime_ns": None}
     from PIL import Image
@@ -7570,8 +7571,9 @@ def thumbnail(path: str, folder: str, px: int, max_pixels: int,
                 "exif" not in im.info else _exif_orientation(im)
             sideways = orientation in (5, 6, 7, 8)  # sizes as displayed
             info.update(w=h if sideways else w, h=w if sideways else h)
-            if not make or (im.format in HTML_AS_IS_FORMATS and w * h <=
-                            HTML_AS_IS_PIXELS and st.st_size <= HTML_AS_IS_BYTES):
+            if not make or as_is and (
+                    im.format in HTML_AS_IS_FORMATS and w * h <=
+                    HTML_AS_IS_PIXELS and st.st_size <= HTML_AS_IS_BYTES):
                 info["thumb"] = None
                 return info
             if not made:
