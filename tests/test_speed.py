@@ -99,7 +99,7 @@ def test_report_makes_thumbnails_for_the_first_page_only(tmp_path):
             Image.new("RGB", (24, 16), (g * 4, k * 100, 50)).save(path)
             images.append({"path": str(path), "width": 24, "height": 16,
                            "size": path.stat().st_size, "mtime": "2024-01-01T00:00:00",
-                           "distance": k, "keep": k == 0})
+                           "distance": k, "keep": k == 0, "hash": "0" * 16})
         groups.append({"images": images})
     page = rs.write_html_report({"operation": "find_duplicates", "groups": groups},
                                 str(tmp_path / "out"))
