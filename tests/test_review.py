@@ -272,8 +272,10 @@ def test_the_whole_flow_in_the_browser(served, browser):
     # keys: next and previous group; compare zooms and pans every picture together
     page.locator("header h1").hover()
     page.keyboard.press("j")
+    page.locator('.group.focus[data-n="2"]').wait_for(timeout=10_000)  # the key redraws
     assert page.locator(".group.focus").get_attribute("data-n") == "2"
     page.keyboard.press("k")
+    page.locator('.group.focus[data-n="1"]').wait_for(timeout=10_000)  # the key redraws
     assert page.locator(".group.focus").get_attribute("data-n") == "1"
     page.keyboard.press("c")
     page.wait_for_function("[...document.querySelectorAll('#cmp-views img')]"
