@@ -5676,13 +5676,6 @@ class How:
                 "text": self.text()}
 
 
-def stage_name(code: int) -> str:
-    """The stage a match code belongs to."""
-    if code < 0:
-        return "whole hash"
-    return "orientation" if code < len(VARIANTS) else "centre"
-
-
 # Verified mode also takes whole-hash candidates this many bits past the
 # threshold, each one verified (a sticker moves a copy ~12 bits away).
 VERIFY_EXTRA_BITS = 6
@@ -5714,10 +5707,10 @@ class Judge:
         return VERIFY_EXTRA_BITS if self.verifier else 0
 
     def __call__(self, path_a: str, path_b: str, hit: Hit, limit) -> How | None:
-        stage = stage_name(hit.variant)
+        stage = stage_of(hit.variant)
         region = MATCH_NAMES[hit.variant] if hit.variant >= 0 else None
         within = hit.effective <= limit
-        if self.verifier is None or within and stage == "whole hash":
+        if self.verifier is None or within and hit.variant < 0:
             return How(stage, region) if within else None
         if self.left <= 0:
             return None
@@ -5728,6 +5721,55 @@ class Judge:
 
     def next_query(self) -> None:
         self.left = VERIFY_PER_QUERY
+
+
+class EdgeJudge:
+    """find_duplicates' keep_edge: in verified mode, a pair found by a weak
+    stage (another orientation, a centre, a content box, a window) stands
+    only if verified; whole-hash pairs stand as found.  Remembers which
+    image pairs were verified, for split_group and for saying how."""
+
+    def __init__(self, judge: Judge, flat: FlatIndex, store):
+        self.judge, self.flat, self.store = judge, flat, store
+        self.verified: set = set()  # frozensets of image positions
+        self.paths: dict = {}
+
+    def path(self, p: int) -> str:
+        return self.paths[p]
+
+    def __call__(self, edges: Edges) -> np.ndarray:
+        keep = edges.code == -1
+        weak = np.flatnonzero(~keep)
+        ends = set(edges.a[weak].tolist()) | set(edges.b[weak].tolist())
+        rows = self.store.rows_by_id(int(self.flat.ids[p]) for p in ends)
+        self.paths.update((p, rows[int(self.flat.ids[p])].path) for p in ends)
+        for k in weak.tolist():
+            a, b = int(edges.a[k]), int(edges.b[k])
+            pair = frozenset((a, b))
+            if pair not in self.verified and not self.judge.verifier.check(
+                    self.paths[a], self.paths[b]).accepted:
+                continue
+            self.verified.add(pair)
+            keep[k] = True
+        return keep
+
+    def trusted(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
+        """Which members may join lead's group: within the limit by the
+        whole-picture hash, or verified with it."""
+        h = self.flat.hashes
+        whole = row_distances(h[members], np.broadcast_to(
+            h[lead], h[members].shape)) <= limit
+        return whole | np.array([frozenset((lead, m)) in self.verified
+                                 for m in members.tolist()], dtype=bool)
+
+    def how(self, lead: int, member: int, code: int) -> How | None:
+        """How member matched lead, seen from lead, when they were verified."""
+        if code < 0 or frozenset((lead, member)) not in self.verified:
+            return None
+        verdict = self.judge.verifier.check(self.paths[lead], self.paths[member])
+        name = MATCH_NAMES[code]
+        return How(stage_of(code), name, True, verdict.geometry) \
+            if verdict.accepted else How(stage_of(code), name, True)
 
 
 @dataclass
@@ -5769,7 +5811,7 @@ def _match(row: ImageRow, bits: int, distance: int, variant: int = -1,
     return Match(row.path, hash_hex(row.hash, bits), int(distance), row.width,
                  row.height, row.size, row.mtime_ns,
                  variant=MATCH_NAMES[variant] if variant >= 0 else None,
-                 how=how or How(stage_name(variant), MATCH_NAMES[variant]
+                 how=how or How(stage_of(variant), MATCH_NAMES[variant]
                                 if variant >= 0 else None))
 
 
@@ -6007,7 +6049,10 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         engine = flat.engine(cfg.engine, radius, True, bktree)
         regions = flat.region_engines(cfg.engine, radius, True, bktree)
         adaptive = cfg.adaptive_threshold
-        components = duplicate_groups(flat, engine, radius, adaptive, regions)
+        judge = Judge(cfg, ui)
+        edges = EdgeJudge(judge, flat, store) if judge.verifier else None
+        components = duplicate_groups(flat, engine, radius, adaptive, regions,
+                                      keep_edge=edges)
         rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)
         components = _still_stored(components, flat, rows)
         rows = {p: rows[int(flat.ids[p])] for g in components for p in g}
@@ -6021,8 +6066,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
             ranked = sorted(comp.tolist(),
                             key=lambda p: keep_key(rows[p], cfg, ctx))
             splits += split_group(ranked, flat, radius, rows, marks,
-                                  cfg.grouping == "connected", adaptive)
-        groups = make_groups(splits, flat, rows, cfg, radius, adaptive)
+                                  cfg.grouping == "connected", adaptive, edges)
+        groups = make_groups(splits, flat, rows, cfg, radius, adaptive, edges)
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
                                    g.images[0].path))
         failures = [Failure(r.path, r.error) for r in store.failed_rows()]
@@ -6189,13 +6234,16 @@ CENTRE_LIMIT = 2000  # larger components take leaders in index order
 
 
 def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
-                marks: set, connected: bool, adaptive: bool = False) -> list:
+                marks: set, connected: bool, adaptive: bool = False,
+                edges: EdgeJudge | None = None) -> list:
     """The groups one connected component is reported as.
 
     representative: the image near the most others leads a group of all
     still free within the threshold of it, and so on, so different pictures
     are never chained together through in-between images.  connected: the
-    whole component, unless "not a duplicate" marks force a split."""
+    whole component, unless "not a duplicate" marks force a split.  With
+    verified matching (edges) a member is near the lead by its whole hash
+    or by a verified pair, never by an unverified region or orientation."""
     marked = marks and any(_marked(rows[a], rows[b], marks)
                            for k, a in enumerate(members) for b in members[k + 1:])
     if (connected or len(members) == 2) and not marked:
@@ -6205,7 +6253,8 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
     def close_to(p):
         limit = pair_threshold(radius, flat.detail[p], flat.detail[members]) \
             if adaptive else radius
-        return flat.match_distances(p, members)[0] <= limit
+        near = flat.match_distances(p, members)[0] <= limit
+        return near & edges.trusted(p, members, limit) if edges else near
     near = None
     if len(members) <= CENTRE_LIMIT:  # every member against every other
         k = len(members)
@@ -6404,7 +6453,8 @@ def _root_index(path: str, roots: list) -> int:
 
 
 def make_groups(splits: list, flat: FlatIndex, rows: dict, cfg: Config,
-                radius: int, adaptive: bool) -> list:
+                radius: int, adaptive: bool, edges: EdgeJudge | None = None
+                ) -> list:
     """_group of each member list, distances to the leads in one call."""
     sizes = np.array([len(m) for m in splits], dtype=np.int64)
     others = np.fromiter((p for m in splits for p in m), np.int64, sizes.sum())
@@ -6413,16 +6463,16 @@ def make_groups(splits: list, flat: FlatIndex, rows: dict, cfg: Config,
         if adaptive else radius
     _, dist, which = flat.match_distances(leads, others, limit)
     cuts = np.cumsum(sizes)[:-1]
-    return [_group(m, d.tolist(), w.tolist(), rows, cfg) for m, d, w in
+    return [_group(m, d.tolist(), w.tolist(), rows, cfg, edges) for m, d, w in
             zip(splits, np.split(dist, cuts), np.split(which, cuts))]
 
 
 def _group(members: list, dist: list, which: list, rows: dict,
-           cfg: Config) -> Group:
+           cfg: Config, edges: EdgeJudge | None = None) -> Group:
     """members[0] leads and distances are measured to it; the keep rule
     picks the image to keep, also from how each matched the lead."""
-    images = [_match(rows[p], cfg.spec.bits, d, w)
-              for p, d, w in zip(members, dist, which)]
+    images = [_match(rows[p], cfg.spec.bits, d, w, edges and edges.how(
+        members[0], p, int(w))) for p, d, w in zip(members, dist, which)]
     kept, reason = choose_keep([rows[p] for p in members],
                                [m.variant for m in images], cfg)
     images[kept].keep = True
@@ -7279,7 +7329,7 @@ def _how_cells(m: Match) -> list:
 
 def _how_suffix(m: Match) -> str:
     """What the text output adds after a match: how, unless plain."""
-    if m.how is None or m.how.stage == "whole hash" and not m.how.verified:
+    if m.how is None or m.how.stage == STAGES[0] and not m.how.verified:
         return ""
     return f"  ({m.how.text()})"
 

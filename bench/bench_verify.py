@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Verification benchmark: does it accept copies and refuse different
+pictures, and what do features cost, stored at build time or found per run?
+
+    python3 bench/bench_verify.py --corpus /work/data/tough
+    python3 bench/bench_verify.py --corpus /work/data/std --pairs 300
+
+Pairs, from the corpus's truth.csv: every original with each of its copies
+(accepted % per edit), and different pictures: an original with distractors,
+with other originals, dark astro frames with each other, a copy with another
+original, and two copies of different originals made by the same edit (the
+same screenshot template, frame, caption band, sticker: the hardest case).
+
+Costs, on the same images: the build's hashing per image (hash_file, the
+shipped defaults) beside finding features per image (load_features), the
+bytes the features would take if stored, and one verification per pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import os
+import random
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import reverse_search as rs  # noqa: E402
+
+
+def read_truth(corpus: str) -> list:
+    with open(os.path.join(corpus, "truth.csv"), newline="",
+              encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def pairs_of(rows: list, per_kind: int, seed: int) -> list:
+    """(a, b, kind, is_copy) for the copies and the different pictures."""
+    rng = random.Random(seed)
+    copies = [(r["original"], r["file"], r["transform"], True) for r in rows
+              if r["category"] in ("near_dup", "hard") and r["file"] != r["original"]]
+    originals = sorted({r["original"] for r in rows if r["category"] == "original"})
+    distractors = [r["file"] for r in rows if r["category"] == "distractor"]
+    dark = [r["original"] for r in rows
+            if r["category"] == "original" and r.get("content") == "astro"]
+    diff = []
+    for o in originals:
+        diff += [(o, d, "distractor", False) for d in rng.sample(distractors, 4)]
+        diff += [(o, p, "other original", False)
+                 for p in rng.sample(originals, 3) if p != o]
+    diff += [(a, b, "dark frames", False)
+             for k, a in enumerate(dark) for b in dark[k + 1:]]
+    group_of = {r["file"]: r["original"] for r in rows}
+    for a, b, _, _ in rng.sample(copies, min(per_kind * 4, len(copies))):
+        other = rng.choice(originals)
+        if other != group_of[b]:
+            diff.append((other, b, "copy vs other original", False))
+    by_edit = collections.defaultdict(list)
+    for _, f, edit, _ in copies:
+        by_edit[edit].append(f)
+    for edit, files in sorted(by_edit.items()):
+        files = sorted(files)
+        for k in range(min(per_kind, len(files))):
+            a, b = files[k], files[(k + 7) % len(files)]
+            if group_of[a] != group_of[b]:
+                diff.append((a, b, f"same edit: {edit}", False))
+    return copies + diff
+
+
+def costs(paths: list, corpus: str) -> dict:
+    """Per image: hashing as build does it, features, stored feature bytes."""
+    job = rs.HashJob(rs.Config().spec, 10 ** 9, 2 ** 30)
+    hash_s, feat_s, sizes = [], [], []
+    for p in paths:
+        full = os.path.join(corpus, p)
+        t = time.perf_counter()
+        rs.hash_file(rs.HashTask(full), job)
+        hash_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f = rs.load_features(full, 10 ** 9)
+        feat_s.append(time.perf_counter() - t)
+        sizes.append(f.points.nbytes + f.descriptors.nbytes)
+    return {"hash_ms": 1000 * statistics.median(hash_s),
+            "feature_ms": 1000 * statistics.median(feat_s),
+            "bytes": statistics.median(sizes)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--corpus", required=True, help="folder with truth.csv")
+    ap.add_argument("--pairs", type=int, default=25,
+                    help="pairs per kind of different pictures (default 25)")
+    ap.add_argument("--cost-images", type=int, default=150,
+                    help="images timed for the cost table (default 150)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    if rs._cv2() is None:
+        print("OpenCV is not installed: pip install opencv-python-headless")
+        return 2
+    rows = read_truth(args.corpus)
+    pairs = pairs_of(rows, args.pairs, args.seed)
+    verifier = rs.Verifier(10 ** 9, cache_size=10 ** 6)
+    tally = collections.defaultdict(lambda: [0, 0])
+    seconds, wrong = [], []
+    for a, b, kind, is_copy in pairs:
+        pa, pb = (os.path.join(args.corpus, p) for p in (a, b))
+        verifier.features(pa), verifier.features(pb)  # not timed: see costs
+        t = time.perf_counter()
+        verdict = verifier.check(pa, pb)
+        seconds.append(time.perf_counter() - t)
+        tally[(is_copy, kind)][0] += verdict.accepted
+        tally[(is_copy, kind)][1] += 1
+        if verdict.accepted != is_copy:
+            wrong.append((kind, a, b, verdict.reason))
+    print(f"reverse_search {rs.__version__}: verification on {args.corpus}\n")
+    print(f"{'pairs':<34} {'n':>5} {'accepted %':>11}")
+    for (is_copy, kind), (yes, n) in sorted(tally.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        label = ("copy: " if is_copy else "different: ") + kind
+        print(f"{label:<34} {n:>5} {100 * yes / n:>11.1f}")
+    copies = [v for (c, _), v in tally.items() if c]
+    diffs = [v for (c, _), v in tally.items() if not c]
+    print(f"{'ALL copies':<34} {sum(n for _, n in copies):>5} "
+          f"{100 * sum(y for y, _ in copies) / max(1, sum(n for _, n in copies)):>11.1f}")
+    print(f"{'ALL different pictures':<34} {sum(n for _, n in diffs):>5} "
+          f"{100 * sum(y for y, _ in diffs) / max(1, sum(n for _, n in diffs)):>11.2f}")
+    paths = sorted({p for a, b, _, _ in pairs for p in (a, b)})[:args.cost_images]
+    c = costs(paths, args.corpus)
+    verify_ms = 1000 * statistics.median(seconds)
+    print(f"\nCosts (median over {len(paths)} images / {len(seconds)} pairs, one process)")
+    print(f"{'hashing per image (build today)':<42} {c['hash_ms']:>8.1f} ms")
+    print(f"{'features per image (decode + ORB)':<42} {c['feature_ms']:>8.1f} ms")
+    print(f"{'  stored at build: build time x':<42} "
+          f"{(c['hash_ms'] + c['feature_ms']) / c['hash_ms']:>8.2f}")
+    print(f"{'  stored at build: bytes per image':<42} {c['bytes']:>8.0f}")
+    print(f"{'  stored at build: at 100,000 images':<42} "
+          f"{c['bytes'] * 1e5 / 2 ** 30:>8.2f} GiB")
+    print(f"{'verification per pair (features ready)':<42} {verify_ms:>8.1f} ms")
+    print(f"{'on demand: a pair, both features found':<42} "
+          f"{verify_ms + 2 * c['feature_ms']:>8.1f} ms")
+    if wrong:
+        print("\nWrong verdicts:")
+        for kind, a, b, why in wrong:
+            print(f"  {kind}: {a} / {b}: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
