@@ -2,6 +2,7 @@
 different pictures are not joined.  Real images drawn with Pillow."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -190,3 +191,33 @@ def test_without_opencv_the_tool_runs_hashes_only(edits):
     doc = json.loads(done.stdout[done.stdout.index("{"):])
     assert all(not m["how"]["verified"] for q in doc["queries"]
                for m in q["matches"])
+
+
+def test_find_duplicates_groups_verified_copies_only(edits, capsys):
+    shutil.copy(edits / "queries" / "original.jpg", edits / "imgs" / "original.jpg")
+    params = write_params(edits)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    groups = [{os.path.basename(m["path"]): m for m in g["images"]}
+              for g in doc["groups"]]
+    mine = next(g for g in groups if "original.jpg" in g)
+    assert {"original.jpg", "framed.jpg", "turned.jpg", "crop80.jpg"} <= set(mine)
+    assert not any(n.startswith(("other", "dark")) for g in groups for n in g)
+    turned = mine["turned.jpg"]["how"]
+    assert turned["stage"] == "orientation" and turned["verified"]
+    assert turned["geometry"]["turn"] in (90, 270)
+
+
+def test_geometry_swapped_is_the_check_the_other_way_round(edits):
+    verifier = rs.Verifier(10 ** 9)
+    q, crop = str(edits / "queries" / "original.jpg"), str(edits / "imgs" / "crop.jpg")
+    there = verifier.check(q, crop).geometry
+    back = verifier.check(crop, q).geometry
+    assert there.inner == "b" and back.inner == "a"
+    swapped = there.swapped()
+    assert swapped.inner == back.inner and abs(swapped.share - back.share) < 0.03
+    assert abs(swapped.scale - back.scale) < 0.03 * back.scale
+    assert max(abs(x - y) for x, y in zip(swapped.box, back.box)) < 8
+    turned = str(edits / "imgs" / "turned.jpg")
+    g1, g2 = verifier.check(q, turned).geometry, verifier.check(turned, q).geometry
+    assert g1.swapped().turn == g2.turn and g1.turn != g2.turn
