@@ -5734,6 +5734,9 @@ class Judge:
         self.left = VERIFY_PER_QUERY
 
 
+_REFUSED = Verdict(False, "not checked")
+
+
 class EdgeJudge:
     """find_duplicates' keep_edge: in verified mode, a pair found by a weak
     stage (another orientation, a centre, a content box, a window) stands
@@ -5781,6 +5784,15 @@ class EdgeJudge:
                 roots[max(ra, rb)] = min(ra, rb)
                 keep[k] = True
         return keep
+
+    def known(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
+        """Members near lead by the whole hash or by a pair already verified
+        (nothing is checked here)."""
+        h = self.flat.hashes
+        whole = row_distances(h[members], np.broadcast_to(
+            h[lead], h[members].shape)) <= limit
+        return whole | np.array([self.verdicts.get(frozenset((lead, m)), (
+            0, _REFUSED))[1].accepted for m in members.tolist()], dtype=bool)
 
     def trusted(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
         """Which members may join lead's group (all of them near it by some
@@ -6304,6 +6316,11 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
         limit = pair_threshold(radius, flat.detail[leads],
                                flat.detail[others]) if adaptive else radius
         near = (flat.match_distances(leads, others)[0] <= limit).reshape(k, k)
+    # verified mode: leads are chosen by the links already vouched for (the
+    # whole hash, pairs verified so far), so the lead is the picture the
+    # copies are sure to match, not one that regions make look central
+    solid = near if near is None or not edges else near & np.stack(
+        [edges.known(p, members, limit_of(p)) for p in members])
     free = np.ones(len(members), dtype=bool)
     out = []
     while free.any():
@@ -6311,7 +6328,7 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
             lead = int(np.argmax(free))
             close = close_to(members[lead])
         else:
-            lead = int(np.argmax(np.where(free, (near & free).sum(axis=1), -1)))
+            lead = int(np.argmax(np.where(free, (solid & free).sum(axis=1), -1)))
             close = near[lead]
         close = trusted(lead, close & free)
         group = [lead]
