@@ -5676,9 +5676,11 @@ class How:
         found = self.region or self.stage
         if not self.verified:
             return found
-        if self.geometry is None:
-            return f"{found}, verified"
-        return f"{found}, verified: {self.geometry.describe()}"
+        g = self.geometry
+        if g is None or g.inner != "" and g.share >= 0.9 and abs(g.angle) < 0.5 \
+                and self.stage in (STAGES[0], STAGES[1]):
+            return f"{found}, verified"  # nothing to add to what it says
+        return f"{found}, verified: {g.describe()}"
 
     def as_json(self) -> dict:
         return {"stage": self.stage, "region": self.region,
@@ -5717,11 +5719,18 @@ class Judge:
     def extra_bits(self) -> int:
         return VERIFY_EXTRA_BITS if self.verifier else 0
 
-    def __call__(self, path_a: str, path_b: str, hit: Hit, limit) -> How | None:
+    def __call__(self, path_a: str, path_b: str, hit: Hit, limit,
+                 detail: float = DETAIL_FULL) -> How | None:
+        """detail: the lesser of the two pictures' detail_bits; below
+        DETAIL_FULL even a whole-hash match is verified (dark frames with
+        one blob collide: 4 of the tough corpus's 150 distractors), unless
+        within half the limit (their copies are: dark frames verify badly)."""
         stage = stage_of(hit.variant)
         region = MATCH_NAMES[hit.variant] if hit.variant >= 0 else None
         within = hit.effective <= limit
-        if self.verifier is None or within and hit.variant < 0:
+        strong = within and hit.variant < 0 and (
+            detail >= DETAIL_FULL or 2 * hit.bits <= limit)
+        if self.verifier is None or strong:
             return How(stage, region) if within else None
         if self.left <= 0:
             return None
@@ -5747,8 +5756,9 @@ class EdgeJudge:
     one cost 5 minutes on the 1,450-image public corpus, whose 16 copies of
     a picture are all near each other.  Each image pair is checked once."""
 
-    def __init__(self, judge: Judge, flat: FlatIndex, store):
+    def __init__(self, judge: Judge, flat: FlatIndex, store, radius: int):
         self.judge, self.flat, self.store = judge, flat, store
+        self.radius = radius
         self.verdicts: dict = {}  # frozenset of two positions -> (a, Verdict)
         self.paths: dict = {}
 
@@ -5765,8 +5775,16 @@ class EdgeJudge:
                 self.paths[a], self.paths[b]))
         return self.verdicts[pair][1].accepted
 
+    def solid(self, a, b, bits) -> np.ndarray:
+        """Whole-hash distances that vouch: pictures with detail enough, or
+        within half the (adaptive) limit (see Judge)."""
+        d = self.flat.detail
+        least = np.minimum(d[a], d[b])
+        return (least >= DETAIL_FULL) | (
+            2 * np.asarray(bits) <= pair_threshold(self.radius, least, least))
+
     def __call__(self, edges: Edges) -> np.ndarray:
-        keep = edges.code == -1
+        keep = (edges.code == -1) & self.solid(edges.a, edges.b, edges.bits)
         parent = components(len(self.flat.ids), edges.a[keep], edges.b[keep])
         roots: dict = {}
 
@@ -5789,8 +5807,8 @@ class EdgeJudge:
         """Members near lead by the whole hash or by a pair already verified
         (nothing is checked here)."""
         h = self.flat.hashes
-        whole = row_distances(h[members], np.broadcast_to(
-            h[lead], h[members].shape)) <= limit
+        d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
+        whole = (d <= limit) & self.solid(lead, members, d)
         return whole | np.array([self.verdicts.get(frozenset((lead, m)), (
             0, _REFUSED))[1].accepted for m in members.tolist()], dtype=bool)
 
@@ -5798,8 +5816,8 @@ class EdgeJudge:
         """Which members may join lead's group (all of them near it by some
         hash): near by the whole-picture hash, or verified with it."""
         h = self.flat.hashes
-        whole = row_distances(h[members], np.broadcast_to(
-            h[lead], h[members].shape)) <= limit
+        d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
+        whole = (d <= limit) & self.solid(lead, members, d)
         return np.array([w or m == lead or self.check(lead, m)
                          for w, m in zip(whole.tolist(), members.tolist())],
                         dtype=bool)
@@ -5926,7 +5944,8 @@ def op_search(run: Run, ui: Console) -> SearchReport:
                     if cfg.adaptive_threshold else radius
                 if marks and frozenset((result.path, row.path)) in marks:
                     continue
-                how = judge(result.path, row.path, hit, limit)
+                how = judge(result.path, row.path, hit, limit,
+                            min(result.detail, row.detail))
                 if how is not None:
                     query.matches.append(_match(row, spec.bits, hit.bits,
                                                 hit.variant, how))
@@ -6096,7 +6115,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         regions = flat.region_engines(cfg.engine, radius, True, bktree)
         adaptive = cfg.adaptive_threshold
         judge = Judge(cfg, ui)
-        edges = EdgeJudge(judge, flat, store) if judge.verifier else None
+        edges = EdgeJudge(judge, flat, store, radius) if judge.verifier else None
         components = duplicate_groups(flat, engine, radius, adaptive, regions,
                                       keep_edge=edges)
         rows = store.rows_by_id(int(flat.ids[p]) for g in components for p in g)

@@ -355,4 +355,4 @@ def test_orientation_matches_say_how_on_their_card(tmp_path, capsys):
     assert rs.main(["find_duplicates", "--params", params, "--format", "json", "-q"]) == 0
     doc = json.loads(capsys.readouterr().out)
     text = pathlib.Path(write_html_report(doc, str(tmp_path / "out"))).read_text("utf-8")
-    assert '"how":"mirrored"' in text
+    assert '"how":"mirrored, verified"' in text  # checked on the pixels
