@@ -3930,8 +3930,9 @@ class Geometry:
             parts.append(f"cropped to {pct} %")
         elif not self.inner:
             parts.append(f"overlaps it, {pct} % of its area")
-        if self.turn:
-            parts.append(f"turned {self.turn}°")
+        if self.turn:  # said as Pillow's orientation names say it
+            parts.append({90: "turned 90° clockwise", 180: "turned 180°",
+                          270: "turned 90° anticlockwise"}[self.turn])
         if abs(self.angle) >= 0.5:
             parts.append(f"tilted {self.angle:+.0f}°")
         if self.mirror:
@@ -5763,16 +5764,21 @@ class EdgeJudge:
         self.paths: dict = {}
 
     def _load_paths(self, positions) -> None:
+        """Paths of image positions; None for a row an update removed
+        since the index was loaded (never verified, so never joined)."""
         missing = {int(p) for p in positions} - self.paths.keys()
         rows = self.store.rows_by_id(int(self.flat.ids[p]) for p in missing)
-        self.paths.update((p, rows[int(self.flat.ids[p])].path) for p in missing)
+        self.paths.update((p, getattr(rows.get(int(self.flat.ids[p])), "path",
+                                      None)) for p in missing)
 
     def check(self, a: int, b: int) -> bool:
         pair = frozenset((a, b))
         if pair not in self.verdicts:
             self._load_paths((a, b))
-            self.verdicts[pair] = (a, self.judge.verifier.check(
-                self.paths[a], self.paths[b]))
+            gone = self.paths[a] is None or self.paths[b] is None
+            self.verdicts[pair] = (a, Verdict(False, "no longer stored") if gone
+                                   else self.judge.verifier.check(
+                                       self.paths[a], self.paths[b]))
         return self.verdicts[pair][1].accepted
 
     def solid(self, a, b, bits) -> np.ndarray:
@@ -7815,7 +7821,9 @@ def _html_item(m: dict, thumb: dict | None, folders: dict) -> dict:
     if how.get("verified") or how.get("region"):  # not a plain whole-hash match
         item["how"] = how["text"]
     geometry = how.get("geometry") or {}
-    if geometry.get("inner") == "a":  # the query (or lead) inside this one
+    if geometry.get("share", 1) >= 0.9:
+        pass  # the whole picture: no box worth drawing
+    elif geometry.get("inner") == "a":  # the query (or lead) inside this one
         item["box"] = geometry["box_fraction"]
     elif geometry.get("inner") == "b":  # this one inside the query (or lead)
         item["lead_box"] = geometry["box_fraction"]

@@ -127,8 +127,8 @@ def test_verifier_locates_the_crop_and_the_screenshot(edits):
     x0, y0, x1, y1 = shot.geometry.box
     assert shot.geometry.inner == "a" and abs(y0 - 130) < 12 and abs(y1 - 535) < 12
     turned = verifier.check(q, str(edits / "imgs" / "turned.jpg"))
-    assert turned.accepted and turned.geometry.turn in (90, 270)
-    assert "turned" in turned.geometry.describe()
+    assert turned.accepted and turned.geometry.turn == 270  # ROTATE_90: anticlockwise
+    assert "turned 90° anticlockwise" in turned.geometry.describe()
     mirrored = edits / "mirrored.jpg"
     Image.open(q).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
     flipped = verifier.check(q, str(mirrored))
