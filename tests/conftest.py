@@ -54,3 +54,23 @@ def brute_pairs(ints, radius):
     """Every (i, j), i < j, within radius: the reference for all engines."""
     return {(i, j) for i in range(len(ints)) for j in range(i + 1, len(ints))
             if (ints[i] ^ ints[j]).bit_count() <= radius}
+
+
+def brute_groups(n, near):
+    """Groups of two or more of range(n) joined by every pair (i, j), i < j,
+    for which near(i, j) is true: plain union-find, the reference for the
+    engines' grouping."""
+    parent = list(range(n))
+
+    def root(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    for i in range(n):
+        for j in range(i + 1, n):
+            if near(i, j):
+                parent[root(i)] = root(j)
+    comps = {}
+    for p in range(n):
+        comps.setdefault(root(p), []).append(p)
+    return sorted(g for g in comps.values() if len(g) > 1)

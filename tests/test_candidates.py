@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageDraw
 
-from conftest import picture, rs, run_json, write_params
+from conftest import brute_groups, picture, rs, run_json, write_params
 from pg_server import pg_server, pg_url  # noqa: F401
 from test_engines import ENGINES, hash_sets
 
@@ -244,21 +244,8 @@ def test_groups_with_content_boxes_and_windows_equal_brute_force(
     groups = rs.duplicate_groups(flat, flat.engine(name, radius, True, bk),
                                  radius, False, regions)
     got = sorted(sorted(int(p) for p in g) for g in groups)
-    parent = list(range(len(values)))
-
-    def root(x):
-        while parent[x] != x:
-            x = parent[x]
-        return x
-    for i in range(len(values)):
-        for j in range(i + 1, len(values)):
-            if region_distance(values, content, boxed, win, detail, radius,
-                               i, j) is not None:
-                parent[root(i)] = root(j)
-    comps = {}
-    for p in range(len(values)):
-        comps.setdefault(root(p), []).append(p)
-    assert got == sorted(c for c in comps.values() if len(c) > 1)
+    assert got == brute_groups(len(values), lambda i, j: region_distance(
+        values, content, boxed, win, detail, radius, i, j) is not None)
 
 
 @pytest.mark.parametrize("name", ENGINES)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import brute_pairs, rs
+from conftest import brute_groups, brute_pairs, rs
 
 ENGINES = ["scan", "mih", "bktree"]
 
@@ -211,20 +211,8 @@ def test_groups_with_centre_views_equal_brute_force(tmp_path_factory, name,
     groups = rs.duplicate_groups(flat, flat.engine(name, radius, True, bk), radius,
                                  views=flat.view_engines(name, radius, True, bk))
     got = sorted(sorted(int(p) for p in g) for g in groups)
-    parent = list(range(len(values)))
-
-    def root(x):
-        while parent[x] != x:
-            x = parent[x]
-        return x
-    for i in range(len(values)):
-        for j in range(i + 1, len(values)):
-            if view_distance(values, centres, i, j) <= radius:
-                parent[root(i)] = root(j)
-    comps = {}
-    for p in range(len(values)):
-        comps.setdefault(root(p), []).append(p)
-    assert got == sorted(c for c in comps.values() if len(c) > 1)
+    assert got == brute_groups(
+        len(values), lambda i, j: view_distance(values, centres, i, j) <= radius)
 
 
 @pytest.mark.parametrize("name", ENGINES)
