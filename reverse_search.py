@@ -15,6 +15,7 @@ returns exactly the set a brute-force comparison of all hashes returns.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import concurrent.futures
 import csv
@@ -40,7 +41,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 import numpy as np
@@ -5279,8 +5280,68 @@ class Failure:
     error: str
 
 
+class Report(abc.ABC):
+    """What an operation hands back.  It publishes itself (its result files,
+    and stdout in output_format), so nothing asks what kind of report it is."""
+
+    @abc.abstractmethod
+    def publish(self, run: Run, ui: Console) -> list:
+        """Write the result files and show the report; the paths written."""
+
+
+class DocumentReport(Report):
+    """A report that is one JSON document (<operation>.json), CSV rows
+    (<operation>.csv), text lines and a summary line."""
+
+    pictures: ClassVar[bool] = False  # has an HTML page (html_report)
+
+    @abc.abstractmethod
+    def body(self) -> dict:
+        """The document after its head (operation, version, settings)."""
+
+    @abc.abstractmethod
+    def csv_rows(self) -> Iterator[list]:
+        """Header row, then one row per match, member, failure or file."""
+
+    @abc.abstractmethod
+    def text_lines(self, verbose: bool = False) -> Iterator[str]:
+        """What output_format "text" prints, line by line."""
+
+    @abc.abstractmethod
+    def summary(self) -> str:
+        """The one line said at the end (a notice: -q silences it)."""
+
+    def document(self, cfg: Config) -> dict:
+        """The one JSON document of a run (also written to output_dir)."""
+        return {"operation": cfg.operation, "tool_version": __version__,
+                "settings": settings_of(cfg), **self.body()}
+
+    def written_before(self) -> list:
+        """Result files the operation wrote itself (find_duplicates' plan)."""
+        return []
+
+    def publish(self, run: Run, ui: Console) -> list:
+        cfg = run.config
+        doc = self.document(cfg)
+        written = write_results(self, cfg, doc) + self.written_before()
+        if cfg.html_report and self.pictures:
+            page = write_html_report(self, cfg)
+            written.insert(0, page)
+            if run.open_report:
+                open_in_browser(page)
+        if cfg.output_format == "json":
+            print(json_text(doc))
+        elif cfg.output_format == "csv":
+            csv.writer(sys.stdout).writerows(self.csv_rows())
+        else:  # -q silences progress and notices, never the results
+            for line in self.text_lines(run.verbose):
+                print(line)
+        ui.notice(self.summary())
+        return written
+
+
 @dataclass
-class UpdateReport:
+class UpdateReport(DocumentReport):
     """What build or update did."""
 
     operation: str
@@ -5300,6 +5361,58 @@ class UpdateReport:
     changed: list = field(default_factory=list)   # paths, rehashed
     removed_files: list = field(default_factory=list)
     renamed: list = field(default_factory=list)   # (old path, new path)
+
+    def body(self) -> dict:
+        lists = ("added", "changed", "removed_files", "renamed")
+        body = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("failures", "unreadable_dirs", "operation") + lists}
+        body["database"] = shown(self.database)
+        body["seconds"] = round(self.seconds, 3)
+        body["failures"] = _failures_json(self.failures)
+        body["unreadable_dirs"] = _failures_json(self.unreadable_dirs)
+        if self.operation == "update":  # build would list every file
+            body["renamed"] = len(self.renamed)
+            body.update({f"{k}_files": [shown(p) for p in getattr(self, k)]
+                         for k in ("added", "changed")})
+            body["removed_files"] = [shown(p) for p in self.removed_files]
+            body["renamed_files"] = [{"from": shown(a), "to": shown(b)}
+                                     for a, b in self.renamed]
+        return body
+
+    def csv_rows(self) -> Iterator[list]:
+        yield ["path", "error"]
+        for f in self.failures + self.unreadable_dirs:
+            yield [shown(f.path), f.error]
+
+    def text_lines(self, verbose: bool = False) -> Iterator[str]:
+        if verbose:
+            yield from self._changes_text()
+        for f in self.failures[:TEXT_FAILURES]:
+            yield f"skipped {printable(f.path)}: {f.error}"
+        if len(self.failures) > TEXT_FAILURES:
+            yield (f"... and {len(self.failures) - TEXT_FAILURES} more "
+                   f"skipped files: see the results files.")
+        for f in self.unreadable_dirs:
+            yield f"could not read folder {printable(f.path)}: {f.error}"
+
+    def _changes_text(self) -> Iterator[str]:
+        """update -v: every file added, changed, renamed or moved, removed."""
+        for path in self.added:
+            yield f"added    {shown(path)}"
+        for path in self.changed:
+            yield f"changed  {shown(path)}"
+        for old, new in self.renamed:
+            yield f"renamed  {shown(old)} -> {shown(new)}"
+        for path in self.removed_files:
+            yield f"removed  {shown(path)}"
+
+    def summary(self) -> str:
+        rate = self.hashed / self.seconds if self.seconds else 0.0
+        moved = f", {len(self.renamed)} renamed" if self.renamed else ""
+        return (f"{self.operation}: {self.files} files, {self.hashed} "
+                f"hashed, {self.reused} reused, {self.unchanged} unchanged, "
+                f"{self.failed} failed, {self.removed} removed{moved} in "
+                f"{self.seconds:.1f} s ({rate:.0f} images/s)")
 
 
 class BatchWriter:
@@ -5662,6 +5775,37 @@ class Match:
     how: How | None = None
     action: str | None = None   # find_duplicates: keep, move or protected
 
+    def as_json(self) -> dict:
+        doc = {"path": shown(self.path), "hash": self.hash,
+               "distance": self.distance, "width": self.width,
+               "height": self.height, "size": self.size,
+               "mtime": _iso(self.mtime_ns), "keep": self.keep,
+               "variant": self.variant,
+               "how": self.how.as_json() if self.how else None}
+        if self.action:
+            doc["action"] = self.action
+        return doc
+
+    def dims(self) -> str:
+        return f"{self.width}x{self.height}, {human_bytes(self.size)}"
+
+    def how_suffix(self) -> str:
+        """What the text output adds after a match: how, unless plain."""
+        if self.how is None or self.how.stage == STAGES[0] and \
+                not self.how.verified:
+            return ""
+        return f"  ({self.how.text()})"
+
+    def how_cells(self) -> list:
+        """stage, how it matched, and the box "left top right bottom"
+        (pixels of the picture that holds the other) when verification
+        found one."""
+        if self.how is None:
+            return ["", "", ""]
+        g = self.how.geometry
+        box = " ".join(f"{v:.0f}" for v in g.box) if g and g.inner else ""
+        return [self.how.stage, self.how.text(), box]
+
 
 @dataclass
 class How:
@@ -5849,14 +5993,93 @@ class QueryResult:
     matches: list = field(default_factory=list)
     error: str | None = None
 
+    def as_json(self) -> dict:
+        return {"query": shown(self.query), "hash": self.hash,
+                "error": self.error,
+                "matches": [m.as_json() for m in self.matches]}
+
+    def csv_rows(self) -> Iterator[list]:
+        if not self.matches:
+            yield [shown(self.query), self.hash, "", "", "", "", "", "",
+                   self.error, "", "", ""]
+        for m in self.matches:
+            yield [shown(self.query), self.hash, shown(m.path), m.hash,
+                   m.distance, m.width, m.height, m.size, ""] + m.how_cells()
+
+    def text_lines(self) -> Iterator[str]:
+        if self.error:
+            yield f"{printable(self.query)}: cannot hash: {self.error}"
+            return
+        yield f"{printable(self.query)}  [{self.hash}]"
+        if not self.matches:
+            yield "  no match"
+        for m in self.matches:
+            yield (f"  d={m.distance:<4} {printable(m.path)}  {m.dims()}"
+                   f"{m.how_suffix()}")
+
 
 @dataclass
-class SearchReport:
+class SearchReport(DocumentReport):
     database: str
     engine: str
     images: int
     queries: list = field(default_factory=list)
     seconds: float = 0.0
+
+    operation: ClassVar[str] = "search"
+    pictures: ClassVar[bool] = True
+    title: ClassVar[str] = "Search results"  # of the HTML page
+
+    def failed(self) -> list:
+        """The queries that could not be hashed, as Failures."""
+        return [Failure(q.query, q.error) for q in self.queries if q.error]
+
+    def body(self) -> dict:
+        return {"database": shown(self.database), "engine": self.engine,
+                "images": self.images, "seconds": round(self.seconds, 3),
+                "queries": [q.as_json() for q in self.queries],
+                "failures": _failures_json(self.failed())}
+
+    def csv_rows(self) -> Iterator[list]:
+        yield ["query", "query_hash", "match", "match_hash", "distance",
+               "width", "height", "size", "error"] + HOW_COLUMNS
+        for q in self.queries:
+            yield from q.csv_rows()
+
+    def text_lines(self, verbose: bool = False) -> Iterator[str]:
+        for q in self.queries:
+            yield from q.text_lines()
+
+    def summary(self) -> str:
+        hit = sum(1 for q in self.queries if q.matches)
+        return (f"search: {len(self.queries)} queries, {hit} with matches, "
+                f"{self.images} images searched ({self.engine}) in "
+                f"{self.seconds:.2f} s")
+
+    # ---- the HTML page: a set of cards per query ----
+
+    def page_paths(self) -> Iterator[str]:
+        """The shown paths of the first HTML page, in page order."""
+        for q in self.queries[:HTML_PAGE_SIZE]:
+            yield shown(q.query)
+            yield from (shown(m.path) for m in q.matches)
+
+    def query_paths(self) -> list:
+        """Shown paths of the pictures whose cards show the file's facts."""
+        return [shown(q.query) for q in self.queries]
+
+    def html_sets(self, thumbs: dict, folders: dict) -> list:
+        return [{"error": q.error,
+                 "items": [_html_query(shown(q.query), thumbs[shown(q.query)],
+                                       folders)]
+                 + [_html_item(m, thumbs.get(shown(m.path)), folders)
+                    for m in q.matches]}
+                for q in self.queries]
+
+    def html_facts(self) -> list:
+        hits = sum(1 for q in self.queries if q.matches)
+        return [(len(self.queries), "queries"), (hits, "with matches"),
+                (self.images, "images searched")]
 
 
 @dataclass
@@ -5864,9 +6087,29 @@ class Group:
     images: list  # of Match; the first leads, `keep` marks the one kept
     keep_reason: str = ""  # "kept: oldest (by 3 days)": what decided
 
+    def as_json(self) -> dict:
+        return {"keep_reason": self.keep_reason,
+                "images": [m.as_json() for m in self.images]}
+
+    def csv_rows(self, n: int) -> Iterator[list]:
+        # keep as in the JSON (true/false); `how` names the variant
+        for k, m in enumerate(self.images):
+            yield [n, _csv_bool(m.keep), shown(m.path), m.hash, m.distance,
+                   m.width, m.height, m.size, _iso(m.mtime_ns)] + \
+                (m.how_cells() if k else ["", "", ""]) + \
+                [m.action or "", self.keep_reason if m.keep else "", ""]
+
+    def text_lines(self, n: int) -> Iterator[str]:
+        yield (f"group {n}: {len(self.images)} images, "
+               f"{human_bytes(_reclaimable(self))} reclaimable; "
+               f"{self.keep_reason}")
+        for m in self.images:
+            tag = f"d={m.distance}" + " keep" * m.keep
+            yield f"  {tag:<11} {printable(m.path)}  {m.dims()}{m.how_suffix()}"
+
 
 @dataclass
-class DuplicatesReport:
+class DuplicatesReport(DocumentReport):
     database: str
     engine: str
     images: int
@@ -5874,6 +6117,79 @@ class DuplicatesReport:
     failures: list = field(default_factory=list)
     low_detail: list = field(default_factory=list)  # ImageRow, not compared
     seconds: float = 0.0
+    plan_files: list = field(default_factory=list)  # written by find_duplicates
+
+    operation: ClassVar[str] = "find_duplicates"
+    pictures: ClassVar[bool] = True
+    title: ClassVar[str] = "Duplicate images"  # of the HTML page
+
+    def failed(self) -> list:
+        return self.failures
+
+    def duplicates(self) -> int:
+        return sum(len(g.images) - 1 for g in self.groups)
+
+    def reclaimable(self) -> int:
+        return sum(map(_reclaimable, self.groups))
+
+    def body(self) -> dict:
+        return {"database": shown(self.database), "engine": self.engine,
+                "images": self.images, "seconds": round(self.seconds, 3),
+                "group_count": len(self.groups),
+                "duplicates": self.duplicates(),
+                "bytes_reclaimable": self.reclaimable(),
+                "groups": [g.as_json() for g in self.groups],
+                "low_detail": [shown(r.path) for r in self.low_detail],
+                "failures": _failures_json(self.failures)}
+
+    def csv_rows(self) -> Iterator[list]:
+        # files that could not be read follow the groups, with their error
+        yield ["group", "keep", "path", "hash", "distance", "width", "height",
+               "size", "mtime"] + HOW_COLUMNS + ["action", "keep_reason",
+                                                 "error"]
+        for n, g in enumerate(self.groups, 1):
+            yield from g.csv_rows(n)
+        for f in self.failures:
+            yield ["", "", shown(f.path)] + [""] * 11 + [f.error]
+
+    def text_lines(self, verbose: bool = False) -> Iterator[str]:
+        for n, g in enumerate(self.groups, 1):
+            yield from g.text_lines(n)
+        if self.low_detail:
+            yield (f"{len(self.low_detail)} nearly blank or tiny images were "
+                   f"not compared (listed under low_detail in the JSON).")
+        if self.failures:
+            yield f"{len(self.failures)} files could not be read " \
+                  f"(see update's output or export)."
+
+    def summary(self) -> str:
+        return (f"find_duplicates: {len(self.groups)} groups, "
+                f"{self.duplicates()} duplicates, "
+                f"{human_bytes(self.reclaimable())} reclaimable, "
+                f"{self.images} images ({self.engine}) in {self.seconds:.2f} s")
+
+    def written_before(self) -> list:
+        return self.plan_files
+
+    # ---- the HTML page: a set of cards per group ----
+
+    def page_paths(self) -> Iterator[str]:
+        for g in self.groups[:HTML_PAGE_SIZE]:
+            yield from (shown(m.path) for m in g.images)
+
+    def query_paths(self) -> list:
+        return []
+
+    def html_sets(self, thumbs: dict, folders: dict) -> list:
+        return [{"reclaim": _reclaimable(g), "reason": g.keep_reason,
+                 "items": [_html_item(m, thumbs.get(shown(m.path)), folders)
+                           for m in g.images]}
+                for g in self.groups]
+
+    def html_facts(self) -> list:
+        return [(self.images, "images scanned"), (len(self.groups), "groups"),
+                (self.duplicates(), "duplicates"),
+                (human_bytes(self.reclaimable()), "reclaimable")]
 
 
 def _match(row: ImageRow, bits: int, distance: int, variant: int = -1,
@@ -6148,6 +6464,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
     finally:
         store.close()
     report.seconds = time.monotonic() - start
+    # what move would do: the plan is part of what find_duplicates answers
+    report.plan_files = write_plan(make_plan(report, cfg), cfg)
     return report
 
 
@@ -6876,7 +7194,7 @@ def _unchanged(path: str, row: ImageRow) -> bool:
 # ---- move and undo ----
 
 @dataclass
-class MoveReport:
+class MoveReport(DocumentReport):
     """What move or undo did, file by file."""
 
     operation: str
@@ -6885,6 +7203,34 @@ class MoveReport:
     skipped: list = field(default_factory=list)  # Failure
     seconds: float = 0.0
     source: str = ""                             # the plan file move read
+
+    def body(self) -> dict:
+        return {"manifest": shown(self.manifest), "plan": self.source or None,
+                "seconds": round(self.seconds, 3),
+                "done": [{"from": shown(a), "to": shown(b)}
+                         for a, b in self.done],
+                "failures": _failures_json(self.skipped)}
+
+    def csv_rows(self) -> Iterator[list]:
+        yield ["from", "to", "skipped_because"]
+        for a, b in self.done:
+            yield [shown(a), shown(b), ""]
+        for f in self.skipped:
+            yield [shown(f.path), "", f.error]
+
+    def _verb(self) -> str:
+        return "moved" if self.operation == "move" else "restored"
+
+    def text_lines(self, verbose: bool = False) -> Iterator[str]:
+        for a, b in self.done:
+            yield f"{self._verb()} {printable(a)} -> {printable(b)}"
+        for f in self.skipped:
+            yield f"skipped {printable(f.path)}: {f.error}"
+
+    def summary(self) -> str:
+        return (f"{self.operation}: {len(self.done)} files {self._verb()}, "
+                f"{len(self.skipped)} skipped; manifest "
+                f"{printable(self.manifest)}")
 
 
 def quarantine_path(quarantine: str, path: str) -> str:
@@ -7229,11 +7575,19 @@ def _read_json(path: str, missing: str) -> dict:
 
 
 @dataclass
-class ExportReport:
+class ExportReport(Report):
+    """Every stored row, streamed: a million rows never sit in memory."""
+
     database: str
     hash_kind: str
     store: Store  # rows are streamed from it while writing, then it is closed
     bits: int
+
+    def publish(self, run: Run, ui: Console) -> list:
+        try:
+            return write_export(self, run.config, sys.stdout)
+        finally:
+            self.store.close()
 
 
 def op_export(cfg: Config, ui: Console) -> ExportReport:
@@ -7294,105 +7648,8 @@ def settings_of(cfg: Config) -> dict:
     return settings
 
 
-def _match_json(m: Match) -> dict:
-    doc = {"path": shown(m.path), "hash": m.hash, "distance": m.distance,
-           "width": m.width, "height": m.height, "size": m.size,
-           "mtime": _iso(m.mtime_ns), "keep": m.keep, "variant": m.variant,
-           "how": m.how.as_json() if m.how else None}
-    if m.action:
-        doc["action"] = m.action
-    return doc
-
-
 def _failures_json(failures: list) -> list:
     return [{"path": shown(f.path), "error": f.error} for f in failures]
-
-
-def to_json(report, cfg: Config) -> dict:
-    """The one JSON document of a run (also written to output_dir)."""
-    head = {"operation": cfg.operation, "tool_version": __version__,
-            "settings": settings_of(cfg)}
-    if isinstance(report, UpdateReport):
-        lists = ("added", "changed", "removed_files", "renamed")
-        body = {k: v for k, v in dataclasses.asdict(report).items()
-                if k not in ("failures", "unreadable_dirs", "operation") + lists}
-        body["seconds"] = round(report.seconds, 3)
-        body["failures"] = _failures_json(report.failures)
-        body["unreadable_dirs"] = _failures_json(report.unreadable_dirs)
-        if report.operation == "update":  # build would list every file
-            body["renamed"] = len(report.renamed)
-            body.update({f"{k}_files": [shown(p) for p in getattr(report, k)]
-                         for k in ("added", "changed")})
-            body["removed_files"] = [shown(p) for p in report.removed_files]
-            body["renamed_files"] = [{"from": shown(a), "to": shown(b)}
-                                     for a, b in report.renamed]
-    elif isinstance(report, MoveReport):
-        body = {"manifest": report.manifest, "plan": report.source or None,
-                "seconds": round(report.seconds, 3),
-                "done": [{"from": shown(a), "to": shown(b)} for a, b in report.done],
-                "failures": _failures_json(report.skipped)}
-    elif isinstance(report, SearchReport):
-        body = {"database": report.database, "engine": report.engine,
-                "images": report.images, "seconds": round(report.seconds, 3),
-                "queries": [{"query": shown(q.query), "hash": q.hash,
-                             "error": q.error,
-                             "matches": [_match_json(m) for m in q.matches]}
-                            for q in report.queries]}
-        body["failures"] = [{"path": q["query"], "error": q["error"]}
-                            for q in body["queries"] if q["error"]]
-    else:
-        body = {"database": report.database, "engine": report.engine,
-                "images": report.images, "seconds": round(report.seconds, 3),
-                "group_count": len(report.groups),
-                "duplicates": sum(len(g.images) - 1 for g in report.groups),
-                "bytes_reclaimable": sum(map(_reclaimable, report.groups)),
-                "groups": [{"keep_reason": g.keep_reason,
-                            "images": [_match_json(m) for m in g.images]}
-                           for g in report.groups],
-                "low_detail": [shown(r.path) for r in report.low_detail],
-                "failures": _failures_json(report.failures)}
-    for key in ("database", "manifest"):  # paths that may not be UTF-8
-        if isinstance(body.get(key), str):
-            body[key] = shown(body[key])
-    return {**head, **body}
-
-
-def csv_rows(report) -> Iterator[list]:
-    """Header row, then one row per match, group member, failure or image."""
-    if isinstance(report, SearchReport):
-        yield ["query", "query_hash", "match", "match_hash", "distance",
-               "width", "height", "size", "error"] + HOW_COLUMNS
-        for q in report.queries:
-            if not q.matches:
-                yield [shown(q.query), q.hash, "", "", "", "", "", "", q.error,
-                       "", "", ""]
-            for m in q.matches:
-                yield [shown(q.query), q.hash, shown(m.path), m.hash, m.distance,
-                       m.width, m.height, m.size, ""] + _how_cells(m)
-    elif isinstance(report, DuplicatesReport):
-        # keep as in the JSON (true/false); `how` names the variant; files
-        # that could not be read follow the groups, with their error
-        yield ["group", "keep", "path", "hash", "distance", "width", "height",
-               "size", "mtime"] + HOW_COLUMNS + ["action", "keep_reason",
-                                                 "error"]
-        for n, g in enumerate(report.groups, 1):
-            for k, m in enumerate(g.images):
-                yield [n, _csv_bool(m.keep), shown(m.path), m.hash, m.distance,
-                       m.width, m.height, m.size, _iso(m.mtime_ns)] + \
-                    (_how_cells(m) if k else ["", "", ""]) + \
-                    [m.action or "", g.keep_reason if m.keep else "", ""]
-        for f in report.failures:
-            yield ["", "", shown(f.path)] + [""] * 11 + [f.error]
-    elif isinstance(report, UpdateReport):
-        yield ["path", "error"]
-        for f in report.failures + report.unreadable_dirs:
-            yield [shown(f.path), f.error]
-    elif isinstance(report, MoveReport):
-        yield ["from", "to", "skipped_because"]
-        for a, b in report.done:
-            yield [shown(a), shown(b), ""]
-        for f in report.skipped:
-            yield [shown(f.path), "", f.error]
 
 
 HOW_COLUMNS = ["stage", "how", "box"]
@@ -7402,124 +7659,19 @@ def _csv_bool(value: bool) -> str:
     return "true" if value else "false"  # as JSON writes it
 
 
-def _how_cells(m: Match) -> list:
-    """stage, how it matched, and the box "left top right bottom" (pixels of
-    the picture that holds the other) when verification found one."""
-    if m.how is None:
-        return ["", "", ""]
-    g = m.how.geometry
-    box = " ".join(f"{v:.0f}" for v in g.box) if g and g.inner else ""
-    return [m.how.stage, m.how.text(), box]
-
-
-def _how_suffix(m: Match) -> str:
-    """What the text output adds after a match: how, unless plain."""
-    if m.how is None or m.how.stage == STAGES[0] and not m.how.verified:
-        return ""
-    return f"  ({m.how.text()})"
-
-
 TEXT_FAILURES = 20  # longer lists go to the results files only
 
 
-def text_lines(report, verbose: bool = False) -> Iterator[str]:
-    if isinstance(report, UpdateReport):
-        if verbose:
-            yield from _changes_text(report)
-        for f in report.failures[:TEXT_FAILURES]:
-            yield f"skipped {printable(f.path)}: {f.error}"
-        if len(report.failures) > TEXT_FAILURES:
-            yield (f"... and {len(report.failures) - TEXT_FAILURES} more "
-                   f"skipped files: see the results files.")
-        for f in report.unreadable_dirs:
-            yield f"could not read folder {printable(f.path)}: {f.error}"
-    elif isinstance(report, SearchReport):
-        for q in report.queries:
-            yield from _query_text(q)
-    elif isinstance(report, MoveReport):
-        verb = "moved" if report.operation == "move" else "restored"
-        for a, b in report.done:
-            yield f"{verb} {printable(a)} -> {printable(b)}"
-        for f in report.skipped:
-            yield f"skipped {printable(f.path)}: {f.error}"
-    else:
-        for n, g in enumerate(report.groups, 1):
-            yield (f"group {n}: {len(g.images)} images, "
-                   f"{human_bytes(_reclaimable(g))} reclaimable; {g.keep_reason}")
-            for m in g.images:
-                tag = f"d={m.distance}" + " keep" * m.keep
-                yield f"  {tag:<11} {printable(m.path)}  {_dims(m)}{_how_suffix(m)}"
-        if report.low_detail:
-            yield (f"{len(report.low_detail)} nearly blank or tiny images were "
-                   f"not compared (listed under low_detail in the JSON).")
-        if report.failures:
-            yield f"{len(report.failures)} files could not be read " \
-                  f"(see update's output or export)."
-
-
-def _changes_text(report: UpdateReport) -> Iterator[str]:
-    """update -v: every file added, changed, renamed or moved, removed."""
-    for path in report.added:
-        yield f"added    {shown(path)}"
-    for path in report.changed:
-        yield f"changed  {shown(path)}"
-    for old, new in report.renamed:
-        yield f"renamed  {shown(old)} -> {shown(new)}"
-    for path in report.removed_files:
-        yield f"removed  {shown(path)}"
-
-
-def _query_text(q: QueryResult) -> Iterator[str]:
-    if q.error:
-        yield f"{printable(q.query)}: cannot hash: {q.error}"
-        return
-    yield f"{printable(q.query)}  [{q.hash}]"
-    if not q.matches:
-        yield "  no match"
-    for m in q.matches:
-        yield f"  d={m.distance:<4} {printable(m.path)}  {_dims(m)}{_how_suffix(m)}"
-
-
-def _dims(m: Match) -> str:
-    return f"{m.width}x{m.height}, {human_bytes(m.size)}"
-
-
-def summary_line(report) -> str:
-    if isinstance(report, UpdateReport):
-        rate = report.hashed / report.seconds if report.seconds else 0.0
-        moved = f", {len(report.renamed)} renamed" if report.renamed else ""
-        return (f"{report.operation}: {report.files} files, {report.hashed} "
-                f"hashed, {report.reused} reused, {report.unchanged} unchanged, "
-                f"{report.failed} failed, {report.removed} removed{moved} in "
-                f"{report.seconds:.1f} s ({rate:.0f} images/s)")
-    if isinstance(report, MoveReport):
-        verb = "moved" if report.operation == "move" else "restored"
-        return (f"{report.operation}: {len(report.done)} files {verb}, "
-                f"{len(report.skipped)} skipped; manifest {printable(report.manifest)}")
-    if isinstance(report, SearchReport):
-        hit = sum(1 for q in report.queries if q.matches)
-        return (f"search: {len(report.queries)} queries, {hit} with matches, "
-                f"{report.images} images searched ({report.engine}) in "
-                f"{report.seconds:.2f} s")
-    dupes = sum(len(g.images) - 1 for g in report.groups)
-    return (f"find_duplicates: {len(report.groups)} groups, {dupes} duplicates, "
-            f"{human_bytes(sum(map(_reclaimable, report.groups)))} reclaimable, "
-            f"{report.images} images ({report.engine}) in {report.seconds:.2f} s")
-
-
-def write_results(report, cfg: Config, doc: dict) -> list:
+def write_results(report: DocumentReport, cfg: Config, doc: dict) -> list:
     """<operation>.json and .csv in output_dir, each written atomically."""
     base = os.path.join(cfg.output_dir, cfg.operation)
     text = json_text(doc)
     with _output_errors(cfg.output_dir):
         _atomic_write(base + ".json", lambda fh: fh.write(text + "\n"))
         _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
-            csv_rows(report)))
+            report.csv_rows()))
     sweep_stale_temps(cfg.output_dir)
-    written = [base + ".json", base + ".csv"]
-    if isinstance(report, DuplicatesReport):
-        written += write_plan(make_plan(report, cfg), cfg)
-    return written
+    return [base + ".json", base + ".csv"]
 
 
 def export_rows(report: ExportReport) -> Iterator[list]:
@@ -7617,47 +7769,35 @@ _THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
 _ESCAPED_BYTE = re.compile(r"\\x([0-9a-fA-F]{2})")
 
 
-def write_html_report(doc: dict, out_dir: str, thumb_px: int = 160) -> str:
-    """Write OUT/<operation>.html and its thumbnails; returns the page's path."""
-    if "queries" not in doc and "groups" not in doc:
-        raise ValueError("only search and find_duplicates results have "
-                         "pictures to show")
-    op = "search" if "queries" in doc else "find_duplicates"
-    files = f"{op}_files"
-    page_path = os.path.join(out_dir, f"{op}.html")
-    max_pixels = doc.get("settings", {}).get("max_image_pixels") or 178956970
+def write_html_report(report: SearchReport | DuplicatesReport, cfg: Config,
+                      out_dir: str | None = None, thumb_px: int = 160) -> str:
+    """Write OUT/<operation>.html and its thumbnails (OUT: output_dir unless
+    given); returns the page's path."""
+    out_dir = cfg.output_dir if out_dir is None else out_dir
+    files = f"{report.operation}_files"
+    page_path = os.path.join(out_dir, f"{report.operation}.html")
+    max_pixels = cfg.max_image_pixels or 178956970
     with _output_errors(out_dir):
         folder = os.path.join(out_dir, files)
         own_folder(folder)
-        thumbs = make_thumbnails(_report_paths(doc), folder, thumb_px,
-                                 max_pixels)
-        for q in doc.get("queries", []):  # past the first page: facts only
-            if q["query"] not in thumbs:
-                thumbs[q["query"]] = thumbnail(q["query"], folder, thumb_px,
-                                               max_pixels, make=False)
+        # the first page's distinct pictures may get a thumbnail
+        first = list(dict.fromkeys(report.page_paths()))[:HTML_THUMB_ITEMS]
+        thumbs = make_thumbnails(first, folder, thumb_px, max_pixels)
+        for path in report.query_paths():  # past the first page: facts only
+            if path not in thumbs:
+                thumbs[path] = thumbnail(path, folder, thumb_px, max_pixels,
+                                         make=False)
         folders = {}
-        data = {"operation": op, "page_size": HTML_PAGE_SIZE, "px": thumb_px,
-                "files": files, "placeholder": PLACEHOLDER_NAME, "sep": os.sep,
-                "sets": _html_sets(doc, thumbs, folders),
+        data = {"operation": report.operation, "page_size": HTML_PAGE_SIZE,
+                "px": thumb_px, "files": files, "placeholder": PLACEHOLDER_NAME,
+                "sep": os.sep, "sets": report.html_sets(thumbs, folders),
                 "dirs": [{"path": f, "uri": uri} for f, (_, uri) in
                          folders.items()],
-                "failures": doc.get("failures", []),
-                "threshold": doc.get("settings", {}).get("distance_threshold")}
-        page = _html_page(doc, data)
+                "failures": _failures_json(report.failed()),
+                "threshold": cfg.distance_threshold}
+        page = _html_page(report, cfg, data)
         _atomic_write(page_path, lambda fh: fh.write(page))
     return page_path
-
-
-def _report_paths(doc: dict) -> list:
-    """The distinct paths of the first page, in page order, at most
-    HTML_THUMB_ITEMS of them: those that may get a thumbnail."""
-    paths = {}
-    for q in doc.get("queries", [])[:HTML_PAGE_SIZE]:
-        paths[q["query"]] = None
-        paths.update(dict.fromkeys(m["path"] for m in q["matches"]))
-    for g in doc.get("groups", [])[:HTML_PAGE_SIZE]:
-        paths.update(dict.fromkeys(m["path"] for m in g["images"]))
-    return list(paths)[:HTML_THUMB_ITEMS]
 
 
 # ---- thumbnails ----
@@ -7792,51 +7932,37 @@ def file_uri(path: str) -> str:
 
 # ---- the page ----
 
-def _html_sets(doc: dict, thumbs: dict, folders: dict) -> list:
-    """Groups or queries, in the document's order, as the page's script wants."""
-    if "queries" in doc:
-        return [{"error": q["error"],
-                 "items": [_html_query(q, thumbs[q["query"]], folders)]
-                 + [_html_item(m, thumbs.get(m["path"]), folders)
-                    for m in q["matches"]]}
-                for q in doc["queries"]]
-    return [{"reclaim": sum(m["size"] for m in g["images"] if not m["keep"]),
-             "reason": g.get("keep_reason", ""),
-             "items": [_html_item(m, thumbs.get(m["path"]), folders)
-                       for m in g["images"]]}
-            for g in doc["groups"]]
-
-
-def _html_item(m: dict, thumb: dict | None, folders: dict) -> dict:
+def _html_item(m: Match, thumb: dict | None, folders: dict) -> dict:
     """A card; without "thumb" the page shows the file itself."""
-    item = _where(m["path"], folders)
+    item = _where(shown(m.path), folders)
     if thumb and thumb["thumb"]:
         item["thumb"] = thumb["thumb"]
-    item.update(w=m["width"], h=m["height"], size=m["size"],
-                date=m["mtime"].replace("T", " "), dist=m["distance"],
-                bits=4 * len(m["hash"] or ""))  # hex digits: 4 bits each
-    if m.get("action") in ("move", "protected"):
-        item["action"] = m["action"]
-    how = m.get("how") or {}
-    if how.get("verified") or how.get("region"):  # not a plain whole-hash match
-        item["how"] = how["text"]
-    geometry = how.get("geometry") or {}
+    item.update(w=m.width, h=m.height, size=m.size,
+                date=_iso(m.mtime_ns).replace("T", " "), dist=m.distance,
+                bits=4 * len(m.hash or ""))  # hex digits: 4 bits each
+    if m.action in ("move", "protected"):
+        item["action"] = m.action
+    how = m.how
+    if how and (how.verified or how.region):  # not a plain whole-hash match
+        item["how"] = how.text()
+    # as the JSON rounds it: the page and the document agree
+    geometry = how.geometry.as_json() if how and how.geometry else {}
     if geometry.get("share", 1) >= 0.9:
         pass  # the whole picture: no box worth drawing
     elif geometry.get("inner") == "a":  # the query (or lead) inside this one
         item["box"] = geometry["box_fraction"]
     elif geometry.get("inner") == "b":  # this one inside the query (or lead)
         item["lead_box"] = geometry["box_fraction"]
-    if m["keep"]:
+    if m.keep:
         item["role"] = "keep"
     return item
 
 
-def _html_query(q: dict, thumb: dict, folders: dict) -> dict:
+def _html_query(path: str, thumb: dict, folders: dict) -> dict:
     """The query's card: what it is comes from the file itself."""
     date = "" if thumb["mtime_ns"] is None else time.strftime(
         "%Y-%m-%d %H:%M:%S", time.localtime(thumb["mtime_ns"] / 1e9))
-    item = _where(q["query"], folders)
+    item = _where(path, folders)
     if thumb["thumb"]:
         item["thumb"] = thumb["thumb"]
     item.update(w=thumb["w"], h=thumb["h"], size=thumb["size"], date=date,
@@ -7875,42 +8001,33 @@ def _script_json(data) -> str:
     return text.replace("<", "\\u003c")
 
 
-def _html_summary(doc: dict) -> str:
+def _html_summary(report: SearchReport | DuplicatesReport,
+                  cfg: Config) -> str:
     """The summary box, as escaped HTML."""
     e = html.escape
-    if "queries" in doc:
-        hits = sum(1 for q in doc["queries"] if q["matches"])
-        facts = [(len(doc["queries"]), "queries"), (hits, "with matches"),
-                 (doc.get("images", 0), "images searched")]
-    else:
-        facts = [(doc.get("images", 0), "images scanned"),
-                 (doc.get("group_count", len(doc["groups"])), "groups"),
-                 (doc.get("duplicates", 0), "duplicates"),
-                 (human_bytes(doc.get("bytes_reclaimable", 0)), "reclaimable")]
     stats = "".join(f'<div class="stat"><b>{e(str(v))}</b> {e(k)}</div>'
-                    for v, k in facts)
+                    for v, k in report.html_facts())
     settings = "".join(
         f"<tr><th>{e(k)}</th><td>{e(json.dumps(v, ensure_ascii=False))}</td></tr>"
-        for k, v in doc.get("settings", {}).items())
-    fails = len(doc.get("failures", []))
+        for k, v in settings_of(cfg).items())
+    fails = len(report.failed())
     failures = ('<p class="ok">Every file could be read.</p>' if not fails else
                 f'<details id="failures"><summary>{fails:,} '
                 f'file{"s" if fails != 1 else ""} could not be read</summary>'
                 f'<ul id="failure-list"></ul></details>')
-    run = (f'{e(str(doc.get("operation", "")))} · engine {e(str(doc.get("engine", "")))}'
-           f' · {e(str(doc.get("seconds", 0)))} s · database '
-           f'<code>{e(str(doc.get("database", "")))}</code> · '
-           f'reverse_search {e(str(doc.get("tool_version", "")))}')
+    run = (f'{e(report.operation)} · engine {e(report.engine)}'
+           f' · {e(str(round(report.seconds, 3)))} s · database '
+           f'<code>{e(shown(report.database))}</code> · '
+           f'reverse_search {e(__version__)}')
     return (f'<div class="stats">{stats}</div><p class="run">{run}</p>'
             f'{failures}<details><summary>Settings used</summary>'
             f'<table class="settings">{settings}</table></details>')
 
 
-def _html_page(doc: dict, data: dict) -> str:
-    title = ("Search results" if data["operation"] == "search"
-             else "Duplicate images")
-    parts = {"TITLE": title, "PX": str(data["px"]),
-             "SUMMARY": _html_summary(doc), "DATA": _script_json(data)}
+def _html_page(report: SearchReport | DuplicatesReport, cfg: Config,
+               data: dict) -> str:
+    parts = {"TITLE": report.title, "PX": str(data["px"]),
+             "SUMMARY": _html_summary(report, cfg), "DATA": _script_json(data)}
     # One pass: a file name that reads "@DATA@" stays text.
     return re.sub(r"@(TITLE|PX|SUMMARY|DATA)@", lambda m: parts[m.group(1)],
                   HTML_TEMPLATE)
@@ -8193,32 +8310,9 @@ in the .json and .csv files beside it.</p></noscript>
 """
 
 
-def emit(report, run: Run, ui: Console) -> None:
+def emit(report: Report, run: Run, ui: Console) -> None:
     """Print the report on stdout in output_format and save the result files."""
-    cfg = run.config
-    if isinstance(report, ExportReport):
-        try:
-            written = write_export(report, cfg, sys.stdout)
-        finally:
-            report.store.close()
-    else:
-        doc = to_json(report, cfg)
-        written = write_results(report, cfg, doc)
-        if cfg.html_report and isinstance(report, (SearchReport,
-                                                   DuplicatesReport)):
-            page = write_html_report(doc, cfg.output_dir)
-            written.insert(0, page)
-            if run.open_report:
-                open_in_browser(page)
-        if cfg.output_format == "json":
-            print(json_text(doc))
-        elif cfg.output_format == "csv":
-            csv.writer(sys.stdout).writerows(csv_rows(report))
-        else:  # -q silences progress and notices, never the results
-            for line in text_lines(report, run.verbose):
-                print(line)
-        ui.notice(summary_line(report))
-    ui.notice("results: " + ", ".join(written))
+    ui.notice("results: " + ", ".join(report.publish(run, ui)))
 
 
 def open_in_browser(path: str) -> None:
@@ -8349,7 +8443,7 @@ class ReviewSession:
             run.config = dataclasses.replace(self.cfg, operation="find_duplicates")
             run.config.sources = self.cfg.sources
             report = op_find_duplicates(run, ui)
-            write_results(report, run.config, to_json(report, run.config))
+            write_results(report, run.config, report.document(run.config))
             self.report, self.groups = report, report.groups
             self.map = None
 
@@ -8621,7 +8715,7 @@ def _move_planned(run: Run, cfg: Config, ui: Console) -> MoveReport:
 
 
 def _move_json(report: MoveReport) -> dict:
-    return {"operation": report.operation, "summary": summary_line(report),
+    return {"operation": report.operation, "summary": report.summary(),
             "done": [[shown(a), shown(b)] for a, b in report.done],
             "skipped": [[shown(f.path), f.error] for f in report.skipped]}
 

@@ -62,23 +62,30 @@ def run(tmp_path_factory):
     picture(50).save(root / "queries" / "unrelated.jpg")
     (root / "queries" / "zz broken.jpg").write_bytes(b"not a picture either")
     params = write_params(root)
-    docs = {}
+    docs, reports = {}, {}
     for op in ("find_duplicates", "search"):
-        assert rs.main([op, "--params", params, "--format", "json", "-q"]) == 0
+        reports[op] = report_of(op, params, emit=True)
         with open(root / "out" / f"{op}.json", encoding="utf-8") as fh:
             docs[op] = json.load(fh)
-    return root, docs
+    return root, docs, reports
 
 
-def synthetic(doc, groups):
-    """The real document grown to `groups` groups that reuse its files."""
-    big = copy.deepcopy(doc)
-    big["groups"] = [copy.deepcopy(doc["groups"][k % len(doc["groups"])])
-                     for k in range(groups)]
-    big["group_count"] = groups
-    big["duplicates"] = sum(len(g["images"]) - 1 for g in big["groups"])
-    big["bytes_reclaimable"] = sum(m["size"] for g in big["groups"]
-                                   for m in g["images"] if not m["keep"])
+def report_of(op, params, emit=False):
+    """(report record, settings) of one run, as main() makes them; emit:
+    also its result files, as main() writes them."""
+    run = rs.parse_run([op, "--params", str(params), "--format", "json", "-q"])
+    ui = rs.Console(True)
+    report = rs.dispatch(run, ui)
+    if emit:
+        rs.emit(report, run, ui)
+    return report, run.config
+
+
+def synthetic(report, groups):
+    """The real report grown to `groups` groups that reuse its files."""
+    big = copy.deepcopy(report)
+    big.groups = [copy.deepcopy(report.groups[k % len(report.groups)])
+                  for k in range(groups)]
     return big
 
 
@@ -89,18 +96,18 @@ def test_thumbnails_for_big_files_and_other_formats_placeholder_for_unreadable(
     """Small JPEG/PNG files are shown as they are (no thumbnail to make); a
     big JPEG and a TIFF get one thumbnail each, unreadable files the
     placeholder; a second report reuses the thumbnails."""
-    root, docs = run
-    doc = copy.deepcopy(docs["find_duplicates"])
+    root, docs, reports = run
+    report, cfg = copy.deepcopy(reports["find_duplicates"])
     big, tiff = tmp_path / "big.jpg", tmp_path / "other.tif"
     picture(2, (2000, 1200)).save(big, quality=80)
     picture(3).save(tiff)
     replaced = {"gone.jpg": root / "gone.jpg", "broken.jpg": root / "imgs" / "broken.jpg",
                 "big.jpg": big, "other.tif": tiff}
     for k, path in enumerate(replaced.values()):
-        doc["groups"][k]["images"][1]["path"] = str(path)
-    doc["groups"].append(copy.deepcopy(doc["groups"][2]))  # same files again
+        report.groups[k].images[1].path = str(path)
+    report.groups.append(copy.deepcopy(report.groups[2]))  # same files again
     out = tmp_path / "out"
-    page = write_html_report(doc, str(out))
+    page = write_html_report(report, cfg, str(out))
     assert page == str(out / "find_duplicates.html")
     thumbs = sorted(os.listdir(out / "find_duplicates_files"))
     assert len(thumbs) == 3 and "unreadable.png" in thumbs  # big, tiff, placeholder
@@ -114,22 +121,22 @@ def test_thumbnails_for_big_files_and_other_formats_placeholder_for_unreadable(
     assert all("thumb" not in it for it in items if it["name"] not in replaced)
     made = lambda name: os.stat(out / "find_duplicates_files" / name).st_mtime_ns
     before = {name: made(name) for name in thumbs if name != "unreadable.png"}
-    write_html_report(doc, str(out))  # again: reused
+    write_html_report(report, cfg, str(out))  # again: reused
     assert {name: made(name) for name in before} == before
 
 
 def test_page_data_cannot_close_its_script(run, tmp_path):
-    root, docs = run
-    doc = copy.deepcopy(docs["find_duplicates"])
-    doc["groups"][0]["images"][0]["path"] = "/x/</script><script>alert(1)</script><!--.jpg"
-    doc["failures"] = [{"path": "/y/@DATA@ </SCRIPT>", "error": "<b>bad</b>"}]
-    text = pathlib.Path(write_html_report(doc, str(tmp_path))).read_text("utf-8")
+    root, docs, reports = run
+    report, cfg = copy.deepcopy(reports["find_duplicates"])
+    report.groups[0].images[0].path = "/x/</script><script>alert(1)</script><!--.jpg"
+    report.failures = [rs.Failure("/y/@DATA@ </SCRIPT>", "<b>bad</b>")]
+    text = pathlib.Path(write_html_report(report, cfg, str(tmp_path))).read_text("utf-8")
     assert text.lower().count("</script>") == 2  # ours: data and code
     assert "<b>bad" not in text and "alert(1)" in text  # as data, escaped
     data = page_data(str(tmp_path / "find_duplicates.html"))
     item = data["sets"][0]["items"][0]
     assert data["dirs"][item["dir"]]["path"] + "/" + item["name"] == \
-        doc["groups"][0]["images"][0]["path"]
+        report.groups[0].images[0].path
 
 
 def page_data(page):
@@ -211,10 +218,11 @@ def load_every_thumbnail(page):
 
 
 def test_duplicates_page_as_a_person_sees_it(run, tmp_path, open_page):
-    root, docs = run
+    root, docs, reports = run
     doc = docs["find_duplicates"]
     assert [len(g["images"]) for g in doc["groups"]] == [3, 2, 2, 2, 2]
-    page = open_page(write_html_report(doc, str(tmp_path / "out")))
+    page = open_page(write_html_report(*reports["find_duplicates"],
+                                       str(tmp_path / "out")))
     stats = texts(page, ".stat")
     assert stats == [f"{doc['images']} images scanned", "5 groups", "6 duplicates",
                      f"{rs.human_bytes(doc['bytes_reclaimable'])} reclaimable"]
@@ -254,8 +262,8 @@ def test_duplicates_page_as_a_person_sees_it(run, tmp_path, open_page):
 
 
 def test_clicking_a_thumbnail_opens_the_file(run, tmp_path, open_page):
-    root, docs = run
-    page = open_page(write_html_report(docs["find_duplicates"], str(tmp_path)))
+    root, docs, reports = run
+    page = open_page(write_html_report(*reports["find_duplicates"], str(tmp_path)))
     name = "bad\\xff name.jpg" if POSIX else "p2 small.jpg"
     real = os.fsdecode(os.fsencode(root / "imgs") + b"/" + BAD_NAME) if POSIX \
         else str(root / "imgs" / "p2 small.jpg")
@@ -274,9 +282,9 @@ def test_clicking_a_thumbnail_opens_the_file(run, tmp_path, open_page):
 
 
 def test_search_page_marks_each_query(run, tmp_path, open_page):
-    root, docs = run
+    root, docs, reports = run
     doc = docs["search"]
-    page = open_page(write_html_report(doc, str(tmp_path)))
+    page = open_page(write_html_report(*reports["search"], str(tmp_path)))
     assert texts(page, ".stat") == ["3 queries", "1 with matches",
                                     f"{doc['images']} images searched"]
     assert texts(page, "#failures summary") == ["1 file could not be read"]
@@ -297,9 +305,9 @@ def test_search_page_marks_each_query(run, tmp_path, open_page):
 
 
 def test_pagination_of_120_groups(run, tmp_path, open_page):
-    root, docs = run
-    page = open_page(write_html_report(synthetic(docs["find_duplicates"], 120),
-                                       str(tmp_path)))
+    root, docs, reports = run
+    report, cfg = reports["find_duplicates"]
+    page = open_page(write_html_report(synthetic(report, 120), cfg, str(tmp_path)))
     assert texts(page, ".stat")[1] == "120 groups"
     first = page.locator("nav.pager").first
 
@@ -320,7 +328,7 @@ def test_pagination_of_120_groups(run, tmp_path, open_page):
     assert settled(shown, want) == want
     assert first.get_by_role("button", name="Next ›").is_disabled()
     assert len(load_every_thumbnail(page)) == sum(
-        len(g["images"]) for g in synthetic(docs["find_duplicates"], 120)["groups"][100:])
+        len(g.images) for g in synthetic(report, 120).groups[100:])
     page_shown = lambda: first.locator(".page").inner_text()
     page.go_back()  # the page number is in the address: Back works
     assert settled(page_shown, "Page 2 of 3") == "Page 2 of 3"
@@ -332,9 +340,11 @@ def test_pagination_of_120_groups(run, tmp_path, open_page):
 
 
 def test_ten_thousand_groups_open_fast(run, tmp_path, open_page):
-    root, docs = run
+    root, docs, reports = run
+    report, cfg = reports["find_duplicates"]
+    big = synthetic(report, 10_000)
     started = time.perf_counter()
-    path = write_html_report(synthetic(docs["find_duplicates"], 10_000), str(tmp_path))
+    path = write_html_report(big, cfg, str(tmp_path))
     written = time.perf_counter() - started
     page = open_page(path)
     rendered = page.evaluate(
@@ -345,14 +355,13 @@ def test_ten_thousand_groups_open_fast(run, tmp_path, open_page):
     assert written < 20 and rendered < 5000, (written, rendered)
 
 
-def test_orientation_matches_say_how_on_their_card(tmp_path, capsys):
+def test_orientation_matches_say_how_on_their_card(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     picture(4).save(imgs / "a.jpg")
     picture(4).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(imgs / "a_mirror.jpg")
     params = write_params(tmp_path, match_orientations=True)
-    capsys.readouterr()
-    assert rs.main(["find_duplicates", "--params", params, "--format", "json", "-q"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    text = pathlib.Path(write_html_report(doc, str(tmp_path / "out"))).read_text("utf-8")
+    report, cfg = report_of("find_duplicates", params)
+    text = pathlib.Path(write_html_report(report, cfg, str(tmp_path / "out"))
+                        ).read_text("utf-8")
     assert '"how":"mirrored, verified"' in text  # checked on the pixels

@@ -97,12 +97,11 @@ def test_report_makes_thumbnails_for_the_first_page_only(tmp_path):
         for k in range(2):
             path = folder / f"g{g:02d}_{k}.tif"
             Image.new("RGB", (24, 16), (g * 4, k * 100, 50)).save(path)
-            images.append({"path": str(path), "width": 24, "height": 16,
-                           "size": path.stat().st_size, "mtime": "2024-01-01T00:00:00",
-                           "distance": k, "keep": k == 0, "hash": "0" * 16})
-        groups.append({"images": images})
-    page = rs.write_html_report({"operation": "find_duplicates", "groups": groups},
-                                str(tmp_path / "out"))
+            images.append(rs.Match(str(path), "0" * 16, k, 24, 16,
+                                   path.stat().st_size, keep=k == 0))
+        groups.append(rs.Group(images))
+    report = rs.DuplicatesReport("images.db", "mih", 120, groups)
+    page = rs.write_html_report(report, rs.Config(), str(tmp_path / "out"))
     made = os.listdir(tmp_path / "out" / "find_duplicates_files")
     assert len(made) == 2 * rs.HTML_PAGE_SIZE + 1  # and the placeholder
     text = open(page, encoding="utf-8").read()
