@@ -5615,8 +5615,13 @@ def _absent_roots(cfg: Config, states: dict, seen: set, ui: Console) -> dict:
     return kept
 
 
-def op_build(cfg: Config, ui: Console) -> UpdateReport:
+def op_build(run: Run, ui: Console) -> UpdateReport:
     """Hash everything into a new database; an old one is replaced at the end."""
+    return build_store(run.config, ui)
+
+
+def build_store(cfg: Config, ui: Console) -> UpdateReport:
+    """build, also when another operation finds no database."""
     check_folders(cfg, ["img_dirs"])
     if cfg.database_url:  # a shared database is never replaced: rehash ours
         with _run_lock(cfg):
@@ -5690,11 +5695,17 @@ def _run_lock(cfg: Config):
     return RunLock(cfg.db_path, cfg.lock_timeout)
 
 
-def op_update(cfg: Config, ui: Console) -> UpdateReport:
+def op_update(run: Run, ui: Console) -> UpdateReport:
     """Add new files, rehash changed ones, forget deleted ones."""
+    return update_store(run.config, ui)
+
+
+def update_store(cfg: Config, ui: Console) -> UpdateReport:
+    """update, also when another operation finds a database of another
+    hash kind."""
     if not _store_exists(cfg):
         ui.notice(f"no database at {cfg.db_name} yet: building it.")
-        return op_build(cfg, ui)
+        return build_store(cfg, ui)
     with _run_lock(cfg):
         store = _open_store(cfg)
         try:
@@ -5719,11 +5730,11 @@ def ready_store(cfg: Config, ui: Console) -> Store:
     brought up to date for folders of img_dirs it does not cover yet."""
     if not _store_exists(cfg):
         ui.notice(f"no database at {cfg.db_name} yet: building it first.")
-        op_build(cfg, ui)
+        build_store(cfg, ui)
     store = _open_store(cfg)
     if store.hash_kind() != cfg.spec.kind:
         store.close()
-        op_update(cfg, ui)
+        update_store(cfg, ui)
         store = _open_store(cfg)
     elif new := store.uncovered(cfg.img_dirs, cfg.spec.kind):
         store.close()
@@ -7407,9 +7418,9 @@ def _row_from_record(rec: dict, path: str, kind: str | None, bits: int):
         return None
 
 
-def op_undo(cfg: Config, ui: Console) -> MoveReport:
+def op_undo(run: Run, ui: Console) -> MoveReport:
     """Put every file of the quarantine manifest back, checked by SHA-256."""
-    start = time.monotonic()
+    cfg, start = run.config, time.monotonic()
     manifest = os.path.join(cfg.quarantine_dir, MANIFEST_NAME)
     report = MoveReport("undo", manifest)
     if not os.path.lexists(manifest):
@@ -7590,8 +7601,9 @@ class ExportReport(Report):
             self.store.close()
 
 
-def op_export(cfg: Config, ui: Console) -> ExportReport:
+def op_export(run: Run, ui: Console) -> ExportReport:
     """Every stored file with its hash, size, dimensions, mtime and error."""
+    cfg = run.config
     if not _store_exists(cfg):
         raise ConfigError(f"export: no database at {cfg.db_name}; run build "
                           f"first (or check db_dir).")
@@ -8592,9 +8604,9 @@ class ReviewSession:
             cfg = dataclasses.replace(self.cfg, operation="undo")
             cfg.sources = self.cfg.sources
             ui = _QuietConsole(self.ui)
-            report = op_undo(cfg, ui)
+            report = op_undo(dataclasses.replace(self.run, config=cfg), ui)
             if report.done and "run update" in " ".join(ui.said):
-                op_update(dataclasses.replace(cfg, operation="update"), ui)
+                update_store(dataclasses.replace(cfg, operation="update"), ui)
             self.refresh()
             return _move_json(report)
 
@@ -9788,23 +9800,15 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
     return run
 
 
-def dispatch(run: Run, ui: Console):
-    cfg = run.config
-    if cfg.operation == "build":
-        return op_build(cfg, ui)
-    if cfg.operation == "update":
-        return op_update(cfg, ui)
-    if cfg.operation == "search":
-        return op_search(run, ui)
-    if cfg.operation == "find_duplicates":
-        return op_find_duplicates(run, ui)
-    if cfg.operation == "move":
-        return op_move(run, ui)
-    if cfg.operation == "undo":
-        return op_undo(cfg, ui)
-    if cfg.operation == "review":
-        return op_review(run, ui)
-    return op_export(cfg, ui)
+# What each operation runs: every one takes the run and the console.
+RUNNERS = {"build": op_build, "update": op_update, "search": op_search,
+           "find_duplicates": op_find_duplicates, "export": op_export,
+           "move": op_move, "undo": op_undo, "review": op_review}
+
+
+def dispatch(run: Run, ui: Console) -> Report | None:
+    """The operation's report (review answers its page itself: None)."""
+    return RUNNERS[run.config.operation](run, ui)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
