@@ -1,17 +1,20 @@
-"""Shared helpers: real images drawn with Pillow, real params files, main()."""
+"""Shared helpers: real images drawn with Pillow, real params files, main(),
+and the session's one throw-away PostgreSQL server.
+
+pytest.ini puts the checkout, tests/ and examples/ on sys.path."""
 
 import json
 import os
-import sys
+import shutil
+import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+import pg_server as pgs_
+import reverse_search as rs
+from make_examples import picture
 
-import reverse_search as rs  # noqa: E402
-from make_examples import picture  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -29,6 +32,60 @@ def collection(tmp_path):
     picture(1).resize((200, 150), Image.LANCZOS).save(queries / "q1.jpg")
     picture(50).save(queries / "other.jpg")
     return tmp_path
+
+
+def _pg_skip_or_fail(reason):
+    if os.environ.get("REVERSE_SEARCH_REQUIRE_PG") == "1":
+        pytest.fail(f"REVERSE_SEARCH_REQUIRE_PG=1 but {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL tests skipped: {reason}")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throw-away server (tests/pg_server.py) for the whole session.
+    Defined here only: a module that imported it would get a server of its own."""
+    reason = pgs_.unavailable()
+    if reason:
+        _pg_skip_or_fail(reason)
+    try:
+        # WAL recycled at 96 MB: each new database writes 4 MB of it, and
+        # the cluster lives in memory when there is room (fast_base)
+        server = pgs_.PgServer(settings={"max_wal_size": "96MB",
+                                         "min_wal_size": "32MB"},
+                               base=pgs_.fast_base()).start()
+    except pgs_.PgUnavailable as exc:
+        _pg_skip_or_fail(f"cannot start a server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh empty database for one test."""
+    return pg_server.new_database()
+
+
+def copy_checkout(dest, skip=()):
+    """The files a fresh clone has (what git tracks, less the top-level
+    folders in `skip`) copied to `dest`; never the untracked rest of a
+    working checkout (a venv, build output: 500 MB under .ci/ after CI)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                                capture_output=True).stdout
+        files = [f for f in os.fsdecode(listed).split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        files = []
+    if not files:  # a source archive: everything but what the tool and CI make
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+            "db", "index", "results", ".git", ".venv", "venv", "build", "dist",
+            "__pycache__", "params.json", *skip))
+        return
+    for name in files:
+        if name.split("/", 1)[0] in skip or not os.path.isfile(os.path.join(ROOT, name)):
+            continue  # a file deleted but not yet committed is not in a clone
+        target = os.path.join(dest, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), target)
 
 
 def write_params(folder, **keys):

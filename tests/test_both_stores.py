@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, picture, run_json, write_params
-from pg_server import pg_server, pg_url  # noqa: F401
 
 VOLATILE = ("seconds", "settings", "database", "engine", "tool_version")
 

@@ -10,7 +10,6 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageDraw
 
 from conftest import brute_groups, picture, rs, run_json, write_params
-from pg_server import pg_server, pg_url  # noqa: F401
 from test_engines import ENGINES, hash_sets
 
 # ---------------------------------------------------------------- images --

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from conftest import picture, rs, run_json, write_params
-from pg_server import pg_server, pg_url  # noqa: F401
 
 
 def run(capsys, params, *args):

@@ -30,6 +30,8 @@ if not HAVE_PYINSTALLER and not REQUIRED:
                 "requirements-build.txt); set REVERSE_SEARCH_REQUIRE_FROZEN=1 "
                 "to make this a failure", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # builds the executable: minutes
+
 EXE_NAME = "reverse_search" + (".exe" if os.name == "nt" else "")
 DIST_EXE = os.path.join(ROOT, "dist", EXE_NAME)
 SOURCES = [os.path.join(ROOT, "reverse_search.py"),

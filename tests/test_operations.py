@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import rs, run_json, write_params, picture
+from conftest import copy_checkout, rs, run_json, write_params, picture
 
 
 def names(paths):
@@ -136,7 +136,13 @@ def test_changing_hash_method_rehashes_never_mixes(collection, capsys):
     assert code == 0 and doc["settings"]["hash_method"] == "dhash"
 
 
-@pytest.mark.parametrize("method", rs.HASH_METHODS)
+# exact mode hashes every window with imagehash: 10-14 s each for these
+SLOW_EXACT = {"whash", "whash_db4", "colorhash"}
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.slow) if m in SLOW_EXACT else m
+    for m in rs.HASH_METHODS])
 def test_every_hash_method_in_exact_mode_equals_imagehash(collection, capsys, method):
     params = write_params(collection, hash_method=method, hash_mode="exact",
                           distance_threshold=0)
@@ -326,9 +332,9 @@ def test_parallel_hashing_in_worker_processes(collection, capsys, monkeypatch,
 def test_the_shipped_params_json_works(capsys, tmp_path):
     """The README's run command on the shipped example collection."""
     root = tmp_path / "clone"
-    shutil.copytree(os.path.dirname(rs.__file__), root, ignore=shutil.ignore_patterns(
-        "db", "index", "results", ".git", "bench", "tests", "__pycache__",
-        "params.json"))  # a fresh clone has none: the first run writes it
+    # a fresh clone has no params.json (git ignores it): the first run writes it
+    copy_checkout(root, skip=("bench", "tests"))
+    assert not (root / "params.json").exists()
     code, doc = run_json(capsys, root / "params.json")
     assert json.loads((root / "params.json").read_text()) == rs.default_params()
     assert code == 0 and doc["operation"] == "search"

@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from conftest import ROOT, picture, rs, run_json, write_params
-from pg_server import pg_server, pg_url  # noqa: F401
 
 
 def digest(path):

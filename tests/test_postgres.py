@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, rs
-from pg_server import PASSWORD, PASSWORD_USER, pg_server, pg_url  # noqa: F401
+from pg_server import PASSWORD, PASSWORD_USER
 
 pgs = rs  # the PostgreSQL section of reverse_search.py
 

@@ -183,6 +183,7 @@ def fingerprint_files(folder):
     return out
 
 
+@pytest.mark.slow
 def test_no_operation_changes_a_users_image(tmp_path, capsys):
     make_bad_files(tmp_path / "imgs")
     (tmp_path / "queries").mkdir()
@@ -286,6 +287,7 @@ def _wait_for_rows(db_dir, proc, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_killed_runs_leave_a_usable_database_and_update_completes(tmp_path, capsys):
     """SIGKILL a real build/update at random moments, 20 times."""
     imgs = tmp_path / "imgs"
@@ -334,6 +336,7 @@ def test_killed_runs_leave_a_usable_database_and_update_completes(tmp_path, caps
     assert partial >= 1  # some kills landed mid-run, between two commits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_ctrl_c_stops_cleanly_and_update_resumes(tmp_path, capsys, method):
     if method not in multiprocessing.get_all_start_methods():

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import picture, rs, run_json, write_params
-from pg_server import PASSWORD, PASSWORD_USER, pg_server  # noqa: F401
+from pg_server import PASSWORD, PASSWORD_USER
 
 
 def every_output(folder, *streams) -> str:

@@ -123,6 +123,7 @@ def kill_a_busy_child(proc, busy_seconds=0.05, timeout=60):
     pytest.fail("no busy worker appeared")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_worker_fails_its_file_and_the_run_goes_on(tmp_path):
     import shutil
@@ -295,6 +296,7 @@ def test_update_reports_renames_and_lists_every_file(collection, capsys):
 
 # ---- update shows a total and the time left ----
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux pty")
 def test_update_progress_has_a_total_and_time_left(collection):
     import fcntl
@@ -370,6 +372,7 @@ def test_a_small_webp_that_decodes_to_gigabytes_is_skipped_in_bounded_memory(tmp
     assert int(peak_kib) < 600 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"
 
 
+@pytest.mark.slow
 def test_the_decode_budget_counts_a_jpeg_at_the_size_it_decodes_at(tmp_path, capsys):
     import numpy as np
     from PIL import Image

@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
@@ -23,6 +24,7 @@ VALUES = st.recursive(
     | st.dictionaries(st.text(), inner), max_leaves=30)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(VALUES)
 def test_json_text_is_json_dumps_indented(value):
