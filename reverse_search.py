@@ -41,7 +41,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Iterator, Sequence
+from typing import ClassVar, Iterable, Iterator, NamedTuple, Protocol, Sequence
 from urllib.parse import unquote
 
 import numpy as np
@@ -793,7 +793,8 @@ def config_from(raw: dict, params_path: str, overrides: dict) -> Config:
                    for name in CONFIG_FIELDS}
     _check_hash_settings(cfg, params_path)
     _check_folder_roles(cfg)
-    check_database_url(cfg.database_url, cfg.sources["database_url"])
+    if cfg.database_url:  # an SQLite run never enters the PostgreSQL code
+        check_database_url(cfg.database_url, cfg.sources["database_url"])
     return cfg
 
 
@@ -957,20 +958,39 @@ def path_from_db(value) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
+def signed64(value: int) -> int:
+    """A hash of up to 64 bits as the signed 64-bit integer both databases
+    store (neither has an unsigned type)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def hash_to_db(value: int | None, bits: int):
+    """A hash as either database stores it: signed64, or the big-endian
+    bytes of whole 64-bit words when it is longer."""
     if value is None:
         return None
     if bits <= 64:
-        return value - (1 << 64) if value >= 1 << 63 else value
+        return signed64(value)
     return value.to_bytes(8 * ((bits + 63) // 64), "big")
 
 
 def hash_from_db(value) -> int | None:
+    """hash_to_db's inverse; bytes are big-endian whatever the length
+    (PostgreSQL sends BIGINT hashes as int8send's 8 bytes)."""
     if value is None:
         return None
     if isinstance(value, bytes):
         return int.from_bytes(value, "big")
     return value + (1 << 64) if value < 0 else value
+
+
+def image_row(r: Sequence, path_of=path_from_db) -> ImageRow:
+    """An ImageRow from a row of ROW_COLUMNS (Store) or PG_ROW_COLUMNS
+    (PgStore): the same columns in the same order; path_of decodes the
+    path as its database stores it."""
+    return ImageRow(path_of(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
+                    r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                    4.0 if r[11] is None else r[11], r[12])
 
 
 def kind_meta(spec: HashSpec) -> dict:
@@ -1068,10 +1088,6 @@ class Scoped:
         """The folders of `roots` the database holds no hashes for yet."""
         return outside(roots, self.coverage(kind).roots)
 
-    def ignored(self, roots: Sequence[str], kind: str) -> list:
-        """Covered folders this run does not ask for (kept, not answered)."""
-        return outside(self.coverage(kind).roots, roots)
-
     def record_coverage(self, roots: Sequence[str], kind: str) -> None:
         """After a complete walk of `roots`: they are covered."""
         old = self.coverage(kind)
@@ -1095,13 +1111,24 @@ class Scoped:
         return ":" + hashlib.blake2b(os.fsencode(text), digest_size=6).hexdigest()
 
 
-def join_hash_blocks(blocks: list, words: int, variants: int) -> tuple:
-    """One (ids, hashes, variant hashes, details) from blocks of rows."""
+class HashArrays(NamedTuple):
+    """The comparable images of a database as arrays, in id order: what an
+    index is built from (hash_arrays).  W: 64-bit words per hash; E: extra
+    hashes per image (orientations, centres, content box, windows)."""
+
+    ids: np.ndarray     # (N,) int64: images.id
+    hashes: np.ndarray  # (N, W) uint64
+    extra: np.ndarray   # (N, E, W) uint64, in split_extra's order
+    detail: np.ndarray  # (N,) float32 (see detail_bits)
+
+
+def join_hash_blocks(blocks: list, words: int, extra: int) -> HashArrays:
+    """One HashArrays from HashArrays of blocks of rows."""
     if not blocks:
-        return (np.zeros(0, np.int64), np.zeros((0, words), np.uint64),
-                np.zeros((0, variants, words), np.uint64),
-                np.zeros(0, np.float32))
-    return tuple(np.concatenate(part) for part in zip(*blocks))
+        return HashArrays(np.zeros(0, np.int64), np.zeros((0, words), np.uint64),
+                          np.zeros((0, extra, words), np.uint64),
+                          np.zeros(0, np.float32))
+    return HashArrays(*(np.concatenate(part) for part in zip(*blocks)))
 
 
 APPLICATION_ID = 0x72737263  # "rsrc" in the SQLite header: one of ours
@@ -1163,6 +1190,58 @@ def _foreign(db: sqlite3.Connection, version: int) -> str | None:
         return None
     shown_tables = ", ".join(sorted(tables)[:5]) or "none"
     return f"its tables are {shown_tables}"
+
+
+class HashStore(Protocol):
+    """What the operations ask of a database, the one interface of Store
+    (SQLite, below) and PgStore (PostgreSQL).  Each write is one
+    transaction; reads answer only from rows under the scope (set_scope);
+    rows come back as ImageRow, paths as the file system gives them."""
+
+    path: str  # what reports and messages show (a URL without password)
+
+    def close(self) -> None: ...
+    def snapshot(self) -> None: ...
+    def end_snapshot(self) -> None: ...
+
+    # ---- meta: the hash kind and what changes with every write ----
+    def meta(self) -> dict: ...
+    def hash_kind(self) -> str | None: ...
+    def fingerprint(self) -> str: ...
+
+    # ---- coverage and scope (Scoped) ----
+    def coverage(self, kind: str) -> Coverage: ...
+    def uncovered(self, roots: Sequence[str], kind: str) -> list: ...
+    def record_coverage(self, roots: Sequence[str], kind: str) -> None: ...
+    def set_scope(self, roots: Sequence[str], kind: str) -> None: ...
+
+    # ---- writes ----
+    def start_kind(self, spec: HashSpec) -> None: ...
+    def use_roots(self, roots: Sequence[str]) -> None: ...
+    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None: ...
+    def delete_paths(self, paths: Iterable[str]) -> int: ...
+
+    # ---- reads ----
+    def states(self, roots: Sequence[str] | None = None) -> dict: ...
+    def hashed_with_size(self, size: int) -> set: ...
+    def hashed_by_digest(self, size: int, digest: bytes
+                         ) -> ImageRow | None: ...
+    def hash_arrays(self, words: int, extra: int) -> HashArrays: ...
+    def low_detail_rows(self) -> list: ...
+    def failed_rows(self) -> list: ...
+    def rows_by_id(self, ids: Iterable[int]) -> dict: ...
+    def rows_by_path(self, paths: Iterable[str]) -> dict: ...
+    def iter_rows(self) -> Iterator[ImageRow]: ...
+
+
+class ServerHashStore(HashStore, Protocol):
+    """A HashStore whose hashes stay on a server (PgStore): it also searches
+    them there and tidies up after writes.  Operations ask for these only
+    when database_url is set."""
+
+    def search_hashes(self, query: int, radius: int) -> list: ...
+    def count_comparable(self) -> int: ...
+    def optimize(self) -> None: ...
 
 
 class Store(Scoped):
@@ -1359,13 +1438,11 @@ class Store(Scoped):
                               "size = ? AND digest = ? AND hash IS NOT NULL "
                               "AND traits IS NOT NULL LIMIT 1", (size, digest))
         row = cur.fetchone()
-        return None if row is None else self._row(row)
+        return None if row is None else image_row(row)
 
-    def hash_arrays(self, words: int, variants: int, block: int = 1 << 16
-                    ) -> tuple:
-        """(ids, hashes, variant hashes, details) of every comparable image.
-
-        hashes is (N, words) uint64; variants (N, variants, words)."""
+    def hash_arrays(self, words: int, extra: int, block: int = 1 << 16
+                    ) -> HashArrays:
+        """Every comparable image (hashed, not low-detail) in scope."""
         scope, params = self._scope_sql()
         cur = self.db.execute("SELECT id, hash, variants, detail FROM images "
                               "WHERE hash IS NOT NULL AND low_detail = 0 "
@@ -1374,10 +1451,10 @@ class Store(Scoped):
         # 190 bytes each (190 MB at a million); the arrays cost 36.
         blocks = []
         while rows := cur.fetchmany(block):
-            blocks.append(self._hash_block(rows, words, variants))
-        return join_hash_blocks(blocks, words, variants)
+            blocks.append(self._hash_block(rows, words, extra))
+        return join_hash_blocks(blocks, words, extra)
 
-    def _hash_block(self, rows: list, words: int, variants: int) -> tuple:
+    def _hash_block(self, rows: list, words: int, extra: int) -> HashArrays:
         n = len(rows)
         ids = np.fromiter((r[0] for r in rows), np.int64, n)
         if words == 1:
@@ -1387,13 +1464,13 @@ class Store(Scoped):
                                    dtype=">u8").astype(np.uint64)
         found = np.frombuffer(b"".join(r[2] or b"" for r in rows),
                               dtype=">u8").astype(np.uint64)
-        if found.size != n * variants * words:
+        if found.size != n * extra * words:
             raise StoreError(f"{self.path}: stored extra hashes (orientations, "
                              f"centres) do not match the settings; run build.")
         details = np.fromiter((4.0 if r[3] is None else r[3] for r in rows),
                               np.float32, n)
-        return (ids, hashes.reshape(n, words),
-                found.reshape(n, variants, words), details)
+        return HashArrays(ids, hashes.reshape(n, words),
+                          found.reshape(n, extra, words), details)
 
     def low_detail_rows(self) -> list:
         return self._rows_where("low_detail = 1")
@@ -1405,7 +1482,7 @@ class Store(Scoped):
         scope, params = self._scope_sql()
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
                               f"{condition} AND {scope} ORDER BY path", params)
-        return list(map(self._row, cur))
+        return list(map(image_row, cur))
 
     def rows_by_id(self, ids: Iterable[int]) -> dict:
         ids = sorted({int(i) for i in ids})
@@ -1415,7 +1492,7 @@ class Store(Scoped):
             marks = ",".join("?" * len(part))
             cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
                                   f"WHERE id IN ({marks})", part)
-            rows.update((r.id, r) for r in map(self._row, cur))
+            rows.update((r.id, r) for r in map(image_row, cur))
         return rows
 
     def rows_by_path(self, paths: Iterable[str]) -> dict:
@@ -1426,23 +1503,12 @@ class Store(Scoped):
             marks = ",".join("?" * len(part))
             cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
                                   f"WHERE path IN ({marks})", part)
-            rows.update((r.path, r) for r in map(self._row, cur))
+            rows.update((r.path, r) for r in map(image_row, cur))
         return rows
 
     def iter_rows(self) -> Iterator[ImageRow]:
         cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images ORDER BY path")
-        return map(self._row, cur)
-
-    def counts(self) -> tuple[int, int]:
-        """(images hashed, files that failed)."""
-        return self.db.execute("SELECT count(hash), count(error) FROM images"
-                               ).fetchone()
-
-    @staticmethod
-    def _row(r) -> ImageRow:
-        return ImageRow(path_from_db(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
-                        r[5], r[6], r[7], r[8], r[9], bool(r[10]),
-                        4.0 if r[11] is None else r[11], r[12])
+        return map(image_row, cur)
 
 
 class RunLock:
@@ -1558,7 +1624,8 @@ CREATE INDEX IF NOT EXISTS images_raw ON images (path) WHERE raw;
     2: "ALTER TABLE images ADD COLUMN IF NOT EXISTS traits TEXT;",
 }
 
-# the columns an ImageRow is read from, in _pg_row's order
+# the columns an ImageRow is read from, in image_row's order (the hash as
+# big-endian bytes either way: int8send for BIGINT, as is for BYTEA)
 PG_ROW_COLUMNS = ("path, size, mtime_ns, digest, coalesce(hash_bytes, "
                   "int8send(hash)), width, height, error, id, variants, "
                   "low_detail, detail, traits")
@@ -1876,6 +1943,10 @@ def pg_path_from_db(value) -> str:
         return os.fsdecode(data)
 
 
+# an ImageRow from a row of PG_ROW_COLUMNS: image_row, paths decoded as stored
+pg_image_row = functools.partial(image_row, path_of=pg_path_from_db)
+
+
 def pg_text(text: str | None) -> str | None:
     """Text PostgreSQL accepts: no NUL, no lone surrogates (odd file names)."""
     if text is None:
@@ -1939,10 +2010,6 @@ def pg_search_plan(n: int, chunks: list, radius: int) -> str:
             probes = _ball(chunk.bits, most)
             mih += probes * (PG_COST_PROBE + n / 2**chunk.bits * PG_COST_CAND)
     return "mih" if mih < n * PG_COST_ROW else "scan"
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 # ---- the store ----
@@ -2209,14 +2276,9 @@ class PgStore(Scoped):
         for seq, r in enumerate(rows):
             path, raw = pg_path_to_db(r.path)
             h = r.hash
-            if h is None:
-                value, c = None, nones
-            else:
-                value = h - (1 << 64) if short and h >= 1 << 63 else h
-                if not short:
-                    value = h.to_bytes(8 * ((bits + 63) // 64), "big")
-                c = nones if r.low_detail else \
-                    tuple((h >> s) & mask for s, mask in chunks)
+            value = hash_to_db(h, bits)
+            c = nones if h is None or r.low_detail else \
+                tuple((h >> s) & mask for s, mask in chunks)
             root = next((root_of[t] for t in roots if r.path.startswith(t)),
                         None)
             out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
@@ -2298,18 +2360,17 @@ class PgStore(Scoped):
                         f"AND digest = %s AND {HASHED} AND traits IS NOT "
                         f"NULL LIMIT 1",
                         (size, digest)).fetchone()
-        return None if row is None else _pg_row(row)
+        return None if row is None else pg_image_row(row)
 
-    def hash_arrays(self, words: int, variants: int) -> tuple:
-        """(ids, hashes, variant hashes, details) of every comparable image,
-        as Store.hash_arrays."""
-        return join_hash_blocks(list(self.iter_hash_blocks(words, variants)),
-                                words, variants)
+    def hash_arrays(self, words: int, extra: int) -> HashArrays:
+        """Every comparable image in scope, as Store.hash_arrays."""
+        return join_hash_blocks(list(self.iter_hash_blocks(words, extra)),
+                                words, extra)
 
-    def iter_hash_blocks(self, words: int, variants: int, block: int = 1 << 18
-                         ) -> Iterator[tuple]:
-        """(ids, hashes, variant hashes, details) of the comparable images in
-        id order, about `block` rows at a time, parsed straight from a binary
+    def iter_hash_blocks(self, words: int, extra: int, block: int = 1 << 18
+                         ) -> Iterator[HashArrays]:
+        """HashArrays of the comparable images in scope, in id order, about
+        `block` rows at a time, parsed straight from a binary
         COPY on a connection of its own: bounded memory, one consistent
         snapshot, and the store stays usable between blocks."""
         column = "int8send(hash)" if words == 1 else "hash_bytes"
@@ -2319,7 +2380,7 @@ class PgStore(Scoped):
                f"(FORMAT BINARY)")
         record = np.dtype([("fields", ">i2"), ("n_id", ">i4"), ("id", ">i8"),
                            ("n_hash", ">i4"), ("hash", ">u8", (words,)),
-                           ("n_var", ">i4"), ("var", ">u8", (variants * words,)),
+                           ("n_var", ">i4"), ("var", ">u8", (extra * words,)),
                            ("n_detail", ">i4"), ("detail", ">f8")])
         conn = self._connect()
         try:
@@ -2331,34 +2392,34 @@ class PgStore(Scoped):
                         del buf[:19 + int.from_bytes(buf[15:19], "big")]
                         start = False
                     if not start and len(buf) >= block * record.itemsize:
-                        yield self._parse_block(buf, record, words, variants)
+                        yield self._parse_block(buf, record, words, extra)
                 if not start:
                     if bytes(buf[-2:]) != b"\xff\xff":
                         raise StoreError(f"{self.path}: hash stream ended early.")
                     del buf[-2:]
                     if buf:
-                        yield self._parse_block(buf, record, words, variants)
+                        yield self._parse_block(buf, record, words, extra)
         except self._psycopg.Error as exc:
             raise StoreError(self._why(exc, "cannot read hashes from")) from None
         finally:
             conn.close()
 
     def _parse_block(self, buf: bytearray, record: np.dtype, words: int,
-                     variants: int) -> tuple:
+                     extra: int) -> HashArrays:
         """Whole records from the front of buf (which loses them)."""
         n = len(buf) // record.itemsize
         rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
         del buf[:n * record.itemsize]
         if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
                       and (rec["n_hash"] == 8 * words).all()
-                      and (rec["n_var"] == 8 * variants * words).all()
+                      and (rec["n_var"] == 8 * extra * words).all()
                       and (rec["n_detail"] == 8).all()):
             raise StoreError(f"{self.path}: stored extra hashes (orientations, "
                              f"centres) do not match the settings; run build.")
-        return (rec["id"].astype(np.int64),
-                rec["hash"].astype(np.uint64).reshape(n, words),
-                rec["var"].astype(np.uint64).reshape(n, variants, words),
-                rec["detail"].astype(np.float32))
+        return HashArrays(rec["id"].astype(np.int64),
+                          rec["hash"].astype(np.uint64).reshape(n, words),
+                          rec["var"].astype(np.uint64).reshape(n, extra, words),
+                          rec["detail"].astype(np.float32))
 
     def search_hashes(self, query: int, radius: int) -> list:
         """[(id, distance)] of every comparable image within `radius` bits of
@@ -2368,7 +2429,7 @@ class PgStore(Scoped):
         n, scope = self._row_estimate(), self._scope_sql()
         if bits <= 64:
             dist = "bit_count((hash # %(q)s)::bit(64))"
-            params = {"q": _signed64(query), "r": radius}
+            params = {"q": signed64(query), "r": radius}
         else:  # BYTEA holds whole 64-bit words: compare all their bits
             width = 64 * ((bits + 63) // 64)
             dist = (f"bit_count(('x' || encode(hash_bytes, 'hex'))::bit({width})"
@@ -2426,7 +2487,7 @@ class PgStore(Scoped):
         cur = self._sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images "
                         f"WHERE {condition} AND {self._scope_sql()}")
         found = [(raw, bytes(r[0]), r) for *r, raw in cur]
-        return [_pg_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
+        return [pg_image_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
 
     def rows_by_id(self, ids: Iterable[int]) -> dict:
         ids = sorted({int(i) for i in ids})
@@ -2435,7 +2496,7 @@ class PgStore(Scoped):
             cur = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
                             f"WHERE id = ANY(%s)",
                             (ids[start:start + PG_PAGE],))
-            rows.update((r.id, r) for r in map(_pg_row, cur))
+            rows.update((r.id, r) for r in map(pg_image_row, cur))
         return rows
 
     def rows_by_path(self, paths: Iterable[str]) -> dict:
@@ -2444,7 +2505,7 @@ class PgStore(Scoped):
         for start in range(0, len(keys), PG_PAGE):
             cur = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
                             f"WHERE path = ANY(%s)", (keys[start:start + PG_PAGE],))
-            rows.update((r.path, r) for r in map(_pg_row, cur))
+            rows.update((r.path, r) for r in map(pg_image_row, cur))
         return rows
 
     def iter_rows(self) -> Iterator[ImageRow]:
@@ -2453,35 +2514,12 @@ class PgStore(Scoped):
         cols = PG_ROW_COLUMNS.split(", ", 1)[1]
         for where in ("NOT raw", "raw"):
             for r in self._paged(cols, where, b"", None):
-                yield _pg_row(r)
-
-    def counts(self) -> tuple[int, int]:
-        """(images hashed, files that failed)."""
-        return self._sql(f"SELECT count(*) FILTER (WHERE {HASHED}), "
-                         f"count(error) FROM images").fetchone()
+                yield pg_image_row(r)
 
     def count_comparable(self) -> int:
         """Images a search can find (hashed, not low-detail): len(flat.ids)."""
         return self._sql("SELECT count(*) FROM images WHERE c0 IS NOT "
                          f"NULL AND {self._scope_sql()}").fetchone()[0]
-
-    def writers(self) -> list:
-        """[(host, root, rows)]: which machine and folder wrote how much."""
-        cur = self._sql("SELECT host, root, count(*) FROM images "
-                        "GROUP BY host, root ORDER BY host, root")
-        return [(h, None if r is None else os.fsdecode(bytes(r)), n)
-                for h, r, n in cur]
-
-
-def _pg_row(r) -> ImageRow:
-    """An ImageRow from PG_ROW_COLUMNS (the hash arrives as big-endian bytes
-    either way: int8send for BIGINT, as is for BYTEA)."""
-    value = None if r[4] is None else int.from_bytes(bytes(r[4]), "big")
-    return ImageRow(pg_path_from_db(r[0]), r[1], r[2],
-                    None if r[3] is None else bytes(r[3]), value, r[5], r[6],
-                    r[7], r[8], None if r[9] is None else bytes(r[9]),
-                    bool(r[10]), 4.0 if r[11] is None else r[11], r[12])
-
 
 class PgRunLock:
     """One writer per folder, across machines: session advisory locks, held
@@ -5122,7 +5160,7 @@ def _check_header(header: dict, spec: HashSpec, fingerprint: str, engine: str):
     return None
 
 
-def cache_key(store: Store) -> bytes:
+def cache_key(store: HashStore) -> bytes:
     """The secret that signs the cache files (b"" in a database written
     before it was kept: the MAC is then a plain checksum)."""
     with _ignored(ValueError):
@@ -5130,14 +5168,15 @@ def cache_key(store: Store) -> bytes:
     return b""
 
 
-def save_index(cfg: Config, store: Store, ui: Console | None = None
+def save_index(cfg: Config, store: HashStore, ui: Console | None = None
                ) -> FlatIndex:
     """Rebuild the index file from the database."""
     spec = cfg.spec
     fingerprint = store.fingerprint()
-    ids, hashes, extra, detail = store.hash_arrays(spec.words, spec.extra_count)
-    flat = FlatIndex.from_arrays(ids, hashes, spec.bits, detail=detail,
-                                 **split_extra(extra, spec))
+    stored = store.hash_arrays(spec.words, spec.extra_count)
+    flat = FlatIndex.from_arrays(stored.ids, stored.hashes, spec.bits,
+                                 detail=stored.detail,
+                                 **split_extra(stored.extra, spec))
     flat.kind, flat.fingerprint, flat.key = spec.kind, fingerprint, \
         cache_key(store)
     if ui is not None:
@@ -5162,7 +5201,7 @@ def split_extra(extra: np.ndarray, spec: HashSpec) -> dict:
     return out
 
 
-def load_index(cfg: Config, store: Store, ui: Console) -> FlatIndex:
+def load_index(cfg: Config, store: HashStore, ui: Console) -> FlatIndex:
     """The index file if it matches the database, else a rebuilt one."""
     spec, path = cfg.spec, os.path.join(cfg.bk_dir, INDEX_NAME)
     fingerprint = store.fingerprint()
@@ -5443,7 +5482,7 @@ class UpdateReport(DocumentReport):
 class BatchWriter:
     """Rows go to SQLite in batched transactions, never one commit per row."""
 
-    def __init__(self, store: Store, bits: int, rows: int = 256,
+    def __init__(self, store: HashStore, bits: int, rows: int = 256,
                  seconds: float = 1.0):
         self.store, self.bits = store, bits
         self.limit, self.seconds = rows, seconds
@@ -5487,7 +5526,7 @@ def _job(cfg: Config) -> HashJob:
                    cfg.max_decode_mb * 2**20)
 
 
-def sync_store(cfg: Config, store: Store, ui: Console, operation: str,
+def sync_store(cfg: Config, store: HashStore, ui: Console, operation: str,
                rehash: bool = False) -> UpdateReport:
     """Bring the database in line with the files under img_dirs."""
     spec, start = cfg.spec, time.monotonic()
@@ -5569,7 +5608,7 @@ class KnownDigests:
 
     LIMIT = 64
 
-    def __init__(self, store: Store):
+    def __init__(self, store: HashStore):
         self.store = store
         self.cache = {}
 
@@ -5580,7 +5619,7 @@ class KnownDigests:
         return self.cache[size]
 
 
-def _record(result: HashResult, store: Store, writer: BatchWriter,
+def _record(result: HashResult, store: HashStore, writer: BatchWriter,
             report: UpdateReport, job: HashJob, copied: dict) -> None:
     if result.reused:  # same bytes as a stored file: copy its hash
         source = store.hashed_by_digest(result.size, result.digest)
@@ -5602,7 +5641,7 @@ def _record(result: HashResult, store: Store, writer: BatchWriter,
     writer.add(result.row())
 
 
-def _forget_missing(store: Store, states: dict, seen: set, blocked: list,
+def _forget_missing(store: HashStore, states: dict, seen: set, blocked: list,
                     copied: dict, report: UpdateReport) -> None:
     """Forget files that are gone, but not those in folders we could not
     read; a gone file whose bytes reappeared under a new name was renamed
@@ -5688,7 +5727,8 @@ def _settle(path: str) -> None:
         con.close()
 
 
-def _open_store(cfg: Config, create: bool = False, path: str | None = None):
+def _open_store(cfg: Config, create: bool = False, path: str | None = None
+                ) -> HashStore:
     """The database, answering only from rows under cfg.img_dirs."""
     if cfg.database_url:
         store = PgStore(cfg.database_url, create)
@@ -5750,7 +5790,7 @@ def update_store(cfg: Config, ui: Console) -> UpdateReport:
     return report
 
 
-def ready_store(cfg: Config, ui: Console) -> Store:
+def ready_store(cfg: Config, ui: Console) -> HashStore:
     """The database, built first when missing, rehashed when of another kind,
     brought up to date for folders of img_dirs it does not cover yet."""
     if not _store_exists(cfg):
@@ -5785,7 +5825,7 @@ def add_folders(cfg: Config, folders: list, ui: Console) -> UpdateReport:
             store.close()
 
 
-def note_ignored(cfg: Config, store, ui: Console) -> None:
+def note_ignored(cfg: Config, store: HashStore, ui: Console) -> None:
     """One line when the database holds folders this run does not ask for."""
     cov = store.coverage(cfg.spec.kind)
     extra = outside(cov.roots, cfg.img_dirs)
@@ -5941,7 +5981,8 @@ class EdgeJudge:
     one cost 5 minutes on the 1,450-image public corpus, whose 16 copies of
     a picture are all near each other.  Each image pair is checked once."""
 
-    def __init__(self, judge: Judge, flat: FlatIndex, store, radius: int):
+    def __init__(self, judge: Judge, flat: FlatIndex, store: HashStore,
+                 radius: int):
         self.judge, self.flat, self.store = judge, flat, store
         self.radius = radius
         self.verdicts: dict = {}  # frozenset of two positions -> (a, Verdict)
@@ -6354,7 +6395,8 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     return report
 
 
-def _search_one_pg(result: HashResult, store, radius: int, spec) -> tuple:
+def _search_one_pg(result: HashResult, store: ServerHashStore, radius: int,
+                   spec) -> tuple:
     """(result, {image id: Hit}): _search_one inside PostgreSQL."""
     if _unsearchable(result):
         return result, {}
@@ -7250,7 +7292,7 @@ class Places:
         return os.path.realpath(path) == os.path.join(self.real_quarantine, rel)
 
 
-def check_moves(plan: Plan, store, places: Places) -> list:
+def check_moves(plan: Plan, store: HashStore, places: Places) -> list:
     """The plan's moves that are safe to make; the others go to
     plan.failures with the reason.  Nothing is moved here."""
     rows = store.rows_by_path(real_path(e.path) for e in plan.entries)
@@ -7409,7 +7451,7 @@ def op_move(run: Run, ui: Console) -> MoveReport:
     return report
 
 
-def _move_all(moves: list, store, places: Places, manifest: str,
+def _move_all(moves: list, store: HashStore, places: Places, manifest: str,
               report: MoveReport, batch: int = 200) -> None:
     """Each move in turn; moved files leave the database every `batch`
     files, and at the end even if interrupted."""
@@ -7436,7 +7478,7 @@ def _open_manifest(manifest: str) -> None:
                          f"moved.") from None
 
 
-def _move_one(m: Move, store, places: Places, manifest: str,
+def _move_one(m: Move, store: HashStore, places: Places, manifest: str,
               report: MoveReport) -> None:
     path = real_path(m.entry.path)
     try:
@@ -7496,7 +7538,7 @@ def _same_bytes(path: str, sha: str) -> bool:
         return False
 
 
-def _row_record(row: ImageRow, store) -> dict:
+def _row_record(row: ImageRow, store: HashStore) -> dict:
     """The stored hashes of a moved file, for undo to put back unhashed."""
     meta = store.meta()
     return {"kind": meta.get("hash_kind"), "bits": int(meta.get("hash_bits", 0)),
@@ -7696,7 +7738,7 @@ class ExportReport(Report):
 
     database: str
     hash_kind: str
-    store: Store  # rows are streamed from it while writing, then it is closed
+    store: HashStore  # rows are streamed from it while writing, then it is closed
     bits: int
 
     def publish(self, run: Run, ui: Console) -> list:
@@ -7761,7 +7803,8 @@ def settings_of(cfg: Config) -> dict:
             value = settings[name]
             settings[name] = [shown(v) for v in value] if \
                 isinstance(value, list) else shown(value)
-    settings["database_url"] = redact_url(cfg.database_url)
+    if cfg.database_url:
+        settings["database_url"] = redact_url(cfg.database_url)
     return settings
 
 
