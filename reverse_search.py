@@ -1987,36 +1987,379 @@ def pg_chunks(bits: int) -> list:
     return [PgChunk(k * bits // PG_CHUNKS, c.bits) for k, c in enumerate(plan)]
 
 
-def chunk_budgets(chunks: list, radius: int) -> list:
-    """Most differing bits to probe per chunk (-1 = skip the chunk).
-
-    With r = q*m + s, a hash within r has at most q differences in one of
-    s + 1 chunks or at most q - 1 in one of the others; the widest chunks get
-    the smaller budget, so they need the fewest probes."""
-    m = len(chunks)
-    q, s = divmod(radius, m)
-    order = sorted(range(m), key=lambda k: chunks[k].bits)
-    budgets = [0] * m
-    for rank, k in enumerate(order):
-        budgets[k] = q if rank <= s else q - 1
-    return budgets
-
-
 def pg_search_plan(n: int, chunks: list, radius: int) -> str:
-    """'mih' or 'scan', whichever the cost model says is cheaper."""
+    """'mih' or 'scan', whichever the cost model says is cheaper (the chunks
+    probed as MIHEngine probes its own: probed_chunks)."""
     mih = 0.0
-    for chunk, most in zip(chunks, chunk_budgets(chunks, radius)):
-        if most >= 0:
-            probes = _ball(chunk.bits, most)
-            mih += probes * (PG_COST_PROBE + n / 2**chunk.bits * PG_COST_CAND)
+    for _, chunk, most in probed_chunks(chunks, radius):
+        probes = _ball(chunk.bits, most)
+        mih += probes * (PG_COST_PROBE + n / 2**chunk.bits * PG_COST_CAND)
     return "mih" if mih < n * PG_COST_ROW else "scan"
+
+
+# ---- connection and schema ----
+
+def pg_connect(url: str):
+    """A new autocommit connection to `url`, named after this machine (what
+    PgRunLock shows of a busy lock's holder)."""
+    psycopg = _psycopg()
+    try:
+        return psycopg.connect(
+            url, autocommit=True, connect_timeout=30,
+            application_name=f"reverse_search@{socket.gethostname()}"[:63])
+    except psycopg.Error as exc:
+        raise StoreError(pg_failure(exc, "cannot connect to", url)) from None
+
+
+class PgLink:
+    """One connection to the database at `url`.  Every driver failure
+    leaves as a StoreError that names the database without its password
+    (pg_failure), except a lost deadlock inside retry, which runs again."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path = redact_url(url)  # what reports and messages show
+        self.psycopg = _psycopg()
+        self.conn = pg_connect(url)
+
+    def failure(self, exc: Exception, doing: str) -> StoreError:
+        return StoreError(pg_failure(exc, doing, self.url))
+
+    def sql(self, sql: str, params=None):
+        """conn.execute, with a driver failure as a StoreError (a lost
+        deadlock stays as it is: retry runs the transaction again)."""
+        errors = self.psycopg.errors
+        try:
+            return self.conn.execute(sql, params)
+        except (errors.DeadlockDetected, errors.SerializationFailure):
+            raise
+        except self.psycopg.Error as exc:
+            raise self.failure(exc, "failed on") from None
+
+    def retry(self, write) -> None:
+        """Run write() in one transaction; again if it lost a deadlock."""
+        errors = self.psycopg.errors
+        for attempt in range(PG_RETRIES):
+            try:
+                with self.conn.transaction():
+                    write()
+                return
+            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+                if attempt == PG_RETRIES - 1:
+                    raise self.failure(exc, "cannot write to") from None
+                time.sleep(0.05 * (attempt + 1))
+            except self.psycopg.Error as exc:  # COPY, or the connection
+                raise self.failure(exc, "cannot write to") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def pg_open(db: PgLink, create: bool) -> None:
+    """Check the schema's version; create or migrate the tables."""
+    try:
+        version = pg_schema_version(db)
+        if version is None and not create:
+            raise StoreError(f"no reverse_search tables in {db.path}; "
+                             f"run build first.")
+        if version is not None and version > PG_SCHEMA_VERSION:
+            raise StoreError(
+                f"{db.path} was written by a newer reverse_search (schema "
+                f"{version}, this one knows {PG_SCHEMA_VERSION}); upgrade "
+                f"it on every machine that shares the database.")
+        if version != PG_SCHEMA_VERSION:
+            pg_migrate(db)
+    except db.psycopg.Error as exc:
+        raise db.failure(exc, "cannot use") from None
+
+
+def pg_schema_version(db: PgLink) -> int | None:
+    if db.sql("SELECT to_regclass('meta')").fetchone()[0] is None:
+        return None
+    row = db.sql("SELECT value FROM meta WHERE key = "
+                 "'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def pg_migrate(db: PgLink) -> None:
+    """Bring the schema to PG_SCHEMA_VERSION, one step at a time; the
+    advisory lock lets machines that start together do it once."""
+    with db.conn.transaction():
+        db.sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        version = pg_schema_version(db) or 0
+        for step in range(version + 1, PG_SCHEMA_VERSION + 1):
+            db.sql(PG_SCHEMA[step])
+        db.sql("INSERT INTO meta VALUES ('db_id', %s), ('generation', '0') "
+               "ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
+        pg_put_meta(db, schema_version=PG_SCHEMA_VERSION)
+
+
+def pg_meta(db: PgLink) -> dict:
+    return dict(db.sql("SELECT key, value FROM meta").fetchall())
+
+
+def pg_put_meta(db: PgLink, **values) -> None:
+    with db.conn.cursor() as cur:
+        cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
+                        "DO UPDATE SET value = excluded.value",
+                        [(k, str(v)) for k, v in values.items()])
+
+
+def pg_bump(db: PgLink) -> None:
+    """A write's mark: the fingerprint changes (in the write's transaction)."""
+    db.sql("UPDATE meta SET value = (value::bigint + 1)::text "
+           "WHERE key = 'generation'")
+
+
+# ---- the hash kind and the chunk indexes ----
+
+def chunk_layout(bits: int) -> str:
+    """What the chunk columns and indexes hold, as meta records it."""
+    column = "hash" if bits <= 64 else "hash_bytes"
+    return column + ":" + ",".join(f"{c.shift}+{c.bits}"
+                                   for c in pg_chunks(bits))
+
+
+def pg_switch_kind(db: PgLink, spec: HashSpec) -> None:
+    """Inside a transaction: record the hash kind; drop hashes of any other
+    kind (every machine's: hashes of two kinds cannot be compared)."""
+    # exclusive: no writer is between its kind check and its commit
+    db.sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
+    if pg_meta(db).get("hash_kind") != spec.kind:
+        db.sql("DELETE FROM images")
+        pg_bump(db)
+    if pg_meta(db).get("chunk_layout") != chunk_layout(spec.bits):
+        drop_chunk_indexes(db, spec.bits)
+    if db.sql("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0]:
+        make_chunk_indexes(db)
+    # else: a bulk load; optimize() builds them at the end, ~10x
+    # cheaper than keeping three random-order B-trees up to date
+    db.sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
+           "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
+    pg_put_meta(db, **kind_meta(spec))
+
+
+def pg_check_kind(db: PgLink, kind: str | None) -> None:
+    """Another machine switched the hash kind while we were hashing."""
+    if kind is None:
+        return
+    stored = pg_meta(db).get("hash_kind")
+    if stored != kind:
+        raise StoreError(f"{db.path} now holds {stored} hashes (another "
+                         f"machine changed the hash settings); this run "
+                         f"hashes {kind}. Use the same hash settings "
+                         f"on every machine.")
+
+
+def drop_chunk_indexes(db: PgLink, bits: int) -> None:
+    for k in range(PG_CHUNKS):
+        db.sql(f"DROP INDEX IF EXISTS images_c{k}")
+    pg_put_meta(db, chunk_layout=chunk_layout(bits))
+
+
+def make_chunk_indexes(db: PgLink) -> None:
+    """Chunk indexes carrying (id, hash): candidates are verified from the
+    index alone.  Only comparable rows (c0 set) are in them."""
+    layout = pg_meta(db).get("chunk_layout", "")
+    column = layout.split(":")[0]
+    if not column:
+        return  # no hash kind yet
+    db.sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+    for k in range(PG_CHUNKS):
+        db.sql(f"CREATE INDEX IF NOT EXISTS images_c{k} ON images "
+               f"(c{k}) INCLUDE (id, {column}) WHERE c{k} IS NOT NULL")
+
+
+# ---- COPY ingest: rows to a temp table, then one upsert ----
+
+def incoming_rows(rows: Sequence[ImageRow], bits: int, roots: list) -> list:
+    """Rows as COPY writes them into `incoming`, each with the innermost of
+    `roots` it lies under (a hot loop: ~50,000 rows a second)."""
+    chunks = [(c.shift, (1 << c.bits) - 1) for c in pg_chunks(bits)]
+    short, nones = bits <= 64, (None,) * len(chunks)
+    roots = sorted({r.rstrip(os.sep) + os.sep for r in roots},
+                   key=len, reverse=True)  # longest (innermost) first
+    root_of = {top: os.fsencode(top[:-1]) for top in roots}
+    out = []
+    for seq, r in enumerate(rows):
+        path, raw = pg_path_to_db(r.path)
+        h = r.hash
+        value = hash_to_db(h, bits)
+        c = nones if h is None or r.low_detail else \
+            tuple((h >> s) & mask for s, mask in chunks)
+        root = next((root_of[t] for t in roots if r.path.startswith(t)),
+                    None)
+        out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
+                    value if short else None, None if short else value,
+                    r.variants, bool(r.low_detail), r.detail, r.width,
+                    r.height, pg_text(r.error), *c, root, r.traits))
+    return out
+
+
+def pg_write_rows(db: PgLink, data: list, host: str, kind: str | None
+                  ) -> None:
+    """Inside a transaction: incoming_rows into images, by path, unless
+    another machine switched the hash kind meanwhile."""
+    db.sql("SELECT pg_advisory_xact_lock_shared(%s)", (KIND_LOCK,))
+    pg_check_kind(db, kind)
+    with db.conn.cursor() as cur:
+        with cur.copy("COPY incoming FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(INCOMING_TYPES)
+            for row in data:
+                cp.write_row(row)
+        cur.execute(UPSERT, {"host": host})
+    pg_bump(db)
+
+
+# ---- reads: paths in pages, hashes in a binary COPY ----
+
+def pg_ranges_sql(roots: Sequence[str]) -> str:
+    """Rows under `roots`, as literals (hex only: nothing to escape), so
+    the condition also fits COPY and the named-parameter searches."""
+    parts = [f"(path >= '\\x{lo.hex()}'::bytea AND path < "
+             f"'\\x{hi.hex()}'::bytea)"
+             for lo, hi in map(_root_range, roots)]
+    return "(" + (" OR ".join(parts) or "false") + ")"
+
+
+def pg_paged(db: PgLink, columns: str, where: str, lo: bytes,
+             hi: bytes | None, params: tuple = ()) -> Iterator[tuple]:
+    """(path, *columns) for lo <= path < hi, in path order, a page at a
+    time: memory stays bounded and no transaction stays open."""
+    last, first = lo, True
+    upper = "" if hi is None else " AND path < %s"
+    while True:
+        cond = "path >= %s" if first else "path > %s"
+        rows = db.sql(
+            f"SELECT path, {columns} FROM images WHERE {where} AND {cond}"
+            f"{upper} ORDER BY path LIMIT {PG_PAGE}",
+            (*params, last, *(() if hi is None else (hi,)))).fetchall()
+        yield from rows
+        if len(rows) < PG_PAGE:
+            return
+        last, first = rows[-1][0], False
+
+
+def pg_rows_where(db: PgLink, condition: str) -> list:
+    """Rows matching `condition` in SQLite's order (UTF-8 paths, then raw
+    bytes)."""
+    cur = db.sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images WHERE {condition}")
+    found = [(raw, bytes(r[0]), r) for *r, raw in cur]
+    return [pg_image_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
+
+
+def copy_hash_blocks(url: str, where: str, words: int, extra: int,
+                     block: int = 1 << 18) -> Iterator[HashArrays]:
+    """HashArrays of the comparable rows matching `where`, in id order,
+    about `block` rows at a time, parsed straight from a binary COPY on a
+    connection of its own: bounded memory, one consistent snapshot, and
+    the store stays usable between blocks."""
+    column = "int8send(hash)" if words == 1 else "hash_bytes"
+    sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
+           f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
+           f"NULL AND {where} ORDER BY id) TO STDOUT (FORMAT BINARY)")
+    psycopg, conn = _psycopg(), pg_connect(url)
+    try:
+        with conn.cursor() as cur, cur.copy(sql) as cp:
+            yield from parse_hash_copy(cp, words, extra, block,
+                                       redact_url(url))
+    except psycopg.Error as exc:
+        raise StoreError(pg_failure(exc, "cannot read hashes from", url)
+                         ) from None
+    finally:
+        conn.close()
+
+
+def parse_hash_copy(stream: Iterable[bytes], words: int, extra: int,
+                    block: int, path: str) -> Iterator[HashArrays]:
+    """HashArrays from the bytes of a binary COPY of (id, hash, extra
+    hashes, detail), a block of records at a time.  The format: a 19-byte
+    header (signature, flags, extension length) and its extension, then
+    records of a field count and each field's length and bytes, then -1."""
+    record = np.dtype([("fields", ">i2"), ("n_id", ">i4"), ("id", ">i8"),
+                       ("n_hash", ">i4"), ("hash", ">u8", (words,)),
+                       ("n_var", ">i4"), ("var", ">u8", (extra * words,)),
+                       ("n_detail", ">i4"), ("detail", ">f8")])
+    buf, start = bytearray(), True
+    for data in stream:
+        buf += data
+        if start and len(buf) >= 19:  # signature, flags, extension
+            del buf[:19 + int.from_bytes(buf[15:19], "big")]
+            start = False
+        if not start and len(buf) >= block * record.itemsize:
+            yield parse_hash_records(buf, record, words, extra, path)
+    if not start:
+        if bytes(buf[-2:]) != b"\xff\xff":
+            raise StoreError(f"{path}: hash stream ended early.")
+        del buf[-2:]
+        if buf:
+            yield parse_hash_records(buf, record, words, extra, path)
+
+
+def parse_hash_records(buf: bytearray, record: np.dtype, words: int,
+                       extra: int, path: str) -> HashArrays:
+    """Whole records from the front of buf (which loses them)."""
+    n = len(buf) // record.itemsize
+    rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
+    del buf[:n * record.itemsize]
+    if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
+                  and (rec["n_hash"] == 8 * words).all()
+                  and (rec["n_var"] == 8 * extra * words).all()
+                  and (rec["n_detail"] == 8).all()):
+        raise StoreError(f"{path}: stored extra hashes (orientations, "
+                         f"centres) do not match the settings; run build.")
+    return HashArrays(rec["id"].astype(np.int64),
+                      rec["hash"].astype(np.uint64).reshape(n, words),
+                      rec["var"].astype(np.uint64).reshape(n, extra, words),
+                      rec["detail"].astype(np.float32))
+
+
+# ---- the query planner: an exact search inside PostgreSQL ----
+
+def pg_search_sql(query: int, radius: int, bits: int, n: int, scope: str
+                  ) -> tuple[str, dict]:
+    """The SQL and parameters of (id, distance) for every comparable row
+    within `radius` bits of `query`, among about n rows: probes of the chunk
+    neighbourhoods (multi-index hashing) or a full scan, whichever
+    pg_search_plan says is cheaper; both compute distances with bit_count."""
+    chunks = pg_chunks(bits)
+    if bits <= 64:
+        dist = "bit_count((hash # %(q)s)::bit(64))"
+        params = {"q": signed64(query), "r": radius}
+    else:  # BYTEA holds whole 64-bit words: compare all their bits
+        width = 64 * ((bits + 63) // 64)
+        dist = (f"bit_count(('x' || encode(hash_bytes, 'hex'))::bit({width})"
+                f" # %(q)s::bit({width}))")
+        params = {"q": "x" + format(query, f"0{width // 4}x"), "r": radius}
+    if pg_search_plan(n, chunks, radius) == "scan":
+        return (f"SELECT id, d FROM (SELECT id, {dist} AS d FROM images "
+                f"WHERE c0 IS NOT NULL AND {scope}) s WHERE d <= %(r)s"), params
+    parts = []
+    for k, chunk, most in probed_chunks(chunks, radius):
+        v = chunk.value(query)
+        params[f"p{k}"] = [int(v ^ m) for m in _flip_masks(chunk.bits, most)]
+        parts.append(f"SELECT id, d FROM (SELECT id, {dist} AS d FROM "
+                     f"images WHERE c{k} = ANY(%(p{k})s) AND {scope}) "
+                     f"b{k} WHERE d <= %(r)s")
+    return ("SELECT DISTINCT id, d FROM (" + " UNION ALL ".join(parts) +
+            ") c"), params
+
+
+def pg_row_estimate(db: PgLink) -> int:
+    """Rows in images as the planner last counted them (for the plan only:
+    a count(*) of millions of rows costs more than the search)."""
+    rows = db.sql("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
+                  "WHERE oid = 'images'::regclass").fetchone()[0]
+    if rows == 0:  # never analysed: count once (small tables)
+        rows = db.sql("SELECT count(*) FROM images").fetchone()[0]
+    return rows
 
 
 # ---- the store ----
 
 class PgStore(Scoped):
-    """The PostgreSQL database of one collection: the methods of Store, plus
-    search_hashes and iter_hash_blocks that keep the hashes on the server."""
+    """The PostgreSQL database of one collection: a ServerHashStore, its
+    work done by the functions above."""
 
     def __init__(self, url: str, create: bool = False):
         self.url = url
@@ -2025,71 +2368,14 @@ class PgStore(Scoped):
         self.roots = []  # this writer's folders (use_roots); tags its rows
         self.kind = None  # the kind this writer hashes (start_kind)
         self._bits = None  # hash_bits, read once for searches
-        self._psycopg = _psycopg()
-        self._incoming = False
+        self._incoming = False  # the temp table exists
         self._rows_estimate = (0.0, 0)  # (when, rows) for the search planner
-        self.conn = self._connect()
+        self.db = PgLink(url)
         try:
-            self._open(create)
+            pg_open(self.db, create)
         except BaseException:
-            self.conn.close()
+            self.db.close()
             raise
-
-    def _connect(self):
-        try:
-            return self._psycopg.connect(
-                self.url, autocommit=True, connect_timeout=30,
-                application_name=f"reverse_search@{self.host}"[:63])
-        except self._psycopg.Error as exc:
-            raise StoreError(self._why(exc, "cannot connect to")) from None
-
-    def _why(self, exc, doing: str) -> str:
-        return pg_failure(exc, doing, self.url)
-
-    def _open(self, create: bool) -> None:
-        try:
-            version = self._schema_version()
-            if version is None and not create:
-                raise StoreError(f"no reverse_search tables in {self.path}; "
-                                 f"run build first.")
-            if version is not None and version > PG_SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer reverse_search (schema "
-                    f"{version}, this one knows {PG_SCHEMA_VERSION}); upgrade "
-                    f"it on every machine that shares the database.")
-            if version != PG_SCHEMA_VERSION:
-                self._migrate()
-        except self._psycopg.Error as exc:
-            raise StoreError(self._why(exc, "cannot use")) from None
-
-    def _schema_version(self) -> int | None:
-        if self._sql("SELECT to_regclass('meta')").fetchone()[0] is None:
-            return None
-        row = self._sql("SELECT value FROM meta WHERE key = "
-                        "'schema_version'").fetchone()
-        return int(row[0]) if row else 0
-
-    def _migrate(self) -> None:
-        """Bring the schema to PG_SCHEMA_VERSION, one step at a time; the
-        advisory lock lets machines that start together do it once."""
-        with self.conn.transaction():
-            self._sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            version = self._schema_version() or 0
-            for step in range(version + 1, PG_SCHEMA_VERSION + 1):
-                self._sql(PG_SCHEMA[step])
-            self._sql(
-                "INSERT INTO meta VALUES ('db_id', %s), ('generation', '0') "
-                "ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
-            self._put_meta(schema_version=PG_SCHEMA_VERSION)
-
-    @staticmethod
-    def exists(url: str) -> bool:
-        """Whether `url` holds reverse_search tables (False if unreachable)."""
-        try:
-            PgStore(url).close()
-            return True
-        except StoreError:
-            return False
 
     def snapshot(self) -> None:
         """Nothing: rows that vanish while a search runs (a concurrent
@@ -2099,47 +2385,15 @@ class PgStore(Scoped):
         pass
 
     def close(self) -> None:
-        self.conn.close()
-
-    def _sql(self, sql: str, params=None):
-        """conn.execute, with a driver failure as a StoreError (a lost
-        deadlock stays as it is: _retry runs the transaction again)."""
-        errors = self._psycopg.errors
-        try:
-            return self.conn.execute(sql, params)
-        except (errors.DeadlockDetected, errors.SerializationFailure):
-            raise
-        except self._psycopg.Error as exc:
-            raise StoreError(self._why(exc, "failed on")) from None
-
-    def _retry(self, write) -> None:
-        """Run write() in one transaction; again if it lost a deadlock."""
-        errors = self._psycopg.errors
-        for attempt in range(PG_RETRIES):
-            try:
-                with self.conn.transaction():
-                    write()
-                return
-            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
-                if attempt == PG_RETRIES - 1:
-                    raise StoreError(self._why(exc, "cannot write to")) from None
-                time.sleep(0.05 * (attempt + 1))
-            except self._psycopg.Error as exc:  # COPY, or the connection
-                raise StoreError(self._why(exc, "cannot write to")) from None
+        self.db.close()
 
     # ---- meta ----
     def meta(self) -> dict:
-        return dict(self._sql("SELECT key, value FROM meta").fetchall())
+        return pg_meta(self.db)
 
     def set_meta(self, **values) -> None:
-        with self.conn.transaction():
-            self._put_meta(**values)
-
-    def _put_meta(self, **values) -> None:
-        with self.conn.cursor() as cur:
-            cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
-                            "DO UPDATE SET value = excluded.value",
-                            [(k, str(v)) for k, v in values.items()])
+        with self.db.conn.transaction():
+            pg_put_meta(self.db, **values)
 
     def hash_kind(self) -> str | None:
         return self.meta().get("hash_kind")
@@ -2162,33 +2416,20 @@ class PgStore(Scoped):
         """Before coverage was recorded: each row names its root already."""
         if self.hash_kind() != kind:
             return Coverage(kind, [])
-        cur = self._sql("SELECT DISTINCT root FROM images WHERE host = %s "
-                        "AND root IS NOT NULL", (self.host,))
+        cur = self.db.sql("SELECT DISTINCT root FROM images WHERE host = %s "
+                          "AND root IS NOT NULL", (self.host,))
         return Coverage(kind, outermost(os.fsdecode(bytes(r)) for r, in cur))
 
     def _rows_outside(self, roots: Sequence[str]) -> bool:
-        return self._sql(f"SELECT EXISTS (SELECT 1 FROM images WHERE host = "
-                         f"%s AND NOT {self._ranges_sql(roots)})",
-                         (self.host,)).fetchone()[0]
-
-    @staticmethod
-    def _ranges_sql(roots: Sequence[str]) -> str:
-        """Rows under `roots`, as literals (hex only: nothing to escape), so
-        the condition also fits COPY and the named-parameter searches."""
-        parts = [f"(path >= '\\x{lo.hex()}'::bytea AND path < "
-                 f"'\\x{hi.hex()}'::bytea)"
-                 for lo, hi in map(_root_range, roots)]
-        return "(" + (" OR ".join(parts) or "false") + ")"
+        return self.db.sql(f"SELECT EXISTS (SELECT 1 FROM images WHERE host "
+                           f"= %s AND NOT {pg_ranges_sql(roots)})",
+                           (self.host,)).fetchone()[0]
 
     def _scope_sql(self) -> str:
         if self.scope is None:
             return "true"
         host = "'" + self.host.replace("'", "''") + "'"
-        return f"(host <> {host} OR {self._ranges_sql(self.scope)})"
-
-    def _bump(self) -> None:
-        self._sql("UPDATE meta SET value = (value::bigint + 1)::text "
-                  "WHERE key = 'generation'")
+        return f"(host <> {host} OR {pg_ranges_sql(self.scope)})"
 
     # ---- writes: each call is one transaction ----
     def use_roots(self, roots: Sequence[str]) -> None:
@@ -2198,115 +2439,30 @@ class PgStore(Scoped):
     def start_kind(self, spec: HashSpec) -> None:
         """Record the hash kind; drop hashes of any other kind (every
         machine's: hashes of two kinds cannot be compared)."""
-
-        def switch():
-            # exclusive: no writer is between its kind check and its commit
-            self._sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
-            if self.hash_kind() != spec.kind:
-                self._sql("DELETE FROM images")
-                self._bump()
-            if self.meta().get("chunk_layout") != self._layout(spec.bits):
-                self._drop_chunk_indexes(spec.bits)
-            if self._sql("SELECT EXISTS (SELECT 1 FROM images)"
-                         ).fetchone()[0]:
-                self._make_chunk_indexes()
-            # else: a bulk load; optimize() builds them at the end, ~10x
-            # cheaper than keeping three random-order B-trees up to date
-            self._sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
-                      "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
-            self._put_meta(**kind_meta(spec))
-        self._retry(switch)
+        self.db.retry(lambda: pg_switch_kind(self.db, spec))
         self.kind, self._bits = spec.kind, spec.bits
-
-    @staticmethod
-    def _layout(bits: int) -> str:
-        column = "hash" if bits <= 64 else "hash_bytes"
-        return column + ":" + ",".join(f"{c.shift}+{c.bits}"
-                                       for c in pg_chunks(bits))
-
-    def _drop_chunk_indexes(self, bits: int) -> None:
-        for k in range(PG_CHUNKS):
-            self._sql(f"DROP INDEX IF EXISTS images_c{k}")
-        self._put_meta(chunk_layout=self._layout(bits))
-
-    def _make_chunk_indexes(self) -> None:
-        """Chunk indexes carrying (id, hash): candidates are verified from the
-        index alone.  Only comparable rows (c0 set) are in them."""
-        layout = self.meta().get("chunk_layout", "")
-        column = layout.split(":")[0]
-        if not column:
-            return  # no hash kind yet
-        self._sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-        for k in range(PG_CHUNKS):
-            self._sql(f"CREATE INDEX IF NOT EXISTS images_c{k} ON images "
-                      f"(c{k}) INCLUDE (id, {column}) WHERE c{k} IS NOT "
-                      f"NULL")
 
     def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
         """Insert or replace rows by path (COPY to a temp table, then one
         INSERT ... ON CONFLICT): safe against writers of the same paths."""
         if not rows:
             return
-        data = self._incoming_rows(rows, bits)
-
-        def write():
-            self._sql("SELECT pg_advisory_xact_lock_shared(%s)",
-                      (KIND_LOCK,))
-            self._check_kind()
-            with self.conn.cursor() as cur:
-                with cur.copy("COPY incoming FROM STDIN (FORMAT BINARY)") as cp:
-                    cp.set_types(INCOMING_TYPES)
-                    for row in data:
-                        cp.write_row(row)
-                cur.execute(UPSERT, {"host": self.host})
-            self._bump()
+        data = incoming_rows(rows, bits, self.roots)
         if not self._incoming:
-            self._sql(INCOMING)
+            self.db.sql(INCOMING)
             self._incoming = True
-        self._retry(write)
-
-    def _incoming_rows(self, rows: Sequence[ImageRow], bits: int) -> list:
-        """Rows as COPY writes them (a hot loop: ~50,000 rows a second)."""
-        chunks = [(c.shift, (1 << c.bits) - 1) for c in pg_chunks(bits)]
-        short, nones = bits <= 64, (None,) * len(chunks)
-        roots = sorted({r.rstrip(os.sep) + os.sep for r in self.roots},
-                       key=len, reverse=True)  # longest (innermost) first
-        root_of = {top: os.fsencode(top[:-1]) for top in roots}
-        out = []
-        for seq, r in enumerate(rows):
-            path, raw = pg_path_to_db(r.path)
-            h = r.hash
-            value = hash_to_db(h, bits)
-            c = nones if h is None or r.low_detail else \
-                tuple((h >> s) & mask for s, mask in chunks)
-            root = next((root_of[t] for t in roots if r.path.startswith(t)),
-                        None)
-            out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
-                        value if short else None, None if short else value,
-                        r.variants, bool(r.low_detail), r.detail, r.width,
-                        r.height, pg_text(r.error), *c, root, r.traits))
-        return out
-
-    def _check_kind(self) -> None:
-        """Another machine switched the hash kind while we were hashing."""
-        if self.kind is None:
-            return
-        kind = self.hash_kind()
-        if kind != self.kind:
-            raise StoreError(f"{self.path} now holds {kind} hashes (another "
-                             f"machine changed the hash settings); this run "
-                             f"hashes {self.kind}. Use the same hash settings "
-                             f"on every machine.")
+        self.db.retry(lambda: pg_write_rows(self.db, data, self.host,
+                                            self.kind))
 
     def delete_paths(self, paths: Iterable[str]) -> int:
         keys = sorted(pg_path_to_db(p)[0] for p in paths)
 
         def write():
             for start in range(0, len(keys), PG_PAGE):
-                self._sql("DELETE FROM images WHERE path = ANY(%s)",
-                          (keys[start:start + PG_PAGE],))
-            self._bump()
-        self._retry(write)
+                self.db.sql("DELETE FROM images WHERE path = ANY(%s)",
+                            (keys[start:start + PG_PAGE],))
+            pg_bump(self.db)
+        self.db.retry(write)
         return len(keys)
 
     def optimize(self) -> None:
@@ -2314,9 +2470,9 @@ class PgStore(Scoped):
         bulk load skips them), then VACUUM ANALYZE, which lets searches read
         only the chunk indexes (index-only scans need the visibility map).
         SKIP_LOCKED: a vacuum that another machine runs is enough."""
-        with self.conn.transaction():
-            self._make_chunk_indexes()
-        self._sql("VACUUM (ANALYZE, SKIP_LOCKED) images")
+        with self.db.conn.transaction():
+            make_chunk_indexes(self.db)
+        self.db.sql("VACUUM (ANALYZE, SKIP_LOCKED) images")
 
     # ---- reads ----
     def states(self, roots: Sequence[str] | None = None) -> dict:
@@ -2326,132 +2482,38 @@ class PgStore(Scoped):
             [_root_range(os.path.abspath(r)) for r in roots]
         out = {}
         for lo, hi in ranges:
-            for p, s, m, ok in self._paged("size, mtime_ns, error IS NULL "
-                                           "AND traits IS NOT NULL", "true",
-                                           lo, hi):
+            for p, s, m, ok in pg_paged(self.db, "size, mtime_ns, error IS "
+                                        "NULL AND traits IS NOT NULL", "true",
+                                        lo, hi):
                 out[pg_path_from_db(p)] = RowState(s, m, ok)
         return out
 
-    def _paged(self, columns: str, where: str, lo: bytes, hi: bytes | None,
-               params: tuple = ()) -> Iterator[tuple]:
-        """(path, *columns) for lo <= path < hi, in path order, a page at a
-        time: memory stays bounded and no transaction stays open."""
-        last, first = lo, True
-        upper = "" if hi is None else " AND path < %s"
-        while True:
-            cond = "path >= %s" if first else "path > %s"
-            rows = self._sql(
-                f"SELECT path, {columns} FROM images WHERE {where} AND {cond}"
-                f"{upper} ORDER BY path LIMIT {PG_PAGE}",
-                (*params, last, *(() if hi is None else (hi,)))).fetchall()
-            yield from rows
-            if len(rows) < PG_PAGE:
-                return
-            last, first = rows[-1][0], False
-
     def hashed_with_size(self, size: int) -> set:
         """Digests of the hashed files of this size (moved or copied files)."""
-        cur = self._sql(f"SELECT digest FROM images WHERE size = %s AND "
-                        f"{HASHED} AND traits IS NOT NULL", (size,))
+        cur = self.db.sql(f"SELECT digest FROM images WHERE size = %s AND "
+                          f"{HASHED} AND traits IS NOT NULL", (size,))
         return {bytes(d) for d, in cur}
 
     def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
-        row = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE size = %s "
-                        f"AND digest = %s AND {HASHED} AND traits IS NOT "
-                        f"NULL LIMIT 1",
-                        (size, digest)).fetchone()
+        row = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE size = "
+                          f"%s AND digest = %s AND {HASHED} AND traits IS NOT "
+                          f"NULL LIMIT 1", (size, digest)).fetchone()
         return None if row is None else pg_image_row(row)
 
-    def hash_arrays(self, words: int, extra: int) -> HashArrays:
-        """Every comparable image in scope, as Store.hash_arrays."""
-        return join_hash_blocks(list(self.iter_hash_blocks(words, extra)),
-                                words, extra)
-
-    def iter_hash_blocks(self, words: int, extra: int, block: int = 1 << 18
-                         ) -> Iterator[HashArrays]:
-        """HashArrays of the comparable images in scope, in id order, about
-        `block` rows at a time, parsed straight from a binary
-        COPY on a connection of its own: bounded memory, one consistent
-        snapshot, and the store stays usable between blocks."""
-        column = "int8send(hash)" if words == 1 else "hash_bytes"
-        sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
-               f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
-               f"NULL AND {self._scope_sql()} ORDER BY id) TO STDOUT "
-               f"(FORMAT BINARY)")
-        record = np.dtype([("fields", ">i2"), ("n_id", ">i4"), ("id", ">i8"),
-                           ("n_hash", ">i4"), ("hash", ">u8", (words,)),
-                           ("n_var", ">i4"), ("var", ">u8", (extra * words,)),
-                           ("n_detail", ">i4"), ("detail", ">f8")])
-        conn = self._connect()
-        try:
-            with conn.cursor() as cur, cur.copy(sql) as cp:
-                buf, start = bytearray(), True
-                for data in cp:
-                    buf += data
-                    if start and len(buf) >= 19:  # signature, flags, extension
-                        del buf[:19 + int.from_bytes(buf[15:19], "big")]
-                        start = False
-                    if not start and len(buf) >= block * record.itemsize:
-                        yield self._parse_block(buf, record, words, extra)
-                if not start:
-                    if bytes(buf[-2:]) != b"\xff\xff":
-                        raise StoreError(f"{self.path}: hash stream ended early.")
-                    del buf[-2:]
-                    if buf:
-                        yield self._parse_block(buf, record, words, extra)
-        except self._psycopg.Error as exc:
-            raise StoreError(self._why(exc, "cannot read hashes from")) from None
-        finally:
-            conn.close()
-
-    def _parse_block(self, buf: bytearray, record: np.dtype, words: int,
-                     extra: int) -> HashArrays:
-        """Whole records from the front of buf (which loses them)."""
-        n = len(buf) // record.itemsize
-        rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
-        del buf[:n * record.itemsize]
-        if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
-                      and (rec["n_hash"] == 8 * words).all()
-                      and (rec["n_var"] == 8 * extra * words).all()
-                      and (rec["n_detail"] == 8).all()):
-            raise StoreError(f"{self.path}: stored extra hashes (orientations, "
-                             f"centres) do not match the settings; run build.")
-        return HashArrays(rec["id"].astype(np.int64),
-                          rec["hash"].astype(np.uint64).reshape(n, words),
-                          rec["var"].astype(np.uint64).reshape(n, extra, words),
-                          rec["detail"].astype(np.float32))
+    def hash_arrays(self, words: int, extra: int, block: int = 1 << 18
+                    ) -> HashArrays:
+        """Every comparable image in scope, as Store.hash_arrays; read in
+        blocks of `block` rows (copy_hash_blocks)."""
+        return join_hash_blocks(list(copy_hash_blocks(
+            self.url, self._scope_sql(), words, extra, block)), words, extra)
 
     def search_hashes(self, query: int, radius: int) -> list:
         """[(id, distance)] of every comparable image within `radius` bits of
         `query`, nearest first: exact, computed inside PostgreSQL."""
         bits = self._hash_bits()
-        chunks = pg_chunks(bits)
-        n, scope = self._row_estimate(), self._scope_sql()
-        if bits <= 64:
-            dist = "bit_count((hash # %(q)s)::bit(64))"
-            params = {"q": signed64(query), "r": radius}
-        else:  # BYTEA holds whole 64-bit words: compare all their bits
-            width = 64 * ((bits + 63) // 64)
-            dist = (f"bit_count(('x' || encode(hash_bytes, 'hex'))::bit({width})"
-                    f" # %(q)s::bit({width}))")
-            params = {"q": "x" + format(query, f"0{width // 4}x"), "r": radius}
-        if pg_search_plan(n, chunks, radius) == "scan":
-            sql = (f"SELECT id, d FROM (SELECT id, {dist} AS d FROM images "
-                   f"WHERE c0 IS NOT NULL AND {scope}) s WHERE d <= %(r)s")
-        else:
-            parts = []
-            for k, (chunk, most) in enumerate(zip(chunks,
-                                                  chunk_budgets(chunks, radius))):
-                if most < 0:
-                    continue
-                v = chunk.value(query)
-                params[f"p{k}"] = [int(v ^ m) for m in _flip_masks(chunk.bits,
-                                                                    most)]
-                parts.append(f"SELECT id, d FROM (SELECT id, {dist} AS d FROM "
-                             f"images WHERE c{k} = ANY(%(p{k})s) AND {scope}) "
-                             f"b{k} WHERE d <= %(r)s")
-            sql = "SELECT DISTINCT id, d FROM (" + " UNION ALL ".join(parts) + ") c"
-        found = self._sql(sql, params).fetchall()
+        sql, params = pg_search_sql(query, radius, bits, self._row_estimate(),
+                                    self._scope_sql())
+        found = self.db.sql(sql, params).fetchall()
         return sorted(found, key=lambda f: (f[1], f[0]))
 
     def _hash_bits(self) -> int:
@@ -2463,39 +2525,32 @@ class PgStore(Scoped):
         return self._bits
 
     def _row_estimate(self) -> int:
-        """Rows in images as the planner last counted them (for the plan only:
-        a count(*) of millions of rows costs more than the search)."""
+        """pg_row_estimate, read again after 10 seconds."""
         when, rows = self._rows_estimate
         if time.monotonic() - when > 10:
-            rows = self._sql("SELECT greatest(reltuples, 0)::bigint "
-                             "FROM pg_class WHERE oid = 'images'::"
-                             "regclass").fetchone()[0]
-            if rows == 0:  # never analysed: count once (small tables)
-                rows = self._sql("SELECT count(*) FROM images"
-                                 ).fetchone()[0]
+            rows = pg_row_estimate(self.db)
             self._rows_estimate = (time.monotonic(), rows)
         return rows
 
+    def count_comparable(self) -> int:
+        """Images a search can find (hashed, not low-detail): len(flat.ids)."""
+        return self.db.sql("SELECT count(*) FROM images WHERE c0 IS NOT "
+                           f"NULL AND {self._scope_sql()}").fetchone()[0]
+
     def low_detail_rows(self) -> list:
-        return self._rows_where("low_detail")
+        return pg_rows_where(self.db, f"low_detail AND {self._scope_sql()}")
 
     def failed_rows(self) -> list:
-        return self._rows_where("error IS NOT NULL")
-
-    def _rows_where(self, condition: str) -> list:
-        """Matching rows in SQLite's order (UTF-8 paths, then raw bytes)."""
-        cur = self._sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images "
-                        f"WHERE {condition} AND {self._scope_sql()}")
-        found = [(raw, bytes(r[0]), r) for *r, raw in cur]
-        return [pg_image_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
+        return pg_rows_where(self.db, f"error IS NOT NULL AND "
+                                      f"{self._scope_sql()}")
 
     def rows_by_id(self, ids: Iterable[int]) -> dict:
         ids = sorted({int(i) for i in ids})
         rows = {}
         for start in range(0, len(ids), PG_PAGE):
-            cur = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
-                            f"WHERE id = ANY(%s)",
-                            (ids[start:start + PG_PAGE],))
+            cur = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
+                              f"WHERE id = ANY(%s)",
+                              (ids[start:start + PG_PAGE],))
             rows.update((r.id, r) for r in map(pg_image_row, cur))
         return rows
 
@@ -2503,8 +2558,8 @@ class PgStore(Scoped):
         keys = sorted({pg_path_to_db(p)[0] for p in paths})
         rows = {}
         for start in range(0, len(keys), PG_PAGE):
-            cur = self._sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
-                            f"WHERE path = ANY(%s)", (keys[start:start + PG_PAGE],))
+            cur = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE "
+                              f"path = ANY(%s)", (keys[start:start + PG_PAGE],))
             rows.update((r.path, r) for r in map(pg_image_row, cur))
         return rows
 
@@ -2513,13 +2568,18 @@ class PgStore(Scoped):
         others (SQLite sorts TEXT before BLOB)."""
         cols = PG_ROW_COLUMNS.split(", ", 1)[1]
         for where in ("NOT raw", "raw"):
-            for r in self._paged(cols, where, b"", None):
+            for r in pg_paged(self.db, cols, where, b"", None):
                 yield pg_image_row(r)
 
-    def count_comparable(self) -> int:
-        """Images a search can find (hashed, not low-detail): len(flat.ids)."""
-        return self._sql("SELECT count(*) FROM images WHERE c0 IS NOT "
-                         f"NULL AND {self._scope_sql()}").fetchone()[0]
+
+def pg_store_exists(url: str) -> bool:
+    """Whether `url` holds reverse_search tables (False if unreachable)."""
+    try:
+        PgStore(url).close()
+        return True
+    except StoreError:
+        return False
+
 
 class PgRunLock:
     """One writer per folder, across machines: session advisory locks, held
@@ -2546,13 +2606,7 @@ class PgRunLock:
 
     def __enter__(self) -> PgRunLock:
         psycopg = _psycopg()
-        try:
-            self.conn = psycopg.connect(
-                self.url, autocommit=True, connect_timeout=30,
-                application_name=f"reverse_search@{socket.gethostname()}"[:63])
-        except psycopg.Error as exc:
-            raise StoreError(pg_failure(exc, "cannot connect to", self.url)
-                             ) from None
+        self.conn = pg_connect(self.url)
         try:
             self._wait(time.monotonic() + self.timeout)
         except psycopg.Error as exc:
@@ -4531,6 +4585,15 @@ def chunk_radii(widths: list, radius: int) -> list:
     return radii
 
 
+def probed_chunks(chunks: list, radius: int) -> list:
+    """[(k, chunk, most)]: the chunks a search within `radius` probes, each
+    with the most bits its probes differ in (chunk_radii), for MIHEngine,
+    plan_mih and PostgreSQL's search alike (any chunks with .bits)."""
+    radii = chunk_radii([c.bits for c in chunks], radius)
+    return [(k, c, most) for k, (c, most) in enumerate(zip(chunks, radii))
+            if most >= 0]
+
+
 class MIHEngine:
     """Multi-index hashing: a hash within r bits of the query agrees with it
     within a few bits on at least one of m chunks (chunk_radii).  Probe those
@@ -4575,13 +4638,10 @@ class MIHEngine:
         return lo, hi - lo
 
     def search(self, query: np.ndarray, radius: int):
-        radii = chunk_radii([c.bits for c in self.chunks], radius)
         found = []
-        for k, chunk in enumerate(self.chunks):
-            if radii[k] < 0:
-                continue
+        for k, chunk, most in probed_chunks(self.chunks, radius):
             qv = chunk.values(query[None, :])[0]
-            first, count = self._ranges(k, qv ^ self.masks(chunk.bits, radii[k]))
+            first, count = self._ranges(k, qv ^ self.masks(chunk.bits, most))
             found.append(self.tables[k][0][_expand(first, count)])
         cand = np.unique(np.concatenate(found))
         d = distances(self.hashes[cand], query)
@@ -4592,12 +4652,9 @@ class MIHEngine:
         """All (i, j, d), i < j, d <= radius; each pair once.  Works on the
         occupied buckets of each chunk: pairs inside a bucket, then each
         unordered pair of buckets (v, w = v ^ mask > v), probed once."""
-        radii = chunk_radii([c.bits for c in self.chunks], radius)
         n = len(self.hashes)
         found = []
-        for k in range(len(self.chunks)):
-            if radii[k] < 0:
-                continue
+        for k, _, most in probed_chunks(self.chunks, radius):
             order, sorted_vals, starts = self.tables[k]
             ordered = self.hashes[order]  # verify in bucket order, map back
 
@@ -4619,7 +4676,7 @@ class MIHEngine:
             pos = np.arange(n, dtype=np.int64)
             for sel, idx in _expand_windows(pos + 1, end - pos - 1, budget):
                 verify(sel, idx)
-            self._bucket_pairs(k, radii[k], occupied, first, count, budget,
+            self._bucket_pairs(k, most, occupied, first, count, budget,
                                verify)
         yield from _dedupe_pairs(found, n)
 
@@ -4652,12 +4709,9 @@ class MIHEngine:
     def cross(self, queries: np.ndarray, radius: int, budget: int = 4_000_000):
         """(query row, hash position, d) for every pair within radius, each
         once (orientation variants against the stored hashes)."""
-        radii = chunk_radii([c.bits for c in self.chunks], radius)
         found = []
-        for k, chunk in enumerate(self.chunks):
-            if radii[k] < 0:
-                continue
-            masks = self.masks(chunk.bits, radii[k])
+        for k, chunk, most in probed_chunks(self.chunks, radius):
+            masks = self.masks(chunk.bits, most)
             vals = chunk.values(queries)
             order = self.tables[k][0]
             step = max(1, budget // (4 * len(masks)))
@@ -4815,9 +4869,7 @@ def plan_mih(n: int, total_bits: int, words: int, radius: int,
         if max(c.bits for c in chunks) > 32:
             continue
         cost = 0.0
-        for c, most in zip(chunks, chunk_radii([c.bits for c in chunks], radius)):
-            if most < 0:
-                continue
+        for _, c, most in probed_chunks(chunks, radius):
             probes, cands = _ball(c.bits, most), n / 2**c.bits
             table = c.bits <= table_bits
             if all_pairs:
@@ -5750,7 +5802,7 @@ def _open_store(cfg: Config, create: bool = False, path: str | None = None
 
 def _store_exists(cfg: Config) -> bool:
     if cfg.database_url:
-        return PgStore.exists(cfg.database_url)
+        return pg_store_exists(cfg.database_url)
     return os.path.exists(cfg.db_path)
 
 

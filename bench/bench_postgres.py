@@ -86,7 +86,7 @@ def backend_cpu(store) -> float:
     0 where /proc cannot tell): unlike wall time, other load cannot inflate
     it."""
     try:
-        with open(f"/proc/{store.conn.info.backend_pid}/stat") as fh:
+        with open(f"/proc/{store.db.conn.info.backend_pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
@@ -138,7 +138,7 @@ def ms(values: list) -> str:
 
 
 def sizes_of(store) -> str:
-    row = store.conn.execute(
+    row = store.db.conn.execute(
         "SELECT pg_size_pretty(pg_relation_size('images')), "
         "pg_size_pretty(pg_indexes_size('images'))").fetchone()
     return f"table {row[0]}, indexes {row[1]}"
@@ -176,12 +176,12 @@ def main(argv=None) -> int:
 def run(url: str, sizes: list, args) -> int:
     rng = random.Random(args.seed)
     store = pgs.PgStore(url, create=True)
-    store.conn.execute("DROP TABLE IF EXISTS images, meta")
+    store.db.conn.execute("DROP TABLE IF EXISTS images, meta")
     store.close()
     store = pgs.PgStore(url, create=True)
     store.use_roots(["/bench"])
     store.start_kind(rs.HashSpec())
-    version = store.conn.execute("SHOW server_version").fetchone()[0]
+    version = store.db.conn.execute("SHOW server_version").fetchone()[0]
     print(f"# PostgreSQL {version}, psycopg {pgs._psycopg().__version__}, "
           f"{os.cpu_count()} cores, loadavg {os.getloadavg()[0]:.1f} at start")
     lines, ingests, have, bad = [], [], 0, 0

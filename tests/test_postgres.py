@@ -45,7 +45,7 @@ def counts(store):
 
 def writers(store):
     """[(host, root, rows)]: which machine and folder wrote each row."""
-    cur = store.conn.execute("SELECT host, root, count(*) FROM images "
+    cur = store.db.conn.execute("SELECT host, root, count(*) FROM images "
                              "GROUP BY host, root")
     return [(h, None if r is None else os.fsdecode(bytes(r)), n)
             for h, r, n in cur]
@@ -122,7 +122,7 @@ def test_missing_driver_says_what_to_install(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [4, 16, 36, 42, 64, 81, 256])
-def test_chunk_budgets_never_miss_a_neighbour(bits):
+def test_probed_chunks_never_miss_a_neighbour(bits):
     """Pigeonhole: a hash within r differs within budget on some chunk."""
     chunks = pgs.pg_chunks(bits)
     assert sum(c.bits for c in chunks) <= bits
@@ -131,14 +131,14 @@ def test_chunk_budgets_never_miss_a_neighbour(bits):
     assert spans[-1][1] <= bits
     rng = random.Random(bits)
     for radius in range(0, min(bits, 24) + 1):
-        budgets = pgs.chunk_budgets(chunks, radius)
+        probed = pgs.probed_chunks(chunks, radius)
         for _ in range(300):
             a = rng.getrandbits(bits)
             b = a
             for p in rng.sample(range(bits), rng.randint(0, radius)):
                 b ^= 1 << p
             assert any((c.value(a) ^ c.value(b)).bit_count() <= most
-                       for c, most in zip(chunks, budgets))
+                       for _, c, most in probed)
 
 
 def test_lock_key_is_signed_64_bit():
@@ -237,7 +237,7 @@ def test_start_kind_drops_other_kinds_and_bumps(pg_url):
 
 
 def chunk_indexes(store):
-    return sorted(r[0] for r in store.conn.execute(
+    return sorted(r[0] for r in store.db.conn.execute(
         "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'images_c%'"))
 
 
@@ -253,18 +253,18 @@ def test_chunk_indexes_wait_for_the_end_of_a_bulk_load(pg_url):
     other.upsert([row("/c/a.jpg", 1)], 256)
     open_store(pg_url, spec=SPEC256)  # rows there: update keeps them current
     assert len(chunk_indexes(other)) == 3
-    assert "hash_bytes" in other.conn.execute(
+    assert "hash_bytes" in other.db.conn.execute(
         "SELECT indexdef FROM pg_indexes WHERE indexname = 'images_c0'"
     ).fetchone()[0]
 
 
 def test_no_tables_schema_version_and_exists(pg_url):
-    assert not pgs.PgStore.exists(pg_url)
+    assert not pgs.pg_store_exists(pg_url)
     with pytest.raises(rs.StoreError, match="run build first"):
         pgs.PgStore(pg_url)
     store = pgs.PgStore(pg_url, create=True)
     assert store.meta()["schema_version"] == str(pgs.PG_SCHEMA_VERSION)
-    assert pgs.PgStore.exists(pg_url)
+    assert pgs.pg_store_exists(pg_url)
     store.set_meta(schema_version=99)
     with pytest.raises(rs.StoreError, match="newer reverse_search"):
         pgs.PgStore(pg_url)
@@ -288,8 +288,8 @@ def test_machines_creating_the_schema_together(pg_url):
 
 def test_lost_connection_is_a_store_error(pg_url):
     store, admin = open_store(pg_url), open_store(pg_url)
-    admin.conn.execute("SELECT pg_terminate_backend(%s)",
-                       (store.conn.info.backend_pid,))
+    admin.db.conn.execute("SELECT pg_terminate_backend(%s)",
+                       (store.db.conn.info.backend_pid,))
     with pytest.raises(rs.StoreError, match="PostgreSQL database"):
         store.hash_kind()
     with pytest.raises(rs.StoreError, match="PostgreSQL database"):
@@ -298,7 +298,7 @@ def test_lost_connection_is_a_store_error(pg_url):
 
 # ---- hashes streamed and searched inside the database ----
 
-def test_iter_hash_blocks_streams_everything(pg_url):
+def test_hash_blocks_stream_everything(pg_url):
     rng = np.random.default_rng(1)
     spec = rs.HashSpec(orientations=True)
     store, v = open_store(pg_url, spec=spec), spec.variant_count
@@ -307,7 +307,7 @@ def test_iter_hash_blocks_streams_everything(pg_url):
               for h in values]
     store.upsert([row(f"/c/{i}.jpg", h, variants=p)
                   for i, (h, p) in enumerate(zip(values, packed))], 64)
-    blocks = list(store.iter_hash_blocks(1, v, block=128))
+    blocks = list(rs.copy_hash_blocks(store.url, "true", 1, v, block=128))
     assert len(blocks) >= 7
     assert all(len(b) == 4 for b in blocks)
     ids = np.concatenate([b[0] for b in blocks])
