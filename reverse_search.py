@@ -3525,6 +3525,12 @@ class HashTask:
     path: str
     known: frozenset = frozenset()
 
+    def run(self, job: HashJob) -> HashResult:
+        return hash_file(self, job)
+
+    def died(self, exitcode: int | None) -> HashResult:
+        return died_while_hashing(self, exitcode)
+
 
 @dataclass
 class HashResult:
@@ -3679,9 +3685,10 @@ def _worker_init(job: HashJob) -> None:
 
 
 def _worker_main(conn, job: HashJob) -> None:
-    """A worker: hash each task of each chunk received, one result sent per
-    task as soon as it is done (so the parent knows which task a worker
-    that dies was on); None or a closed pipe ends it."""
+    """A worker: run each task of each chunk received (hash a file, or
+    verify a pair: task.run), one result sent per task as soon as it is done
+    (so the parent knows which task a worker that dies was on); None or a
+    closed pipe ends it."""
     _worker_init(job)
     while True:
         try:
@@ -3691,7 +3698,7 @@ def _worker_main(conn, job: HashJob) -> None:
         if chunk is None:
             return
         for task in chunk:
-            conn.send(hash_file(task, job))
+            conn.send(task.run(job))
 
 
 def _setup_decoders() -> None:
@@ -3820,7 +3827,7 @@ class Hasher:
         if self.workers <= 1 or len(tasks) < self.small_job() and not self.crew:
             _setup_decoders()
             for task in tasks:
-                yield hash_file(task, self.job)
+                yield task.run(self.job)
             return
         if self.ctx is None:
             self.ctx = multiprocessing.get_context(start_method())
@@ -3871,7 +3878,7 @@ class Hasher:
         self.deaths += 1
         if lost:
             todo.extend(reversed(lost[1:]))  # the others go first, to others
-            yield died_while_hashing(lost[0], code)
+            yield lost[0].died(code)
         if self.deaths >= self.MOST_DEATHS_IN_A_ROW:
             raise StoreError(
                 f"{self.deaths} hashing processes in a row died (the last: "
@@ -4360,6 +4367,64 @@ class Verifier:
             return Verdict(False, "could not be read for verification")
         self.checked += 1
         return verify_features(a, b)
+
+
+# ---- verification in worker processes ----
+#
+# A check costs 30-100 ms of CPU (ORB matching and the pixel check), and
+# find_duplicates on the 1,452-image corpus makes ~900: they run in the
+# hashing workers (Hasher), whose tasks run themselves.  A pair's verdict
+# does not depend on where it is computed (ORB, the matcher and RANSAC's
+# seeded generator are deterministic), so results stay byte for byte those
+# of one process.  Each process keeps each file's features for the run; a
+# worker forked mid-run starts with those its parent found so far.
+
+@dataclass(frozen=True)
+class VerifyJob:
+    """What a verifying worker needs: the pixel limit and the run it serves
+    (its features are kept for that run only)."""
+
+    max_pixels: int
+    run: str
+
+
+_VERIFIERS: dict = {}  # VerifyJob.run -> this process's Verifier for that run
+
+
+def verifier_for(job: VerifyJob) -> Verifier:
+    if job.run not in _VERIFIERS:
+        _VERIFIERS[job.run] = Verifier(job.max_pixels)
+    return _VERIFIERS[job.run]
+
+
+@dataclass
+class PairVerdict:
+    path_a: str
+    path_b: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class VerifyTask:
+    """Is path_b the picture path_a?  Run by a worker (Hasher)."""
+
+    path_a: str
+    path_b: str
+
+    def run(self, job: VerifyJob) -> PairVerdict:
+        return PairVerdict(self.path_a, self.path_b,
+                           verifier_for(job).check(self.path_a, self.path_b))
+
+    def died(self, exitcode: int | None) -> PairVerdict:
+        return PairVerdict(self.path_a, self.path_b, Verdict(
+            False, f"the verifying process died (exit code {exitcode})"))
+
+
+class VerifyPool(Hasher):
+    """The hashing workers, for pairs: a check costs 5-10 hashes, so two
+    are worth a forked worker (seven a spawned one)."""
+
+    SMALL_JOB = {"fork": 2, "spawn": 8, "forkserver": 8}
 
 
 # ============================================================================
@@ -5975,45 +6040,85 @@ class Judge:
     """Which hash candidates become matches.  fast: every one within the
     threshold.  verified: a whole-picture hash within the threshold is
     taken as it is; the rest (another orientation, a region, a larger
-    distance) only when verification finds the one picture in the other."""
+    distance) only when verification finds the one picture in the other.
+
+    Checks known to be needed are verified ahead, together, in worker
+    processes (prefetch); check() then takes their verdicts.  close()
+    stops the workers."""
 
     def __init__(self, cfg: Config, ui: Console):
         self.verifier = None
         self.left = VERIFY_PER_QUERY
+        self.workers = cfg.worker_count
+        self.pool: VerifyPool | None = None
+        self.ready: dict = {}  # (path a, path b) -> Verdict found ahead
         if cfg.matching == "verified":
             if _cv2() is None:
                 ui.notice("OpenCV is not installed (pip install "
                           "opencv-python-headless): matching by hashes only, "
                           "as with \"matching\": \"fast\".")
             else:
-                self.verifier = Verifier(cfg.max_image_pixels)
+                self.job = VerifyJob(cfg.max_image_pixels, uuid.uuid4().hex)
+                self.verifier = verifier_for(self.job)
 
     @property
     def extra_bits(self) -> int:
         return VERIFY_EXTRA_BITS if self.verifier else 0
 
+    def wants_check(self, hit: Hit, limit, detail: float) -> bool:
+        """Whether __call__ verifies this hit (budget aside).  detail: the
+        lesser of the two pictures' detail_bits; below DETAIL_FULL even a
+        whole-hash match is verified (dark frames with one blob collide: 4
+        of the tough corpus's 150 distractors), unless within half the
+        limit (their copies are: dark frames verify badly)."""
+        strong = hit.effective <= limit and hit.variant < 0 and (
+            detail >= DETAIL_FULL or 2 * hit.bits <= limit)
+        return self.verifier is not None and not strong
+
     def __call__(self, path_a: str, path_b: str, hit: Hit, limit,
                  detail: float = DETAIL_FULL) -> How | None:
-        """detail: the lesser of the two pictures' detail_bits; below
-        DETAIL_FULL even a whole-hash match is verified (dark frames with
-        one blob collide: 4 of the tough corpus's 150 distractors), unless
-        within half the limit (their copies are: dark frames verify badly)."""
         stage = stage_of(hit.variant)
         region = MATCH_NAMES[hit.variant] if hit.variant >= 0 else None
-        within = hit.effective <= limit
-        strong = within and hit.variant < 0 and (
-            detail >= DETAIL_FULL or 2 * hit.bits <= limit)
-        if self.verifier is None or strong:
-            return How(stage, region) if within else None
+        if not self.wants_check(hit, limit, detail):
+            return How(stage, region) if hit.effective <= limit else None
         if self.left <= 0:
             return None
         self.left -= 1
-        verdict = self.verifier.check(path_a, path_b)
+        verdict = self.check(path_a, path_b)
         return How(stage, region, True, verdict.geometry) \
             if verdict.accepted else None
 
     def next_query(self) -> None:
         self.left = VERIFY_PER_QUERY
+
+    def planned(self, path: str, candidates: Iterable) -> list:
+        """The pairs __call__ verifies for one query, given its candidates
+        (row, hit, limit, detail) in the order it sees them."""
+        return [(path, row.path) for row, hit, limit, detail in candidates
+                if self.wants_check(hit, limit, detail)][:VERIFY_PER_QUERY]
+
+    def check(self, path_a: str, path_b: str) -> Verdict:
+        verdict = self.ready.pop((path_a, path_b), None)
+        return verdict or self.verifier.check(path_a, path_b)
+
+    def prefetch(self, pairs: list) -> None:
+        """Verify these pairs now, spread over the workers; check() takes
+        the verdicts.  Only pairs certain to be checked are given, so no
+        work is wasted and the results are those of checking one by one."""
+        pairs = list(dict.fromkeys(p for p in pairs if p not in self.ready))
+        if self.verifier is None or self.workers <= 1 or len(pairs) < 2:
+            return  # one check: as fast here, when check() asks for it
+        if self.pool is None:
+            self.pool = VerifyPool(self.job, self.workers).__enter__()
+        for found in self.pool.map([VerifyTask(a, b) for a, b in pairs]):
+            self.ready[(found.path_a, found.path_b)] = found.verdict
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.__exit__(None, None, None)
+            self.pool = None
+        if self.verifier is not None:
+            _VERIFIERS.pop(self.job.run, None)  # the features, for the GC
 
 
 _REFUSED = Verdict(False, "not checked")
@@ -6056,9 +6161,18 @@ class EdgeJudge:
             self._load_paths((a, b))
             gone = self.paths[a] is None or self.paths[b] is None
             self.verdicts[pair] = (a, Verdict(False, "no longer stored") if gone
-                                   else self.judge.verifier.check(
+                                   else self.judge.check(
                                        self.paths[a], self.paths[b]))
         return self.verdicts[pair][1].accepted
+
+    def ahead(self, a: int, others: Iterable) -> None:
+        """Verify together the pairs (a, b) for b in others not yet checked:
+        the caller is about to check each of them."""
+        others = [int(b) for b in others]
+        self._load_paths(others + [a])
+        self.judge.prefetch([(self.paths[a], self.paths[b]) for b in others
+                             if frozenset((a, b)) not in self.verdicts
+                             and None not in (self.paths[a], self.paths[b])])
 
     def solid(self, a, b, bits) -> np.ndarray:
         """Whole-hash distances that vouch: pictures with detail enough, or
@@ -6080,14 +6194,45 @@ class EdgeJudge:
             return x
         weak = np.flatnonzero(~keep)
         self._load_paths(np.concatenate([edges.a[weak], edges.b[weak]]))
-        for k in weak[np.argsort(edges.effective[weak], kind="stable")].tolist():
+        order = weak[np.argsort(edges.effective[weak], kind="stable")].tolist()
+        for i, k in enumerate(order):
             a, b = int(edges.a[k]), int(edges.b[k])
             self.codes.setdefault(frozenset((a, b)), int(edges.code[k]))
             ra, rb = find(a), find(b)
-            if ra != rb and self.check(a, b):
+            if ra == rb:
+                continue
+            if self.judge.workers > 1 and frozenset((a, b)) not in \
+                    self.verdicts and (self.paths[a], self.paths[b]) \
+                    not in self.judge.ready:
+                self.judge.prefetch(self._sure(edges, order, i, find))
+            if self.check(a, b):
                 roots[max(ra, rb)] = min(ra, rb)
                 keep[k] = True
         return keep
+
+    # Verified ahead at most this many pairs, found among this many edges.
+    AHEAD_PAIRS, AHEAD_EDGES = 64, 4096
+
+    def _sure(self, edges: Edges, order: list, start: int, find) -> list:
+        """Pairs of the coming edges that __call__ is sure to check, whatever
+        the verdicts before them: an edge whose two groups no earlier
+        unjoined edge (from start) touches.  A verdict only joins the groups
+        of its own edge, so such an edge's groups are still apart when the
+        loop reaches it."""
+        touched, pairs = set(), []
+        for k in order[start:start + self.AHEAD_EDGES]:
+            a, b = int(edges.a[k]), int(edges.b[k])
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                continue
+            if ra not in touched and rb not in touched \
+                    and frozenset((a, b)) not in self.verdicts \
+                    and None not in (self.paths[a], self.paths[b]):
+                pairs.append((self.paths[a], self.paths[b]))
+                if len(pairs) == self.AHEAD_PAIRS:
+                    break
+            touched.update((ra, rb))
+        return pairs
 
     def known(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
         """Members near lead by the whole hash or by a pair already verified
@@ -6104,6 +6249,7 @@ class EdgeJudge:
         h = self.flat.hashes
         d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
         whole = (d <= limit) & self.solid(lead, members, d)
+        self.ahead(lead, members[~whole & (members != lead)])
         return np.array([w or m == lead or self.check(lead, m)
                          for w, m in zip(whole.tolist(), members.tolist())],
                         dtype=bool)
@@ -6146,8 +6292,7 @@ class EdgeJudge:
         geometry = verdict.geometry
         if first != lead:  # checked the other way round
             geometry = geometry.swapped() if geometry.inner else \
-                self.judge.verifier.check(self.paths[lead],
-                                          self.paths[member]).geometry
+                self.judge.check(self.paths[lead], self.paths[member]).geometry
         return How(stage_of(code), MATCH_NAMES[code], True, geometry)
 
 
@@ -6387,7 +6532,7 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     if not run.queries:
         check_folders(cfg, ["input_dir"])
     paths = query_files(run)
-    store = ready_store(cfg, ui)
+    store, judge = ready_store(cfg, ui), None
     try:
         radius, spec = cfg.distance_threshold, cfg.spec
         judge = Judge(cfg, ui)
@@ -6419,21 +6564,18 @@ def op_search(run: Run, ui: Console) -> SearchReport:
         marks = load_marks(cfg)
         rows = store.rows_by_id(id_of(p) for _, hits in found for p in hits)
         store.end_snapshot()  # verification may take a while: let writers in
-        for result, hits in found:
+        found = [(result, list(_candidates(result, hits, rows, id_of, marks,
+                                           radius, cfg.adaptive_threshold)))
+                 for result, hits in found]
+        judge.prefetch([pair for result, candidates in found
+                        for pair in judge.planned(result.path, candidates)])
+        for result, candidates in found:
             query = QueryResult(result.path, None if result.hash is None else
                                 hash_hex(result.hash, spec.bits),
                                 error=result.error)
             judge.next_query()
-            for p, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
-                row = rows.get(id_of(p))
-                if row is None:  # removed by an update since the search
-                    continue
-                limit = pair_threshold(radius, result.detail, row.detail) \
-                    if cfg.adaptive_threshold else radius
-                if marks and frozenset((result.path, row.path)) in marks:
-                    continue
-                how = judge(result.path, row.path, hit, limit,
-                            min(result.detail, row.detail))
+            for row, hit, limit, detail in candidates:
+                how = judge(result.path, row.path, hit, limit, detail)
                 if how is not None:
                     query.matches.append(_match(row, spec.bits, hit.bits,
                                                 hit.variant, how))
@@ -6443,8 +6585,26 @@ def op_search(run: Run, ui: Console) -> SearchReport:
             report.queries.append(query)
     finally:
         store.close()
+        if judge is not None:
+            judge.close()
     report.seconds = time.monotonic() - start
     return report
+
+
+def _candidates(result: HashResult, hits: dict, rows: dict, id_of, marks: set,
+                radius: int, adaptive: bool) -> Iterator[tuple]:
+    """(row, hit, limit, detail) of a query's hits, nearest first, that the
+    judge decides on: not removed by an update since the search, not marked
+    "not a duplicate"."""
+    for p, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
+        row = rows.get(id_of(p))
+        if row is None:  # removed by an update since the search
+            continue
+        limit = pair_threshold(radius, result.detail, row.detail) \
+            if adaptive else radius
+        if marks and frozenset((result.path, row.path)) in marks:
+            continue
+        yield row, hit, limit, min(result.detail, row.detail)
 
 
 def _search_one_pg(result: HashResult, store: ServerHashStore, radius: int,
@@ -6621,7 +6781,7 @@ def _unsearchable(result: HashResult) -> bool:
 def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
     """Groups of images within the threshold of each other."""
     cfg, start = run.config, time.monotonic()
-    store = ready_store(cfg, ui)
+    store, judge = ready_store(cfg, ui), None
     try:
         # no snapshot here: finding pairs can take minutes, and a reader
         # that long would make an update's writes time out; rows an update
@@ -6660,6 +6820,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         plan_actions(report, cfg)
     finally:
         store.close()
+        if judge is not None:
+            judge.close()
     report.seconds = time.monotonic() - start
     # what move would do: the plan is part of what find_duplicates answers
     report.plan_files = write_plan(make_plan(report, cfg), cfg)
