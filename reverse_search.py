@@ -6268,6 +6268,7 @@ class EdgeJudge:
             return []
         order = ks[np.argsort(self.flat.match_distances(lead, members[ks])[0],
                               kind="stable")][:most]
+        self.ahead(lead, members[order])
         found = [int(k) for k in order.tolist()
                  if self.check(lead, int(members[k]))]
         self.joined.update(frozenset((lead, int(members[k]))) for k in found)
@@ -6281,8 +6282,8 @@ class EdgeJudge:
             geometry = verdict.geometry
             if first != lead:
                 geometry = geometry.swapped() if geometry.inner else \
-                    self.judge.verifier.check(self.paths[lead],
-                                              self.paths[member]).geometry
+                    self.judge.check(self.paths[lead],
+                                     self.paths[member]).geometry
             code = self.codes.get(frozenset((lead, member)), -1)
             if code < 0:  # no edge of their own: found through the group
                 return How(STAGES[5], None, True, geometry)
