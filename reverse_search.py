@@ -5593,7 +5593,8 @@ class UpdateReport(DocumentReport):
         return (f"{self.operation}: {self.files} files, {self.hashed} "
                 f"hashed, {self.reused} reused, {self.unchanged} unchanged, "
                 f"{self.failed} failed, {self.removed} removed{moved} in "
-                f"{self.seconds:.1f} s ({rate:.0f} images/s)")
+                f"{self.seconds:.1f} s" + (f" ({rate:.0f} images/s)"
+                                           if self.hashed else ""))
 
 
 class BatchWriter:
@@ -6362,8 +6363,9 @@ class SearchReport(DocumentReport):
             yield from q.text_lines()
 
     def summary(self) -> str:
-        hit = sum(1 for q in self.queries if q.matches)
-        return (f"search: {len(self.queries)} queries, {hit} with matches, "
+        hit, asked = sum(1 for q in self.queries if q.matches), len(self.queries)
+        return (f"search: {asked} quer{'y' if asked == 1 else 'ies'}, "
+                f"{hit} with matches, "
                 f"{self.images} images searched ({self.engine}) in "
                 f"{self.seconds:.2f} s")
 
@@ -7578,7 +7580,8 @@ class MoveReport(DocumentReport):
     source: str = ""                             # the plan file move read
 
     def body(self) -> dict:
-        return {"manifest": shown(self.manifest), "plan": self.source or None,
+        return {"manifest": shown(self.manifest) if self.manifest else None,
+                "plan": self.source or None,
                 "seconds": round(self.seconds, 3),
                 "done": [{"from": shown(a), "to": shown(b)}
                          for a, b in self.done],
@@ -7601,6 +7604,8 @@ class MoveReport(DocumentReport):
             yield f"skipped {printable(f.path)}: {f.error}"
 
     def summary(self) -> str:
+        if not self.manifest:  # undo found no manifest
+            return f"{self.operation}: nothing to undo"
         return (f"{self.operation}: {len(self.done)} files {self._verb()}, "
                 f"{len(self.skipped)} skipped; manifest "
                 f"{printable(self.manifest)}")
@@ -7786,24 +7791,68 @@ def op_undo(run: Run, ui: Console) -> MoveReport:
     manifest = os.path.join(cfg.quarantine_dir, MANIFEST_NAME)
     report = MoveReport("undo", manifest)
     if not os.path.lexists(manifest):
-        ui.notice(f"nothing to undo: no {shown(manifest)} (move has not run "
-                  f"with this quarantine_dir, or everything is back).")
+        ui.notice(_nothing_to_undo(cfg.quarantine_dir))
+        report.manifest = ""  # there is none: the summary says so
         return report
     with _run_lock(cfg):
         lines = _manifest_lines(manifest)
         store = _open_store(cfg) if _store_exists(cfg) else None
         rows = []  # filled as files come back, stored even if interrupted
+        places = Places(cfg)
         try:
-            keep = _undo_lines(lines, Places(cfg), report, rows, store)
+            keep = _undo_lines(lines, places, report, rows, store)
         finally:
             if store is not None:
                 _store_rows(store, rows, cfg)
                 store.close()
-        _finish_manifest(manifest, keep)
+            _prune_mirrored(places.quarantine, [src for src, _ in report.done])
+        report.manifest = _finish_manifest(manifest, keep)
+    if report.manifest != manifest:
+        ui.notice(f"undo: everything is back; the manifest is kept as "
+                  f"{shown(report.manifest)}, a record of what moved and "
+                  f"came back.")
     if len(rows) < len(report.done):
         ui.notice("run update to index the restored files again.")
     report.seconds = time.monotonic() - start
     return report
+
+
+def _nothing_to_undo(quarantine: str) -> str:
+    """Why undo has nothing to do: everything is back, or nothing moved."""
+    done = sorted(_undone_manifests(quarantine))
+    if done:
+        return (f"nothing to undo: everything moved to {shown(quarantine)} is "
+                f"back (the last undo kept its manifest as "
+                f"{shown(done[-1])}).")
+    return (f"nothing to undo: move has not put anything in "
+            f"{shown(quarantine)} (quarantine_dir).")
+
+
+def _undone_manifests(quarantine: str) -> list:
+    """The manifests of finished undos (manifest-undone-DATE.jsonl)."""
+    stem, ext = os.path.splitext(MANIFEST_NAME)
+    try:
+        names = os.listdir(quarantine)
+    except OSError:
+        return []
+    return [os.path.join(quarantine, n) for n in names
+            if n.startswith(stem + "-undone-") and n.endswith(ext)]
+
+
+def _prune_mirrored(quarantine: str, moved_from: list) -> None:
+    """Remove the folders move made in the quarantine for the files just
+    restored, once empty: from each file's folder up to (not including)
+    quarantine_dir.  rmdir removes only empty folders, never through a
+    link, so anything put there since stays."""
+    top = os.path.abspath(quarantine)
+    for path in moved_from:
+        folder = os.path.dirname(os.path.abspath(path))
+        while folder != top and _inside(folder, top):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or not a folder): so are its parents
+                break
+            folder = os.path.dirname(folder)
 
 
 def _undo_lines(lines: list, places: Places, report: MoveReport, rows: list,
@@ -7924,17 +7973,19 @@ def _partial_copy(path: str, whole: str) -> bool:
         return False
 
 
-def _finish_manifest(manifest: str, remaining: list) -> None:
+def _finish_manifest(manifest: str, remaining: list) -> str:
     """Keep only what is still in quarantine (and lines that could not be
-    used, as they were); archive a finished manifest."""
+    used, as they were); archive a finished manifest.  Returns where the
+    manifest now is."""
     if remaining:
         _atomic_write(manifest, lambda fh: fh.write(
             "".join(line + "\n" for line in remaining).encode(
                 "utf-8", "surrogateescape")), binary=True, sync=True)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        place_new(manifest, _free_name(manifest.replace(
-            ".jsonl", f"-undone-{stamp}.jsonl")))  # never over another file
+        return manifest
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    archived = _free_name(manifest.replace(".jsonl", f"-undone-{stamp}.jsonl"))
+    place_new(manifest, archived)  # never over another file
+    return archived
 
 
 def _read_json(path: str, missing: str) -> dict:
@@ -8819,6 +8870,11 @@ class ReviewSession:
             run.config.sources = self.cfg.sources
             report = op_find_duplicates(run, ui)
             write_results(report, run.config, report.document(run.config))
+            self.use(report)
+
+    def use(self, report: DuplicatesReport) -> None:
+        """Groups of a find_duplicates run whose result files are written."""
+        with self.lock:
             self.report, self.groups = report, report.groups
             self.map = None
 
@@ -9272,6 +9328,9 @@ def _review_handler(session: ReviewSession, token: str, port_of, nonce: str):
                 self.send_json(session.apply(_int(body.get("files"), -1)))
             elif route == "/api/undo":
                 self.send_json(session.undo())
+            elif route == "/api/stop":  # Done: no console to press Ctrl-C in
+                self.send_json({"ok": True})
+                self.server.stop("done on the page")
             elif route == "/api/search":
                 path = body.get("path")
                 self.send_json(session.search(None, path if isinstance(
@@ -9336,9 +9395,10 @@ class ReviewServer:
         handler = _review_handler(session, self.token, lambda: self.port, nonce)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
-        self.httpd.touch = self.touch
+        self.httpd.touch, self.httpd.stop = self.touch, self.stop
         self.port = self.httpd.server_address[1]
         self.idle, self.last = idle, time.monotonic()
+        self.why = "idle"
 
     @property
     def url(self) -> str:
@@ -9347,10 +9407,17 @@ class ReviewServer:
     def touch(self) -> None:
         self.last = time.monotonic()
 
-    def serve(self) -> str:
-        """Serve until Ctrl-C or idle; returns why it stopped."""
+    def stop(self, why: str) -> None:
+        """Stop serving (from a request's thread: serve_forever must not
+        be waited for by the thread it runs in)."""
         import threading
-        why = ["idle"]
+        self.why = why
+        threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+    def serve(self) -> str:
+        """Serve until Ctrl-C, Done on the page or idle; returns why it
+        stopped."""
+        import threading
 
         def watch():
             while time.monotonic() - self.last < self.idle:
@@ -9360,23 +9427,29 @@ class ReviewServer:
         try:
             self.httpd.serve_forever(poll_interval=0.25)
         except KeyboardInterrupt:
-            why = ["Ctrl-C"]
+            self.why = "Ctrl-C"
         finally:
             self.httpd.server_close()
-        return why[0]
+        return self.why
 
 
-def op_review(run: Run, ui: Console) -> None:
+def op_review(run: Run, ui: Console,
+              found: DuplicatesReport | None = None) -> None:
     """Serve the review page until Ctrl-C or review_idle_minutes of quiet;
-    what was done is in the quarantine manifest and not_duplicates."""
+    what was done is in the quarantine manifest and not_duplicates.  found:
+    the groups of a find_duplicates just run (its files written), else it
+    runs one first."""
     cfg, start = run.config, time.monotonic()
     session = ReviewSession(run, ui)
-    ui.notice("review: finding duplicates first ...")
-    session.refresh()
+    if found is None:
+        ui.notice("review: finding duplicates first ...")
+        session.refresh()
+    else:
+        session.use(found)
     server = ReviewServer(session, cfg.review_port,
                           cfg.review_idle_minutes * 60)
     print(f"review: {server.url}", flush=True)
-    ui.notice(f"review: {len(session.groups)} groups; stops after "
+    ui.notice(f"review: {len(session.groups)} groups; stops on Done, after "
               f"{cfg.review_idle_minutes:g} idle minutes or on Ctrl-C.")
     if run.open_report:
         open_in_browser(server.url)
@@ -9490,6 +9563,7 @@ kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
   </nav>
   <button id="apply" class="primary">Apply: move to quarantine…</button>
   <button id="undo">Undo moves (<span id="s-quarantined">0</span>)</button>
+  <button id="done" title="Stop the review server (it also stops by itself when idle)">Done</button>
   <span id="status" class="note"></span>
 </header>
 <main>
@@ -9553,7 +9627,8 @@ kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
     }
     let res;
     try { res = await fetch(url, opts); }
-    catch (e) { throw new Error("the review server has stopped: run review again"); }
+    catch (e) { throw new Error("the review server has stopped (Done, or review_idle_minutes " +
+                                "without a click): run review, or double-click the program, again"); }
     const doc = await res.json();
     if (!res.ok) throw new Error(doc.error || res.statusText);
     return doc;
@@ -9685,6 +9760,15 @@ kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
     r.skipped.forEach(([a, why]) => list.append(el("li", "error", a + ": " + why)));
     modal([el("h2", "", r.operation === "move" ? "Moved" : "Restored"),
            el("p", "summary", r.summary), list], [button("Close", "", closeModal)]);
+  }
+  async function done() {
+    await call("POST", "/api/stop");
+    const end = el("main");
+    document.body.replaceChildren(end);
+    end.append(
+      el("h1", "", "Review finished"),
+      el("p", "", "The review server has stopped; you can close this tab. " +
+                  "Everything done here is saved (plan, quarantine and its manifest, not_duplicates)."));
   }
   async function undo() {
     modal([el("h2", "", "Undo?"), el("p", "", "Every file in the quarantine goes back where it was.")],
@@ -9840,6 +9924,7 @@ kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
   $("tab-map").onclick = () => show("map");
   $("apply").onclick = guard(apply);
   $("undo").onclick = guard(undo);
+  $("done").onclick = guard(done);
   async function moveFocus(step) {
     const d = state.data, n = state.focus + step;
     if (n >= d.groups.length && d.page < d.pages) await load(d.page + 1, 0);
@@ -10182,7 +10267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(sys.argv[1:] if argv is None else list(argv))
 
 
-def _run(argv: list) -> int:
+def _run(argv: list, desktop: bool = False) -> int:
+    """main() for a command line; desktop: a double-click's run, which goes
+    on to the review page when find_duplicates finds groups."""
     debug, run = "--debug" in argv, None
     try:
         run = parse_run(argv)
@@ -10192,8 +10279,11 @@ def _run(argv: list) -> int:
         for notice in run.notices:
             ui.notice(notice)
         report = dispatch(run, ui)
+        review = review_after(run, report) if desktop else None
         if report is not None:  # review has answered its page already
             emit(report, run, ui)
+        if review is not None:
+            op_review(review, ui, found=report)
         sys.stdout.flush()  # a reader that went away shows here, not at exit
         return 0
     except SystemExit as exc:  # --help and --version
@@ -10219,6 +10309,20 @@ def _run(argv: list) -> int:
         return _fail(f"internal error: {type(exc).__name__}: {exc}. Run again "
                      f"with --debug for details, and please report it.", 1,
                      argv, run)
+
+
+def review_after(run: Run, report) -> Run | None:
+    """The review run a double-click's find_duplicates goes on to when it
+    found groups, or None.  With no terminal and no editor habits, the page
+    is where a person acts on them (and it replaces the static report, so
+    one page opens); the server stops by itself after review_idle_minutes."""
+    if run.config.operation != "find_duplicates" or \
+            not isinstance(report, DuplicatesReport) or not report.groups:
+        return None
+    cfg = dataclasses.replace(run.config, operation="review")
+    cfg.sources = run.config.sources
+    opens, run.open_report = run.open_report, False
+    return dataclasses.replace(run, config=cfg, open_report=opens)
 
 
 def _fail(message: str, code: int, argv: list, run: Run | None) -> int:
@@ -10302,7 +10406,7 @@ def run_from_desktop(params: str) -> int:
         try:
             # --yes: no terminal to ask on; operation "move" in params.json,
             # set by hand, is the request (and undo reverses it)
-            code = _run(["--params", params, "--open", "--yes"])
+            code = _run(["--params", params, "--open", "--yes"], desktop=True)
         finally:
             sys.stdout, sys.stderr = saved
     shown_page = "review: http" in said.getvalue() or \
@@ -10334,11 +10438,14 @@ with forward slashes, or with every backslash doubled:
 <code>"search"</code> and put the pictures you are looking for in the folder
 <code>input_dir</code> names.</li>
 <li>Save the file and double-click the program again. It hashes the pictures
-(the first time takes a while: dozens to hundreds of pictures a second) and opens a
-report in your browser: each group of copies, the one it would keep and why.</li>
-<li>To act on it, set <code>"operation": "move"</code>: the copies marked
-<i>move</i> go to the <code>quarantine</code> folder beside the program, nothing
-is deleted. <code>"operation": "undo"</code> puts them all back.</li>
+(the first time takes a while: dozens to hundreds of pictures a second) and opens
+the review page in your browser: each group of copies, the one it would keep and
+why. There you choose what to keep, move the copies to the
+<code>quarantine</code> folder beside the program (nothing is deleted) and undo.
+The program stops by itself when the page has been closed for
+<code>review_idle_minutes</code> (30).</li>
+<li>Without the page: <code>"operation": "move"</code> moves the copies marked
+<i>move</i> in the report; <code>"operation": "undo"</code> puts them all back.</li>
 </ol>"""
 
 

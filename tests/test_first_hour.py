@@ -346,13 +346,14 @@ def test_a_first_double_click_says_what_to_edit(tmp_path, monkeypatch):
     page = (app / "reverse_search-status.html").read_text()
     assert "hash_size" in page and "distance_treshold" in page
     assert "C:/Users/you/Pictures" in page
-    # then a success: the report opens and the old error page goes
+    # then a success: the review page opens (it stops when idle: 3 s here)
+    # and the old error page goes
     photos = app / "photos"
     photos.mkdir()
     picture(1).save(photos / "a.jpg")
     picture(1).resize((320, 240)).save(photos / "b.jpg")
     params.write_text(json.dumps({"img_dirs": ["photos"], "operation": "find_duplicates",
-                                  "workers": 1}))
+                                  "workers": 1, "review_idle_minutes": 0.05}))
     assert rs.run_from_desktop(str(params)) == 0
     assert not (app / "reverse_search-status.html").exists()
     # a move: its summary comes before the list of files

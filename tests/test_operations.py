@@ -359,13 +359,14 @@ def test_a_double_click_logs_and_shows_a_page(tmp_path, monkeypatch):
     draw(1).resize((320, 240)).save(folder / "photos" / "b.jpg")
     with open(params, "w", encoding="utf-8") as fh:
         json.dump({"img_dirs": ["photos"], "operation": "find_duplicates",
-                   "workers": 1}, fh)
+                   "workers": 1, "review_idle_minutes": 0.05}, fh)
     os.remove(folder / "reverse_search-status.html")
     assert rs.run_from_desktop(params) == 0
     assert os.path.exists(folder / "results" / "find_duplicates.html")
-    assert not os.path.exists(folder / "reverse_search-status.html")  # report shown
+    assert not os.path.exists(folder / "reverse_search-status.html")  # review shown
     log = (folder / "reverse_search.log").read_text(encoding="utf-8")
     assert "find_duplicates: 1 groups" in log
+    assert "review: http://127.0.0.1:" in log and "review: stopped (idle)" in log
     with open(params, "w", encoding="utf-8") as fh:
         fh.write('{"img_dirs": ["photos"],}')
     assert rs.run_from_desktop(params) == 2
