@@ -40,15 +40,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import datetime
 import functools
 import io
 import json
 import multiprocessing
 import os
-import platform
 import re
-import resource
 import shutil
 import sqlite3
 import subprocess
@@ -59,11 +56,13 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "reverse_search.py"
-DATA = ROOT / "bench" / "data" / "build"
-CORPUS = ROOT / "bench" / "data" / "corpus_4000" / "images"
-CORPUS_FULL = ROOT / "bench" / "data" / "corpus_full_4000" / "images"
+import _common
+from _common import Timing, load_impl, machine, table, timed
+
+ROOT = Path(_common.ROOT)
+DATA = Path(_common.DATA) / "build"
+CORPUS = Path(_common.DATA) / "corpus_4000" / "images"
+CORPUS_FULL = Path(_common.DATA) / "corpus_full_4000" / "images"
 TOOL_ARGS: list = []  # --tool-args: added to every run of the tool
 LARGE_MP = 6.0  # camera-sized: the photos_large set starts here
 GENERATOR = 1  # bump when the synthetic images change
@@ -92,17 +91,7 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
 """
 
 
-# ---------------------------------------------------------------------------
-# Result rows
-# ---------------------------------------------------------------------------
-
-@dataclass
-class Timing:
-    """One whole run: wall seconds and CPU seconds (this process + children)."""
-
-    wall: float = 0.0
-    cpu: float = 0.0
-
+# ---- result rows ----
 
 @dataclass
 class SpeedRow:
@@ -163,9 +152,7 @@ class ImageSet:
     files: list = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------
-# Synthetic images
-# ---------------------------------------------------------------------------
+# ---- synthetic images ----
 
 PHOTO_SETS = {  # name -> (format, width, height)
     "jpeg_1mp": ("JPEG", 1152, 864),
@@ -348,9 +335,7 @@ def warm_cache(files: list) -> None:
                 pass
 
 
-# ---------------------------------------------------------------------------
-# The measured runs
-# ---------------------------------------------------------------------------
+# ---- the measured runs ----
 
 def run_baseline(files: list, scratch: Path) -> float:
     """(a) seconds for dhash(Image.open(path)) + one INSERT + COMMIT per row."""
@@ -462,24 +447,6 @@ def fresh(scratch: Path, tag: str) -> None:
     shutil.rmtree(scratch / tag, ignore_errors=True)
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process plus its waited-for children so far."""
-    return sum(r.ru_utime + r.ru_stime for r in
-               (resource.getrusage(resource.RUSAGE_SELF),
-                resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
-def timed(run, repeat: int = 1) -> Timing:
-    """Best of `repeat` whole runs of run(): wall and CPU seconds."""
-    best = None
-    for _ in range(repeat):
-        cpu, start = _cpu_seconds(), time.perf_counter()
-        run()
-        t = Timing(time.perf_counter() - start, _cpu_seconds() - cpu)
-        best = t if best is None or t.wall < best.wall else best
-    return best
-
-
 def tool_build(image_set: ImageSet, scratch: Path, tag: str, workers: int,
                mode: str = "fast") -> dict:
     """One clean `build` in this process; its summary line, checked."""
@@ -502,8 +469,8 @@ def measure_startup(scratch: Path, repeat: int) -> tuple[Timing, Timing]:
               file=sys.stderr)
     image_set = list_files(ImageSet("start", [ensure_start_set()]))
     n = os.cpu_count() or 1
-    tool = timed(lambda: tool_build(image_set, scratch, "start", n), repeat)
-    floor = timed(lambda: run_floor(image_set.files, n), repeat)
+    tool = timed(tool_build, image_set, scratch, "start", n, repeat=repeat)[0]
+    floor = timed(run_floor, image_set.files, n, repeat=repeat)[0]
     return tool, floor
 
 
@@ -518,12 +485,12 @@ def measure_speed(image_set: ImageSet, scratch: Path, repeat: int
     def tool(workers: int, tag: str) -> None:
         summary.update(tool_build(image_set, scratch, tag, workers))
 
-    row.baseline = timed(lambda: run_baseline(files, scratch), repeat)
-    row.tool_one = timed(lambda: tool(1, f"{name}-w1"), repeat)
-    row.tool_all = timed(lambda: tool(n, f"{name}-fast"), repeat)
+    row.baseline = timed(run_baseline, files, scratch, repeat=repeat)[0]
+    row.tool_one = timed(tool, 1, f"{name}-w1", repeat=repeat)[0]
+    row.tool_all = timed(tool, n, f"{name}-fast", repeat=repeat)[0]
     row.tool_all_self = len(files) / summary["seconds"]
-    row.floor_one = timed(lambda: run_floor(files, 1), repeat)
-    row.floor_all = timed(lambda: run_floor(files, n), repeat)
+    row.floor_one = timed(run_floor, files, 1, repeat=repeat)[0]
+    row.floor_all = timed(run_floor, files, n, repeat=repeat)[0]
     return row
 
 
@@ -582,53 +549,28 @@ def measure_diff(image_set: ImageSet, scratch: Path) -> DiffRow:
                    counts)
 
 
-# ---------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------
+# ---- report ----
 
-def machine() -> str:
+def libraries() -> str:
+    """What decodes and hashes here, beyond machine()'s line."""
     import imagehash
-    import numpy
-    import PIL
     from PIL import features
-    model = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     turbo = features.check_feature("libjpeg_turbo")
-    git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always",
-                          "--dirty"], capture_output=True, text=True)
-    return (f"{datetime.date.today()} | nproc {os.cpu_count()} | {model} | "
-            f"Python {platform.python_version()}, Pillow {PIL.__version__} "
-            f"(libjpeg-turbo {'yes' if turbo else 'no'}), ImageHash "
-            f"{imagehash.__version__}, numpy {numpy.__version__} | "
-            f"reverse_search {git.stdout.strip() or '?'}")
+    return (f"libjpeg-turbo {'yes' if turbo else 'no'}, ImageHash "
+            f"{imagehash.__version__}")
 
 
 def div(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def print_table(headers: list, rows: list) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-
-    def line(cells: list) -> str:
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(line(headers))
-    print(line(["-" * w for w in widths]))
-    for r in rows:
-        print(line(r))
 
 
 def report_speed(rows: list, workers: int, startup: tuple) -> None:
     n = workers
     print(f"\nBuild throughput, images/s (whole runs, best of --repeat; "
           f"N = {n} workers)")
-    print_table(
+    print(table(
         ["set", "files", "MP", "(a) base", "(b) tool 1w", f"(c) tool {n}w",
          "(d) floor 1w", f"(d) floor {n}w", "b/a", "c/a", "c/d", "b/d1w"],
         [[r.name, r.files, f"{r.megapixels:.1f}",
@@ -637,14 +579,14 @@ def report_speed(rows: list, workers: int, startup: tuple) -> None:
           f"{div(r.rate(r.tool_one), r.rate(r.baseline)):.1f}x",
           f"{div(r.rate(r.tool_all), r.rate(r.baseline)):.1f}x",
           f"{div(r.rate(r.tool_all), r.rate(r.floor_all)):.2f}",
-          f"{div(r.rate(r.tool_one), r.rate(r.floor_one)):.2f}"] for r in rows])
+          f"{div(r.rate(r.tool_one), r.rate(r.floor_one)):.2f}"] for r in rows]))
     tool0, floor0 = startup
     print(f"\nStart-up cost with {n} workers ({START_FILES} tiny files): tool "
           f"{tool0.wall:.2f} s wall / {tool0.cpu:.2f} s CPU, floor pool "
           f"{floor0.wall:.2f} s / {floor0.cpu:.2f} s CPU")
     print("CPU ms per image (this process + workers) and steady-state images/s "
           "(start-up cost taken off)")
-    print_table(
+    print(table(
         ["set", "(a) cpu", "(b) cpu", "(c) cpu", "(d) cpu 1w", f"(d) cpu {n}w",
          "b/d1w cpu", f"c/d{n}w cpu", "(c) steady", "(d) steady", "c/d steady",
          "(c) self"],
@@ -654,7 +596,7 @@ def report_speed(rows: list, workers: int, startup: tuple) -> None:
           f"{div(r.floor_all.cpu, r.tool_all.cpu):.2f}",
           f"{r.rate(r.tool_all, tool0):.1f}", f"{r.rate(r.floor_all, floor0):.1f}",
           f"{div(r.rate(r.tool_all, tool0), r.rate(r.floor_all, floor0)):.2f}",
-          f"{r.tool_all_self:.1f}"] for r in rows])
+          f"{r.tool_all_self:.1f}"] for r in rows]))
     print("(x/y cpu = CPU the floor needs / CPU the tool needs; (c) self = "
           "images/s of the tool's own summary line)")
 
@@ -662,7 +604,7 @@ def report_speed(rows: list, workers: int, startup: tuple) -> None:
 def report_scale(rows: list) -> None:
     print("\nTiny 64x64 JPEGs: build, then two updates of the unchanged "
           "collection (wall s, child process incl. interpreter start)")
-    print_table(
+    print(table(
         ["files", "build s", "build img/s", "build RSS main MB",
          "build RSS worker MB", "update s (1st, 2nd)", "tool s (1st, 2nd)",
          "decoded", "update RSS MB"],
@@ -670,16 +612,16 @@ def report_scale(rows: list) -> None:
           f"{r.build_main_mb:.0f}", f"{r.build_worker_mb:.0f}",
           ", ".join(f"{s:.2f}" for s in r.update_s),
           ", ".join(f"{s:.2f}" for s in r.update_tool_s),
-          r.update_hashed, f"{r.update_main_mb:.0f}"] for r in rows])
+          r.update_hashed, f"{r.update_main_mb:.0f}"] for r in rows]))
 
 
 def report_diff(rows: list) -> None:
     print("\ndhash 8: distance between fast and exact mode (% of files)")
-    print_table(
+    print(table(
         ["set", "files", "exact build img/s", "d=0", "1", "2", "3", ">3"],
         [[r.name, r.files, f"{r.exact_rate:.1f}",
           *(f"{100 * c / max(r.files, 1):.1f}" for c in r.counts)]
-         for r in rows])
+         for r in rows]))
 
 
 def report_targets(speed: list, scale: list) -> None:
@@ -712,7 +654,7 @@ def report_targets(speed: list, scale: list) -> None:
         print(f"  [{'ok' if ok else 'MISS'}] {text}: {value:.2f}")
 
 
-# ---------------------------------------------------------------------------
+# ---- command line ----
 
 def parse_args(argv: list | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -767,7 +709,7 @@ def image_sets(args: argparse.Namespace) -> list:
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     TOOL_ARGS[:] = args.tool_args.split()
-    sys.path.insert(0, str(ROOT))
+    load_impl()  # `import reverse_search` below finds the checkout's
     workers = os.cpu_count() or 1
     if args.prepare:
         image_sets(args)
@@ -775,7 +717,7 @@ def main(argv: list | None = None) -> int:
         ensure_tiny(max(args.scale, default=0) // TINY_PART)
         return 0
     scratch = Path(tempfile.mkdtemp(prefix="bench_build-", dir="/tmp"))
-    print(machine())
+    print(f"# {machine()} | {libraries()}")
     print("command: python3 bench/bench_build.py " + " ".join(sys.argv[1:]))
     speed, scale, diff = [], [], []
     try:

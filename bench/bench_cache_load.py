@@ -24,35 +24,14 @@ Hashes are random 64-bit values (distinct); times are wall seconds, best of
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import pickle
-import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_index import load_impl  # noqa: E402
-
-
-def best(repeat: int, fn) -> tuple[float, object]:
-    """(best wall seconds, last result) of fn() over `repeat` runs."""
-    seconds, result = float("inf"), None
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = min(seconds, time.perf_counter() - t0)
-    return seconds, result
-
-
-def parse_size(text: str) -> int:
-    mult = {"k": 10**3, "m": 10**6}.get(text[-1].lower(), 1)
-    return int(float(text.rstrip("kKmM")) * mult)
+from _common import TOOL, load_impl, machine, parse_size, table, timed
 
 
 def bench(rs, n: int, repeat: int, folder: str) -> list:
@@ -63,7 +42,7 @@ def bench(rs, n: int, repeat: int, folder: str) -> list:
     flat.kind, flat.fingerprint, flat.key = "bench", "bench", os.urandom(32)
     rows = []
     path = os.path.join(folder, "bktree.idx")
-    t_build, engine = best(1, lambda: rs.load_bktree(flat, path))  # + save
+    t_build, engine = timed(lambda: rs.load_bktree(flat, path))  # + save
     blob = pickle.dumps(engine.tree, protocol=pickle.HIGHEST_PROTOCOL)
 
     def unpickle():  # the old BKTreeEngine(hashes, tree): tree, values, map
@@ -72,16 +51,16 @@ def bench(rs, n: int, repeat: int, folder: str) -> list:
             values = rs.words_to_ints(flat.distinct)
             {v: p for p, v in enumerate(values)}
         return tree
-    t_old, old = best(repeat, unpickle)
-    t_new, new = best(repeat, lambda: rs.load_bktree(flat, path))
+    t_old, old = timed(unpickle, repeat=repeat)
+    t_new, new = timed(lambda: rs.load_bktree(flat, path), repeat=repeat)
     assert new.tree.tree == old.tree, "the two trees differ"
-    t_rebuild, _ = best(1, lambda: rs.BKTreeEngine(flat.distinct))
+    t_rebuild, _ = timed(lambda: rs.BKTreeEngine(flat.distinct))
     size = os.path.getsize(path) / 2**20
-    rows += [(n, "bktree", "unpickle (before)", t_old,
+    rows += [(n, "bktree", "unpickle (before)", t_old.wall,
               f"{len(blob) / 2**20:.1f} MiB pickle"),
-             (n, "bktree", "links (now)", t_new, f"{size:.1f} MiB file"),
-             (n, "bktree", "rebuild (no cache)", t_rebuild,
-              f"first build + save {t_build:.2f} s")]
+             (n, "bktree", "links (now)", t_new.wall, f"{size:.1f} MiB file"),
+             (n, "bktree", "rebuild (no cache)", t_rebuild.wall,
+              f"first build + save {t_build.wall:.2f} s")]
     index = os.path.join(folder, "hashes.idx")
     rs.write_container(index, {"bench": 1}, flat.arrays(), flat.key)
 
@@ -95,35 +74,35 @@ def bench(rs, n: int, repeat: int, folder: str) -> list:
     def checked():
         header, arrays = rs.read_container(index, flat.key)
         rs._check_arrays(rs.FlatIndex(**arrays, bits=64), rs.HashSpec())
-    t_parse, _ = best(repeat, parse_only)
-    t_checked, _ = best(repeat, checked)
+    t_parse, _ = timed(parse_only, repeat=repeat)
+    t_checked, _ = timed(checked, repeat=repeat)
     size = os.path.getsize(index) / 2**20
-    rows += [(n, "hashes.idx", "parse (before)", t_parse, f"{size:.1f} MiB"),
-             (n, "hashes.idx", "MAC + parse + checks (now)", t_checked, "")]
+    rows += [(n, "hashes.idx", "parse (before)", t_parse.wall, f"{size:.1f} MiB"),
+             (n, "hashes.idx", "MAC + parse + checks (now)", t_checked.wall, "")]
     for name in (path, index):
         os.unlink(name)
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="10k,100k,1M")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--impl", default=os.path.join(os.path.dirname(HERE),
-                                                  "reverse_search.py"))
-    args = p.parse_args()
+    p.add_argument("--impl", default=TOOL, help="reverse_search.py to test")
+    args = p.parse_args(argv)
     rs = load_impl(args.impl)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))  # pickle.dumps
-    print(f"# {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'hashes':>9}  {'cache':<10}  {'how':<27}  {'seconds':>8}  note")
+    print(f"# {machine(args.impl)}")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as folder:
         for n in map(parse_size, args.sizes.split(",")):
-            for row in bench(rs, n, args.repeat, folder):
-                print(f"{row[0]:>9,}  {row[1]:<10}  {row[2]:<27}  "
-                      f"{row[3]:>8.3f}  {row[4]}", flush=True)
+            rows += [(f"{n:,}", cache, how, f"{seconds:.3f}", note)
+                     for n, cache, how, seconds, note
+                     in bench(rs, n, args.repeat, folder)]
+    print(table(["hashes", "cache", "how", "seconds", "note"], rows,
+                left=(1, 2, 4)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,13 +23,10 @@ Rows marked '~' are extrapolated from a timed sample, not run to the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import math
 import os
-import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -40,27 +37,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_IMPL = os.path.join(os.path.dirname(HERE), "reverse_search.py")
+from _common import (PEAK, TOOL, load_average, load_impl, log, machine,
+                     parse_size, table, timed)
+
 ENGINE_NAMES = ("scan", "mih", "bktree", "auto")
 FULL_PAIR_CHECK = 20_000   # brute-force all pairs up to this many distinct hashes
 PAIR_SAMPLE = 200          # items whose neighbours are checked beyond that
 CLUSTER_MEAN = 5           # images per near-duplicate cluster, on average
 COMMON_SHARE = 0.05        # skewed: share of images that carry a common hash
 COMMON_COUNT = 8           # skewed: how many common hashes
-rs = None                  # the module under test (load_impl)
 
 
-def load_impl(path: str):
-    """Import reverse_search from `path` (the repository's by default)."""
-    spec = importlib.util.spec_from_file_location("reverse_search", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reverse_search"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# ---------------------------------------------------------------- results --
+# ---- results ----
 
 @dataclass
 class Row:
@@ -104,67 +92,13 @@ def human(n: int) -> str:
     return str(n)
 
 
-def parse_size(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 10**3, "m": 10**6}.get(text[-1:], 1)
-    return int(float(text.rstrip("km")) * scale)
-
-
-def print_table(rows: list, out=sys.stdout) -> None:
-    cells = [HEADER] + [r.cells() for r in rows]
-    widths = [max(len(c[k]) for c in cells) for k in range(len(HEADER))]
-    for k, line in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip(), file=out)
-        if k == 0:
-            print("  ".join("-" * w for w in widths), file=out)
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 def mismatch(text: str) -> str:
     """Report an exactness failure loudly; returns the table cell."""
     print(f"\n!!!!!! MISMATCH: {text}\n", file=sys.stderr, flush=True)
     return "MISMATCH"
 
 
-# ----------------------------------------------------------------- memory --
-
-class Peak:
-    """Peak resident set size of one operation, in MB."""
-
-    def __init__(self):
-        self.resettable = self._reset()
-        self.method = ("VmHWM, reset per operation" if self.resettable
-                       else "ru_maxrss, process lifetime peak")
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            return True
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        if self.resettable:
-            self._reset()
-
-    def mb(self) -> float:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-PEAK = Peak()
-
+# ---- stopping a run early ----
 
 class Abort(Exception):
     """A run stopped early; `estimate` is its projected total in seconds."""
@@ -191,7 +125,7 @@ class deadline:
         signal.signal(signal.SIGALRM, self.old)
 
 
-# ------------------------------------------------------------------- data --
+# ---- data ----
 
 def random_words(rng, n: int, words: int) -> np.ndarray:
     return rng.integers(0, 2**64 - 1, size=(n, words), dtype=np.uint64,
@@ -259,7 +193,7 @@ def brute_pairs(distinct: np.ndarray, radius: int) -> tuple:
     return tuple(np.concatenate([f[k] for f in found]) for k in range(3))
 
 
-# ------------------------------------------------------------------ cases --
+# ---- cases ----
 
 @dataclass
 class Case:
@@ -273,6 +207,7 @@ class Case:
     truth: list             # per query: (positions, distances) at max radius
     folder: str
     args: argparse.Namespace
+    rs: object              # the reverse_search module under test
     rows: list = field(default_factory=list)
 
     @property
@@ -319,7 +254,7 @@ def label(engine, asked: str = "") -> str:
     return f"auto->{name}" if asked == "auto" else name
 
 
-def make_case(name: str, bits: int, n: int, args, rng) -> Case:
+def make_case(rs, name: str, bits: int, n: int, args, rng) -> Case:
     kind = name.split("-")[0]
     words = -(-bits // 64)
     hashes = make_hashes(kind, n, words, rng)
@@ -338,13 +273,13 @@ def make_case(name: str, bits: int, n: int, args, rng) -> Case:
         pos = np.flatnonzero(d <= top)
         truth.append((pos, d[pos]))
     case = Case(name, bits, hashes, flat, queries, truth,
-                tempfile.mkdtemp(prefix="bench-index-"), args)
+                tempfile.mkdtemp(prefix="bench-index-"), args, rs)
     case.row("build", "flat", None, best, "s", peak_mb=PEAK.mb(),
              note="FlatIndex.from_arrays")
     return case
 
 
-# ------------------------------------------------------------- operations --
+# ---- operations ----
 
 def bench_save_load(case: Case) -> None:
     """write_container / read_container of flat.arrays()."""
@@ -353,10 +288,10 @@ def bench_save_load(case: Case) -> None:
     save = load = math.inf
     for _ in range(case.args.repeat):
         t0 = time.perf_counter()
-        rs.write_container(path, {"format": "bench"}, arrays)
+        case.rs.write_container(path, {"format": "bench"}, arrays)
         save = min(save, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        header, back = rs.read_container(path)
+        header, back = case.rs.read_container(path)
         load = min(load, time.perf_counter() - t0)
     same = all(np.array_equal(arrays[k], back[k]) for k in arrays)
     size = os.path.getsize(path) / 2**20
@@ -472,9 +407,9 @@ def bench_dups(case: Case, name: str, radius: int) -> None:
     PEAK.start()
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        with watch_mih(engine, radius, args.pairs_limit, args.pilot), \
+        with watch_mih(case.rs, engine, radius, args.pairs_limit, args.pilot), \
                 deadline(max(3 * args.pairs_limit, 60)):
-            groups = rs.duplicate_groups(case.flat, recorder, radius)
+            groups = case.rs.duplicate_groups(case.flat, recorder, radius)
     except Abort as stop:
         took = time.perf_counter() - t0
         case.row("dups", label(engine, name), radius, stop.estimate, "s",
@@ -535,12 +470,13 @@ class watch_mih:
     """While MIHEngine.pairs runs, count its steps (calls of
     _expand_windows) and Abort once the projection exceeds `limit`."""
 
-    def __init__(self, engine, radius: int, limit: float, pilot: float):
-        self.engine, self.radius = engine, radius
+    def __init__(self, rs, engine, radius: int, limit: float, pilot: float):
+        self.rs, self.engine, self.radius = rs, engine, radius
         self.limit, self.pilot = limit, pilot
 
     def __enter__(self):
         self.original = None
+        rs = self.rs
         if self.engine.name != "mih" or not hasattr(rs, "_expand_windows"):
             return self
         try:
@@ -568,7 +504,7 @@ class watch_mih:
 
     def __exit__(self, *exc):
         if self.original is not None:
-            rs._expand_windows = self.original
+            self.rs._expand_windows = self.original
 
 
 def check_pairs(case: Case, engine: str, radius: int, blocks: list,
@@ -688,18 +624,18 @@ def auto_summary(rows: list) -> list:
     return lines
 
 
-# ---------------------------------------------------------- calibration --
+# ---- calibration ----
 
 def calibrate(case: Case) -> list:
     """Time MIH search and pairs with forced chunk counts and fit the
     plan_mih cost model (COST_CALL, COST_PROBE, COST_CAND) to it; the scan
     cost per word from the scan engine.  Returns report lines."""
     from scipy.optimize import nnls
-    flat, args = case.flat, case.args
+    rs, flat, args = case.rs, case.flat, case.args
     u, bits, words = case.u, case.bits, flat.distinct.shape[1]
     lines, feats, times = [], [], []
     scan = rs.ScanEngine(flat.distinct)
-    t = [timed(scan.search, q, 10) for q in case.queries[:50]]
+    t = [timed(scan.search, q, 10)[0].wall for q in case.queries[:50]]
     cost_scan = statistics.median(t) / (u * words)
     lines.append(f"scan search: {cost_scan:.3g} s per hash word "
                  f"(COST_SCAN now {rs.COST_SCAN:.3g})")
@@ -709,7 +645,8 @@ def calibrate(case: Case) -> list:
             most = radius // len(engine.chunks)
             if any(rs._ball(c.bits, most) > 2e6 for c in engine.chunks):
                 continue
-            t = [timed(engine.search, q, radius) for q in case.queries[:60]]
+            t = [timed(engine.search, q, radius)[0].wall
+                 for q in case.queries[:60]]
             med = statistics.median(t)
             probes = sum(rs._ball(c.bits, most) for c in engine.chunks)
             cands = sum(rs._ball(c.bits, most) * u / 2**c.bits for c in engine.chunks)
@@ -728,13 +665,7 @@ def calibrate(case: Case) -> list:
     return lines
 
 
-def timed(fn, *a) -> float:
-    t0 = time.perf_counter()
-    fn(*a)
-    return time.perf_counter() - t0
-
-
-# ------------------------------------------------------------------- main --
+# ---- main ----
 
 def run_case(case: Case, ops: set, engines: list) -> None:
     args = case.args
@@ -782,7 +713,7 @@ def parse_args(argv=None):
                    help="seconds of sampling behind an extrapolation")
     p.add_argument("--bktree-max", type=sizes, default=[1_000_000],
                    help="largest distinct count given to the BK-tree")
-    p.add_argument("--impl", default=DEFAULT_IMPL, help="reverse_search.py to test")
+    p.add_argument("--impl", default=TOOL, help="reverse_search.py to test")
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
@@ -793,22 +724,10 @@ def parse_args(argv=None):
     return args
 
 
-def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(l.split(":", 1)[1].strip() for l in fh
-                         if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} cpus  {model}  "
-            f"python {platform.python_version()}  numpy {np.__version__}")
-
-
 def main(argv=None) -> int:
-    global rs
     args = parse_args(argv)
     rs = load_impl(args.impl)
+    started = machine(args.impl)
     ops = set(args.ops.split(","))
     engines = [e for e in ENGINE_NAMES if e in args.engines.split(",")]
     plan = [(k, 64, n) for n in args.sizes for k in args.datasets.split(",") if k]
@@ -817,11 +736,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     rows, extra = [], []
     t_start = time.perf_counter()
-    load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
     for kind, bits, n in plan:
         log(f"{kind} {bits}-bit N={human(n)}")
-        case = make_case(kind, bits, n, args, rng)
+        case = make_case(rs, kind, bits, n, args, rng)
         try:
             run_case(case, ops, engines)
             if "calibrate" in ops:
@@ -830,13 +748,12 @@ def main(argv=None) -> int:
             rows += case.rows
             shutil.rmtree(case.folder, ignore_errors=True)
             del case
-    print(f"# bench_index  {machine()}")
-    print(f"# load average at start {load_start}, at end "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes "
-          f"inflate wall times; the cpu column is process CPU time)")
+    print(f"# bench_index  {started}")
+    print(f"# load average at the end {load_average()} (the cpu column is "
+          f"process CPU time, which other processes hardly change)")
     print(f"# impl {args.impl}; peak MB = {PEAK.method}; times: build/save/load "
           f"best of {args.repeat}, search median of per-query best of {args.repeat}")
-    print_table(rows)
+    print(table(HEADER, [r.cells() for r in rows], left=range(len(HEADER))))
     lines = auto_summary(rows)
     if lines:
         print("\n# does 'auto' (choose_engine) pick the faster of scan and mih?")

@@ -40,11 +40,9 @@ its reaped children (the hashing workers), from os.wait4.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -53,12 +51,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TOOL = os.path.join(ROOT, "reverse_search.py")
-sys.path.insert(0, HERE)
-from evaluate import (paired_with_original, read_truth, relative,  # noqa: E402
-                      score_pairs)
+from _common import (DATA, TOOL, load_impl, log, machine, parse_size, table,
+                     tool_version)
+from evaluate import paired_with_original, read_truth, relative, score_pairs
 
 DEFAULT_CORPUS = os.environ.get("NDBENCH_CORPUS", "/work/data/std")
 TOOLS = ("reverse_search", "czkawka", "imagededup")
@@ -110,8 +105,11 @@ class Run:
     result: str = ""      # digest of the groups found, to compare rounds
 
 
-def timed(cmd: list, cwd: str | None = None) -> tuple[float, float, float]:
-    """Run a command; (wall s, CPU s with reaped children, peak RSS MB)."""
+def measure_process(cmd: list, cwd: str | None = None
+                    ) -> tuple[float, float, float]:
+    """Run a command; (wall s, CPU s with reaped children, peak RSS MB of
+    the process itself, from os.wait4: _common.timed cannot tell one
+    child's peak from another's)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -128,7 +126,7 @@ def timed(cmd: list, cwd: str | None = None) -> tuple[float, float, float]:
 
 def run_steps(run: Run, steps: list) -> None:
     for name, cmd in steps:
-        wall, cpu, peak = timed(cmd)
+        wall, cpu, peak = measure_process(cmd)
         run.wall += wall
         run.cpu += cpu
         run.peak_mb = max(run.peak_mb, peak)
@@ -182,16 +180,11 @@ def available(tool: str) -> bool:
 
 
 def version(tool: str) -> str:
+    """The tool's name and version (reverse_search's with its commit)."""
     if tool == "reverse_search":
-        def out(*cmd):
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            return done.stdout.strip() if done.returncode == 0 else "?"
-        dirty = out("git", "status", "--porcelain", "--", "reverse_search.py")
-        return (f"{out(sys.executable, TOOL, '--version')} "
-                f"({out('git', 'rev-parse', '--short', 'HEAD')}"
-                f"{', modified' if dirty else ''})")
+        return tool_version()
     from importlib.metadata import version as dist_version
-    return dist_version(tool)
+    return f"{tool} {dist_version(tool)}"
 
 
 def median(values: list):
@@ -203,19 +196,7 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}")
-
-
-def table(runs: dict, label: dict) -> str:
+def runs_table(runs: dict, label: dict) -> str:
     ref = "czkawka" if "czkawka" in runs else next(iter(runs))
     head = ["tool", "wall s", "CPU s", f"wall / {ref}", "peak MB",
             "pair precision", "pair recall", "near-dups found", "groups",
@@ -235,39 +216,14 @@ def table(runs: dict, label: dict) -> str:
                      "same" if len({r.result for r in rs}) == 1 else
                      f"{len({r.result for r in rs})} different",
                      fmt(median([r.load for r in rs]), ".2f")])
-    return markdown(head, rows)
+    return table(head, rows, left=(0, 9), markdown=True)
 
 
-def markdown(head: list, rows: list) -> str:
-    """A Markdown table, columns padded (README-ready)."""
-    cells = [head] + rows
-    width = [max(len(r[k]) for r in cells) for k in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |"
-             for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- scale --
+# ---- scale ----
 
 SCALE_GENERATOR = 3     # bump when the fixture changes
 SCALE_CLUSTERED = 0.38  # share of images in clusters (1M: ~110k groups)
 SCALE_REAL = 50         # largest clusters (8 images each) made real files
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text.rstrip("km")) * {"k": 10**3, "m": 10**6}.get(
-        text[-1:], 1))
-
-
-def load_tool():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("reverse_search", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reverse_search"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def scale_hashes(n: int, slots: int, rng):
@@ -352,10 +308,11 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
 
 
 def scale(sizes: list, reps: int) -> int:
-    rs = load_tool()
+    rs = load_impl()
+    started = machine()
     rows = []
     for n in sizes:
-        folder = os.path.join(HERE, "data", "scale", str(n))
+        folder = os.path.join(DATA, "scale", str(n))
         params = make_scale_fixture(rs, n, folder)
         base = [sys.executable, TOOL, "--params", params, "-q"]
         query = os.path.join(folder, "images", "p0000", "i0000005.jpg")
@@ -372,20 +329,20 @@ def scale(sizes: list, reps: int) -> int:
                     shutil.rmtree(os.path.join(folder, "index"),
                                   ignore_errors=True)
                 load = os.getloadavg()[0]
-                took.append((*timed(cmd), load))
+                took.append((*measure_process(cmd), load))
             row = [f"{n:,}", name] + [fmt(median([t[k] for t in took]), f)
                                       for k, f in ((0, ".2f"), (1, ".2f"),
                                                    (2, ".0f"), (3, ".2f"))]
             rows.append(row)
-            print("  " + "  ".join(row), file=sys.stderr, flush=True)
+            log("  " + "  ".join(row))
         with open(os.path.join(folder, "out", "find_duplicates.json")) as fh:
             doc = json.load(fh)
         rows.append([f"{n:,}", f"({doc['group_count']:,} groups, "
                      f"{doc['duplicates']:,} duplicates)", "", "", "", ""])
-    print(f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
-          f"{machine()}; median of {reps} runs (1 for a missing index)\n")
-    print(markdown(["images", "run", "wall s", "CPU s", "peak MB", "load 1m"],
-                   rows))
+    print(f"# {started}")
+    print(f"# median of {reps} runs (1 for a missing index)\n")
+    print(table(["images", "run", "wall s", "CPU s", "peak MB", "load 1m"],
+                rows, left=(1,), markdown=True))
     return 0
 
 
@@ -429,12 +386,12 @@ def main(argv=None) -> int:
         print(f"bench_peers: {t} is not installed, left out", file=sys.stderr)
     extra = args.tool_args.split()
     czk_args = [] if args.czkawka_level is None else [str(args.czkawka_level)]
-    label = {t: f"{t} {version(t)}" for t in tools}
+    label = {t: version(t) for t in tools}
     if "czkawka" in label:
         label["czkawka"] += (f", level {args.czkawka_level}"
                              if czk_args else ", its default level")
     runs = {t: [] for t in tools}
-    started = datetime.datetime.now().astimezone()
+    started = machine()
     for rep in range(args.reps):
         for tool in tools:
             work = tempfile.mkdtemp(prefix=f"peers-{tool}-")
@@ -453,22 +410,19 @@ def main(argv=None) -> int:
             score(run, groups, corpus, truth)
             runs[tool].append(run)
             steps = ", ".join(f"{k} {v:.2f}" for k, v in run.steps.items())
-            print(f"round {rep + 1}/{args.reps} {tool}: wall {run.wall:.2f} s "
-                  f"({steps}), CPU {run.cpu:.2f} s, load {run.load:.2f}",
-                  file=sys.stderr, flush=True)
-    print(f"{len(truth)} files in {corpus}; {started:%Y-%m-%d %H:%M %Z}; "
-          f"{machine()}")
-    print(f"medians of {args.reps} interleaved rounds; load 1m at the end: "
-          f"{os.getloadavg()[0]:.2f}\n")
-    print(table(runs, label))
+            log(f"round {rep + 1}/{args.reps} {tool}: wall {run.wall:.2f} s "
+                f"({steps}), CPU {run.cpu:.2f} s, load {run.load:.2f}")
+    print(f"# {started}")
+    print(f"# {len(truth)} files in {corpus}; medians of {args.reps} "
+          f"interleaved rounds; load 1m at the end: {os.getloadavg()[0]:.2f}\n")
+    print(runs_table(runs, label))
     if "reverse_search" in runs:
         rs = runs["reverse_search"]
         print("\nreverse_search steps (median wall s): " + ", ".join(
             f"{k} {median([r.steps[k] for r in rs]):.2f}" for k in rs[0].steps))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"corpus": corpus, "started": started.isoformat(),
-                       "machine": machine(), "labels": label,
+            json.dump({"corpus": corpus, "machine": started, "labels": label,
                        "runs": {t: [vars(r) for r in rs]
                                 for t, rs in runs.items()}}, fh, indent=1)
     return 0

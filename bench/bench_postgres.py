@@ -25,7 +25,6 @@ machine (loadavg is printed) slow every number down.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import random
 import statistics
@@ -34,20 +33,12 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "pg_work")]
+from _common import ROOT, load_impl, log, machine, parse_size, table, timed
 
-import reverse_search as rs  # noqa: E402
-
-pgs = rs if hasattr(rs, "PgStore") else importlib.import_module("pg_store")
+rs = load_impl()
+# tests/pg_server.py starts the throw-away server
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 RADII = (0, 4, 8, 10)
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 10**3, "M": 10**6}.get(text[-1], 1)
-    return int(float(text.rstrip("KM")) * scale)
 
 
 def make_rows(start: int, stop: int, rng: random.Random) -> list:
@@ -107,34 +98,27 @@ def ingest(store, have: int, want: int, batch: int, rng) -> tuple:
         cpu += time.process_time() - c + backend_cpu(store) - s
         done = min(want, start + batch)
         if done % (batch * 50) == 0:
-            print(f"  {done:,} rows, {(done - have) / spent:,.0f} rows/s",
-                  file=sys.stderr, flush=True)
+            log(f"  {done:,} rows, {(done - have) / spent:,.0f} rows/s")
     n = want - have
     return n / spent, n / (spent + made), n / cpu if cpu else 0.0
 
 
-def timed(fn, *args) -> tuple:
-    t = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t, out
-
-
 def query_times(store, queries: list, radius: int, plan: str) -> tuple:
     """([seconds per query], [results]) with the plan forced."""
-    saved = pgs.pg_search_plan
-    pgs.pg_search_plan = lambda *a: plan
+    saved = rs.pg_search_plan
+    rs.pg_search_plan = lambda *a: plan
     try:
         store.search_hashes(queries[0], radius)  # warm the plan cache
         out = [timed(store.search_hashes, q, radius) for q in queries]
     finally:
-        pgs.pg_search_plan = saved
-    return [t for t, _ in out], [r for _, r in out]
+        rs.pg_search_plan = saved
+    return [t.wall for t, _ in out], [r for _, r in out]
 
 
 def ms(values: list) -> str:
     values = sorted(values)
     p90 = values[min(len(values) - 1, int(0.9 * len(values)))]
-    return f"{1000 * statistics.median(values):8.1f} {1000 * p90:8.1f}"
+    return f"{1000 * statistics.median(values):.1f} / {1000 * p90:.1f}"
 
 
 def sizes_of(store) -> str:
@@ -175,15 +159,14 @@ def main(argv=None) -> int:
 
 def run(url: str, sizes: list, args) -> int:
     rng = random.Random(args.seed)
-    store = pgs.PgStore(url, create=True)
+    started = machine()
+    store = rs.PgStore(url, create=True)
     store.db.conn.execute("DROP TABLE IF EXISTS images, meta")
     store.close()
-    store = pgs.PgStore(url, create=True)
+    store = rs.PgStore(url, create=True)
     store.use_roots(["/bench"])
     store.start_kind(rs.HashSpec())
     version = store.db.conn.execute("SHOW server_version").fetchone()[0]
-    print(f"# PostgreSQL {version}, psycopg {pgs._psycopg().__version__}, "
-          f"{os.cpu_count()} cores, loadavg {os.getloadavg()[0]:.1f} at start")
     lines, ingests, have, bad = [], [], 0, 0
     for size in sizes:
         have_before = have  # 0: a bulk load into an empty table
@@ -193,10 +176,10 @@ def run(url: str, sizes: list, args) -> int:
         how = "bulk: into an empty table, chunk indexes built at the end" \
             if not have_before else f"update: {have_before:,} rows and their " \
             f"indexes there"
-        ingests.append(f"| {have_before:,} -> {size:,} | {how} | {up:,.0f} | "
-                       f"{by_cpu:,.0f} | {total:,.0f} | {vac:.1f} s | "
-                       f"{sizes_of(store)} |")
-        print(ingests[-1], flush=True)
+        ingests.append([f"{have_before:,} -> {size:,}", how, f"{up:,.0f}",
+                        f"{by_cpu:,.0f}", f"{total:,.0f}", f"{vac.wall:.1f} s",
+                        sizes_of(store)])
+        log(" | ".join(ingests[-1]))
         qrng = np.random.default_rng(args.seed + size)
         for radius in RADII:
             queries = []
@@ -213,26 +196,25 @@ def run(url: str, sizes: list, args) -> int:
                                       radius, "scan")
             bad += sum(a != b for a, b in zip(found, truth))
             hits = statistics.mean(len(f) for f in found)
-            auto = pgs.pg_search_plan(size, pgs.pg_chunks(64), radius)
-            lines.append(f"| {size:>10,} | r={radius:<2} | mih {ms(mih)} | "
-                         f"scan {ms(scan)} | {hits:6.1f} | {auto} |")
-            print(lines[-1], flush=True)
+            auto = rs.pg_search_plan(size, rs.pg_chunks(64), radius)
+            lines.append([f"{size:,}", f"r={radius}", ms(mih), ms(scan),
+                          f"{hits:.1f}", auto])
+            log(" | ".join(lines[-1]))
     store.close()
+    print(f"# {started}")
+    print(f"# PostgreSQL {version}, psycopg {rs._psycopg().__version__}; "
+          f"load at the end {os.getloadavg()[0]:.1f}\n")
+    print(table(["rows", "how", "upsert rows/s (wall)",
+                 "rows/s by CPU time (client + server)",
+                 "rows/s incl. making ImageRows", "optimize()", "size after"],
+                ingests, left=(1, 6), markdown=True))
     print()
-    print("| rows | how | upsert rows/s (wall) | rows/s by CPU time (client + "
-          "server) | rows/s incl. making ImageRows | optimize() | size after |")
-    print("|---|---|---|---|---|---|---|")
-    for line in ingests:
-        print(line)
-    print()
-    print("| rows | radius | mih median / p90 ms | bit_count scan median / "
-          "p90 ms | hits/query | auto picks |")
-    print("|---|---|---|---|---|---|")
-    for line in lines:
-        print(line)
+    print(table(["rows", "radius", "mih median / p90 ms",
+                 "bit_count scan median / p90 ms", "hits/query", "auto picks"],
+                lines, left=(1, 5), markdown=True))
     check = f"MISMATCH in {bad} queries" if bad else \
         "scan == mih for every checked query"
-    print(f"# loadavg {os.getloadavg()[0]:.1f} at the end; {check}")
+    print(f"\n# {check}")
     return 1 if bad else 0
 
 

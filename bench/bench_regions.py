@@ -14,31 +14,20 @@ region views with their engines), find_duplicates (duplicate_groups over
 every stage, adaptive threshold on), the set-up a search run needs (its
 engines and region views: a search scans the windows rather than index
 them), one search (every stage of one query, median of --queries), the
-candidate pairs by stage, and the peak memory of the process (VmHWM).  Times are wall clock, best of --repeat.
+candidate pairs by stage, and the peak memory of each size's run (VmHWM,
+reset per size).  Times are wall clock, best of --repeat.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import platform
-import resource
 import sys
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_IMPL = os.path.join(os.path.dirname(HERE), "reverse_search.py")
-
-
-def load_impl(path: str):
-    spec = importlib.util.spec_from_file_location("reverse_search", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reverse_search"] = module
-    spec.loader.exec_module(module)
-    return module
+from _common import PEAK, TOOL, load_impl, machine, parse_size, table, timed
 
 
 def flip(rng, hashes: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -71,27 +60,8 @@ def make_flat(rs, n: int, seed: int = 1):
     return flat
 
 
-def peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def best_of(repeat: int, fn):
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
-
-
 def run(rs, n: int, radius: int, engine: str, queries: int, repeat: int) -> list:
+    PEAK.start()
     flat = make_flat(rs, n)
     bk = os.path.join("/tmp", f"bench-regions-{os.getpid()}.idx")
 
@@ -100,9 +70,9 @@ def run(rs, n: int, radius: int, engine: str, queries: int, repeat: int) -> list
         flat.views.clear()
         main = flat.engine(engine, radius, True, bk)
         return main, flat.region_engines(engine, radius, True, bk)
-    t_build, (main, regions) = best_of(1, build_pairs)
-    t_dups, groups = best_of(repeat, lambda: rs.duplicate_groups(
-        flat, main, radius, True, regions))
+    t_build, (main, regions) = timed(build_pairs)
+    t_dups, groups = timed(rs.duplicate_groups, flat, main, radius, True,
+                           regions, repeat=repeat)
     edges = rs.candidate_edges(flat, main, radius, regions)
     stages = {}
     for s in edges.stages():
@@ -128,17 +98,11 @@ def run(rs, n: int, radius: int, engine: str, queries: int, repeat: int) -> list
         rs._search_one(result, flat, s_main, radius, s_regions, True)
         times.append(time.perf_counter() - t0)
     return [n, radius, main.name, regions.windows.engine.name,
-            f"{t_build:.2f}", f"{t_dups:.2f}", f"{t_setup:.2f}",
+            f"{t_build.wall:.2f}", f"{t_dups.wall:.2f}", f"{t_setup:.2f}",
             f"{1000 * np.median(times):.1f}",
             len(groups), len(edges),
             ", ".join(f"{k} {v}" for k, v in sorted(stages.items())),
-            f"{peak_mb():.0f}"]
-
-
-def parse_size(text: str) -> int:
-    text = text.lower()
-    scale = {"k": 1000, "m": 1000**2}.get(text[-1], 1)
-    return int(float(text.rstrip("km")) * scale)
+            f"{PEAK.mb():.0f}"]
 
 
 def main(argv=None) -> int:
@@ -148,20 +112,19 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--impl", default=DEFAULT_IMPL)
+    ap.add_argument("--impl", default=TOOL, help="reverse_search.py to test")
     args = ap.parse_args(argv)
     rs = load_impl(args.impl)
+    started = machine(args.impl)
     head = ["images", "radius", "engine", "window engine", "index build s",
             "find_duplicates s", "search setup s", "search ms", "groups",
             "candidate pairs",
             "by stage", "peak MB"]
     rows = [run(rs, parse_size(s), args.radius, args.engine, args.queries,
                 args.repeat) for s in args.sizes]
-    print(f"{platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
-    width = [max(len(str(r[k])) for r in [head] + rows) for k in range(len(head))]
-    for r in [head] + rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(r, width)))
+    print(f"# {started}")
+    print(f"# peak MB = {PEAK.method}; times: wall, best of {args.repeat}")
+    print(table(head, rows, left=(2, 3, 10)))
     return 0
 
 

@@ -11,14 +11,13 @@
   10,000 synthetic groups of three.
 """
 
-import os
 import sys
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reverse_search as rs  # noqa: E402
+from _common import load_impl, machine, table, timed
+
+rs = load_impl()
 
 
 def clustered(n: int, words: int = 3, seed: int = 0) -> np.ndarray:
@@ -31,11 +30,9 @@ def clustered(n: int, words: int = 3, seed: int = 0) -> np.ndarray:
 
 def time_map(n: int) -> float:
     from sklearn.manifold import TSNE
-    x = clustered(n)
-    start = time.perf_counter()
-    TSNE(2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=0,
-         max_iter=500).fit_transform(x)
-    return time.perf_counter() - start
+    tsne = TSNE(2, perplexity=min(30.0, (n - 1) / 3), init="pca",
+                random_state=0, max_iter=500)
+    return timed(tsne.fit_transform, clustered(n))[0].wall
 
 
 def session(groups: int) -> rs.ReviewSession:
@@ -54,28 +51,27 @@ def session(groups: int) -> rs.ReviewSession:
 
 def time_pages(groups: int) -> tuple:
     s = session(groups)
-    start = time.perf_counter()
-    s.page(1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    s.page(groups // 40 or 1)
-    other = time.perf_counter() - start
+    first = timed(s.page, 1)[0].wall
+    other = timed(s.page, groups // 40 or 1)[0].wall
     return 1000 * first, 1000 * other
 
 
-def main() -> None:
-    print(f"{'what':<28}{'size':>8}{'time':>12}")
+def main() -> int:
+    print(f"# {machine()}")
+    rows = []
     try:
         import sklearn  # noqa: F401
         for n in (500, 1000, 2000):
-            print(f"{'map: t-SNE':<28}{n:>8}{time_map(n):>10.1f} s", flush=True)
+            rows.append(["map: t-SNE", n, f"{time_map(n):.1f} s"])
     except ImportError:
         print("map: scikit-learn is not installed; skipped")
     for groups in (1000, 10000):
         first, other = time_pages(groups)
-        print(f"{'groups: page after a change':<28}{groups:>8}{first:>9.0f} ms")
-        print(f"{'groups: another page':<28}{groups:>8}{other:>9.0f} ms", flush=True)
+        rows.append(["groups: page after a change", groups, f"{first:.0f} ms"])
+        rows.append(["groups: another page", groups, f"{other:.0f} ms"])
+    print(table(["what", "size", "time"], rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

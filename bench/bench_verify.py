@@ -25,12 +25,10 @@ import os
 import random
 import statistics
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from _common import load_impl, machine, table, timed
 
-import reverse_search as rs  # noqa: E402
+rs = load_impl()
 
 
 def read_truth(corpus: str) -> list:
@@ -78,12 +76,9 @@ def costs(paths: list, corpus: str) -> dict:
     hash_s, feat_s, sizes = [], [], []
     for p in paths:
         full = os.path.join(corpus, p)
-        t = time.perf_counter()
-        rs.hash_file(rs.HashTask(full), job)
-        hash_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        f = rs.load_features(full, 10 ** 9)
-        feat_s.append(time.perf_counter() - t)
+        hash_s.append(timed(rs.hash_file, rs.HashTask(full), job)[0].wall)
+        took, f = timed(rs.load_features, full, 10 ** 9)
+        feat_s.append(took.wall)
         sizes.append(f.points.nbytes + f.descriptors.nbytes)
     return {"hash_ms": 1000 * statistics.median(hash_s),
             "feature_ms": 1000 * statistics.median(feat_s),
@@ -102,6 +97,7 @@ def main(argv=None) -> int:
     if rs._cv2() is None:
         print("OpenCV is not installed: pip install opencv-python-headless")
         return 2
+    started = machine()
     rows = read_truth(args.corpus)
     pairs = pairs_of(rows, args.pairs, args.seed)
     verifier = rs.Verifier(10 ** 9, cache_size=10 ** 6)
@@ -110,38 +106,43 @@ def main(argv=None) -> int:
     for a, b, kind, is_copy in pairs:
         pa, pb = (os.path.join(args.corpus, p) for p in (a, b))
         verifier.features(pa), verifier.features(pb)  # not timed: see costs
-        t = time.perf_counter()
-        verdict = verifier.check(pa, pb)
-        seconds.append(time.perf_counter() - t)
+        took, verdict = timed(verifier.check, pa, pb)
+        seconds.append(took.wall)
         tally[(is_copy, kind)][0] += verdict.accepted
         tally[(is_copy, kind)][1] += 1
         if verdict.accepted != is_copy:
             wrong.append((kind, a, b, verdict.reason))
+    print(f"# {started}")
     print(f"reverse_search {rs.__version__}: verification on {args.corpus}\n")
-    print(f"{'pairs':<34} {'n':>5} {'accepted %':>11}")
-    for (is_copy, kind), (yes, n) in sorted(tally.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+    lines = []
+    for (is_copy, kind), (yes, n) in sorted(
+            tally.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
         label = ("copy: " if is_copy else "different: ") + kind
-        print(f"{label:<34} {n:>5} {100 * yes / n:>11.1f}")
-    copies = [v for (c, _), v in tally.items() if c]
-    diffs = [v for (c, _), v in tally.items() if not c]
-    print(f"{'ALL copies':<34} {sum(n for _, n in copies):>5} "
-          f"{100 * sum(y for y, _ in copies) / max(1, sum(n for _, n in copies)):>11.1f}")
-    print(f"{'ALL different pictures':<34} {sum(n for _, n in diffs):>5} "
-          f"{100 * sum(y for y, _ in diffs) / max(1, sum(n for _, n in diffs)):>11.2f}")
-    paths = sorted({p for a, b, _, _ in pairs for p in (a, b)})[:args.cost_images]
+        lines.append([label, n, f"{100 * yes / n:.1f}"])
+    for name, is_copy, digits in (("ALL copies", True, 1),
+                                  ("ALL different pictures", False, 2)):
+        both = [v for (c, _), v in tally.items() if c == is_copy]
+        n = sum(n for _, n in both)
+        lines.append([name, n,
+                      f"{100 * sum(y for y, _ in both) / max(1, n):.{digits}f}"])
+    print(table(["pairs", "n", "accepted %"], lines))
+    paths = sorted({p for a, b, _, _ in pairs for p in (a, b)})
+    paths = paths[:args.cost_images]
     c = costs(paths, args.corpus)
     verify_ms = 1000 * statistics.median(seconds)
-    print(f"\nCosts (median over {len(paths)} images / {len(seconds)} pairs, one process)")
-    print(f"{'hashing per image (build today)':<42} {c['hash_ms']:>8.1f} ms")
-    print(f"{'features per image (decode + ORB)':<42} {c['feature_ms']:>8.1f} ms")
-    print(f"{'  stored at build: build time x':<42} "
-          f"{(c['hash_ms'] + c['feature_ms']) / c['hash_ms']:>8.2f}")
-    print(f"{'  stored at build: bytes per image':<42} {c['bytes']:>8.0f}")
-    print(f"{'  stored at build: at 100,000 images':<42} "
-          f"{c['bytes'] * 1e5 / 2 ** 30:>8.2f} GiB")
-    print(f"{'verification per pair (features ready)':<42} {verify_ms:>8.1f} ms")
-    print(f"{'on demand: a pair, both features found':<42} "
-          f"{verify_ms + 2 * c['feature_ms']:>8.1f} ms")
+    print(table(["cost", "median"], [
+        ["hashing per image (build today)", f"{c['hash_ms']:.1f} ms"],
+        ["features per image (decode + ORB)", f"{c['feature_ms']:.1f} ms"],
+        ["  stored at build: build time x",
+         f"{(c['hash_ms'] + c['feature_ms']) / c['hash_ms']:.2f}"],
+        ["  stored at build: bytes per image", f"{c['bytes']:.0f}"],
+        ["  stored at build: at 100,000 images",
+         f"{c['bytes'] * 1e5 / 2 ** 30:.2f} GiB"],
+        ["verification per pair (features ready)", f"{verify_ms:.1f} ms"],
+        ["on demand: a pair, both features found",
+         f"{verify_ms + 2 * c['feature_ms']:.1f} ms"]],
+        title=f"\nCosts (median over {len(paths)} images / {len(seconds)} "
+        f"pairs, one process)"))
     if wrong:
         print("\nWrong verdicts:")
         for kind, a, b, why in wrong:

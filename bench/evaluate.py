@@ -31,17 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import unicodedata
 from collections import Counter, defaultdict
-
-import numpy as np
 from dataclasses import asdict, dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOOL = os.path.join(os.path.dirname(HERE), "reverse_search.py")
-DEFAULT_CORPUS = os.path.join(HERE, "data", "corpus")
-MAKE_CORPUS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared",
-                           "bench", "make_corpus.py")
+import numpy as np
+
+from _common import DATA, ROOT, TOOL, load_impl, machine, table, tool_version
+
+DEFAULT_CORPUS = os.path.join(DATA, "corpus")
+MAKE_CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "bench",
+                           "make_corpus.py")
 DEFAULT_SETTINGS = ("dhash:8:5 dhash:8:10 dhash:8:14 "
                     "phash:8:6 phash:8:10 phash:8:14 "
                     "whash:8:5 whash:8:10 ahash:8:5 ahash:8:10 "
@@ -56,7 +55,7 @@ No corpus at {corpus} (truth.csv missing). Build it first:
 (or give another corpus with --corpus)."""
 
 
-# ---------------------------------------------------------------- settings
+# ---- settings ----
 
 @dataclass(frozen=True)
 class Setting:
@@ -97,7 +96,7 @@ def index_label(index: tuple) -> str:
     return f"{method}:{size}" + (":exact" if mode == "exact" else "")
 
 
-# ---------------------------------------------------------------- the tool
+# ---- the tool ----
 
 @dataclass
 class Tool:
@@ -155,25 +154,12 @@ class Tool:
             return list(csv.DictReader(fh))
 
 
-def tool_version() -> str:
-    """reverse_search --version plus the git commit, '+' if modified."""
-    def out(*cmd):
-        done = subprocess.run(cmd, capture_output=True, text=True,
-                              cwd=os.path.dirname(TOOL))
-        return done.stdout.strip() if done.returncode == 0 else ""
-    commit = out("git", "rev-parse", "--short", "HEAD")
-    dirty = out("git", "status", "--porcelain", "--", os.path.basename(TOOL))
-    version = out(sys.executable, TOOL, "--version")
-    return f"reverse_search {version or '?'} ({commit or 'no git'}" + (
-        ", modified)" if dirty else ")")
-
-
 def hamming(a: str, b: str) -> int:
     """Bits that differ between two hex hashes."""
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
-# ---------------------------------------------------------------- truth
+# ---- truth ----
 
 @dataclass(frozen=True)
 class Item:
@@ -200,7 +186,7 @@ def relative(corpus: str, path: str) -> str:
     return os.path.relpath(path, corpus).replace(os.sep, "/")
 
 
-# ---------------------------------------------------------------- scoring
+# ---- scoring ----
 
 def pairs(n: int) -> int:
     return n * (n - 1) // 2
@@ -366,7 +352,7 @@ def median_distances(rows: list, corpus: str, truth: dict) -> dict:
     return {t: statistics.median(d) for t, d in per.items()}
 
 
-# ---------------------------------------------------------------- running
+# ---- running ----
 
 @dataclass
 class Result:
@@ -440,26 +426,14 @@ def evaluate(corpus: str, settings: list, tool: Tool, truth: dict,
                 name))
             print(f"scored {s.label}", file=sys.stderr)
             if candidates is not None:
-                r = s.threshold if s.threshold >= 0 else load_tool().Config(
+                r = s.threshold if s.threshold >= 0 else load_impl().Config(
                     ).distance_threshold
                 candidates += candidate_scores(corpus, truth, params, s.label,
                                                [r, r + CANDIDATE_EXTRA])
     return builds, results
 
 
-# ---------------------------------------------------------------- candidates
-
-def load_tool():
-    """The reverse_search module evaluate.py runs, imported."""
-    import importlib.util
-    if "reverse_search_eval" in sys.modules:
-        return sys.modules["reverse_search_eval"]
-    spec = importlib.util.spec_from_file_location("reverse_search_eval", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reverse_search_eval"] = module  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
-
+# ---- candidates ----
 
 @dataclass
 class CandidateScore:
@@ -484,7 +458,7 @@ def candidate_scores(corpus: str, truth: dict, params: str, label: str,
     (original or near_dup, same picture) have a candidate edge of their
     own, how many candidates join different pictures, and per edit the
     share of copies with an edge to their original."""
-    rs = load_tool()
+    rs = load_impl()
     cfg = rs.config_from(rs.read_params(params), params, {})
     store = rs._open_store(cfg)
     try:
@@ -550,24 +524,24 @@ def candidates_report(scores: list) -> str:
     if not scores:
         return ""
     out = [table(
-        "Candidates (find_duplicates before grouping and verification, every "
-        "stage): pairs with an edge of their own; recall = true pairs with "
-        "an edge / all true pairs (%)",
         ["setting", "radius", "candidates", "true", "false", "hard",
          "recall", "hard recall", "by stage (true/false)"],
         [[s.setting, s.radius, s.pairs, s.true, s.false, s.hard,
           pct(s.true / s.positives if s.positives else None),
           pct(s.hard / s.hard_positives if s.hard_positives else None),
           ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(s.stages.items()))]
-         for s in scores], left=(0, 8))]
+         for s in scores], left=(0, 8),
+        title="Candidates (find_duplicates before grouping and verification, "
+        "every stage): pairs with an edge of their own; recall = true pairs "
+        "with an edge / all true pairs (%)")]
     edits = sorted({t for s in scores for t in s.per_edit})
     out.append(table(
-        "Candidates per edit: % of copies with a candidate edge to their "
-        "original",
         ["edit"] + [f"{s.setting} r={s.radius}" for s in scores],
         [[t] + [pct(s.per_edit[t][0] / s.per_edit[t][1]) if t in s.per_edit
-                else "-" for s in scores] for t in edits]))
-    return "\n".join(out)
+                else "-" for s in scores] for t in edits],
+        title="Candidates per edit: % of copies with a candidate edge to "
+        "their original"))
+    return "\n\n".join(out) + "\n"
 
 
 def check_bad_inputs(corpus: str, tool: Tool, truth: dict) -> list:
@@ -606,29 +580,10 @@ def check_bad_inputs(corpus: str, tool: Tool, truth: dict) -> list:
     return checks
 
 
-# ---------------------------------------------------------------- printing
+# ---- printing ----
 
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
-
-
-def shown_width(text: str) -> int:
-    """Terminal columns: East Asian wide characters take two."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
-def table(title: str, head: list, rows: list, left: tuple = (0,)) -> str:
-    """Plain-text table: columns in `left` left-aligned, the others right."""
-    cells = [head] + [[str(c) for c in r] for r in rows]
-    width = [max(shown_width(r[k]) for r in cells) for k in range(len(head))]
-    lines = [title]
-    for n, r in enumerate(cells):
-        pads = [" " * (w - shown_width(c)) for c, w in zip(r, width)]
-        lines.append("  ".join(c + p if k in left else p + c for k, (c, p)
-                               in enumerate(zip(r, pads))).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in width))
-    return "\n".join(lines) + "\n"
 
 
 def share(r: Result, truth: dict, category: str) -> float | None:
@@ -640,50 +595,50 @@ def share(r: Result, truth: dict, category: str) -> float | None:
 
 def summary_table(results: list, truth: dict) -> str:
     return table(
-        "Summary (%): near_dup / hard files grouped with their original, "
-        "search recall, pair precision and recall, distractors in any group",
         ["setting", "grouped", "hard grouped", "search R", "search hard R",
          "pair P", "pair R", "distractors"],
         [[r.setting, pct(share(r, truth, "near_dup")),
           pct(share(r, truth, "hard")), pct(r.search.recall),
           pct(r.search.hard_recall), pct(r.pairs.precision),
           pct(r.pairs.recall), pct(share(r, truth, "distractor"))]
-         for r in results])
+         for r in results],
+        title="Summary (%): near_dup / hard files grouped with their original, "
+        "search recall, pair precision and recall, distractors in any group")
 
 
 def report(builds: list, results: list, truth: dict, checks: list) -> str:
     out = [summary_table(results, truth), table(
-        "Hashing cost (build of images/, one per method:size:mode)",
         ["index", "files", "hashed", "failed", "seconds", "images/s",
          "build wall s"],
         [[b.index, b.files, b.hashed, b.failed, f"{b.seconds:.1f}",
-          f"{b.rate:.0f}", f"{b.wall:.1f}"] for b in builds])]
+          f"{b.rate:.0f}", f"{b.wall:.1f}"] for b in builds],
+        title="Hashing cost (build of images/, one per method:size:mode)")]
     out.append(table(
-        "find_duplicates: pairs inside reported groups (P = precision, "
-        "R = recall, %)",
         ["setting", "P", "P no astro", "R", "R no astro", "hard R", "pairs",
          "TP", "FP", "ignored", "groups"],
         [[r.setting, pct(r.pairs.precision), pct(r.pairs_no_astro.precision),
           pct(r.pairs.recall), pct(r.pairs_no_astro.recall),
           pct(r.pairs.hard_recall), r.pairs.reported, r.pairs.tp, r.pairs.fp,
-          r.pairs.ignored, r.groups] for r in results]))
+          r.pairs.ignored, r.groups] for r in results],
+        title="find_duplicates: pairs inside reported groups (P = precision, "
+        "R = recall, %)"))
     contents = sorted(results[0].per_content) if results else []
     out.append(table(
-        "find_duplicates per content (pairs with both files of that content; "
-        "P/R %)",
         ["setting"] + [f"{c} {k}" for c in contents for k in ("P", "R")],
         [[r.setting] + [pct(x) for c in contents for x in
                         (r.per_content[c].precision, r.per_content[c].recall)]
-         for r in results]))
+         for r in results],
+        title="find_duplicates per content (pairs with both files of that "
+        "content; P/R %)"))
     out.append(table(
-        "search: every original as a query (R = share of its near_dups "
-        "matched, %)",
         ["setting", "queries", "R", "hard R", "false matches",
          "queries w/ false", "seconds"],
         [[r.setting, r.search.queries, pct(r.search.recall),
           pct(r.search.hard_recall), r.search.false_matches,
           r.search.queries_with_false, f"{r.seconds.get('search', 0):.2f}"]
-         for r in results]))
+         for r in results],
+        title="search: every original as a query (R = share of its near_dups "
+        "matched, %)"))
     out.append(per_file_table(
         "Per transform: % of files grouped with their original",
         results, truth, lambda i: i.category not in ("original", "distractor"),
@@ -698,27 +653,27 @@ def report(builds: list, results: list, truth: dict, checks: list) -> str:
         out.append(per_edit_table(r, truth, build))
     transforms = sorted({t for b in builds for t in b.distances})
     out.append(table(
-        "Median distance of each file to its original (bits)",
         ["transform"] + [b.index for b in builds],
         [[t] + [fmt_num(b.distances.get(t)) for b in builds]
-         for t in transforms]))
+         for t in transforms],
+        title="Median distance of each file to its original (bits)"))
     out.append(table(
-        "Seconds per step",
         ["setting", "find_duplicates", "search"],
         [[r.setting, f"{r.seconds.get('find_duplicates', 0):.2f}",
-          f"{r.seconds.get('search', 0):.2f}"] for r in results]))
+          f"{r.seconds.get('search', 0):.2f}"] for r in results],
+        title="Seconds per step"))
     if checks:
         methods = list(BAD_INPUT_HASHES)
         out.append(table(
-            f"bad_inputs/ (fast mode, size 8; d = distance to the group's "
-            f"original, close if <= {CLOSE_ENOUGH})",
             ["file", "expected", "ok"] + [f"d {m}" for m in methods]
             + ["tool did"],
             [[c["file"].split("/", 1)[-1], c["expected"],
               "yes" if c["ok"] else "NO"]
              + [c["distance"].get(m, "") for m in methods] + [c["did"]]
-             for c in checks], left=(0, 1, 3 + len(methods))))
-    return "\n".join(out)
+             for c in checks], left=(0, 1, 3 + len(methods)),
+            title=f"bad_inputs/ (fast mode, size 8; d = distance to the "
+            f"group's original, close if <= {CLOSE_ENOUGH})"))
+    return "\n\n".join(out) + "\n"
 
 
 def fmt_num(x) -> str:
@@ -748,12 +703,12 @@ def per_edit_table(r: Result, truth: dict, build: Build | None) -> str:
                              if found else None),
                      ", ".join(f"{k} {v}" for k, v in stages.most_common())])
     return table(
-        f"Per edit, {r.setting}: grouped = % in one group with its original "
-        f"(find_duplicates); search = % found by a search with the original; "
-        f"d whole = median whole-hash distance; d match = median distance of "
-        f"the match found; stages = what found them (search)",
         ["edit", "files", "grouped", "search", "d whole", "d match", "stages"],
-        rows, left=(0, 6))
+        rows, left=(0, 6),
+        title=f"Per edit, {r.setting}: grouped = % in one group with its "
+        f"original (find_duplicates); search = % found by a search with the "
+        f"original; d whole = median whole-hash distance; d match = median "
+        f"distance of the match found; stages = what found them (search)")
 
 
 def per_file_table(title: str, results: list, truth: dict, which, label) -> str:
@@ -765,7 +720,8 @@ def per_file_table(title: str, results: list, truth: dict, which, label) -> str:
     rows = [[name, len(fs)] + [pct(sum(r.paired[f] for f in fs) / len(fs))
                                for r in results]
             for name, fs in sorted(files.items())]
-    return table(title, ["", "files"] + [r.setting for r in results], rows)
+    return table(["", "files"] + [r.setting for r in results], rows,
+                 title=title)
 
 
 def to_json(builds: list, results: list, checks: list) -> dict:
@@ -783,7 +739,7 @@ def to_json(builds: list, results: list, checks: list) -> dict:
             "bad_inputs": checks}
 
 
-# ---------------------------------------------------------------- main
+# ---- main ----
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -834,6 +790,7 @@ def main(argv=None) -> int:
 def run_corpus(corpus: str, args, work_dir: str | None) -> dict | None:
     """Score one corpus, print its tables; the JSON document, None on failure."""
     truth = read_truth(corpus)
+    started = machine()
     with tempfile.TemporaryDirectory(prefix="ndbench-") as tmp:
         tool = Tool(os.path.abspath(work_dir or tmp), args.workers,
                     shlex.split(args.tool_args))
@@ -847,6 +804,7 @@ def run_corpus(corpus: str, args, work_dir: str | None) -> dict | None:
             print(f"evaluate: {exc}", file=sys.stderr)
             return None
     version = tool_version()
+    print(f"# {started}")
     print(f"{version}{' ' + args.tool_args if args.tool_args else ''} on "
           f"{os.path.relpath(corpus)} ({len(truth)} images)\n")
     print(report(builds, results, truth, checks), flush=True)

@@ -30,8 +30,8 @@ import subprocess
 import sys
 from collections import Counter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOOL = os.path.join(os.path.dirname(HERE), "reverse_search.py")
+from _common import DATA, TOOL, machine, table
+
 SCENARIOS = ("corpus", "copies-newer", "equal", "random")
 DAY = 86400
 
@@ -93,27 +93,31 @@ def score(doc: dict, truth: dict) -> tuple[int, int, Counter]:
     return held, kept, instead
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", required=True, help="folder with truth.csv")
-    ap.add_argument("--work-dir", default=os.path.join(HERE, "data", "keep_rule"))
+    ap.add_argument("--work-dir", default=os.path.join(DATA, "keep_rule"))
     ap.add_argument("--mtimes", nargs="+", choices=SCENARIOS, default=SCENARIOS)
     ap.add_argument("--keep-rule", nargs="+", default=[],
                     help="criteria (default: the tool's default)")
     ap.add_argument("--tool", default=TOOL, help="the reverse_search.py to run")
     ap.add_argument("--tool-args", default="", help="more flags for the tool")
     opts = ap.parse_args()
+    print(f"# {machine(opts.tool)}")
     print(f"tool {opts.tool}, keep_rule {opts.keep_rule or 'default'}")
-    print(f"{'mtimes':<14} {'groups':>6} {'original kept':>14}  kept instead")
+    rows = []
     for scenario in opts.mtimes:
         truth = prepare(opts.corpus, opts.work_dir, scenario)
         doc = run(opts.tool, opts.work_dir, opts.keep_rule,
                   opts.tool_args.split())
         held, kept, instead = score(doc, truth)
         share = f"{kept} ({100 * kept / max(1, held):.0f} %)"
-        print(f"{scenario:<14} {held:>6} {share:>14}  "
-              f"{', '.join(f'{k} {n}' for k, n in instead.most_common())}")
+        rows.append([scenario, held, share, ", ".join(
+            f"{k} {n}" for k, n in instead.most_common())])
+    print(table(["mtimes", "groups", "original kept", "kept instead"], rows,
+                left=(0, 3)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

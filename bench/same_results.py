@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-NEW = os.path.join(os.path.dirname(HERE), "reverse_search.py")
+from _common import TOOL as NEW
+
 VOLATILE = re.compile(rb'("seconds": |"created": )[^,\n]*')
 
 
