@@ -923,15 +923,17 @@ class ImageRow:
     """One file of the collection, as stored."""
 
     path: str
-    size: int
-    mtime_ns: int
+    size: int = 0
+    mtime_ns: int = 0
     digest: bytes | None = None
     hash: int | None = None
     width: int | None = None
     height: int | None = None
     error: str | None = None
     id: int | None = None
-    variants: bytes | None = None  # hashes of the other orientations, packed
+    # every extra hash (orientations, centres, content box, windows), packed
+    # in split_extra's order; the column is named variants in both databases
+    extra: bytes | None = None
     low_detail: bool = False       # too flat to compare (blank, 1x1, ...)
     detail: float = 4.0            # information in the picture (see detail_bits)
     traits: str | None = None      # Traits.text(); None: hashed before schema 2
@@ -1398,7 +1400,7 @@ class Store(Scoped):
                 "height=excluded.height, error=excluded.error, "
                 "hashed_at=excluded.hashed_at, traits=excluded.traits",
                 [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
-                  hash_to_db(r.hash, bits), r.variants, int(r.low_detail),
+                  hash_to_db(r.hash, bits), r.extra, int(r.low_detail),
                   r.detail, r.width, r.height, r.error, now, r.traits)
                  for r in rows])
             self._bump()
@@ -2191,7 +2193,7 @@ def incoming_rows(rows: Sequence[ImageRow], bits: int, roots: list) -> list:
                     None)
         out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
                     value if short else None, None if short else value,
-                    r.variants, bool(r.low_detail), r.detail, r.width,
+                    r.extra, bool(r.low_detail), r.detail, r.width,
                     r.height, pg_text(r.error), *c, root, r.traits))
     return out
 
@@ -3342,13 +3344,13 @@ def variant_radius(radius) -> int:
 WINDOW_WEIGHT = 1.5
 
 
-def variant_weight(variant: int) -> float:
-    """What a match's distance counts: VARIANT_WEIGHT for another
-    orientation, WINDOW_WEIGHT for a window, else 1 (as stored, -1, a centre
-    to the same centre, a content box)."""
-    if 0 <= variant < len(VARIANTS):
+def code_weight(code: int) -> float:
+    """What a distance counts for a match through match `code`:
+    VARIANT_WEIGHT for another orientation, WINDOW_WEIGHT for a window, else
+    1 (as stored, -1, a centre to the same centre, a content box)."""
+    if 0 <= code < len(VARIANTS):
         return VARIANT_WEIGHT
-    return WINDOW_WEIGHT if variant >= WINDOW_CODE else 1
+    return WINDOW_WEIGHT if code >= WINDOW_CODE else 1
 
 
 def window_weight(detail_a, detail_b):
@@ -3378,15 +3380,15 @@ WINDOW_DETAIL = 3.0  # bits of detail from which windows reach 2/3 of the thresh
 
 
 def code_weights(codes: np.ndarray) -> np.ndarray:
-    """variant_weight of each of an array of match codes."""
+    """code_weight of each of an array of match codes."""
     codes = np.asarray(codes)
     return np.where((codes >= 0) & (codes < len(VARIANTS)), VARIANT_WEIGHT,
                     np.where(codes >= WINDOW_CODE, WINDOW_WEIGHT, 1.0))
 
 
-def code_radius(radius: int, variant: int) -> int:
-    """The Hamming radius that a match through `variant` may reach."""
-    return int(radius / variant_weight(variant))
+def code_radius(radius: int, code: int) -> int:
+    """The Hamming radius that a match through match `code` may reach."""
+    return int(radius / code_weight(code))
 
 
 def low_detail(im) -> bool:
@@ -3533,26 +3535,11 @@ class HashTask:
 
 
 @dataclass
-class HashResult:
-    path: str
-    size: int = 0
-    mtime_ns: int = 0
-    digest: bytes | None = None
-    hash: int | None = None
-    variants: bytes | None = None
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-    reused: bool = False
-    low_detail: bool = False
-    detail: float = 4.0
-    traits: str | None = None
+class HashResult(ImageRow):
+    """A file as hashing found it: the row to store.  reused: its bytes are
+    a stored file's, whose hashes it takes (not decoded again)."""
 
-    def row(self) -> ImageRow:
-        return ImageRow(self.path, self.size, self.mtime_ns, self.digest,
-                        self.hash, self.width, self.height, self.error,
-                        variants=self.variants, low_detail=self.low_detail,
-                        detail=self.detail, traits=self.traits)
+    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -3623,7 +3610,7 @@ def hash_file(task: HashTask, job: HashJob) -> HashResult:
                                       job.max_decode)
         result.hash, result.width, result.height = \
             hashed.hash, hashed.width, hashed.height
-        result.variants = pack_hashes(
+        result.extra = pack_hashes(
             hashed.variants + hashed.centres + hashed.regions, job.spec.bits)
         result.low_detail, result.detail = hashed.low_detail, hashed.detail
         result.traits = hashed.traits
@@ -4986,6 +4973,14 @@ class Regions:
     turned: bool = False  # also orientations against windows (TURNED_CODE)
 
 
+class MatchDistances(NamedTuple):
+    """The best match of one image to each of others (match_distances)."""
+
+    effective: np.ndarray  # what it counts: bits weighed by the match code
+    bits: np.ndarray       # Hamming distance of the two hashes that matched
+    code: np.ndarray       # the match code (MATCH_NAMES; -1: as stored)
+
+
 @dataclass
 class FlatIndex:
     """Image ids and hashes, plus the distinct hashes the engines search."""
@@ -5133,15 +5128,13 @@ class FlatIndex:
                                         np.diff(self.img_starts))
         return out
 
-    def match_distances(self, lead, others, limit=None) -> tuple:
-        """(effective, bits, variant) from image `lead` to each of `others`
+    def match_distances(self, lead, others, limit=None) -> MatchDistances:
+        """The best match from image `lead` to each of `others`
         (or, lead an array as long as others, from each lead to its other:
         many groups in one call, 20x faster than a call each at 1M images),
-        the best over both images' orientations: bits is the Hamming
-        distance, effective weighs an orientation match by VARIANT_WEIGHT,
-        variant is the orientation used (-1 = as stored).  Centre regions
-        come last: with a `limit`, only where nothing else is within it, so
-        a copy shows its whole-picture distance whenever that matches."""
+        the best over both images' orientations.  Centre regions come last:
+        with a `limit`, only where nothing else is within it, so a copy
+        shows its whole-picture distance whenever that matches."""
         others = np.asarray(others, dtype=np.int64)
         h, v = self.hashes, self.variants
         bits = row_distances(h[others], np.broadcast_to(h[lead], h[others].shape))
@@ -5170,7 +5163,7 @@ class FlatIndex:
             best = np.where(better, weighed, best)
             bits = np.where(better, d, bits)
             which = np.where(better, code, which)
-        return best, bits, which
+        return MatchDistances(best, bits, which)
 
     def _region_distances(self, lead: int, others: np.ndarray):
         """(bits, code, effective distance) from `lead` to each of `others`
@@ -5747,8 +5740,8 @@ def _record(result: HashResult, store: HashStore, writer: BatchWriter,
             copied[result.path] = source.path  # a rename, if source is gone
             result.hash, result.width, result.height = \
                 source.hash, source.width, source.height
-            result.variants, result.low_detail, result.detail = \
-                source.variants, source.low_detail, source.detail
+            result.extra, result.low_detail, result.detail = \
+                source.extra, source.low_detail, source.detail
             result.traits = source.traits
             report.reused += 1
     if result.error:
@@ -5756,7 +5749,7 @@ def _record(result: HashResult, store: HashStore, writer: BatchWriter,
         report.failures.append(Failure(result.path, result.error))
     elif not result.reused:
         report.hashed += 1
-    writer.add(result.row())
+    writer.add(result)
 
 
 def _forget_missing(store: HashStore, states: dict, seen: set, blocked: list,
@@ -6072,14 +6065,14 @@ class Judge:
         whole-hash match is verified (dark frames with one blob collide: 4
         of the tough corpus's 150 distractors), unless within half the
         limit (their copies are: dark frames verify badly)."""
-        strong = hit.effective <= limit and hit.variant < 0 and (
+        strong = hit.effective <= limit and hit.code < 0 and (
             detail >= DETAIL_FULL or 2 * hit.bits <= limit)
         return self.verifier is not None and not strong
 
     def __call__(self, path_a: str, path_b: str, hit: Hit, limit,
                  detail: float = DETAIL_FULL) -> How | None:
-        stage = stage_of(hit.variant)
-        region = MATCH_NAMES[hit.variant] if hit.variant >= 0 else None
+        stage = stage_of(hit.code)
+        region = MATCH_NAMES[hit.code] if hit.code >= 0 else None
         if not self.wants_check(hit, limit, detail):
             return How(stage, region) if hit.effective <= limit else None
         if self.left <= 0:
@@ -6581,7 +6574,7 @@ def op_search(run: Run, ui: Console) -> SearchReport:
                 how = judge(result.path, row.path, hit, limit, detail)
                 if how is not None:
                     query.matches.append(_match(row, spec.bits, hit.bits,
-                                                hit.variant, how))
+                                                hit.code, how))
             query.matches.sort(key=lambda m: (m.distance, m.path))
             if cfg.stop_on_first_match:
                 query.matches = query.matches[:1]
@@ -6616,11 +6609,11 @@ def _search_one_pg(result: HashResult, store: ServerHashStore, radius: int,
     if _unsearchable(result):
         return result, {}
     size = 8 * spec.words
-    queries = [result.hash] + [int.from_bytes(result.variants[k:k + size], "big")
-                               for k in range(0, len(result.variants or b""), size)]
+    queries = [result.hash] + [int.from_bytes(result.extra[k:k + size], "big")
+                               for k in range(0, len(result.extra or b""), size)]
     best = {}
     for variant, query in enumerate(queries, -1):
-        weight = variant_weight(variant)
+        weight = code_weight(variant)
         for image, d in store.search_hashes(query, radius // weight):
             _keep_best(best, image, d, weight, variant)
     return result, best
@@ -6635,14 +6628,14 @@ def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
     if _unsearchable(result):
         return result, {}
     words, v = flat.distinct.shape[1], flat.variants.shape[1]
-    extra = np.frombuffer(result.variants or b"", ">u8").astype(
+    extra = np.frombuffer(result.extra or b"", ">u8").astype(
         np.uint64).reshape(-1, words)  # stored layout: see split_extra
     whole = int_to_words(result.hash, words)
     best, region = {}, {}
     searches = [(engine, flat, -1, whole)]
     searches += [(engine, flat, k, extra[k]) for k in range(v)]
     for searcher, index, variant, query in searches:
-        weight = variant_weight(variant)
+        weight = code_weight(variant)
         pos, dist = searcher.search(query, code_radius(radius, variant))
         for images, d in zip(index.images_of(pos), dist.tolist()):
             for p in images.tolist():
@@ -6764,15 +6757,15 @@ class Hit:
 
     effective: float
     bits: int
-    variant: int
+    code: int
     query_code: int = -1
     found_code: int = -1
 
 
-def _keep_best(best: dict, key: int, d: int, weight: float, variant: int,
+def _keep_best(best: dict, key: int, d: int, weight: float, code: int,
                query_code: int = -1, found_code: int = -1) -> None:
     if key not in best or d * weight < best[key].effective:
-        best[key] = Hit(d * weight, d, variant, query_code, found_code)
+        best[key] = Hit(d * weight, d, code, query_code, found_code)
 
 
 def _unsearchable(result: HashResult) -> bool:
@@ -6842,7 +6835,7 @@ def _still_stored(components: list, flat: FlatIndex, rows: dict) -> list:
 class Edges:
     """Candidate pairs of find_duplicates, as arrays: image positions a and
     b, Hamming distance in bits, the distance as it counts (weighed by
-    variant_weight), and the match code.  For a region code the region
+    code_weight), and the match code.  For a region code the region
     belongs to b and a matched with its whole picture, except a content
     box against a content box (CONTENT_CODE with both_boxes)."""
 
@@ -7239,10 +7232,10 @@ def make_groups(splits: list, flat: FlatIndex, rows: dict, cfg: Config,
     leads = np.repeat(others[np.cumsum(sizes) - sizes], sizes)
     limit = pair_threshold(radius, flat.detail[leads], flat.detail[others]) \
         if adaptive else radius
-    _, dist, which = flat.match_distances(leads, others, limit)
+    found = flat.match_distances(leads, others, limit)
     cuts = np.cumsum(sizes)[:-1]
     return [_group(m, d.tolist(), w.tolist(), rows, cfg, edges) for m, d, w in
-            zip(splits, np.split(dist, cuts), np.split(which, cuts))]
+            zip(splits, np.split(found.bits, cuts), np.split(found.code, cuts))]
 
 
 def _group(members: list, dist: list, which: list, rows: dict,
@@ -7765,7 +7758,7 @@ def _row_record(row: ImageRow, store: HashStore) -> dict:
             "hash": format(row.hash, "x"), "width": row.width,
             "height": row.height, "low_detail": row.low_detail,
             "detail": row.detail, "traits": row.traits,
-            "variants": row.variants.hex() if row.variants else None}
+            "variants": row.extra.hex() if row.extra else None}
 
 
 def _row_from_record(rec: dict, path: str, kind: str | None, bits: int):
@@ -7778,7 +7771,7 @@ def _row_from_record(rec: dict, path: str, kind: str | None, bits: int):
         return ImageRow(path, st.st_size, st.st_mtime_ns,
                         bytes.fromhex(rec["sha256"])[:16], int(r["hash"], 16),
                         int(r["width"]), int(r["height"]), None,
-                        variants=bytes.fromhex(r["variants"]) if r["variants"]
+                        extra=bytes.fromhex(r["variants"]) if r["variants"]
                         else None, low_detail=bool(r["low_detail"]),
                         detail=float(r["detail"]), traits=r.get("traits"))
     except (KeyError, TypeError, ValueError, OSError):

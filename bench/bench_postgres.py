@@ -53,7 +53,7 @@ def make_rows(start: int, stop: int, rng: random.Random) -> list:
         rows.append(rs.ImageRow(f"/bench/d{i % 4096:04d}/img{i:09d}.jpg",
                                 50_000 + i % 9_000_000, 1_700_000_000 * 10**9 + i,
                                 i.to_bytes(16, "big"), h, 1024, 768,
-                                variants=b""))
+                                extra=b""))
     return rows
 
 

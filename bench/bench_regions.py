@@ -91,7 +91,7 @@ def run(rs, n: int, radius: int, engine: str, queries: int, repeat: int) -> list
                                               flat.boxes[q]] + \
             list(flat.windows[q, :, 0])
         result = rs.HashResult("q", hash=int(flat.hashes[q, 0]),
-                               variants=rs.pack_hashes([int(x) for x in extra],
+                               extra=rs.pack_hashes([int(x) for x in extra],
                                                        64 * words),
                                detail=float(flat.detail[q]))
         t0 = time.perf_counter()

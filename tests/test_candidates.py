@@ -262,7 +262,7 @@ def test_search_with_content_boxes_and_windows_equals_brute_force(
     q = int(np.random.default_rng(seed).integers(len(values)))
     box = rs.pack_box((0.1, 0.1, 0.9, 0.9)) if boxed[q] else rs.FULL_BOX_WORD
     query = rs.HashResult("q", hash=values[q], detail=float(detail[q]),
-                          variants=rs.pack_hashes(
+                          extra=rs.pack_hashes(
                               [content[q], box] + win[q], bits))
     _, hits = rs._search_one(query, flat, engine, radius, regions)
     got = {p: h.effective for p, h in hits.items()}

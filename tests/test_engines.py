@@ -228,10 +228,10 @@ def test_search_with_centre_views_equals_brute_force(tmp_path_factory, name,
     engine = flat.engine(name, radius, False, bk)
     views = flat.view_engines(name, radius, False, bk)
     q = int(np.random.default_rng(seed).integers(len(values)))
-    query = rs.HashResult("q", hash=values[q], variants=rs.pack_hashes(
+    query = rs.HashResult("q", hash=values[q], extra=rs.pack_hashes(
         [c[q] for c in centres], bits))
     _, hits = rs._search_one(query, flat, engine, radius, views)
-    got = {p: (h.bits, h.variant) for p, h in hits.items()}
+    got = {p: (h.bits, h.code) for p, h in hits.items()}
     want = {}
     for p, v in enumerate(values):
         d = [(values[q] ^ v).bit_count()] + \
@@ -259,7 +259,7 @@ def test_hash_arrays_read_in_blocks_give_what_was_written(tmp_path, size):
         written[f"/c/{i}.jpg"] = (values, float(i) / 4)
         store.upsert([rs.ImageRow(
             f"/c/{i}.jpg", 10 + i, 1, bytes(16), values[0], 64, 48, None,
-            variants=rs.pack_hashes(values[1:], spec.bits), detail=i / 4)],
+            extra=rs.pack_hashes(values[1:], spec.bits), detail=i / 4)],
             spec.bits)
     whole = store.hash_arrays(spec.words, spec.extra_count)
     ids, hashes, extra, details = whole

@@ -27,8 +27,8 @@ SPEC256 = rs.HashSpec(size=16)
 
 
 def row(path, h=None, size=100, **kw):
-    """An ImageRow as sync_store writes it (variants b"" when hashed)."""
-    kw.setdefault("variants", None if h is None else b"")
+    """An ImageRow as sync_store writes it (extra b"" when hashed)."""
+    kw.setdefault("extra", None if h is None else b"")
     kw.setdefault("digest", None if h is None else hashlib.blake2b(
         f"{path}{h}".encode("utf-8", "surrogateescape"), digest_size=16).digest())
     return rs.ImageRow(path, size, 1_700_000_000 * 10**9 + size, hash=h,
@@ -174,13 +174,13 @@ def test_every_method_matches_sqlite(pg_url, tmp_path):
             a, b = pg.hashed_by_digest(size, d), sq.hashed_by_digest(size, d)
             assert ident([a] if a else []) == ident([b] if b else [])
     assert ident(pg.low_detail_rows()) == ident(sq.low_detail_rows())
-    ids, hashes, variants, details = pg.hash_arrays(1, 0)
+    ids, hashes, extra, details = pg.hash_arrays(1, 0)
     sids, shashes, _, sdetails = sq.hash_arrays(1, 0)
     by_id = pg.rows_by_id(ids)
     sby_id = sq.rows_by_id(sids)
     assert sorted((by_id[int(i)].path, int(h)) for i, h in zip(ids, hashes[:, 0])) \
         == sorted((sby_id[int(i)].path, int(h)) for i, h in zip(sids, shashes[:, 0]))
-    assert variants.shape == (5, 0, 1) and hashes.dtype == np.uint64
+    assert extra.shape == (5, 0, 1) and hashes.dtype == np.uint64
     assert sorted(details.tolist()) == sorted(sdetails.tolist())
     assert details.dtype == sdetails.dtype
     assert set(by_id) == {int(i) for i in ids}
@@ -305,7 +305,7 @@ def test_hash_blocks_stream_everything(pg_url):
     values = [int(x) for x in rng.integers(0, 2**63, 1000)]
     packed = [rs.pack_hashes([h ^ k for k in range(1, v + 1)], 64)
               for h in values]
-    store.upsert([row(f"/c/{i}.jpg", h, variants=p)
+    store.upsert([row(f"/c/{i}.jpg", h, extra=p)
                   for i, (h, p) in enumerate(zip(values, packed))], 64)
     blocks = list(rs.copy_hash_blocks(store.url, "true", 1, v, block=128))
     assert len(blocks) >= 7
