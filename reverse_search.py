@@ -1236,12 +1236,19 @@ class HashStore(Protocol):
     def iter_rows(self) -> Iterator[ImageRow]: ...
 
 
+class NearRow(NamedTuple):
+    """A stored row a search found: its images.id and Hamming distance."""
+
+    id: int
+    bits: int
+
+
 class ServerHashStore(HashStore, Protocol):
     """A HashStore whose hashes stay on a server (PgStore): it also searches
     them there and tidies up after writes.  Operations ask for these only
     when database_url is set."""
 
-    def search_hashes(self, query: int, radius: int) -> list: ...
+    def search_hashes(self, query: int, radius: int) -> list[NearRow]: ...
     def count_comparable(self) -> int: ...
     def optimize(self) -> None: ...
 
@@ -2509,14 +2516,14 @@ class PgStore(Scoped):
         return join_hash_blocks(list(copy_hash_blocks(
             self.url, self._scope_sql(), words, extra, block)), words, extra)
 
-    def search_hashes(self, query: int, radius: int) -> list:
-        """[(id, distance)] of every comparable image within `radius` bits of
-        `query`, nearest first: exact, computed inside PostgreSQL."""
+    def search_hashes(self, query: int, radius: int) -> list[NearRow]:
+        """Every comparable image within `radius` bits of `query`, nearest
+        first: exact, computed inside PostgreSQL."""
         bits = self._hash_bits()
         sql, params = pg_search_sql(query, radius, bits, self._row_estimate(),
                                     self._scope_sql())
         found = self.db.sql(sql, params).fetchall()
-        return sorted(found, key=lambda f: (f[1], f[0]))
+        return [NearRow(*f) for f in sorted(found, key=lambda f: (f[1], f[0]))]
 
     def _hash_bits(self) -> int:
         if self._bits is None:
@@ -6614,8 +6621,8 @@ def _search_one_pg(result: HashResult, store: ServerHashStore, radius: int,
     best = {}
     for variant, query in enumerate(queries, -1):
         weight = code_weight(variant)
-        for image, d in store.search_hashes(query, radius // weight):
-            _keep_best(best, image, d, weight, variant)
+        for near in store.search_hashes(query, radius // weight):
+            _keep_best(best, near.id, near.bits, weight, variant)
     return result, best
 
 
