@@ -2064,22 +2064,21 @@ class PgLink:
         self.conn.close()
 
 
-def pg_open(db: PgLink, create: bool) -> None:
-    """Check the schema's version; create or migrate the tables."""
-    try:
-        version = pg_schema_version(db)
-        if version is None and not create:
-            raise StoreError(f"no reverse_search tables in {db.path}; "
-                             f"run build first.")
-        if version is not None and version > PG_SCHEMA_VERSION:
-            raise StoreError(
-                f"{db.path} was written by a newer reverse_search (schema "
-                f"{version}, this one knows {PG_SCHEMA_VERSION}); upgrade "
-                f"it on every machine that shares the database.")
-        if version != PG_SCHEMA_VERSION:
-            pg_migrate(db)
-    except db.psycopg.Error as exc:
-        raise db.failure(exc, "cannot use") from None
+def pg_meta(db: PgLink) -> dict:
+    return dict(db.sql("SELECT key, value FROM meta").fetchall())
+
+
+def pg_put_meta(db: PgLink, **values) -> None:
+    with db.conn.cursor() as cur:
+        cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
+                        "DO UPDATE SET value = excluded.value",
+                        [(k, str(v)) for k, v in values.items()])
+
+
+def pg_bump(db: PgLink) -> None:
+    """A write's mark: the fingerprint changes (in the write's transaction)."""
+    db.sql("UPDATE meta SET value = (value::bigint + 1)::text "
+           "WHERE key = 'generation'")
 
 
 def pg_schema_version(db: PgLink) -> int | None:
@@ -2103,21 +2102,22 @@ def pg_migrate(db: PgLink) -> None:
         pg_put_meta(db, schema_version=PG_SCHEMA_VERSION)
 
 
-def pg_meta(db: PgLink) -> dict:
-    return dict(db.sql("SELECT key, value FROM meta").fetchall())
-
-
-def pg_put_meta(db: PgLink, **values) -> None:
-    with db.conn.cursor() as cur:
-        cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
-                        "DO UPDATE SET value = excluded.value",
-                        [(k, str(v)) for k, v in values.items()])
-
-
-def pg_bump(db: PgLink) -> None:
-    """A write's mark: the fingerprint changes (in the write's transaction)."""
-    db.sql("UPDATE meta SET value = (value::bigint + 1)::text "
-           "WHERE key = 'generation'")
+def pg_open(db: PgLink, create: bool) -> None:
+    """Check the schema's version; create or migrate the tables."""
+    try:
+        version = pg_schema_version(db)
+        if version is None and not create:
+            raise StoreError(f"no reverse_search tables in {db.path}; "
+                             f"run build first.")
+        if version is not None and version > PG_SCHEMA_VERSION:
+            raise StoreError(
+                f"{db.path} was written by a newer reverse_search (schema "
+                f"{version}, this one knows {PG_SCHEMA_VERSION}); upgrade "
+                f"it on every machine that shares the database.")
+        if version != PG_SCHEMA_VERSION:
+            pg_migrate(db)
+    except db.psycopg.Error as exc:
+        raise db.failure(exc, "cannot use") from None
 
 
 # ---- the hash kind and the chunk indexes ----
@@ -2127,37 +2127,6 @@ def chunk_layout(bits: int) -> str:
     column = "hash" if bits <= 64 else "hash_bytes"
     return column + ":" + ",".join(f"{c.shift}+{c.bits}"
                                    for c in pg_chunks(bits))
-
-
-def pg_switch_kind(db: PgLink, spec: HashSpec) -> None:
-    """Inside a transaction: record the hash kind; drop hashes of any other
-    kind (every machine's: hashes of two kinds cannot be compared)."""
-    # exclusive: no writer is between its kind check and its commit
-    db.sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
-    if pg_meta(db).get("hash_kind") != spec.kind:
-        db.sql("DELETE FROM images")
-        pg_bump(db)
-    if pg_meta(db).get("chunk_layout") != chunk_layout(spec.bits):
-        drop_chunk_indexes(db, spec.bits)
-    if db.sql("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0]:
-        make_chunk_indexes(db)
-    # else: a bulk load; optimize() builds them at the end, ~10x
-    # cheaper than keeping three random-order B-trees up to date
-    db.sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
-           "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
-    pg_put_meta(db, **kind_meta(spec))
-
-
-def pg_check_kind(db: PgLink, kind: str | None) -> None:
-    """Another machine switched the hash kind while we were hashing."""
-    if kind is None:
-        return
-    stored = pg_meta(db).get("hash_kind")
-    if stored != kind:
-        raise StoreError(f"{db.path} now holds {stored} hashes (another "
-                         f"machine changed the hash settings); this run "
-                         f"hashes {kind}. Use the same hash settings "
-                         f"on every machine.")
 
 
 def drop_chunk_indexes(db: PgLink, bits: int) -> None:
@@ -2177,6 +2146,37 @@ def make_chunk_indexes(db: PgLink) -> None:
     for k in range(PG_CHUNKS):
         db.sql(f"CREATE INDEX IF NOT EXISTS images_c{k} ON images "
                f"(c{k}) INCLUDE (id, {column}) WHERE c{k} IS NOT NULL")
+
+
+def pg_check_kind(db: PgLink, kind: str | None) -> None:
+    """Another machine switched the hash kind while we were hashing."""
+    if kind is None:
+        return
+    stored = pg_meta(db).get("hash_kind")
+    if stored != kind:
+        raise StoreError(f"{db.path} now holds {stored} hashes (another "
+                         f"machine changed the hash settings); this run "
+                         f"hashes {kind}. Use the same hash settings "
+                         f"on every machine.")
+
+
+def pg_switch_kind(db: PgLink, spec: HashSpec) -> None:
+    """Inside a transaction: record the hash kind; drop hashes of any other
+    kind (every machine's: hashes of two kinds cannot be compared)."""
+    # exclusive: no writer is between its kind check and its commit
+    db.sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
+    if pg_meta(db).get("hash_kind") != spec.kind:
+        db.sql("DELETE FROM images")
+        pg_bump(db)
+    if pg_meta(db).get("chunk_layout") != chunk_layout(spec.bits):
+        drop_chunk_indexes(db, spec.bits)
+    if db.sql("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0]:
+        make_chunk_indexes(db)
+    # else: a bulk load; optimize() builds them at the end, ~10x
+    # cheaper than keeping three random-order B-trees up to date
+    db.sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
+           "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
+    pg_put_meta(db, **kind_meta(spec))
 
 
 # ---- COPY ingest: rows to a temp table, then one upsert ----
@@ -2257,26 +2257,22 @@ def pg_rows_where(db: PgLink, condition: str) -> list:
     return [pg_image_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
 
 
-def copy_hash_blocks(url: str, where: str, words: int, extra: int,
-                     block: int = 1 << 18) -> Iterator[HashArrays]:
-    """HashArrays of the comparable rows matching `where`, in id order,
-    about `block` rows at a time, parsed straight from a binary COPY on a
-    connection of its own: bounded memory, one consistent snapshot, and
-    the store stays usable between blocks."""
-    column = "int8send(hash)" if words == 1 else "hash_bytes"
-    sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
-           f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
-           f"NULL AND {where} ORDER BY id) TO STDOUT (FORMAT BINARY)")
-    psycopg, conn = _psycopg(), pg_connect(url)
-    try:
-        with conn.cursor() as cur, cur.copy(sql) as cp:
-            yield from parse_hash_copy(cp, words, extra, block,
-                                       redact_url(url))
-    except psycopg.Error as exc:
-        raise StoreError(pg_failure(exc, "cannot read hashes from", url)
-                         ) from None
-    finally:
-        conn.close()
+def parse_hash_records(buf: bytearray, record: np.dtype, words: int,
+                       extra: int, path: str) -> HashArrays:
+    """Whole records from the front of buf (which loses them)."""
+    n = len(buf) // record.itemsize
+    rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
+    del buf[:n * record.itemsize]
+    if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
+                  and (rec["n_hash"] == 8 * words).all()
+                  and (rec["n_var"] == 8 * extra * words).all()
+                  and (rec["n_detail"] == 8).all()):
+        raise StoreError(f"{path}: stored extra hashes (orientations, "
+                         f"centres) do not match the settings; run build.")
+    return HashArrays(rec["id"].astype(np.int64),
+                      rec["hash"].astype(np.uint64).reshape(n, words),
+                      rec["var"].astype(np.uint64).reshape(n, extra, words),
+                      rec["detail"].astype(np.float32))
 
 
 def parse_hash_copy(stream: Iterable[bytes], words: int, extra: int,
@@ -2305,22 +2301,26 @@ def parse_hash_copy(stream: Iterable[bytes], words: int, extra: int,
             yield parse_hash_records(buf, record, words, extra, path)
 
 
-def parse_hash_records(buf: bytearray, record: np.dtype, words: int,
-                       extra: int, path: str) -> HashArrays:
-    """Whole records from the front of buf (which loses them)."""
-    n = len(buf) // record.itemsize
-    rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
-    del buf[:n * record.itemsize]
-    if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
-                  and (rec["n_hash"] == 8 * words).all()
-                  and (rec["n_var"] == 8 * extra * words).all()
-                  and (rec["n_detail"] == 8).all()):
-        raise StoreError(f"{path}: stored extra hashes (orientations, "
-                         f"centres) do not match the settings; run build.")
-    return HashArrays(rec["id"].astype(np.int64),
-                      rec["hash"].astype(np.uint64).reshape(n, words),
-                      rec["var"].astype(np.uint64).reshape(n, extra, words),
-                      rec["detail"].astype(np.float32))
+def copy_hash_blocks(url: str, where: str, words: int, extra: int,
+                     block: int = 1 << 18) -> Iterator[HashArrays]:
+    """HashArrays of the comparable rows matching `where`, in id order,
+    about `block` rows at a time, parsed straight from a binary COPY on a
+    connection of its own: bounded memory, one consistent snapshot, and
+    the store stays usable between blocks."""
+    column = "int8send(hash)" if words == 1 else "hash_bytes"
+    sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
+           f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
+           f"NULL AND {where} ORDER BY id) TO STDOUT (FORMAT BINARY)")
+    psycopg, conn = _psycopg(), pg_connect(url)
+    try:
+        with conn.cursor() as cur, cur.copy(sql) as cp:
+            yield from parse_hash_copy(cp, words, extra, block,
+                                       redact_url(url))
+    except psycopg.Error as exc:
+        raise StoreError(pg_failure(exc, "cannot read hashes from", url)
+                         ) from None
+    finally:
+        conn.close()
 
 
 # ---- the query planner: an exact search inside PostgreSQL ----
