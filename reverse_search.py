@@ -6267,7 +6267,7 @@ class EdgeJudge:
         ks = np.flatnonzero(free)
         if not len(ks):
             return []
-        order = ks[np.argsort(self.flat.match_distances(lead, members[ks])[0],
+        order = ks[np.argsort(self.flat.match_distances(lead, members[ks]).effective,
                               kind="stable")][:most]
         self.ahead(lead, members[order])
         found = [int(k) for k in order.tolist()

@@ -54,7 +54,7 @@ def test_turned_codes_name_their_stage_window_and_orientation():
             assert rs.code_box(code) == rs.code_box(rs.WINDOW_CODE + w)
             assert rs.MATCH_NAMES[code] == \
                 f"{rs.VARIANT_NAMES[k]}, {rs.WINDOW_NAMES[w]}"
-            assert rs.variant_weight(code) == rs.WINDOW_WEIGHT
+            assert rs.code_weight(code) == rs.WINDOW_WEIGHT
     assert len(rs.MATCH_NAMES) == rs.TURNED_CODE + len(rs.VARIANTS) * len(rs.WINDOWS)
 
 
