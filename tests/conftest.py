@@ -41,12 +41,19 @@ def collection(tmp_path, drawn_collection):
     """Five distinct pictures, two edited copies, and a query folder: a fresh
     copy in this test's tmp_path (written now, as if drawn now), its own to
     change."""
-    for top, _, files in os.walk(drawn_collection):
-        here = tmp_path / os.path.relpath(top, drawn_collection)
-        here.mkdir(exist_ok=True)  # new folders and files: no times copied
-        for name in files:
-            shutil.copyfile(os.path.join(top, name), here / name)
+    copy_fresh(drawn_collection, tmp_path)
     return tmp_path
+
+
+def copy_fresh(template, dest):
+    """The files under `template` written anew under `dest` (new folders and
+    files, no times or modes copied): a session's drawn pictures, each test's
+    own to change."""
+    for top, _, files in os.walk(template):
+        here = os.path.join(dest, os.path.relpath(top, template))
+        os.makedirs(here, exist_ok=True)
+        for name in files:
+            shutil.copyfile(os.path.join(top, name), os.path.join(here, name))
 
 
 def _pg_skip_or_fail(reason):

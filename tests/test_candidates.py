@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageDraw
 
-from conftest import brute_groups, picture, rs, run_json, write_params
+from conftest import (brute_groups, copy_fresh, picture, rs, run_json,
+                      write_params)
 from test_engines import ENGINES, hash_sets
 
 # ---------------------------------------------------------------- images --
@@ -312,10 +313,19 @@ def test_candidate_edges_say_which_stage_found_them():
 # ------------------------------------------------------- through main() --
 
 @pytest.fixture
-def edited(tmp_path):
+def edited(tmp_path, drawn_edited):
     """Eight unrelated photos, and copies of two of them that move the
-    picture: crops, a frame, a screenshot, a caption band."""
-    imgs, queries = tmp_path / "imgs", tmp_path / "queries"
+    picture: crops, a frame, a screenshot, a caption band (this test's own
+    copy of the pictures drawn once per session)."""
+    copy_fresh(drawn_edited, tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def drawn_edited(tmp_path_factory):
+    """The pictures of `edited`, drawn and encoded once."""
+    root = tmp_path_factory.mktemp("edited")
+    imgs, queries = root / "imgs", root / "queries"
     imgs.mkdir()
     queries.mkdir()
     for seed in range(1, 9):
@@ -331,7 +341,7 @@ def edited(tmp_path):
     }
     for name, im in copies.items():
         im.save(queries / name, quality=88)
-    return tmp_path
+    return root
 
 
 EXPECTED = {"crop25.jpg": ("p1.jpg", "window"), "corner.jpg": ("p2.jpg", "window"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import ROOT, rs, run_json, write_params, picture
+from conftest import ROOT, copy_fresh, picture, rs, run_json, write_params
 
 pytest.importorskip("cv2")
 
@@ -60,9 +60,18 @@ def dark_frame(x, y, r, seed):
 
 
 @pytest.fixture
-def edits(tmp_path):
-    """An original, copies that move it inside the frame, unrelated ones."""
-    imgs, queries = tmp_path / "imgs", tmp_path / "queries"
+def edits(tmp_path, drawn_edits):
+    """An original, copies that move it inside the frame, unrelated ones:
+    this test's own copy of the pictures drawn once per session."""
+    copy_fresh(drawn_edits, tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def drawn_edits(tmp_path_factory):
+    """The pictures of `edits`, drawn and encoded once (1-2 s each time)."""
+    root = tmp_path_factory.mktemp("edits")
+    imgs, queries = root / "imgs", root / "queries"
     imgs.mkdir()
     queries.mkdir()
     original = photo(3)
@@ -86,7 +95,7 @@ def edits(tmp_path):
     dark_frame(330, 290, 45, 2).save(imgs / "dark2.png")
     other_shot, _ = screenshot(photo(14))
     other_shot.save(imgs / "other_screenshot.png")
-    return tmp_path
+    return root
 
 
 def found(doc):
