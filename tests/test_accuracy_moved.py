@@ -152,3 +152,95 @@ def test_turned_window_edges_equal_brute_force(turned, capsys):
                zip(edges.a, edges.b, edges.code, edges.bits)
                if c >= rs.TURNED_CODE}
         assert got == want, engine
+
+
+# ---- the verifier: occlusions, pictures in one template, few keypoints ----
+
+from PIL import ImageDraw, ImageFilter  # noqa: E402
+
+from test_verify import dark_frame, screenshot  # noqa: E402
+
+
+def sky_photo(seed):
+    """A photo whose upper two thirds are a smooth sky over a ragged
+    horizon (cells with nothing to compare), the rest textured."""
+    im = np.asarray(photo(seed)).copy()
+    h, w, _ = im.shape
+    yy, xx = np.mgrid[:h, :w]
+    horizon = 0.68 * h + 0.05 * h * np.sin(xx / 37) + 0.03 * h * np.sin(xx / 11)
+    sky = yy < horizon
+    im[sky] = np.stack([150 + yy * 30 // h, 170 + yy * 30 // h,
+                        210 + yy * 20 // h], axis=-1)[sky]
+    return Image.fromarray(im.astype(np.uint8), "RGB")
+
+
+def sticker(im, cx, cy):
+    """An opaque round sticker of 8 % of the picture, as people add."""
+    out = im.copy()
+    w, h = out.size
+    r = round((0.08 * w * h / np.pi) ** 0.5)
+    d = ImageDraw.Draw(out)
+    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 204, 0),
+              outline=(0, 0, 0), width=max(1, r // 12))
+    d.ellipse((cx - r // 2, cy - r // 3, cx - r // 4, cy - r // 12), fill=(0, 0, 0))
+    return out
+
+
+def text_over(im, lines=("WHEN IT IS MONDAY", "AGAIN AND AGAIN")):
+    """White text with a black outline over the top and the bottom."""
+    out = im.convert("RGB")
+    d = ImageDraw.Draw(out)
+    w, h = out.size
+    for text, y in zip(lines, (0.04, 0.84)):
+        for dx in (-2, 0, 2):
+            for dy in (-2, 0, 2):
+                d.text((w * 0.1 + dx, h * y + dy), text, fill=(0, 0, 0),
+                       font_size=h // 11)
+        d.text((w * 0.1, h * y), text, fill=(255, 255, 255), font_size=h // 11)
+    return out
+
+
+def test_a_sticker_over_a_half_sky_picture_is_verified(tmp_path):
+    original = sky_photo(31)
+    w, h = original.size
+    copy = sticker(original, w // 2, 5 * h // 6)  # on the textured third
+    original.save(tmp_path / "o.jpg", quality=92)
+    copy.save(tmp_path / "s.jpg", quality=90)
+    verifier = rs.Verifier(10 ** 9)
+    a, b = (verifier.features(str(tmp_path / n)) for n in ("o.jpg", "s.jpg"))
+    # the old rule alone (a share of the informative cells) refuses it
+    assert rs.disagreeing_region(a.grey, b.grey, np.float64(
+        [[1, 0, 0], [0, 1, 0]])) > rs.MAX_DISAGREE
+    verdict = verifier.check(str(tmp_path / "o.jpg"), str(tmp_path / "s.jpg"))
+    assert verdict.accepted, verdict.reason
+
+
+def test_different_pictures_in_one_screenshot_template_are_refused(tmp_path):
+    """The page agrees, the pictures do not: refused, even when one
+    picture is plain (a foggy one against a textured one)."""
+    fog = Image.linear_gradient("L").resize((800, 600)).filter(
+        ImageFilter.GaussianBlur(30)).convert("RGB")
+    for k, (one, two) in enumerate(((photo(41), photo(42)),
+                                    (fog, photo(43)))):
+        screenshot(one)[0].save(tmp_path / f"a{k}.png")
+        screenshot(two)[0].save(tmp_path / f"b{k}.png")
+        verdict = rs.Verifier(10 ** 9).check(str(tmp_path / f"a{k}.png"),
+                                             str(tmp_path / f"b{k}.png"))
+        assert not verdict.accepted, k
+
+
+def test_text_over_a_dark_frame_is_verified_and_other_frames_are_not(tmp_path):
+    """Dark frames give few corners at ORB's usual contrast: the second try
+    with the fine keypoints finds the copy; another frame is refused (the
+    same text over two different dark frames is still taken for a copy:
+    the text is all there is to compare, README limits)."""
+    frame = dark_frame(250, 240, 60, 7).convert("RGB")
+    frame.save(tmp_path / "frame.png")
+    text_over(frame).save(tmp_path / "text.jpg", quality=85)
+    other = dark_frame(300, 200, 40, 8).convert("RGB")
+    text_over(other).save(tmp_path / "other_text.jpg", quality=85)
+    verifier = rs.Verifier(10 ** 9)
+    verdict = verifier.check(str(tmp_path / "frame.png"), str(tmp_path / "text.jpg"))
+    assert verdict.accepted, verdict.reason
+    assert not verifier.check(str(tmp_path / "frame.png"),
+                              str(tmp_path / "other_text.jpg")).accepted
