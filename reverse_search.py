@@ -4185,22 +4185,18 @@ def verify_features(a: Features, b: Features) -> Verdict:
     When too few keypoints agree, once more with the fine keypoints of both
     (Features.fine): fog, snow, dark frames and heavy text leave few
     corners above ORB's usual contrast."""
-    verdict = _verify_both(a, b)
-    if verdict.accepted or verdict.reason not in _TOO_FEW:
-        return verdict
-    fine = _verify_both(a.fine(), b.fine())
-    return fine if fine.accepted or fine.inliers > verdict.inliers else verdict
-
-
-def _verify_both(a: Features, b: Features) -> Verdict:
-    best = Verdict(False, "too few matching keypoints")
+    best, mirrored = Verdict(False, "too few matching keypoints"), False
     for mirror in (False, True):
         verdict = _verify_oriented(a, b, mirror)
         if verdict.accepted:
             return verdict
         if verdict.inliers > best.inliers:
-            best = verdict
-    return best
+            best, mirrored = verdict, mirror
+    if best.reason not in _TOO_FEW:
+        return best
+    # the fine keypoints cost 4x a plain check: only the likelier mirror
+    fine = _verify_oriented(a.fine(), b.fine(), mirrored)
+    return fine if fine.accepted or fine.inliers > best.inliers else best
 
 
 def _ratio_matches(da: np.ndarray, db: np.ndarray) -> np.ndarray:
