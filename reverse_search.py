@@ -6664,55 +6664,22 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     paths = query_files(run)
     store, judge = ready_store(cfg, ui), None
     try:
-        radius, spec = cfg.distance_threshold, cfg.spec
         judge = Judge(cfg, ui)
-        reach = radius + judge.extra_bits  # candidates; the judge decides
-        with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
-            results = sorted(hasher.map([HashTask(p) for p in paths]),
-                             key=lambda r: r.path)
+        reach = cfg.distance_threshold + judge.extra_bits  # the judge decides
+        results = hash_queries(cfg, paths)
         store.snapshot()  # the index and the rows it names: one state
-        # PostgreSQL searches its own chunk columns, which hold main hashes
-        # only: with region hashes (centres, content boxes, windows), the
-        # local index answers (as it does for find_duplicates)
-        in_db = bool(cfg.database_url) and cfg.engine in ("auto", "mih") \
-            and not spec.regions
-        if in_db:
-            flat, engine_name = None, "postgres"
-            images = store.count_comparable()
-        else:
-            flat = load_index(cfg, store, ui)
-            bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
-            engine = flat.engine(cfg.engine, reach, False, bktree)
-            regions = flat.region_engines(cfg.engine, reach, False, bktree)
-            regions.turned = judge.verifier is not None  # each one is verified
-            engine_name, images = engine.name, len(flat.ids)
-        report = SearchReport(cfg.db_name, engine_name, images)
-        found = [_search_one_pg(r, store, reach, spec) if in_db else
-                 _search_one(r, flat, engine, reach, regions,
-                             cfg.adaptive_threshold) for r in results]
-        id_of = (lambda p: p) if in_db else (lambda p: int(flat.ids[p]))
+        searcher = pick_searcher(cfg, store, ui, reach, judge)
+        report = SearchReport(cfg.db_name, searcher.name, searcher.images)
+        found = [(r, searcher.hits(r)) for r in results]
         marks = load_marks(cfg)
-        rows = store.rows_by_id(id_of(p) for _, hits in found for p in hits)
+        rows = store.rows_by_id(i for _, hits in found for i in hits)
         store.end_snapshot()  # verification may take a while: let writers in
-        found = [(result, list(_candidates(result, hits, rows, id_of, marks,
-                                           radius, cfg.adaptive_threshold)))
-                 for result, hits in found]
-        judge.prefetch([pair for result, candidates in found
-                        for pair in judge.planned(result.path, candidates)])
-        for result, candidates in found:
-            query = QueryResult(result.path, None if result.hash is None else
-                                hash_hex(result.hash, spec.bits),
-                                error=result.error)
-            judge.next_query()
-            for row, hit, limit, detail in candidates:
-                how = judge(result.path, row.path, hit, limit, detail)
-                if how is not None:
-                    query.matches.append(_match(row, spec.bits, hit.bits,
-                                                hit.code, how))
-            query.matches.sort(key=lambda m: (m.distance, m.path))
-            if cfg.stop_on_first_match:
-                query.matches = query.matches[:1]
-            report.queries.append(query)
+        found = [(r, list(_candidates(cfg, r, hits, rows, marks)))
+                 for r, hits in found]
+        judge.prefetch([pair for r, candidates in found
+                        for pair in judge.planned(r.path, candidates)])
+        report.queries = [query_result(cfg, judge, r, candidates)
+                          for r, candidates in found]
     finally:
         store.close()
         if judge is not None:
@@ -6721,36 +6688,107 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     return report
 
 
-def _candidates(result: HashResult, hits: dict, rows: dict, id_of, marks: set,
-                radius: int, adaptive: bool) -> Iterator[tuple]:
+def hash_queries(cfg: Config, paths: list) -> list:
+    """The query images hashed as the stored ones were, in path order."""
+    with Hasher(_job(cfg), min(cfg.worker_count, len(paths))) as hasher:
+        return sorted(hasher.map([HashTask(p) for p in paths]),
+                      key=lambda r: r.path)
+
+
+def pick_searcher(cfg: Config, store: HashStore, ui: Console, reach: int,
+                  judge: Judge):
+    """Where the candidates come from, chosen once for the whole run.
+
+    PostgreSQL searches its own chunk columns, which hold main hashes only:
+    with region hashes (centres, content boxes, windows) the local index
+    answers, as it does for find_duplicates."""
+    if cfg.database_url and cfg.engine in ("auto", "mih") and \
+            not cfg.spec.regions:
+        return PgSearcher(store, reach, cfg.spec)
+    # turned windows only where each one is verified
+    return IndexSearcher(cfg, store, ui, reach, judge.verifier is not None)
+
+
+class IndexSearcher:
+    """Candidates from the local index (bk_dir): engine name, images
+    searched, and hits(result) -> {image id: Hit}."""
+
+    def __init__(self, cfg: Config, store: HashStore, ui: Console,
+                 reach: int, turned: bool):
+        self.flat = load_index(cfg, store, ui)
+        bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
+        self.engine = self.flat.engine(cfg.engine, reach, False, bktree)
+        self.regions = self.flat.region_engines(cfg.engine, reach, False,
+                                                bktree)
+        self.regions.turned = turned
+        self.name, self.images = self.engine.name, len(self.flat.ids)
+        self.reach, self.adaptive = reach, cfg.adaptive_threshold
+
+    def hits(self, result: HashResult) -> dict:
+        _, best = _search_one(result, self.flat, self.engine, self.reach,
+                              self.regions, self.adaptive)
+        return {int(self.flat.ids[p]): hit for p, hit in best.items()}
+
+
+class PgSearcher:
+    """Candidates found inside PostgreSQL (its multi-index chunk columns)."""
+
+    name = "postgres"
+
+    def __init__(self, store: ServerHashStore, reach: int, spec: HashSpec):
+        self.store, self.reach, self.spec = store, reach, spec
+        self.images = store.count_comparable()
+
+    def hits(self, result: HashResult) -> dict:
+        """{image id: Hit}: _search_one inside PostgreSQL."""
+        if _unsearchable(result):
+            return {}
+        size = 8 * self.spec.words
+        extra = result.extra or b""
+        queries = [result.hash] + [int.from_bytes(extra[k:k + size], "big")
+                                   for k in range(0, len(extra), size)]
+        best = {}
+        for code, query in enumerate(queries, -1):
+            weight = code_weight(code)
+            for near in self.store.search_hashes(query, self.reach // weight):
+                _keep_best(best, near.id, near.bits, weight, code)
+        return best
+
+
+def query_result(cfg: Config, judge: Judge, result: HashResult,
+                 candidates: list) -> QueryResult:
+    """One query's matches: the candidates the judge accepts, nearest
+    first (only the nearest with stop_on_first_match)."""
+    query = QueryResult(result.path, None if result.hash is None else
+                        hash_hex(result.hash, cfg.spec.bits),
+                        error=result.error)
+    judge.next_query()
+    for row, hit, limit, detail in candidates:
+        how = judge(result.path, row.path, hit, limit, detail)
+        if how is not None:
+            query.matches.append(_match(row, cfg.spec.bits, hit.bits,
+                                        hit.code, how))
+    query.matches.sort(key=lambda m: (m.distance, m.path))
+    if cfg.stop_on_first_match:
+        query.matches = query.matches[:1]
+    return query
+
+
+def _candidates(cfg: Config, result: HashResult, hits: dict, rows: dict,
+                marks: set) -> Iterator[tuple]:
     """(row, hit, limit, detail) of a query's hits, nearest first, that the
     judge decides on: not removed by an update since the search, not marked
     "not a duplicate"."""
-    for p, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
-        row = rows.get(id_of(p))
+    radius = cfg.distance_threshold
+    for image, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
+        row = rows.get(image)
         if row is None:  # removed by an update since the search
             continue
         limit = pair_threshold(radius, result.detail, row.detail) \
-            if adaptive else radius
+            if cfg.adaptive_threshold else radius
         if marks and frozenset((result.path, row.path)) in marks:
             continue
         yield row, hit, limit, min(result.detail, row.detail)
-
-
-def _search_one_pg(result: HashResult, store: ServerHashStore, radius: int,
-                   spec) -> tuple:
-    """(result, {image id: Hit}): _search_one inside PostgreSQL."""
-    if _unsearchable(result):
-        return result, {}
-    size = 8 * spec.words
-    queries = [result.hash] + [int.from_bytes(result.extra[k:k + size], "big")
-                               for k in range(0, len(result.extra or b""), size)]
-    best = {}
-    for variant, query in enumerate(queries, -1):
-        weight = code_weight(variant)
-        for near in store.search_hashes(query, radius // weight):
-            _keep_best(best, near.id, near.bits, weight, variant)
-    return result, best
 
 
 def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
@@ -7123,68 +7161,140 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
                 edges: EdgeJudge | None = None) -> list:
     """The groups one connected component is reported as.
 
-    representative: the image near the most others leads a group of all
-    still free within the threshold of it, and so on, so different pictures
-    are never chained together through in-between images.  connected: the
-    whole component, unless "not a duplicate" marks force a split.  With
-    verified matching (edges) a member is near the lead by its whole hash
-    or by a verified pair, never by an unverified region or orientation."""
-    marked = marks and any(_marked(rows[a], rows[b], marks)
-                           for k, a in enumerate(members) for b in members[k + 1:])
-    if (connected or len(members) == 2) and not marked:
+    connected (and any pair): the whole component, unless "not a duplicate"
+    marks force a split.  Otherwise representative: the image near the most
+    others leads a group of all still free within the threshold of it, and
+    so on, so different pictures are never chained together through
+    in-between images.  With verified matching (edges) a member is near the
+    lead by its whole hash or by a verified pair, never by an unverified
+    region or orientation."""
+    if (connected or len(members) == 2) and \
+            not _any_marked(members, rows, marks):
         return [list(members)]  # a pair is a group: its edge passed the test
-    members = np.asarray(members, dtype=np.int64)
+    near = Nearness(np.asarray(members, dtype=np.int64), flat, radius,
+                    adaptive, edges)
+    leads = CentralLeads(near) if len(members) <= CENTRE_LIMIT \
+        else IndexOrderLeads(near)
+    return representative_groups(near, leads, rows, marks)
 
-    def limit_of(p):
-        return pair_threshold(radius, flat.detail[p], flat.detail[members]) \
-            if adaptive else np.full(len(members), radius)
 
-    def close_to(p):
-        return flat.match_distances(p, members)[0] <= limit_of(p)
+def _any_marked(members: list, rows: dict, marks: set) -> bool:
+    return bool(marks) and any(_marked(rows[a], rows[b], marks)
+                               for k, a in enumerate(members)
+                               for b in members[k + 1:])
 
-    def trusted(lead, close):  # verified mode: the lead's candidates only
-        if edges:
-            close = close.copy()
-            close[close] = edges.trusted(members[lead], members[close],
-                                         limit_of(members[lead])[close])
+
+@dataclass
+class Nearness:
+    """Which members of a component lie within the threshold of one."""
+
+    members: np.ndarray  # image positions
+    flat: FlatIndex
+    radius: int
+    adaptive: bool
+    edges: EdgeJudge | None  # verified matching
+
+    def limit_of(self, p) -> np.ndarray:
+        """The threshold between image p and each member."""
+        if self.adaptive:
+            return pair_threshold(self.radius, self.flat.detail[p],
+                                  self.flat.detail[self.members])
+        return np.full(len(self.members), self.radius)
+
+    def close_to(self, p) -> np.ndarray:
+        return self.flat.match_distances(p, self.members).effective <= \
+            self.limit_of(p)
+
+    def trusted(self, lead: int, close: np.ndarray) -> np.ndarray:
+        """verified mode: of the lead's candidates, those it vouches for
+        (verifying only these keeps find_duplicates' time bounded)."""
+        if not self.edges:
+            return close
+        close = close.copy()
+        p = self.members[lead]
+        close[close] = self.edges.trusted(p, self.members[close],
+                                          self.limit_of(p)[close])
         return close
-    near = None
-    if len(members) <= CENTRE_LIMIT:  # every member against every other
-        k = len(members)
-        leads, others = np.repeat(members, k), np.tile(members, k)
-        limit = pair_threshold(radius, flat.detail[leads],
-                               flat.detail[others]) if adaptive else radius
-        near = (flat.match_distances(leads, others)[0] <= limit).reshape(k, k)
-    # verified mode: leads are chosen by the links already vouched for (the
-    # whole hash, pairs verified so far), so the lead is the picture the
-    # copies are sure to match, not one that regions make look central
-    solid = near if near is None or not edges else near & np.stack(
-        [edges.known(p, members, limit_of(p)) for p in members])
+
+
+class CentralLeads:
+    """Leads by centrality, for components up to CENTRE_LIMIT members:
+    every member against every other once; the next lead is the free
+    member near the most free others."""
+
+    def __init__(self, near: Nearness):
+        self.nearness = near
+        m, flat, k = near.members, near.flat, len(near.members)
+        leads, others = np.repeat(m, k), np.tile(m, k)
+        limit = pair_threshold(near.radius, flat.detail[leads],
+                               flat.detail[others]) \
+            if near.adaptive else near.radius
+        self.near = (flat.match_distances(leads, others).effective <= limit
+                     ).reshape(k, k)
+        # verified mode: leads are chosen by the links already vouched for
+        # (the whole hash, pairs verified so far), so the lead is the
+        # picture the copies are sure to match, not one that regions make
+        # look central
+        self.solid = self.near if not near.edges else self.near & np.stack(
+            [near.edges.known(p, m, near.limit_of(p)) for p in m])
+
+    def next(self, free: np.ndarray) -> tuple[int, np.ndarray]:
+        """(the lead, the members near it)."""
+        lead = int(np.argmax(np.where(free, (self.solid & free).sum(axis=1),
+                                      -1)))
+        return lead, self.near[lead]
+
+    def linked(self, lead: int, free: np.ndarray) -> list:
+        """verified mode: free members linked to the lead through the
+        component, near it by no hash, that verification finds to be the
+        lead's picture (EdgeJudge.joiners)."""
+        edges, members = self.nearness.edges, self.nearness.members
+        return edges.joiners(members[lead], members, free) if edges else []
+
+
+class IndexOrderLeads:
+    """Leads in index order, for larger components: a member is compared
+    with the others only when it leads (a k x k table would not fit)."""
+
+    def __init__(self, near: Nearness):
+        self.near = near
+
+    def next(self, free: np.ndarray) -> tuple[int, np.ndarray]:
+        lead = int(np.argmax(free))
+        return lead, self.near.close_to(self.near.members[lead])
+
+    def linked(self, lead: int, free: np.ndarray) -> list:
+        return []  # so large a component: its leads are not checked further
+
+
+def representative_groups(near: Nearness, leads, rows: dict,
+                          marks: set) -> list:
+    """Each lead with the free members near it (never two marked "not a
+    duplicate" in one group), until none is free; groups of one dropped."""
+    members = near.members
     free = np.ones(len(members), dtype=bool)
     out = []
     while free.any():
-        if near is None:
-            lead = int(np.argmax(free))
-            close = close_to(members[lead])
-        else:
-            lead = int(np.argmax(np.where(free, (solid & free).sum(axis=1), -1)))
-            close = near[lead]
-        close = trusted(lead, close & free)
+        lead, close = leads.next(free)
+        close = near.trusted(lead, close & free)
         group = [lead]
         for k in np.flatnonzero(close & free):
-            if k != lead and not any(_marked(rows[members[k]],
-                                             rows[members[g]], marks)
-                                     for g in group):
+            if k != lead and _fits(k, group, members, rows, marks):
                 group.append(k)
         free[group] = False
-        if edges and near is not None:  # linked, not near: check with the lead
-            for k in edges.joiners(members[lead], members, free):
-                if not any(_marked(rows[members[k]], rows[members[g]], marks)
-                           for g in group):
-                    group.append(k)
-                    free[k] = False
+        for k in leads.linked(lead, free):  # linked, not near: verified
+            if _fits(k, group, members, rows, marks):
+                group.append(k)
+                free[k] = False
         out.append([int(members[k]) for k in group])
     return [g for g in out if len(g) > 1]
+
+
+def _fits(k: int, group: list, members: np.ndarray, rows: dict,
+          marks: set) -> bool:
+    """Member k is marked "not a duplicate" of no one in the group."""
+    return not any(_marked(rows[members[k]], rows[members[g]], marks)
+                   for g in group)
 
 
 def _marked(a: ImageRow, b: ImageRow, marks: set) -> bool:
