@@ -586,10 +586,8 @@ class Run:
     """One invocation: the settings plus what only the command line gives."""
 
     config: Config
-    params_path: str
     queries: list
     quiet: bool = False
-    debug: bool = False
     open_report: bool = False
     notices: list = field(default_factory=list)  # said once the run starts
     verbose: bool = False
@@ -9295,7 +9293,7 @@ class ReviewSession:
             cfg = dataclasses.replace(self.cfg, operation="search",
                                       stop_on_first_match=False)
             cfg.sources = self.cfg.sources
-            report = op_search(Run(cfg, self.run.params_path, [path], True),
+            report = op_search(Run(cfg, [path], True),
                                _QuietConsole(self.ui))
         finally:
             if data is not None:
@@ -9670,12 +9668,16 @@ class ReviewServer:
         return self.why
 
 
-def op_review(run: Run, ui: Console,
-              found: DuplicatesReport | None = None) -> None:
+def op_review(run: Run, ui: Console) -> None:
     """Serve the review page until Ctrl-C or review_idle_minutes of quiet;
-    what was done is in the quarantine manifest and not_duplicates.  found:
-    the groups of a find_duplicates just run (its files written), else it
-    runs one first."""
+    what was done is in the quarantine manifest and not_duplicates."""
+    serve_review(run, ui)
+
+
+def serve_review(run: Run, ui: Console,
+                 found: DuplicatesReport | None = None) -> None:
+    """review; found: the groups of a find_duplicates just run (its files
+    written), else it runs one first."""
     cfg, start = run.config, time.monotonic()
     session = ReviewSession(run, ui)
     if found is None:
@@ -10424,7 +10426,12 @@ def _unknown_flags(extras: Sequence[str], parser) -> ConfigError:
 
 def parse_run(argv: Sequence[str] | None) -> Run | None:
     """The run to do, or None when a default params.json was just written."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_of(parse_args(sys.argv[1:] if argv is None else list(argv)))
+
+
+def parse_args(argv: list) -> argparse.Namespace:
+    """The command line as argparse reads it; --help and --version answered
+    here (SystemExit), an unknown flag refused."""
     asked, named = _help_requested(argv)
     if asked:
         if named:
@@ -10441,6 +10448,12 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
         ns, extras = parser.parse_known_intermixed_args(argv)
     if extras:
         raise _unknown_flags(extras, parser)
+    return ns
+
+
+def run_of(ns: argparse.Namespace) -> Run | None:
+    """The run the command line asks for, with its settings (defaults <
+    params.json < flags); None when a default params.json was just written."""
     operation = operation_name(ns.operation) if ns.operation else None
     params = os.path.abspath(ns.params or default_params_path())
     notices = []
@@ -10474,8 +10487,8 @@ def parse_run(argv: Sequence[str] | None) -> Run | None:
     cfg = config_from(read_params(params), params, overrides)
     opens = ns.open_report if ns.open_report is not None else \
         cfg.operation == "review"  # review's page is the point of it
-    run = Run(cfg, params, list(ns.queries), ns.quiet, ns.debug, opens,
-              yes=ns.yes, verbose=ns.verbose)
+    run = Run(cfg, list(ns.queries), ns.quiet, opens, yes=ns.yes,
+              verbose=ns.verbose)
     run.notices += notices
     if cfg.workers > most_workers():
         run.notices.append(
@@ -10507,9 +10520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: list, desktop: bool = False) -> int:
     """main() for a command line; desktop: a double-click's run, which goes
     on to the review page when find_duplicates finds groups."""
-    debug, run = "--debug" in argv, None
+    debug, run = False, None
     try:
-        run = parse_run(argv)
+        ns = parse_args(argv)
+        debug = ns.debug  # from here on an internal error shows its traceback
+        run = run_of(ns)
         if run is None:
             return 0
         ui = Console(run.quiet)
@@ -10520,7 +10535,7 @@ def _run(argv: list, desktop: bool = False) -> int:
         if report is not None:  # review has answered its page already
             emit(report, run, ui)
         if review is not None:
-            op_review(review, ui, found=report)
+            serve_review(review, ui, found=report)
         sys.stdout.flush()  # a reader that went away shows here, not at exit
         return 0
     except SystemExit as exc:  # --help and --version
@@ -10553,8 +10568,7 @@ def review_after(run: Run, report) -> Run | None:
     found groups, or None.  With no terminal and no editor habits, the page
     is where a person acts on them (and it replaces the static report, so
     one page opens); the server stops by itself after review_idle_minutes."""
-    if run.config.operation != "find_duplicates" or \
-            not isinstance(report, DuplicatesReport) or not report.groups:
+    if run.config.operation != "find_duplicates" or not report.groups:
         return None
     cfg = dataclasses.replace(run.config, operation="review")
     cfg.sources = run.config.sources

@@ -37,7 +37,7 @@ def time_map(n: int) -> float:
 
 def session(groups: int) -> rs.ReviewSession:
     cfg = rs.Config()
-    s = rs.ReviewSession(rs.Run(cfg, "params.json", []), rs.Console(True))
+    s = rs.ReviewSession(rs.Run(cfg, []), rs.Console(True))
     made = []
     for g in range(groups):
         made.append(rs.Group([rs.Match(f"/photos/f{g % 97}/img{g}_{k}.jpg",

@@ -103,14 +103,16 @@ def test_near_misses_get_a_did_you_mean(tmp_path, capsys, args, said):
 
 def test_every_old_flag_still_parses(tmp_path):
     params = write_params(tmp_path)
-    run = rs.parse_run(["search", "q.jpg", "--params", params, "--format", "csv",
-                        "-q", "--debug", "--open", "--img-dirs", "a", "b",
-                        "--extensions", ".jpg", "--no-html-report",
-                        "--match-orientations", "--distance-threshold", "3",
-                        "--lock-timeout", "2.5", "--workers", "1",
-                        "--keep-rule", "oldest", "--output-format", "json"])
+    argv = ["search", "q.jpg", "--params", params, "--format", "csv",
+            "-q", "--debug", "--open", "--img-dirs", "a", "b",
+            "--extensions", ".jpg", "--no-html-report",
+            "--match-orientations", "--distance-threshold", "3",
+            "--lock-timeout", "2.5", "--workers", "1",
+            "--keep-rule", "oldest", "--output-format", "json"]
+    run = rs.parse_run(argv)
     cfg = run.config
-    assert run.queries == ["q.jpg"] and run.quiet and run.debug and run.open_report
+    assert run.queries == ["q.jpg"] and run.quiet and run.open_report
+    assert rs.parse_args(argv).debug
     assert [os.path.basename(p) for p in cfg.img_dirs] == ["a", "b"]
     assert cfg.extensions == [".jpg"] and cfg.html_report is False
     assert cfg.match_orientations and cfg.distance_threshold == 3
