@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, picture, rs, write_params
+from test_report_browser import browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(os.name != "posix",
                                 reason="the stand-in browser is a shell script")
@@ -192,3 +193,27 @@ def test_a_terminal_run_does_not_start_review(tmp_path, capsys):
     said = capsys.readouterr()
     assert "find_duplicates: 2 groups" in said.err
     assert "review:" not in said.out + said.err
+
+
+def test_done_on_the_page_ends_the_review(tmp_path, browser):  # noqa: F811
+    """The Done button (no console to press Ctrl-C in): the page says it
+    has finished, under its own CSP, and the server process ends."""
+    from test_review import Server, make_collection
+    server = Server(make_collection(tmp_path))
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready]")
+    page.locator("#done").click()
+    page.wait_for_selector("text=Review finished")
+    assert "you can close this tab" in page.inner_text("body")
+    assert server.proc.wait(timeout=30) == 0
+    assert errors == []
+    said = lambda: "".join(server.err)  # noqa: E731 (read by a thread)
+    end = time.monotonic() + 10
+    while "review: stopped (done on the page)" not in said() and \
+            time.monotonic() < end:
+        time.sleep(0.1)
+    assert "review: stopped (done on the page)" in said(), said()
+    page.close()

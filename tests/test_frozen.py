@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -239,3 +240,47 @@ def test_exe_gives_the_scripts_results(layout, method):
                      for q in frozen["queries"]}
             assert {"p001_big.jpg", "p001_small.png"} <= found["q_p001.jpg"], \
                 found
+
+
+def test_a_double_click_opens_the_review_page_with_its_map(frozen_exe, tmp_path):
+    """The default double-click (find_duplicates, from the params.json the
+    first run writes) that finds groups opens the review page; its map
+    draws (scikit-learn is in the executable); Done on the page ends the
+    program, and without Done it ends by itself when idle."""
+    from test_double_click import (DoubleClick, IDLE_MINUTES, check_review_page,
+                                   duplicated_pictures)
+    app, home, elsewhere, setup = (tmp_path / n for n in
+                                   ("app", "home", "elsewhere", "setup"))
+    for folder in (app, home, elsewhere, setup):
+        folder.mkdir()
+    exe = shutil.copy2(frozen_exe, app / EXE_NAME)
+    env = dict(os.environ, HOME=str(home), USERPROFILE=str(home))
+    first = DoubleClick([exe], elsewhere, setup, env)
+    assert first.finish(timeout=RUN_TIMEOUT)[0] == 0  # writes params.json
+    params = app / "params.json"
+    keys = json.loads(params.read_text(encoding="utf-8"))
+    assert (keys["operation"], keys["img_dirs"]) == ("find_duplicates", ["photos"])
+    keys["review_idle_minutes"] = IDLE_MINUTES  # the user's one edit here
+    params.write_text(json.dumps(keys), encoding="utf-8")
+    duplicated_pictures(app / "photos")
+    for stop in ("done on the page", "idle"):
+        browser = tmp_path / stop.replace(" ", "_")
+        browser.mkdir()
+        click = DoubleClick([exe], elsewhere, browser, env)
+        click.wait_for_review(timeout=RUN_TIMEOUT)
+        check_review_page(click, groups=2)
+        if stop == "idle":
+            start = time.monotonic()
+        else:
+            status, body = click.request("GET", "/api/map")
+            drawn = json.loads(body)
+            assert status == 200 and len(drawn.get("points", [])) == 5, drawn
+            assert click.request("POST", "/api/stop", b"{}")[0] == 200
+        code, out, err = click.finish(timeout=RUN_TIMEOUT)
+        assert code == 0, err
+        assert click.opened() == [click.url]  # the page, not the report too
+        assert f"review: stopped ({stop})" in err, err
+        if stop == "idle":
+            assert time.monotonic() - start < 60
+    log = (app / "reverse_search.log").read_text(encoding="utf-8")
+    assert log.count("review: http://127.0.0.1:") == 2
