@@ -327,6 +327,10 @@ def stage_of(match: dict) -> str:
     """Which matching stage found a match: from the name of the hash that
     matched (the "variant" the tool reports), else the stage its `how`
     record names, else the whole picture."""
+    how = match.get("how")
+    if isinstance(how, dict) and how.get("stage") in ("turned window",
+                                                      "keypoints"):
+        return str(how["stage"])  # their names start with an orientation
     name = match.get("variant") or ""
     for prefix, stage in (("centre", "centre"), ("content", "content box"),
                           ("window", "window")):
