@@ -4419,14 +4419,15 @@ def _cell_disagreement(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple:
             if inside.size < 4 or inside.sum() < 0.8 * inside.size:
                 continue
             a, b = x[rows, cols][inside], y[rows, cols][inside]
+            sa, sb = float(a.std()), float(b.std())  # once: half the check's time
             within[i, j] = True
-            bad[i, j] = _cells_differ(a, b)
-            counted[i, j] = bad[i, j] or a.std() >= FLAT_STD or b.std() >= FLAT_STD
+            bad[i, j] = _cells_differ(a, b, sa, sb)
+            counted[i, j] = bad[i, j] or sa >= FLAT_STD or sb >= FLAT_STD
     return bad, counted, within
 
 
-def _cells_differ(a: np.ndarray, b: np.ndarray) -> bool:
-    sa, sb = float(a.std()), float(b.std())
+def _cells_differ(a: np.ndarray, b: np.ndarray, sa: float, sb: float) -> bool:
+    """sa, sb: a.std(), b.std()."""
     if sa < FLAT_STD and sb < FLAT_STD:
         return abs(float(a.mean()) - float(b.mean())) > FLAT_TOLERANCE
     if sa < FLAT_STD / 2 or sb < FLAT_STD / 2:
