@@ -175,3 +175,19 @@ def test_edges_verified_ahead_are_the_edges_checked_one_by_one(case):
     assert serial.done == parallel.done  # nothing verified that was not needed
     assert not parallel.ready  # every pair verified ahead was used
     assert parallel.ahead == len(parallel.done)  # each one verified ahead
+
+
+# ---- the index's grouping of equal hashes: one stable sort ----
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2 ** 64 - 1) | st.integers(0, 6), max_size=300))
+def test_group_sorted_is_unique_then_a_stable_sort_of_its_inverse(values):
+    values = np.array(values, dtype=np.uint64)
+    distinct, order, starts = rs._group_sorted(values)
+    want, inverse = np.unique(values, return_inverse=True)
+    want_starts = np.zeros(len(want) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(inverse, minlength=len(want)), out=want_starts[1:])
+    assert distinct.dtype == np.uint64 and distinct.shape == (len(want), 1)
+    assert np.array_equal(distinct[:, 0], want)
+    assert np.array_equal(order, np.argsort(inverse, kind="stable"))
+    assert np.array_equal(starts, want_starts)
