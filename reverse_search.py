@@ -8130,7 +8130,7 @@ def _undo_lines(lines: list, places: Places, report: MoveReport, rows: list,
     return list(reversed(keep))
 
 
-def _store_rows(store, rows: list, cfg: Config) -> None:
+def _store_rows(store: HashStore, rows: list, cfg: Config) -> None:
     if rows:
         store.use_roots(cfg.img_dirs)
         store.upsert(rows, int(store.meta().get("hash_bits", 0)))
