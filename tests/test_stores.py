@@ -2,6 +2,7 @@
 the PostgreSQL section, and hashes are stored one way in both."""
 
 import inspect
+import os
 import sys
 import threading
 
@@ -68,8 +69,11 @@ def test_an_sqlite_run_never_enters_the_postgresql_section(tmp_path, collection,
     threading.setprofile(profile)
     try:
         for op in (["build"], ["update"], ["search"], ["find_duplicates"],
-                   ["export"]):
+                   ["export"], ["move", "--yes"], ["undo", "--yes"]):
             assert rs.main([*op, "--params", str(params), "-q"]) == 0, op
+            if op[0] == "move":  # the plan's duplicates went to quarantine
+                assert any(files for _, _, files in
+                           os.walk(collection / "quarantine")), "none moved"
     finally:
         sys.setprofile(None)
         threading.setprofile(None)
