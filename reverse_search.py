@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -155,7 +156,7 @@ def _atomic_write(path: str, write, binary: bool = False,
         else:
             place_new(tmp, path)
     except BaseException:
-        with _ignored(OSError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -214,7 +215,7 @@ def sync_folder(folder: str) -> None:
     """Make a rename in `folder` durable (POSIX; Windows has no folder fds)."""
     if os.name == "nt":
         return
-    with _ignored(OSError):
+    with contextlib.suppress(OSError):
         fd = os.open(folder or ".", os.O_RDONLY | _CLOEXEC)
         try:
             os.fsync(fd)
@@ -235,10 +236,10 @@ def sweep_temps(path: str) -> int:
     names this tool makes, tagged with this target)."""
     folder, gone = os.path.dirname(path) or ".", 0
     mark = f"{TEMP_MARK}{_name_tag(path)}-"
-    with _ignored(OSError):
+    with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             if name.startswith(mark) and len(name) == len(mark) + 12:
-                with _ignored(OSError):
+                with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
                     gone += 1
     return gone
@@ -248,10 +249,10 @@ def sweep_stale_temps(folder: str, hours: float = 1.0) -> None:
     """Temporary files of runs killed mid-write (results, thumbnails) that
     are over an hour old: a run still writing its own is never that slow."""
     cutoff = time.time() - hours * 3600
-    with _ignored(OSError):
+    with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             if entry.name.startswith(TEMP_MARK):
-                with _ignored(OSError):
+                with contextlib.suppress(OSError):
                     if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         os.unlink(entry.path)
 
@@ -280,14 +281,14 @@ def transfer(src: str, dst: str, sha256: str, replace: bool = False) -> None:
                               "the file stays where it was")
         st = os.stat(src)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-        with _ignored(OSError):
+        with contextlib.suppress(OSError):
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
         if replace:
             os.replace(tmp, dst)
         else:
             place_new(tmp, dst)
     except BaseException:
-        with _ignored(OSError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     sync_folder(os.path.dirname(dst))
@@ -373,19 +374,6 @@ def _json_scalar(value) -> str:
     if value is None or type(value) is bool:
         return "null" if value is None else "true" if value else "false"
     return json.dumps(value)  # floats: NaN and Infinity as json spells them
-
-
-class _ignored:
-    """Ignore the given exceptions (cleanup that must not mask the real one)."""
-
-    def __init__(self, *exc):
-        self.exc = exc
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, self.exc)
 
 
 # ============================================================================
@@ -623,7 +611,7 @@ def write_default_params(path: str, desktop: bool = False) -> None:
     params = desktop_params() if desktop else default_params()
     text = json.dumps(params, indent=2) + "\n"
     if params["img_dirs"] == ["photos"]:  # a folder to drop pictures into
-        with _ignored(OSError):
+        with contextlib.suppress(OSError):
             os.makedirs(os.path.join(os.path.dirname(path), "photos"))
     _atomic_write(path, lambda fh: fh.write(text), replace=False, sync=True)  # never
     # overwrite: a params.json that appeared meanwhile is the user's
@@ -1165,7 +1153,7 @@ def describe_db_error(exc: sqlite3.Error, path: str) -> str:
 def marked_ours(path: str) -> bool:
     """Whether the SQLite header of `path` carries our APPLICATION_ID (read
     from the bytes: true even when later pages are damaged)."""
-    with _ignored(OSError), open(path, "rb") as fh:
+    with contextlib.suppress(OSError), open(path, "rb") as fh:
         head = fh.read(100)
         return head.startswith(b"SQLite format 3\0") and \
             int.from_bytes(head[68:72], "big") == APPLICATION_ID
@@ -1364,7 +1352,7 @@ class Store(Scoped):
         for root in roots:
             lo, hi = _root_range(root)
             ranges = [(lo, hi)]
-            with _ignored(UnicodeDecodeError):
+            with contextlib.suppress(UnicodeDecodeError):
                 ranges.append((lo.decode("utf-8"), hi.decode("utf-8")))
             for a, b in ranges:
                 parts.append("(path >= ? AND path < ?)")
@@ -1868,7 +1856,7 @@ def _kv_quote(value: str) -> str:
 def _scrub(text: str, url: str) -> str:
     """A driver message with every password cut out: the ones in `url`, and
     any password=... or user:password@ it quotes."""
-    with _ignored(ValueError):
+    with contextlib.suppress(ValueError):
         for key in CONNINFO_SECRETS:
             secret = parse_conninfo(url).get(key)
             if secret:
@@ -3583,7 +3571,7 @@ def open_regular(path: str):
     if why:
         os.close(fd)
         raise SkipFile(why)
-    with _ignored(OSError, AttributeError):
+    with contextlib.suppress(OSError, AttributeError):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
@@ -3752,7 +3740,7 @@ class Worker:
     busy: list = field(default_factory=list)
 
     def stop(self, wait: bool) -> None:
-        with _ignored(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
             if wait:
                 self.conn.send(None)
             else:
@@ -3768,7 +3756,7 @@ def died_while_hashing(task: HashTask, exitcode: int | None) -> HashResult:
     """The result of a task whose worker died: the file is recorded as failed
     (update tries it again), the run goes on."""
     result = HashResult(task.path)
-    with _ignored(OSError):
+    with contextlib.suppress(OSError):
         st = os.stat(task.path)
         result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
     how = f"killed by signal {-exitcode}" if exitcode and exitcode < 0 \
@@ -5419,7 +5407,7 @@ def _check_header(header: dict, spec: HashSpec, fingerprint: str, engine: str):
 def cache_key(store: HashStore) -> bytes:
     """The secret that signs the cache files (b"" in a database written
     before it was kept: the MAC is then a plain checksum)."""
-    with _ignored(ValueError):
+    with contextlib.suppress(ValueError):
         return bytes.fromhex(store.meta().get("index_key", ""))
     return b""
 
@@ -5978,7 +5966,7 @@ def build_store(cfg: Config, ui: Console) -> UpdateReport:
 
 def _settle(path: str) -> None:
     """Open and close a database so SQLite finishes any hot journal first."""
-    with _ignored(sqlite3.Error):
+    with contextlib.suppress(sqlite3.Error):
         con = sqlite3.connect(path)
         con.execute("SELECT count(*) FROM sqlite_master").fetchone()
         con.close()
@@ -8581,7 +8569,7 @@ def _prune_thumbnails(folder: str, used: set) -> None:
     sweep_stale_temps(folder)
     for name in os.listdir(folder):
         if _THUMB_NAME.fullmatch(name) and name not in used:
-            with _ignored(OSError):
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
 
 
@@ -9007,7 +8995,8 @@ def open_in_browser(path: str) -> None:
         else:
             os.environ["LD_LIBRARY_PATH"] = original
     try:
-        with _ignored(Exception):  # no browser is not an error: path is shown
+        # no browser is not an error: the path is shown
+        with contextlib.suppress(Exception):
             webbrowser.open(path if path.startswith("http://") else
                             pathlib.Path(path).as_uri())
     finally:
@@ -9315,7 +9304,7 @@ class ReviewSession:
                                _QuietConsole(self.ui))
         finally:
             if data is not None:
-                with _ignored(OSError):
+                with contextlib.suppress(OSError):
                     os.unlink(path)
         q = report.queries[0]
         with self.lock:
@@ -9474,7 +9463,7 @@ def _review_handler(session: ReviewSession, token: str, port_of, nonce: str):
         def cookie_token(self) -> str:
             from http.cookies import SimpleCookie
             jar = SimpleCookie()
-            with _ignored(Exception):
+            with contextlib.suppress(Exception):
                 jar.load(self.headers.get("Cookie", ""))
             morsel = jar.get(f"rs_review_{port_of()}")
             return morsel.value if morsel else ""
@@ -10424,7 +10413,7 @@ def _help_requested(argv: Sequence[str]) -> tuple[bool, str | None]:
     asked = any(a in ("-h", "--help") for a in argv) or \
         any(w.lower() == "help" and not os.path.exists(w) for w in words)
     for word in words:
-        with _ignored(ConfigError):
+        with contextlib.suppress(ConfigError):
             return asked, operation_name(word)
     return asked, None
 
@@ -10602,7 +10591,7 @@ def _fail(message: str, code: int, argv: list, run: Run | None) -> int:
     if fmt == "json":
         operation = run.config.operation if run else next(
             (a for a in argv if a.replace("-", "_") in OPERATIONS), None)
-        with _ignored(OSError):
+        with contextlib.suppress(OSError):
             print(json.dumps({"operation": operation and operation.replace(
                 "-", "_"), "tool_version": __version__, "error": message,
                 "exit_code": code}, ensure_ascii=False), flush=True)
@@ -10622,7 +10611,7 @@ def _flag_value(argv: list, flag: str) -> str | None:
 def _stdout_gone() -> int:
     """Stop quietly, as `head` expects, with the exit status a process killed
     by SIGPIPE has (141 in a shell); later flushes go nowhere."""
-    with _ignored(OSError, ValueError, AttributeError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, sys.stdout.fileno())
     return 141
@@ -10636,13 +10625,13 @@ class _Tee:
 
     def write(self, text: str) -> int:
         for stream in self.streams:
-            with _ignored(OSError, ValueError, AttributeError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 stream.write(text)
         return len(text)
 
     def flush(self) -> None:
         for stream in self.streams:
-            with _ignored(OSError, ValueError, AttributeError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 stream.flush()
 
     def isatty(self) -> bool:
@@ -10685,7 +10674,7 @@ def run_from_desktop(params: str) -> int:
         open_in_browser(write_status_page(folder, said.getvalue(), code,
                                           log_path, params))
     else:  # the report is shown: an older status page would only mislead
-        with _ignored(OSError):
+        with contextlib.suppress(OSError):
             os.remove(status)
     _wait_if_own_console()
     return code
@@ -10752,7 +10741,7 @@ def write_status_page(folder: str, text: str, code: int, log_path: str,
             f"<h1>{title}</h1>{body}{guide}<p>Log: <code>"
             f"{html.escape(log_path)}</code></p></body></html>\n")
     path = os.path.join(folder, STATUS_PAGE)
-    with _ignored(OSError):
+    with contextlib.suppress(OSError):
         _atomic_write(path, lambda fh: fh.write(page))
     return path
 
@@ -10787,7 +10776,7 @@ def _wait_if_own_console() -> None:
     read it first."""
     if os.name != "nt":
         return
-    with _ignored(Exception):
+    with contextlib.suppress(Exception):
         import ctypes
         if ctypes.windll.kernel32.GetConsoleProcessList(
                 (ctypes.c_uint * 2)(), 2) == 1:
@@ -10797,7 +10786,7 @@ def _wait_if_own_console() -> None:
 def _safe_streams() -> None:
     """Never crash on printing a file name the console cannot encode."""
     for stream in (sys.stdout, sys.stderr):
-        with _ignored(AttributeError, ValueError):
+        with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
 
 
