@@ -9635,7 +9635,17 @@ class ReviewServer:
         self.token = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(16)
         handler = _review_handler(session, self.token, lambda: self.port, nonce)
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                                         handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise ConfigError(
+                f"review_port {port} is in use on 127.0.0.1: another review "
+                f"may still be running (press Done on its page; it also stops "
+                f"after review_idle_minutes), or set review_port to 0 for a "
+                f"free port each run.") from None
         self.httpd.daemon_threads = True
         self.httpd.touch, self.httpd.stop = self.touch, self.stop
         self.port = self.httpd.server_address[1]

@@ -217,3 +217,21 @@ def test_done_on_the_page_ends_the_review(tmp_path, browser):  # noqa: F811
         time.sleep(0.1)
     assert "review: stopped (done on the page)" in said(), said()
     page.close()
+
+
+def test_a_port_in_use_is_named_with_what_to_do(tmp_path, capsys):
+    """A fixed review_port another program (or an earlier review, still
+    open) holds: one message naming the key, exit 2, no traceback."""
+    import socket
+    duplicated_pictures(tmp_path / "imgs")
+    params = write_params(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = rs.main(["review", "--no-open", "--params", params,
+                        "--review-port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"review_port {port} is in use" in err and "Done" in err
+    assert "Traceback" not in err
