@@ -244,3 +244,47 @@ def test_text_over_a_dark_frame_is_verified_and_other_frames_are_not(tmp_path):
     assert verdict.accepted, verdict.reason
     assert not verifier.check(str(tmp_path / "frame.png"),
                               str(tmp_path / "other_text.jpg")).accepted
+
+
+# ---- every engine equals brute force on turned windows (random hashes) ----
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from test_engines import ENGINES, hash_sets  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ENGINES)
+@settings(max_examples=20, deadline=None)
+@given(data=hash_sets(), seed=st.integers(0, 2**32 - 1))
+def test_turned_window_edges_of_every_engine_equal_brute_force(
+        tmp_path_factory, name, data, seed):
+    bits, values, radius = data
+    rng = np.random.default_rng(seed)
+    words, n = (bits + 63) // 64, len(values)
+
+    def near(v):
+        for _ in range(int(rng.integers(0, 5))):
+            v ^= 1 << int(rng.integers(bits))
+        return v
+    var = [[near(values[int(rng.integers(n))]) for _ in range(2)] for _ in range(n)]
+    win = [[near(values[int(rng.integers(n))]) for _ in range(3)] for _ in range(n)]
+    as_words = lambda vs: np.stack([rs.int_to_words(v, words) for v in vs])
+    flat = rs.FlatIndex.from_arrays(
+        np.arange(n), as_words(values), bits,
+        variants=np.stack([as_words(v) for v in var]),
+        detail=np.full(n, 3.0, np.float32),
+        windows=np.stack([as_words(w) for w in win]))
+    flat.kind, flat.fingerprint = f"test/{bits}", "fp"
+    r = rs.code_radius(radius, rs.WINDOW_CODE)
+    want = {(a, b, int(rs.turned_code(k, w)), (var[a][k] ^ win[b][w]).bit_count())
+            for a in range(n) for b in range(n) if a != b
+            for k in range(2) for w in range(3)
+            if (var[a][k] ^ win[b][w]).bit_count() <= r}
+    bk = str(tmp_path_factory.mktemp("bk") / "bk.idx")
+    regions = flat.region_engines(name, radius, True, bk)
+    regions.turned = True
+    edges = rs.candidate_edges(flat, flat.engine(name, radius, True, bk),
+                               radius, regions)
+    got = {(int(a), int(b), int(c), int(d)) for a, b, c, d in
+           zip(edges.a, edges.b, edges.code, edges.bits) if c >= rs.TURNED_CODE}
+    assert got == want
