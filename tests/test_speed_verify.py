@@ -191,3 +191,21 @@ def test_group_sorted_is_unique_then_a_stable_sort_of_its_inverse(values):
     assert np.array_equal(distinct[:, 0], want)
     assert np.array_equal(order, np.argsort(inverse, kind="stable"))
     assert np.array_equal(starts, want_starts)
+
+
+# ---- a search's scan of the stored windows: blocks without a hit skipped ----
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 5), st.integers(0, 64),
+       st.integers(1, 16), st.integers(0, 2 ** 32 - 1))
+def test_scan_windows_is_every_window_within_radius_in_order(n, k, radius,
+                                                             block, seed):
+    rng = np.random.default_rng(seed)
+    query = rng.integers(0, 2 ** 63, 1, dtype=np.uint64)
+    windows = rng.integers(0, 2 ** 63, (n, k, 1), dtype=np.uint64)
+    near = rng.random((n, k)) < 0.1  # a few windows a couple of bits away
+    windows[near, 0] = query[0] ^ np.uint64(3)
+    want = [(p, w, int((int(windows[p, w, 0]) ^ int(query[0])).bit_count()))
+            for p in range(n) for w in range(k)
+            if (int(windows[p, w, 0]) ^ int(query[0])).bit_count() <= radius]
+    assert list(rs._scan_windows(windows, query, radius, block)) == want
