@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """reverse_search: find a picture, or its near-duplicates, in your own folders.
 
-Reads params.json, hashes the images under ``img_dirs`` into an SQLite
-database, keeps a rebuildable index of the hashes in ``bk_dir`` and runs one
-operation: build, update, search, find_duplicates or export.
+Reads params.json, hashes the images under ``img_dirs`` into a database
+(SQLite in ``db_dir``, or PostgreSQL), keeps a rebuildable index of the hashes
+in ``bk_dir`` and runs one operation: build, update, search, find_duplicates,
+export, move, undo or review.
 
     python reverse_search.py                  # the operation in params.json
     python reverse_search.py search photo.jpg --distance-threshold 6
@@ -11,6 +12,34 @@ operation: build, update, search, find_duplicates or export.
 
 Hamming distances are counted in bits (XOR, then popcount).  Every engine
 returns exactly the set a brute-force comparison of all hashes returns.
+
+Contents (one banner section each; a section uses only the ones
+above it):
+
+    1. Errors - the exception family: one message and an exit code each
+    2. Utilities - how names, sizes and times are shown; small helpers
+    3. Files - every file the tool writes: fresh, renamed into place
+    4. Records - the data model: a stored row, its hashes, match codes
+    5. Connection strings - database_url read as libpq reads it; never a password
+    6. Config - every params.json key, once; defaults < params.json < flags
+    7. Hashing - decoding, hashes and their regions; worker processes
+    8. Workers - processes that hash (and verify) with a bounded queue
+    9. Finding files - walking img_dirs: what is an image, links, errors
+    10. Verification - ORB keypoints and geometry: is a candidate a copy?
+    11. Store: SQLite - the database (the truth) and the Store interface
+    12. Index - exact engines (scan, MIH, BK-tree) over the stored hashes
+    13. Store: PostgreSQL - the same interface over PostgreSQL
+    14. Reports - how a report publishes itself: files, stdout, the HTML page
+    15. Operations: build and update - hash the collection into the store; Console
+    16. Operations: search - find each query: candidates, verification, matches
+    17. Keep rule - which file of a group a person would keep, and why
+    18. Plan - plan.json / plan.csv: what move will do, read back and checked
+    19. Operations: find_duplicates - pairs, groups, their keeper, the plan
+    20. Operations: move and undo - quarantine with a manifest; put back
+    21. Operations: export - every stored file with its hash
+    22. Review - the local review page: server, session, actions
+    23. Command line - flags, dispatch, main(), the double-clicked executable
+    24. Templates - the HTML of the report and of the review page
 """
 
 from __future__ import annotations
@@ -91,7 +120,76 @@ class PlanError(ReverseSearchError):
 
 
 # ============================================================================
-# Files: every file the tool writes is made here
+# Utilities
+# ============================================================================
+#
+# Small helpers every later section uses: how a path or a size is shown to a
+# person (hostile names stay text), times, and two context managers.
+
+class _no_gc:
+    """Pause the garbage collector while building many small objects."""
+
+    def __enter__(self):
+        import gc
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        import gc
+        if self.was:
+            gc.enable()
+
+
+def shown(path: str) -> str:
+    """A path safe to print: undecodable bytes become \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                           "backslashreplace")
+
+
+# What text output escapes besides shown(): control characters (terminal
+# escape sequences, CR, newlines, tabs) and the bidi overrides that make a
+# name read backwards.  JSON and CSV keep names exact.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """shown(text) safe for a terminal: \\x1b, \\r, \\n, \\u202e, ..."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape")
+                            .decode("ascii"), shown(text))
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _iso(mtime_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
+
+_ESCAPED_BYTE = re.compile(r"\\x([0-9a-fA-F]{2})")
+
+
+def real_path(path: str) -> str:
+    """The file behind a shown() path: \\xNN escapes back to the raw bytes."""
+    if "\\x" not in path or os.path.lexists(path):
+        return path
+    raw, pos = b"", 0
+    for m in _ESCAPED_BYTE.finditer(path):
+        raw += path[pos:m.start()].encode("utf-8", "surrogateescape")
+        raw += bytes([int(m.group(1), 16)])
+        pos = m.end()
+    raw += path[pos:].encode("utf-8", "surrogateescape")
+    try:
+        return os.fsdecode(raw)
+    except UnicodeDecodeError:  # Windows: such bytes name no file there
+        return path
+
+
+# ============================================================================
+# Files
 # ============================================================================
 #
 # A file is created fresh under a random temporary name beside its target
@@ -105,6 +203,15 @@ class PlanError(ReverseSearchError):
 # (the same bytes, nothing copied), else a copy to a temporary name, fsync,
 # a SHA-256 check, then a rename that never replaces a file; the source goes
 # last.
+
+def _read_json(path: str, missing: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}.") from None
 
 TEMP_MARK = ".rstmp-"  # temporary names: .rstmp-<tag of target>-<random>
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has no symlink opens
@@ -377,6 +484,498 @@ def _json_scalar(value) -> str:
 
 
 # ============================================================================
+# Records
+# ============================================================================
+#
+# The data model.  A picture is stored as one row (ImageRow) of the images
+# table: its path, size, mtime and SHA-256, and its hash: a 64-bit pHash (by
+# default) of the whole picture, then, packed in one BLOB, the hashes of its
+# 7 other orientations (VARIANTS), of 2 centred regions (CENTRES), of its
+# content box (the picture inside a screenshot, post or frame, with the box as
+# one word) and of 80 region windows (WINDOWS).  A match code names which of
+# these matched (-1: the whole picture; an index into MATCH_NAMES otherwise)
+# and stage_of() names its matching stage.  HashSpec says which hash and which
+# of these extra hashes a database holds; a database holds one kind only.
+
+@dataclass
+class ImageRow:
+    """One file of the collection, as stored."""
+
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    digest: bytes | None = None
+    hash: int | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    id: int | None = None
+    # every extra hash (orientations, centres, content box, windows), packed
+    # in split_extra's order; the column is named variants in both databases
+    extra: bytes | None = None
+    low_detail: bool = False       # too flat to compare (blank, 1x1, ...)
+    detail: float = 4.0            # information in the picture (see detail_bits)
+    traits: str | None = None      # Traits.text(); None: hashed before schema 2
+
+
+@dataclass(slots=True)  # one per stored file: keep it small
+class RowState:
+    """What update needs to know about a stored file to skip it."""
+
+    size: int
+    mtime_ns: int
+    ok: bool  # hashed, with everything this version stores
+
+
+@dataclass(frozen=True)
+class HashSpec:
+    """Which hash, how big, and how images are decoded for it."""
+
+    method: str = "phash"
+    size: int = 8
+    binbits: int = 3
+    mode: str = "fast"
+    orientations: bool = False  # also hash the 7 other orientations
+    trim: bool = False          # cut uniform borders first (fast mode only)
+    centres: bool = False       # also hash the central regions (CENTRES)
+    content: bool = False       # also hash the content box (content_box)
+    windows: bool = False       # also hash the region windows (WINDOWS)
+
+    @property
+    def variant_count(self) -> int:
+        return len(VARIANTS) if self.orientations else 0
+
+    @property
+    def centre_count(self) -> int:
+        return len(CENTRES) if self.centres else 0
+
+    @property
+    def content_count(self) -> int:
+        """Slots of the content box: its hash, then its box (pack_box)."""
+        return 2 if self.content else 0
+
+    @property
+    def window_count(self) -> int:
+        return len(WINDOWS) if self.windows else 0
+
+    @property
+    def extra_count(self) -> int:
+        """Hashes stored beside the main one: orientations, centres, the
+        content box (hash and box), then the windows."""
+        return self.variant_count + self.centre_count + self.content_count + \
+            self.window_count
+
+    @property
+    def regions(self) -> bool:
+        """Region hashes (centres, content box, windows): matched by the
+        local index, since PostgreSQL's own columns hold main hashes only."""
+        return self.centres or self.content or self.windows
+
+    @property
+    def trims(self) -> bool:
+        return self.trim and self.mode == "fast"
+
+    @property
+    def bits(self) -> int:
+        if self.method == "colorhash":
+            return 14 * self.binbits
+        if self.method == "whash_db4":  # db4 pads: LL band is wider than size
+            side = 8 * self.size
+            for _ in range(3):  # three levels from image_scale 8 * size
+                side = (side + 7) // 2
+            return side * side
+        return self.size ** 2
+
+    @property
+    def words(self) -> int:
+        return (self.bits + 63) // 64
+
+    @property
+    def kind(self) -> str:
+        """Equal kinds give comparable hashes; anything else means rehash."""
+        size = f"b{self.binbits}" if self.method == "colorhash" else self.size
+        extras = "+orient" * self.orientations + "+trim" * self.trims + \
+            "+centre" * self.centres + "+content" * self.content + \
+            f"+win{len(WINDOWS)}" * self.windows
+        return f"{self.method}/{size}/{self.mode}{extras}"
+
+    def describe(self) -> str:
+        size = (f"binbits {self.binbits}" if self.method == "colorhash"
+                else f"size {self.size}")
+        extras = ", 8 orientations" * self.orientations + \
+            ", borders trimmed" * self.trims + ", centre hashes" * self.centres \
+            + ", content box" * self.content + \
+            f", {len(WINDOWS)} region windows" * self.windows
+        return f"{self.method} ({size}, {self.bits} bits, {self.mode} mode{extras})"
+
+    @property
+    def work_side(self) -> int:
+        """Pixels on the short side that the hash's own resize starts from:
+        3x its grid is plenty for its antialiasing, and lets libjpeg decode
+        a 1 MP photo at 1/8 scale (18 % faster than 1/4 at 4x)."""
+        target = {"phash": 4 * self.size, "phash_simple": 4 * self.size,
+                  "whash": 8 * self.size, "whash_db4": 8 * self.size,
+                  "colorhash": 32}.get(self.method, self.size + 1)
+        return max(64, 3 * target)
+
+
+# The 7 other orientations (the dihedral group of the square, less identity).
+# It is closed under inverses, so hashing the variants of one side of a pair
+# finds a mirrored or rotated copy whichever side is the original.
+VARIANTS = ("FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180",
+            "ROTATE_270", "TRANSPOSE", "TRANSVERSE")
+
+VARIANT_NAMES = ("mirrored", "flipped upside down", "rotated 90", "rotated 180",
+                 "rotated 270", "mirrored and rotated", "mirrored and rotated")
+
+
+# Central regions hashed as well (share of width and height kept, centred).
+# A region is compared only with the same region of other pictures, at the
+# full threshold: the middle of a picture survives what changes its edges
+# (crops, the corners a small rotation fills, captions, corner watermarks,
+# thin frames).  Measured on the public corpus (README): pairs found +4 %,
+# false pairs +1.5x at the same threshold, fewer than raising it by 2 bits.
+CENTRES = (0.9, 0.8)
+
+CENTRE_NAMES = tuple(f"centre {round(100 * f)} %" for f in CENTRES)
+
+
+# Region windows: spans of each axis as (start, stop) fractions; a window is
+# one span of x by one of y, less the whole picture (9 x 9 - 1 = 80).  The
+# whole of a copy is matched against the windows of the other picture, so a
+# crop of 10-20 % on any sides finds the window it lies inside.  Spans are
+# 90 % and 80 % of the side, in steps of 5 % of the side: measured on the
+# tough corpus, the nearest window of this grid is within 8 bits of a crop's
+# whole hash for 91-99 % of the 12-25 % crops (crop_20, crop_axis_25,
+# crop_side_15, crop_corner_12); the same scales at 3 positions (offsets 0,
+# half, all) found 22-61 %: the position step matters more than the count.
+WINDOW_SPANS = ((0.0, 1.0),
+                (0.0, 0.9), (0.05, 0.95), (0.1, 1.0),
+                (0.0, 0.8), (0.05, 0.85), (0.1, 0.9), (0.15, 0.95), (0.2, 1.0))
+
+WINDOWS = tuple((x, y) for y in WINDOW_SPANS for x in WINDOW_SPANS
+                if (x, y) != (WINDOW_SPANS[0], WINDOW_SPANS[0]))
+
+
+def _window_name(x: tuple, y: tuple) -> str:
+    """"window 80 % x 100 % at 5 %, 0 %": share of width and height kept,
+    then the offset of its left and top edges."""
+    return (f"window {round(100 * (x[1] - x[0]))} % x "
+            f"{round(100 * (y[1] - y[0]))} % at {round(100 * x[0])} %, "
+            f"{round(100 * y[0])} %")
+
+WINDOW_NAMES = tuple(_window_name(x, y) for x, y in WINDOWS)
+
+CONTENT_NAME = "content box"
+
+
+# Turned windows: another orientation of one picture (its stored variant
+# hash) against a window of the other: a crop that was also turned or
+# mirrored (a phone photo's quarter turn of a cropped copy).  Measured on
+# the tough corpus (quarter turns of 6 % crops): the best variant against
+# the best window is within 6 bits for 91 % (median 4), against the whole
+# picture 47 % (median 8).  Verified mode only: 560 more hashes compared
+# per pair make chance matches likelier, and verification refuses them.
+TURNED_NAMES = tuple(f"{VARIANT_NAMES[k]}, {name}" for k in range(len(VARIANTS))
+                     for name in WINDOW_NAMES)
+
+MATCH_NAMES = VARIANT_NAMES + CENTRE_NAMES + (CONTENT_NAME,) + WINDOW_NAMES \
+    + TURNED_NAMES
+
+
+# match codes (index into MATCH_NAMES; -1: the whole picture as stored)
+CENTRE_CODE = len(VARIANTS)
+
+CONTENT_CODE = CENTRE_CODE + len(CENTRES)
+
+WINDOW_CODE = CONTENT_CODE + 1
+
+TURNED_CODE = WINDOW_CODE + len(WINDOWS)  # + variant * len(WINDOWS) + window
+
+STAGES = ("exact hash", "orientation", "centre", "content box", "region window",
+          "keypoints", "turned window")
+
+
+# "keypoints": no hash of the pair is near, but the pair is linked through
+# the group and verification finds the one picture in the other (the group's
+# lead and a member it does not hash near: a quarter turn of a crop, a copy
+# near only another copy of the lead); never given by stage_of (no code)
+
+
+def stage_of(code: int) -> str:
+    """The matching stage a match code belongs to (STAGES)."""
+    if code < 0:
+        return STAGES[0]
+    if code < CENTRE_CODE:
+        return STAGES[1]
+    if code < CONTENT_CODE:
+        return STAGES[2]
+    if code >= TURNED_CODE:
+        return STAGES[6]
+    return STAGES[3] if code == CONTENT_CODE else STAGES[4]
+
+
+def code_box(code: int) -> tuple:
+    """(left, top, right, bottom) fractions of the picture that a fixed
+    region code hashes (the content box is per image: see unpack_box)."""
+    if CENTRE_CODE <= code < CONTENT_CODE:
+        keep = CENTRES[code - CENTRE_CODE]
+        return ((1 - keep) / 2, (1 - keep) / 2, (1 + keep) / 2, (1 + keep) / 2)
+    if code >= WINDOW_CODE:
+        (x0, x1), (y0, y1) = WINDOWS[(code - WINDOW_CODE) % len(WINDOWS)]
+        return (x0, y0, x1, y1)
+    return (0.0, 0.0, 1.0, 1.0)
+
+
+# A box as one 64-bit word: four 16-bit fractions (left, top, right,
+# bottom), stored in the slot after the content box's hash.
+BOX_SCALE = 65535
+
+FULL_BOX = (0, 0, BOX_SCALE, BOX_SCALE)
+
+
+def pack_box(box: Sequence[float]) -> int:
+    value = 0
+    for f in box:
+        value = value << 16 | min(BOX_SCALE, max(0, round(f * BOX_SCALE)))
+    return value
+
+
+def unpack_box(value: int) -> tuple:
+    return tuple(((int(value) >> s) & 0xFFFF) / BOX_SCALE for s in (48, 32, 16, 0))
+
+FULL_BOX_WORD = pack_box((0.0, 0.0, 1.0, 1.0))
+
+
+# ============================================================================
+# Connection strings
+# ============================================================================
+#
+# database_url is read exactly as libpq reads it (a URL or key=value words),
+# so the tool checks what the driver will use; a password in it is refused
+# and never shown: results and messages print redact_url()'s form.
+
+#
+# libpq reads a URL's user:password up to the first "@" before any "/", so
+# "#" and "?" belong to the password there (urlsplit would end the host at
+# them and miss it).  Any password is refused in database_url, and every form
+# of connection string (URL or key=value) is redacted wherever it is shown.
+
+CONNINFO_SECRETS = ("password", "sslpassword")  # libpq keys that hold secrets
+
+URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's, case-sensitive
+
+
+def is_database_url(text: str) -> bool:
+    return text.startswith(URL_PREFIXES)
+
+
+def parse_conninfo(text: str) -> dict:
+    """{libpq key: value} of a URL or key=value connection string, as libpq
+    reads it (psycopg's conninfo_to_dict asks libpq itself; without psycopg,
+    a parser written after libpq's fe-connect.c).  ValueError when libpq
+    would refuse it, with no part of the text in the message (libpq quotes
+    the whole URL, password included)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return _parse_conninfo(text)
+    try:
+        return conninfo_to_dict(text)
+    except Exception as exc:  # psycopg.ProgrammingError: libpq's message
+        raise ValueError(_unquoted(str(exc))) from None
+
+
+def _unquoted(message: str) -> str:
+    """libpq's message with every quoted part (a piece of the URL) cut."""
+    return re.sub(r'"[^"]*"', '"..."', message.strip().split("\n")[0])
+
+
+def _parse_conninfo(text: str) -> dict:
+    return _parse_uri(text) if is_database_url(text) else _parse_keywords(text)
+
+
+def _parse_uri(text: str) -> dict:
+    """conninfo_uri_parse_options: credentials, hosts[:ports], /dbname, ?k=v."""
+    rest, out = text.split("://", 1)[1], {}
+    cred = re.match(r"[^@/]*@", rest)  # the first "@" before any "/"
+    if cred:
+        user, colon, password = rest[:cred.end() - 1].partition(":")
+        rest = rest[cred.end():]
+        if user:
+            out["user"] = _pct_decode(user)
+        if colon and password:
+            out["password"] = _pct_decode(password)
+    hosts, ports, pos = [], [], 0
+    while True:
+        if rest.startswith("[", pos):  # [IPv6]
+            end = rest.find("]", pos)
+            if end <= pos + 1:
+                raise ValueError("unterminated or empty [IPv6] host")
+            host, pos = rest[pos + 1:end], end + 1
+            if rest[pos:pos + 1] not in ("", ":", "/", "?", ","):
+                raise ValueError("unexpected character after an [IPv6] host")
+        else:
+            host = re.compile(r"[^:/?,]*").match(rest, pos).group()
+            pos += len(host)
+        hosts.append(host)
+        port = ""
+        if rest.startswith(":", pos):
+            port = re.compile(r"[^/?,]*").match(rest, pos + 1).group()
+            pos += 1 + len(port)
+        ports.append(port)
+        if not rest.startswith(",", pos):
+            break
+        pos += 1
+    for key, values in (("host", hosts), ("port", ports)):
+        if ",".join(values):
+            out[key] = _pct_decode(",".join(values))
+    term = rest[pos:pos + 1]
+    if term == "/":
+        dbname, term, query = rest[pos + 1:].partition("?")
+        if dbname:
+            out["dbname"] = _pct_decode(dbname)
+    else:
+        query = rest[pos + 1:]
+    if term:
+        out.update(_uri_params(query))
+    return out
+
+
+def _uri_params(query: str) -> dict:
+    out = {}
+    for item in query.split("&") if query else []:
+        if item.count("=") != 1:
+            raise ValueError("a URL parameter without exactly one \"=\"")
+        key, value = (_pct_decode(x) for x in item.split("="))
+        if key == "ssl" and value == "true":  # libpq's JDBC-style alias
+            key, value = "sslmode", "require"
+        out[key] = value
+    return out
+
+
+def _pct_decode(text: str) -> str:
+    """libpq's conninfo_uri_decode: %XX only, and never %00."""
+    if re.search(r"%(?![0-9a-fA-F]{2})|%00", text):
+        raise ValueError("an invalid percent-encoded token")
+    return unquote(text, errors="surrogateescape")
+
+
+def _parse_keywords(text: str) -> dict:
+    """conninfo_parse: key = value pairs, values bare or 'quoted', with
+    backslash escapes in both."""
+    out, pos, n = {}, 0, len(text)
+    while True:
+        while pos < n and text[pos].isspace():
+            pos += 1
+        if pos >= n:
+            return out
+        m = re.compile(r"([^=\s]*)\s*=\s*").match(text, pos)
+        if not m:
+            raise ValueError('missing "=" in a key=value connection string')
+        key, pos, value = m.group(1), m.end(), []
+        quoted = text.startswith("'", pos)
+        pos += quoted
+        while True:
+            if pos >= n:
+                if quoted:
+                    raise ValueError("unterminated quoted string")
+                break
+            c = text[pos]
+            pos += 1
+            if c == "\\":
+                value.append(text[pos:pos + 1])
+                pos += 1
+            elif quoted and c == "'" or not quoted and c.isspace():
+                break
+            else:
+                value.append(c)
+        out[key] = "".join(value)
+
+
+def redact_url(text: str) -> str:
+    """A connection string (URL or key=value) without any password: what
+    results and messages show."""
+    if not text:
+        return text
+    if is_database_url(text):
+        return _redact_uri(text)
+    try:
+        info = _parse_keywords(text)
+    except ValueError:
+        return "(connection string not shown: libpq cannot read it)"
+    return " ".join(f"{k}={_kv_quote(v)}" for k, v in info.items()
+                    if k not in CONNINFO_SECRETS)
+
+
+def _redact_uri(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    cred = re.match(r"[^@/]*@", rest)  # libpq's rule, as _parse_uri
+    if cred:
+        user = rest[:cred.end() - 1].partition(":")[0]
+        rest = (user + "@" if user else "") + rest[cred.end():]
+    base, mark, query = rest.partition("?")
+    kept = []
+    for item in query.split("&") if query else []:
+        try:
+            key = _pct_decode(item.partition("=")[0])
+        except ValueError:
+            continue
+        if item.count("=") == 1 and key not in CONNINFO_SECRETS:
+            kept.append(item)
+    return f"{scheme}://{base}" + ("?" + "&".join(kept) if kept else "")
+
+
+def _kv_quote(value: str) -> str:
+    if value and not re.search(r"[\s'\\]", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check_database_url(url: str, where: str) -> None:
+    """ConfigError unless `url` is a connection string libpq reads (URL or
+    key=value) that holds no password."""
+    if not url:
+        return
+    try:
+        info = parse_conninfo(url)
+    except ValueError as exc:
+        info, why = None, f" (libpq: {exc})"
+    else:
+        why = "" if is_database_url(url) or info else " (it is empty)"
+    if why:
+        raise ConfigError(f"{where}: key 'database_url' is not a connection "
+                          f"string PostgreSQL reads{why}; write it as "
+                          f"postgresql://user@host:5432/dbname.")
+    found = [k for k in CONNINFO_SECRETS if info.get(k)]
+    if found:
+        raise ConfigError(f"{where}: key 'database_url' holds a "
+                          f"{_secret_place(url, found[0])}; results and "
+                          f"reports would show it. Remove it and give it to "
+                          f"libpq another way: {_password_ways(info)}")
+
+
+def _secret_place(url: str, key: str) -> str:
+    if key == "password" and is_database_url(url) and \
+            re.match(r"[^@/]*:[^@/]*@", url.split("://", 1)[1]):
+        return "password (between 'user:' and '@')"
+    return f"'{key}' setting"
+
+
+def _password_ways(info: dict) -> str:
+    """The three places libpq reads a password from, filled in for `info`."""
+    fields = [(info.get(k) or "*").split(",")[0]  # the first host's
+              for k in ("host", "port", "dbname", "user")]
+    entry = ":".join(re.sub(r"([:\\])", r"\\\1", f) for f in fields)
+    pgpass = "%APPDATA%\\postgresql\\pgpass.conf" if os.name == "nt" \
+        else "~/.pgpass (chmod 600)"
+    return (f"the PGPASSWORD environment variable; or the line "
+            f"'{entry}:PASSWORD' in {pgpass}; or a service file "
+            f"(~/.pg_service.conf with password=PASSWORD in a [NAME] "
+            f"section, and database_url postgresql://?service=NAME).")
+
+
+# ============================================================================
 # Config
 # ============================================================================
 
@@ -614,6 +1213,8 @@ def write_default_params(path: str, desktop: bool = False) -> None:
         with contextlib.suppress(OSError):
             os.makedirs(os.path.join(os.path.dirname(path), "photos"))
     _atomic_write(path, lambda fh: fh.write(text), replace=False, sync=True)  # never
+
+
     # overwrite: a params.json that appeared meanwhile is the user's
 
 
@@ -874,1877 +1475,22 @@ def check_folders(cfg: Config, names: Sequence[str],
 
 
 # ============================================================================
-# Database
-# ============================================================================
-#
-# SQLite is the truth; everything else is rebuilt from it.  Hashes of up to
-# 64 bits are stored as signed 64-bit integers (SQLite has no unsigned type),
-# longer ones as big-endian BLOBs.  Paths that are not valid UTF-8 (possible on
-# Linux) are stored as BLOBs of their raw bytes, so every file keeps its row.
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (
-    id        INTEGER PRIMARY KEY,
-    path      TEXT NOT NULL UNIQUE,
-    size      INTEGER NOT NULL,
-    mtime_ns  INTEGER NOT NULL,
-    digest    BLOB,
-    hash,
-    variants  BLOB,
-    low_detail INTEGER NOT NULL DEFAULT 0,
-    detail    REAL,
-    width     INTEGER,
-    height    INTEGER,
-    error     TEXT,
-    hashed_at REAL,
-    traits    TEXT
-);
-CREATE INDEX IF NOT EXISTS images_size ON images(size);
-"""
-
-
-@dataclass
-class ImageRow:
-    """One file of the collection, as stored."""
-
-    path: str
-    size: int = 0
-    mtime_ns: int = 0
-    digest: bytes | None = None
-    hash: int | None = None
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-    id: int | None = None
-    # every extra hash (orientations, centres, content box, windows), packed
-    # in split_extra's order; the column is named variants in both databases
-    extra: bytes | None = None
-    low_detail: bool = False       # too flat to compare (blank, 1x1, ...)
-    detail: float = 4.0            # information in the picture (see detail_bits)
-    traits: str | None = None      # Traits.text(); None: hashed before schema 2
-
-
-@dataclass(slots=True)  # one per stored file: keep it small
-class RowState:
-    """What update needs to know about a stored file to skip it."""
-
-    size: int
-    mtime_ns: int
-    ok: bool  # hashed, with everything this version stores
-
-
-def path_to_db(path: str):
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path)
-
-
-def path_from_db(value) -> str:
-    return os.fsdecode(value) if isinstance(value, bytes) else value
-
-
-def signed64(value: int) -> int:
-    """A hash of up to 64 bits as the signed 64-bit integer both databases
-    store (neither has an unsigned type)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def hash_to_db(value: int | None, bits: int):
-    """A hash as either database stores it: signed64, or the big-endian
-    bytes of whole 64-bit words when it is longer."""
-    if value is None:
-        return None
-    if bits <= 64:
-        return signed64(value)
-    return value.to_bytes(8 * ((bits + 63) // 64), "big")
-
-
-def hash_from_db(value) -> int | None:
-    """hash_to_db's inverse; bytes are big-endian whatever the length
-    (PostgreSQL sends BIGINT hashes as int8send's 8 bytes)."""
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return int.from_bytes(value, "big")
-    return value + (1 << 64) if value < 0 else value
-
-
-def image_row(r: Sequence, path_of=path_from_db) -> ImageRow:
-    """An ImageRow from a row of ROW_COLUMNS (Store) or PG_ROW_COLUMNS
-    (PgStore): the same columns in the same order; path_of decodes the
-    path as its database stores it."""
-    return ImageRow(path_of(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
-                    r[5], r[6], r[7], r[8], r[9], bool(r[10]),
-                    4.0 if r[11] is None else r[11], r[12])
-
-
-def kind_meta(spec: HashSpec) -> dict:
-    """What a database records about the hashes it holds, and what made them."""
-    import PIL
-    import imagehash
-    return dict(hash_kind=spec.kind, hash_method=spec.method,
-                hash_size=spec.size, hash_bits=spec.bits, hash_mode=spec.mode,
-                colorhash_binbits=spec.binbits, pillow=PIL.__version__,
-                imagehash=getattr(imagehash, "__version__", "?"),
-                tool=__version__)
-
-
-# ---- which folders a database covers ----
-# A database records the img_dirs roots it was hashed for (per machine on
-# PostgreSQL), with the hash kind they were hashed in.  A run whose img_dirs
-# name a folder not covered yet hashes that folder first; a run answers only
-# from rows under its own img_dirs.  Rows of a folder dropped from img_dirs are
-# kept, not searched: putting it back costs no hashing (hours for a big
-# collection), and `build` drops them.
-
-COVERAGE_KEY = "img_dirs"
-
-
-def _inside(path: str, folder: str) -> bool:
-    folder = folder.rstrip(os.sep) + os.sep
-    return os.path.normcase(path).startswith(os.path.normcase(folder))
-
-
-def _root_range(root: str) -> tuple[bytes, bytes]:
-    """[lo, hi): the path bytes of every file under folder `root`."""
-    lo = os.fsencode(root.rstrip(os.sep) + os.sep)
-    return lo, lo[:-1] + bytes([lo[-1] + 1])
-
-
-def covers(folder: str, path: str) -> bool:
-    """Whether `path` is `folder` or lies under it."""
-    return os.path.normcase(path.rstrip(os.sep)) == \
-        os.path.normcase(folder.rstrip(os.sep)) or _inside(path, folder)
-
-
-def outside(paths: Iterable[str], folders: Sequence[str]) -> list:
-    """The paths of `paths` under none of `folders`."""
-    return [p for p in paths if not any(covers(f, p) for f in folders)]
-
-
-def outermost(folders: Iterable[str]) -> list:
-    """The folders not inside another one, sorted."""
-    folders = sorted(set(folders))
-    return [f for f in folders
-            if not any(covers(g, f) for g in folders if g != f)]
-
-
-@dataclass
-class Coverage:
-    """The img_dirs roots a database (or this machine's part of one) holds
-    hashes of.  `unknown`: it also holds rows of folders it never recorded
-    (written before coverage was recorded); they are never answered from."""
-
-    kind: str
-    roots: list
-    unknown: bool = False
-
-    def to_meta(self) -> str:
-        return json.dumps({"kind": self.kind, "roots": self.roots,
-                           "unknown": self.unknown})
-
-    @classmethod
-    def from_meta(cls, text: str, kind: str) -> Coverage:
-        value = json.loads(text)
-        if value.get("kind") != kind:  # hashes of another kind: rehashed
-            return cls(kind, [])
-        return cls(kind, list(value.get("roots", [])),
-                   bool(value.get("unknown")))
-
-
-class Scoped:
-    """What both stores share about coverage and scope.  A store answers
-    (hash_arrays, searches, failed and low-detail rows) only from rows under
-    its scope, set by set_scope; None: every row, the common case, at no cost.
-    Each store gives _coverage_text, _legacy_coverage, _rows_outside and
-    _scope_sql."""
-
-    scope = None        # the img_dirs of this run, when rows outside exist
-    scope_roots = ()    # the img_dirs of this run
-    scope_kind = ""
-
-    def coverage(self, kind: str) -> Coverage:
-        text = self._coverage_text()
-        if text is None:
-            return self._legacy_coverage(kind)
-        return Coverage.from_meta(text, kind)
-
-    def uncovered(self, roots: Sequence[str], kind: str) -> list:
-        """The folders of `roots` the database holds no hashes for yet."""
-        return outside(roots, self.coverage(kind).roots)
-
-    def record_coverage(self, roots: Sequence[str], kind: str) -> None:
-        """After a complete walk of `roots`: they are covered."""
-        old = self.coverage(kind)
-        unknown = old.unknown and self._rows_outside(old.roots + list(roots))
-        self._set_coverage(Coverage(kind, outermost(old.roots + list(roots)),
-                                    unknown))
-        if self.scope_kind:
-            self.set_scope(self.scope_roots, self.scope_kind)
-
-    def set_scope(self, roots: Sequence[str], kind: str) -> None:
-        self.scope_roots, self.scope_kind = list(roots), kind
-        cov = self.coverage(kind)
-        needed = cov.unknown or outside(cov.roots, roots)
-        self.scope = list(roots) if needed else None
-
-    def _scope_tag(self) -> str:
-        """Part of the fingerprint: an index holds the rows of one scope."""
-        if self.scope is None:
-            return ""
-        text = "\0".join(sorted(self.scope))
-        return ":" + hashlib.blake2b(os.fsencode(text), digest_size=6).hexdigest()
-
-
-class HashArrays(NamedTuple):
-    """The comparable images of a database as arrays, in id order: what an
-    index is built from (hash_arrays).  W: 64-bit words per hash; E: extra
-    hashes per image (orientations, centres, content box, windows)."""
-
-    ids: np.ndarray     # (N,) int64: images.id
-    hashes: np.ndarray  # (N, W) uint64
-    extra: np.ndarray   # (N, E, W) uint64, in split_extra's order
-    detail: np.ndarray  # (N,) float32 (see detail_bits)
-
-
-def join_hash_blocks(blocks: list, words: int, extra: int) -> HashArrays:
-    """One HashArrays from HashArrays of blocks of rows."""
-    if not blocks:
-        return HashArrays(np.zeros(0, np.int64), np.zeros((0, words), np.uint64),
-                          np.zeros((0, extra, words), np.uint64),
-                          np.zeros(0, np.float32))
-    return HashArrays(*(np.concatenate(part) for part in zip(*blocks)))
-
-
-APPLICATION_ID = 0x72737263  # "rsrc" in the SQLite header: one of ours
-
-
-def describe_db_error(exc: sqlite3.Error, path: str) -> str:
-    """What went wrong with the SQLite database at `path`, and what to do."""
-    name = getattr(exc, "sqlite_errorname", "")  # Python 3.11+
-    text, folder = str(exc), os.path.dirname(path) or "."
-    if "FULL" in name or "full" in text:
-        return (f"db_dir {folder} is full ({text}): free some space there, "
-                f"or choose another db_dir, and run again (files hashed so "
-                f"far are kept).")
-    if "READONLY" in name or "readonly" in text or "read-only" in text:
-        return (f"the database {path} is read-only ({text}): build and "
-                f"update write to it; give write access to it and to "
-                f"{folder}, or choose another db_dir (search and export "
-                f"only read it).")
-    if "CORRUPT" in name or "NOTADB" in name or "malformed" in text or \
-            "not a database" in text:
-        return (f"the database {path} is damaged ({text}): run build, which "
-                f"hashes your images again and replaces it (a database it "
-                f"does not know as its own must be moved away first; keep a "
-                f"copy if you want to try sqlite3's .recover).")
-    if "IOERR" in name or "I/O" in text:
-        return (f"cannot read or write the database {path} ({text}): check "
-                f"the disk of db_dir and its free space.")
-    if "BUSY" in name or "locked" in text:
-        return (f"the database {path} is busy ({text}): another program "
-                f"holds it; try again when it has finished.")
-    return f"the database {path} cannot be used: {text}."
-
-
-def marked_ours(path: str) -> bool:
-    """Whether the SQLite header of `path` carries our APPLICATION_ID (read
-    from the bytes: true even when later pages are damaged)."""
-    with contextlib.suppress(OSError), open(path, "rb") as fh:
-        head = fh.read(100)
-        return head.startswith(b"SQLite format 3\0") and \
-            int.from_bytes(head[68:72], "big") == APPLICATION_ID
-    return False
-
-
-def _foreign(db: sqlite3.Connection, version: int) -> str | None:
-    """Why the database is another program's, or None if it is ours (or
-    still empty).  Ours carry APPLICATION_ID; older ones are known by their
-    tables."""
-    app = db.execute("PRAGMA application_id").fetchone()[0]
-    if app == APPLICATION_ID:
-        return None
-    if app:
-        return f"it is marked as another program's (application id {app:#x})"
-    tables = {name for name, in db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if version == 0 and tables <= {"meta", "images"}:
-        return None  # new, or our first schema step was cut short
-    if {"meta", "images"} <= tables and db.execute(
-            "SELECT 1 FROM meta WHERE key = 'db_id'").fetchone():
-        return None
-    shown_tables = ", ".join(sorted(tables)[:5]) or "none"
-    return f"its tables are {shown_tables}"
-
-
-class HashStore(Protocol):
-    """What the operations ask of a database, the one interface of Store
-    (SQLite, below) and PgStore (PostgreSQL).  Each write is one
-    transaction; reads answer only from rows under the scope (set_scope);
-    rows come back as ImageRow, paths as the file system gives them."""
-
-    path: str  # what reports and messages show (a URL without password)
-
-    def close(self) -> None: ...
-    def snapshot(self) -> None: ...
-    def end_snapshot(self) -> None: ...
-
-    # ---- meta: the hash kind and what changes with every write ----
-    def meta(self) -> dict: ...
-    def hash_kind(self) -> str | None: ...
-    def fingerprint(self) -> str: ...
-
-    # ---- coverage and scope (Scoped) ----
-    def coverage(self, kind: str) -> Coverage: ...
-    def uncovered(self, roots: Sequence[str], kind: str) -> list: ...
-    def record_coverage(self, roots: Sequence[str], kind: str) -> None: ...
-    def set_scope(self, roots: Sequence[str], kind: str) -> None: ...
-
-    # ---- writes ----
-    def start_kind(self, spec: HashSpec) -> None: ...
-    def use_roots(self, roots: Sequence[str]) -> None: ...
-    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None: ...
-    def delete_paths(self, paths: Iterable[str]) -> int: ...
-
-    # ---- reads ----
-    def states(self, roots: Sequence[str] | None = None) -> dict: ...
-    def hashed_with_size(self, size: int) -> set: ...
-    def hashed_by_digest(self, size: int, digest: bytes
-                         ) -> ImageRow | None: ...
-    def hash_arrays(self, words: int, extra: int) -> HashArrays: ...
-    def low_detail_rows(self) -> list: ...
-    def failed_rows(self) -> list: ...
-    def rows_by_id(self, ids: Iterable[int]) -> dict: ...
-    def rows_by_path(self, paths: Iterable[str]) -> dict: ...
-    def iter_rows(self) -> Iterator[ImageRow]: ...
-
-
-class NearRow(NamedTuple):
-    """A stored row a search found: its images.id and Hamming distance."""
-
-    id: int
-    bits: int
-
-
-class ServerHashStore(HashStore, Protocol):
-    """A HashStore whose hashes stay on a server (PgStore): it also searches
-    them there and tidies up after writes.  Operations ask for these only
-    when database_url is set."""
-
-    def search_hashes(self, query: int, radius: int) -> list[NearRow]: ...
-    def count_comparable(self) -> int: ...
-    def optimize(self) -> None: ...
-
-
-class Store(Scoped):
-    """The SQLite database of one collection, behind a few small methods."""
-
-    ROW_COLUMNS = ("path, size, mtime_ns, digest, hash, width, height, error, id, "
-                   "variants, low_detail, detail, traits")
-
-    def __init__(self, path: str, create: bool = False):
-        self.path = path
-        if not create and not os.path.exists(path):
-            raise StoreError(f"no database at {path}; run build first.")
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.db = sqlite3.connect(path, timeout=30)
-            self.db.execute("PRAGMA busy_timeout = 30000")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            foreign = _foreign(self.db, version)
-            if foreign:
-                self.db.close()
-                raise StoreError(
-                    f"{path} is not a reverse_search database ({foreign}); it "
-                    f"was left as it is. Choose another db_dir, or move that "
-                    f"file away.")
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{path} was written by a newer reverse_search (schema "
-                    f"{version}, this one knows {SCHEMA_VERSION}); upgrade, or "
-                    f"use another db_dir.")
-            self._migrate(version)
-        except sqlite3.Error as exc:
-            raise StoreError(describe_db_error(exc, path)) from None
-
-    def _migrate(self, version: int) -> None:
-        if version == SCHEMA_VERSION:
-            return
-        if version == 1:  # rows hashed before have no traits: update rehashes them
-            with self.db:
-                self.db.execute("ALTER TABLE images ADD COLUMN traits TEXT")
-                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            return
-        with self.db:  # version 0: a new file
-            self.db.executescript(SCHEMA)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)",
-                            (uuid.uuid4().hex,))
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
-                            (COVERAGE_KEY, Coverage("", []).to_meta()))
-
-    def snapshot(self) -> None:
-        """From here to close(), every read sees one state of the database
-        (a read transaction): an update running beside a search cannot take
-        away a row between the index and the rows it points to.  Writers
-        wait for it (busy_timeout), so hold it only while reading."""
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN")
-
-    def end_snapshot(self) -> None:
-        if self.db.in_transaction:
-            self.db.commit()
-
-    def close(self) -> None:
-        self.db.close()
-
-    # ---- meta ----
-    def meta(self) -> dict:
-        return dict(self.db.execute("SELECT key, value FROM meta"))
-
-    def set_meta(self, **values) -> None:
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                [(k, str(v)) for k, v in values.items()])
-
-    def hash_kind(self) -> str | None:
-        return self.meta().get("hash_kind")
-
-    def fingerprint(self) -> str:
-        """Changes whenever the stored hashes change (every write bumps it)."""
-        meta = self.meta()
-        count = self.db.execute("SELECT count(*) FROM images").fetchone()[0]
-        return f"{meta['db_id']}:{meta['generation']}:{count}{self._scope_tag()}"
-
-    # ---- coverage (Scoped) ----
-    def _coverage_text(self) -> str | None:
-        return self.meta().get(COVERAGE_KEY)
-
-    def _set_coverage(self, cov: Coverage) -> None:
-        self.set_meta(**{COVERAGE_KEY: cov.to_meta()})
-
-    def _legacy_coverage(self, kind: str) -> Coverage:
-        """A database from before coverage was recorded: the folders of this
-        run that hold rows count as covered; others may hold rows too."""
-        if self.hash_kind() != kind:
-            return Coverage(kind, [])
-        found = [r for r in self.scope_roots if self.db.execute(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE "
-            f"{self._ranges_sql([r])[0]})", self._ranges_sql([r])[1]
-        ).fetchone()[0]]
-        return Coverage(kind, found, True)
-
-    def _rows_outside(self, roots: Sequence[str]) -> bool:
-        sql, params = self._ranges_sql(roots)
-        return bool(self.db.execute("SELECT EXISTS (SELECT 1 FROM images "
-                                    f"WHERE NOT ({sql}))", params).fetchone()[0])
-
-    @staticmethod
-    def _ranges_sql(roots: Sequence[str]) -> tuple[str, list]:
-        """A condition true for rows under `roots`: byte ranges of the path,
-        for paths stored as TEXT and as BLOB (SQLite compares them apart)."""
-        parts, params = [], []
-        for root in roots:
-            lo, hi = _root_range(root)
-            ranges = [(lo, hi)]
-            with contextlib.suppress(UnicodeDecodeError):
-                ranges.append((lo.decode("utf-8"), hi.decode("utf-8")))
-            for a, b in ranges:
-                parts.append("(path >= ? AND path < ?)")
-                params += [a, b]
-        return " OR ".join(parts) or "0", params
-
-    def _scope_sql(self) -> tuple[str, list]:
-        if self.scope is None:
-            return "1", []
-        sql, params = self._ranges_sql(self.scope)
-        return f"({sql})", params
-
-    # ---- writes: each call is one transaction ----
-    def start_kind(self, spec: HashSpec) -> None:
-        """Record the hash kind; drop hashes of any other kind."""
-        if self.hash_kind() != spec.kind:
-            with self.db:
-                self.db.execute("DELETE FROM images")
-                self._bump()
-        with self.db:  # the secret that signs the cache files, made once
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('index_key', ?)",
-                            (os.urandom(32).hex(),))
-            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        self.set_meta(**kind_meta(spec))
-
-    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
-        now = time.time()
-        with self.db:
-            self.db.executemany(
-                "INSERT INTO images (path, size, mtime_ns, digest, hash, variants, "
-                "low_detail, detail, width, height, error, hashed_at, traits) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
-                "mtime_ns=excluded.mtime_ns, digest=excluded.digest, "
-                "hash=excluded.hash, variants=excluded.variants, "
-                "low_detail=excluded.low_detail, detail=excluded.detail, "
-                "width=excluded.width, "
-                "height=excluded.height, error=excluded.error, "
-                "hashed_at=excluded.hashed_at, traits=excluded.traits",
-                [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
-                  hash_to_db(r.hash, bits), r.extra, int(r.low_detail),
-                  r.detail, r.width, r.height, r.error, now, r.traits)
-                 for r in rows])
-            self._bump()
-
-    def delete_paths(self, paths: Iterable[str]) -> int:
-        keys = [(path_to_db(p),) for p in paths]
-        with self.db:
-            self.db.executemany("DELETE FROM images WHERE path = ?", keys)
-            self._bump()
-        return len(keys)
-
-    def _bump(self) -> None:
-        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                        "WHERE key = 'generation'")
-
-    # ---- reads ----
-    def use_roots(self, roots) -> None:
-        pass  # one machine: rows need no owner
-
-    def states(self, roots=None) -> dict:
-        """path -> RowState for every stored file under `roots` (all when
-        None): what update compares, and what it may delete."""
-        sql, params = ("1", []) if roots is None else self._ranges_sql(roots)
-        return {path_from_db(p): RowState(s, m, bool(ok)) for p, s, m, ok in
-                self.db.execute("SELECT path, size, mtime_ns, error IS NULL "
-                                "AND traits IS NOT NULL FROM images WHERE "
-                                f"{sql}", params)}
-
-    def hashed_with_size(self, size: int) -> set:
-        """Digests of the hashed files of this size (moved or copied files)."""
-        cur = self.db.execute("SELECT digest FROM images WHERE size = ? AND "
-                              "hash IS NOT NULL AND traits IS NOT NULL", (size,))
-        return {digest for digest, in cur}
-
-    def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
-        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
-                              "size = ? AND digest = ? AND hash IS NOT NULL "
-                              "AND traits IS NOT NULL LIMIT 1", (size, digest))
-        row = cur.fetchone()
-        return None if row is None else image_row(row)
-
-    def hash_arrays(self, words: int, extra: int, block: int = 1 << 16
-                    ) -> HashArrays:
-        """Every comparable image (hashed, not low-detail) in scope."""
-        scope, params = self._scope_sql()
-        cur = self.db.execute("SELECT id, hash, variants, detail FROM images "
-                              "WHERE hash IS NOT NULL AND low_detail = 0 "
-                              f"AND {scope} ORDER BY id", params)
-        # A block of rows at a time: Python objects for every row would cost
-        # 190 bytes each (190 MB at a million); the arrays cost 36.
-        blocks = []
-        while rows := cur.fetchmany(block):
-            blocks.append(self._hash_block(rows, words, extra))
-        return join_hash_blocks(blocks, words, extra)
-
-    def _hash_block(self, rows: list, words: int, extra: int) -> HashArrays:
-        n = len(rows)
-        ids = np.fromiter((r[0] for r in rows), np.int64, n)
-        if words == 1:
-            hashes = np.fromiter((r[1] for r in rows), np.int64, n).view(np.uint64)
-        else:
-            hashes = np.frombuffer(b"".join(r[1] for r in rows),
-                                   dtype=">u8").astype(np.uint64)
-        found = np.frombuffer(b"".join(r[2] or b"" for r in rows),
-                              dtype=">u8").astype(np.uint64)
-        if found.size != n * extra * words:
-            raise StoreError(f"{self.path}: stored extra hashes (orientations, "
-                             f"centres) do not match the settings; run build.")
-        details = np.fromiter((4.0 if r[3] is None else r[3] for r in rows),
-                              np.float32, n)
-        return HashArrays(ids, hashes.reshape(n, words),
-                          found.reshape(n, extra, words), details)
-
-    def low_detail_rows(self) -> list:
-        return self._rows_where("low_detail = 1")
-
-    def failed_rows(self) -> list:
-        return self._rows_where("error IS NOT NULL")
-
-    def _rows_where(self, condition: str) -> list:
-        scope, params = self._scope_sql()
-        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
-                              f"{condition} AND {scope} ORDER BY path", params)
-        return list(map(image_row, cur))
-
-    def rows_by_id(self, ids: Iterable[int]) -> dict:
-        ids = sorted({int(i) for i in ids})
-        rows = {}
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
-                                  f"WHERE id IN ({marks})", part)
-            rows.update((r.id, r) for r in map(image_row, cur))
-        return rows
-
-    def rows_by_path(self, paths: Iterable[str]) -> dict:
-        keys = sorted({path_to_db(p) for p in paths}, key=repr)
-        rows = {}
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            marks = ",".join("?" * len(part))
-            cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
-                                  f"WHERE path IN ({marks})", part)
-            rows.update((r.path, r) for r in map(image_row, cur))
-        return rows
-
-    def iter_rows(self) -> Iterator[ImageRow]:
-        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images ORDER BY path")
-        return map(image_row, cur)
-
-
-class RunLock:
-    """One writer per database: a second run waits, then stops with a message."""
-
-    def __init__(self, db_path: str, timeout: float):
-        self.path = db_path + ".lock"
-        self.timeout = timeout
-        self.fh = None
-
-    def __enter__(self) -> RunLock:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        try:  # never created or opened through a planted link
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW |
-                         _CLOEXEC, 0o666)
-        except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM,
-                             errno.ENOSPC) and not os.path.islink(self.path):
-                raise StoreError(
-                    f"cannot write in db_dir {os.path.dirname(self.path)} "
-                    f"({exc.strerror}): build, update, move and undo write "
-                    f"the database there; give write access or free space, "
-                    f"or choose another db_dir (search and export only read "
-                    f"it).") from None
-            why = "is a symbolic link" if os.path.islink(self.path) else \
-                f"cannot be opened ({exc.strerror})"
-            raise StoreError(f"the lock file {self.path} {why}; remove it "
-                             f"(no run is using it then).") from None
-        self.fh = os.fdopen(fd, "r+b")
-        deadline = time.monotonic() + self.timeout
-        while not self._try_lock():
-            if time.monotonic() >= deadline:
-                self.fh.close()
-                raise StoreError(
-                    f"another reverse_search run is writing {self.path[:-5]} "
-                    f"(waited {self.timeout:g} s, see lock_timeout); try again "
-                    f"when it has finished.")
-            time.sleep(0.1)
-        return self
-
-    def _try_lock(self) -> bool:
-        try:
-            if os.name == "nt":
-                import msvcrt
-                msvcrt.locking(self.fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            return False
-
-    def __exit__(self, *exc) -> None:
-        self.fh.close()  # closing releases the lock on every platform
-
-
-# ============================================================================
-# Database: PostgreSQL
-# ============================================================================
-#
-# With `database_url` set, the same tables live in PostgreSQL, so several
-# machines can update one collection (each its own folders) and search it
-# without loading every hash.  Differences from SQLite, each for a reason:
-# - paths are BYTEA (os.fsencode): any file name keeps its row; `raw` marks
-#   the ones that are not UTF-8 so rows sort as in SQLite (text, then blobs);
-# - hashes of up to 64 bits are signed BIGINT, longer ones BYTEA (hash_bytes);
-# - three chunk columns c0..c2 hold 21-22 bit pieces of each comparable hash,
-#   each with a B-tree index that also carries (id, hash): a search probes the
-#   chunk neighbourhoods of the query (multi-index hashing) and verifies the
-#   candidates with bit_count, all from the index (no heap visits);
-# - each row records the host and root folder that wrote it; a run only reads
-#   (states) and deletes rows under its own roots;
-# - `generation` in meta is bumped in the same transaction as every write, so
-#   the fingerprint changes whenever any writer changes hashes.
-
-PG_SCHEMA_VERSION = 2
-PG_CHUNKS = 3            # chunk columns c0..c2 (3 x ~21 bits of a 64-bit hash)
-PG_INSTALL = 'pip install "psycopg[binary]"'
-PG_PAGE = 20_000         # rows per page when reading by path
-PG_RETRIES = 5           # deadlock / serialization failure: run it again
-KIND_LOCK = 0x7273_6b69_6e64  # advisory lock: kind switch vs writers ("rskind")
-SCHEMA_LOCK = 0x7273_7363_6d61  # advisory lock: one schema migration at a time
-
-PG_SCHEMA = {
-    1: """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (
-    id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-    path        BYTEA NOT NULL UNIQUE,
-    raw         BOOLEAN NOT NULL DEFAULT false,
-    size        BIGINT NOT NULL,
-    mtime_ns    BIGINT NOT NULL,
-    digest      BYTEA,
-    hash        BIGINT,
-    hash_bytes  BYTEA,
-    variants    BYTEA,
-    low_detail  BOOLEAN NOT NULL DEFAULT false,
-    detail      DOUBLE PRECISION,
-    width       INTEGER,
-    height      INTEGER,
-    error       TEXT,
-    c0          INTEGER,
-    c1          INTEGER,
-    c2          INTEGER,
-    host        TEXT NOT NULL DEFAULT '',
-    root        BYTEA,
-    hashed_at   TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS images_size ON images (size);
-CREATE INDEX IF NOT EXISTS images_raw ON images (path) WHERE raw;
-""",
-    # traits for the keep rule; rows hashed before have none: update rehashes
-    2: "ALTER TABLE images ADD COLUMN IF NOT EXISTS traits TEXT;",
-}
-
-# the columns an ImageRow is read from, in image_row's order (the hash as
-# big-endian bytes either way: int8send for BIGINT, as is for BYTEA)
-PG_ROW_COLUMNS = ("path, size, mtime_ns, digest, coalesce(hash_bytes, "
-                  "int8send(hash)), width, height, error, id, variants, "
-                  "low_detail, detail, traits")
-HASHED = "(hash IS NOT NULL OR hash_bytes IS NOT NULL)"
-INCOMING = """
-CREATE TEMP TABLE IF NOT EXISTS incoming (
-    seq INTEGER, path BYTEA, raw BOOLEAN, size BIGINT, mtime_ns BIGINT,
-    digest BYTEA, hash BIGINT, hash_bytes BYTEA, variants BYTEA,
-    low_detail BOOLEAN, detail DOUBLE PRECISION, width INTEGER, height INTEGER,
-    error TEXT,
-    c0 INTEGER, c1 INTEGER, c2 INTEGER, root BYTEA, traits TEXT)
-    ON COMMIT DELETE ROWS
-"""
-INCOMING_TYPES = ["int4", "bytea", "bool", "int8", "int8", "bytea", "int8",
-                  "bytea", "bytea", "bool", "float8", "int4", "int4", "text",
-                  "int4", "int4", "int4", "bytea", "text"]
-UPSERT = """
-INSERT INTO images (path, raw, size, mtime_ns, digest, hash, hash_bytes,
-                    variants, low_detail, detail, width, height, error, c0,
-                    c1, c2, host, root, hashed_at, traits)
-SELECT DISTINCT ON (path) path, raw, size, mtime_ns, digest, hash, hash_bytes,
-       variants, low_detail, detail, width, height, error, c0, c1, c2,
-       %(host)s, root, now(), traits
-FROM incoming ORDER BY path, seq DESC
-ON CONFLICT (path) DO UPDATE SET
-    size = excluded.size, mtime_ns = excluded.mtime_ns,
-    digest = excluded.digest, hash = excluded.hash,
-    hash_bytes = excluded.hash_bytes, variants = excluded.variants,
-    low_detail = excluded.low_detail, detail = excluded.detail,
-    width = excluded.width,
-    height = excluded.height, error = excluded.error, c0 = excluded.c0,
-    c1 = excluded.c1, c2 = excluded.c2, host = excluded.host,
-    root = excluded.root, hashed_at = excluded.hashed_at,
-    traits = excluded.traits
-"""
-# DISTINCT ON: one command may not update a row twice; ORDER BY path: every
-# writer locks rows in the same order, so overlapping upserts cannot deadlock.
-
-# Rough costs in seconds of the in-database search (bench_postgres.py, local
-# server); only their ratios matter: they choose probing or a full scan.
-PG_COST_PROBE = 5e-6     # per chunk value looked up in a B-tree
-PG_COST_CAND = 4e-7      # per candidate verified from the index
-PG_COST_ROW = 3e-7       # per row of a full scan (parallel seq scan)
-
-
-def _psycopg():
-    """The psycopg module, imported only when a database_url is set."""
-    try:
-        import psycopg
-    except ImportError:
-        raise StoreError(f"database_url is set, but psycopg 3 (the PostgreSQL "
-                         f"driver) is not installed: {PG_INSTALL}") from None
-    return psycopg
-
-
-# ---- connection strings: parsed as libpq parses them; passwords never shown ----
-#
-# libpq reads a URL's user:password up to the first "@" before any "/", so
-# "#" and "?" belong to the password there (urlsplit would end the host at
-# them and miss it).  Any password is refused in database_url, and every form
-# of connection string (URL or key=value) is redacted wherever it is shown.
-
-CONNINFO_SECRETS = ("password", "sslpassword")  # libpq keys that hold secrets
-URL_PREFIXES = ("postgresql://", "postgres://")  # libpq's, case-sensitive
-
-
-def is_database_url(text: str) -> bool:
-    return text.startswith(URL_PREFIXES)
-
-
-def parse_conninfo(text: str) -> dict:
-    """{libpq key: value} of a URL or key=value connection string, as libpq
-    reads it (psycopg's conninfo_to_dict asks libpq itself; without psycopg,
-    a parser written after libpq's fe-connect.c).  ValueError when libpq
-    would refuse it, with no part of the text in the message (libpq quotes
-    the whole URL, password included)."""
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-    except ImportError:
-        return _parse_conninfo(text)
-    try:
-        return conninfo_to_dict(text)
-    except Exception as exc:  # psycopg.ProgrammingError: libpq's message
-        raise ValueError(_unquoted(str(exc))) from None
-
-
-def _unquoted(message: str) -> str:
-    """libpq's message with every quoted part (a piece of the URL) cut."""
-    return re.sub(r'"[^"]*"', '"..."', message.strip().split("\n")[0])
-
-
-def _parse_conninfo(text: str) -> dict:
-    return _parse_uri(text) if is_database_url(text) else _parse_keywords(text)
-
-
-def _parse_uri(text: str) -> dict:
-    """conninfo_uri_parse_options: credentials, hosts[:ports], /dbname, ?k=v."""
-    rest, out = text.split("://", 1)[1], {}
-    cred = re.match(r"[^@/]*@", rest)  # the first "@" before any "/"
-    if cred:
-        user, colon, password = rest[:cred.end() - 1].partition(":")
-        rest = rest[cred.end():]
-        if user:
-            out["user"] = _pct_decode(user)
-        if colon and password:
-            out["password"] = _pct_decode(password)
-    hosts, ports, pos = [], [], 0
-    while True:
-        if rest.startswith("[", pos):  # [IPv6]
-            end = rest.find("]", pos)
-            if end <= pos + 1:
-                raise ValueError("unterminated or empty [IPv6] host")
-            host, pos = rest[pos + 1:end], end + 1
-            if rest[pos:pos + 1] not in ("", ":", "/", "?", ","):
-                raise ValueError("unexpected character after an [IPv6] host")
-        else:
-            host = re.compile(r"[^:/?,]*").match(rest, pos).group()
-            pos += len(host)
-        hosts.append(host)
-        port = ""
-        if rest.startswith(":", pos):
-            port = re.compile(r"[^/?,]*").match(rest, pos + 1).group()
-            pos += 1 + len(port)
-        ports.append(port)
-        if not rest.startswith(",", pos):
-            break
-        pos += 1
-    for key, values in (("host", hosts), ("port", ports)):
-        if ",".join(values):
-            out[key] = _pct_decode(",".join(values))
-    term = rest[pos:pos + 1]
-    if term == "/":
-        dbname, term, query = rest[pos + 1:].partition("?")
-        if dbname:
-            out["dbname"] = _pct_decode(dbname)
-    else:
-        query = rest[pos + 1:]
-    if term:
-        out.update(_uri_params(query))
-    return out
-
-
-def _uri_params(query: str) -> dict:
-    out = {}
-    for item in query.split("&") if query else []:
-        if item.count("=") != 1:
-            raise ValueError("a URL parameter without exactly one \"=\"")
-        key, value = (_pct_decode(x) for x in item.split("="))
-        if key == "ssl" and value == "true":  # libpq's JDBC-style alias
-            key, value = "sslmode", "require"
-        out[key] = value
-    return out
-
-
-def _pct_decode(text: str) -> str:
-    """libpq's conninfo_uri_decode: %XX only, and never %00."""
-    if re.search(r"%(?![0-9a-fA-F]{2})|%00", text):
-        raise ValueError("an invalid percent-encoded token")
-    return unquote(text, errors="surrogateescape")
-
-
-def _parse_keywords(text: str) -> dict:
-    """conninfo_parse: key = value pairs, values bare or 'quoted', with
-    backslash escapes in both."""
-    out, pos, n = {}, 0, len(text)
-    while True:
-        while pos < n and text[pos].isspace():
-            pos += 1
-        if pos >= n:
-            return out
-        m = re.compile(r"([^=\s]*)\s*=\s*").match(text, pos)
-        if not m:
-            raise ValueError('missing "=" in a key=value connection string')
-        key, pos, value = m.group(1), m.end(), []
-        quoted = text.startswith("'", pos)
-        pos += quoted
-        while True:
-            if pos >= n:
-                if quoted:
-                    raise ValueError("unterminated quoted string")
-                break
-            c = text[pos]
-            pos += 1
-            if c == "\\":
-                value.append(text[pos:pos + 1])
-                pos += 1
-            elif quoted and c == "'" or not quoted and c.isspace():
-                break
-            else:
-                value.append(c)
-        out[key] = "".join(value)
-
-
-def redact_url(text: str) -> str:
-    """A connection string (URL or key=value) without any password: what
-    results and messages show."""
-    if not text:
-        return text
-    if is_database_url(text):
-        return _redact_uri(text)
-    try:
-        info = _parse_keywords(text)
-    except ValueError:
-        return "(connection string not shown: libpq cannot read it)"
-    return " ".join(f"{k}={_kv_quote(v)}" for k, v in info.items()
-                    if k not in CONNINFO_SECRETS)
-
-
-def _redact_uri(url: str) -> str:
-    scheme, rest = url.split("://", 1)
-    cred = re.match(r"[^@/]*@", rest)  # libpq's rule, as _parse_uri
-    if cred:
-        user = rest[:cred.end() - 1].partition(":")[0]
-        rest = (user + "@" if user else "") + rest[cred.end():]
-    base, mark, query = rest.partition("?")
-    kept = []
-    for item in query.split("&") if query else []:
-        try:
-            key = _pct_decode(item.partition("=")[0])
-        except ValueError:
-            continue
-        if item.count("=") == 1 and key not in CONNINFO_SECRETS:
-            kept.append(item)
-    return f"{scheme}://{base}" + ("?" + "&".join(kept) if kept else "")
-
-
-def _kv_quote(value: str) -> str:
-    if value and not re.search(r"[\s'\\]", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _scrub(text: str, url: str) -> str:
-    """A driver message with every password cut out: the ones in `url`, and
-    any password=... or user:password@ it quotes."""
-    with contextlib.suppress(ValueError):
-        for key in CONNINFO_SECRETS:
-            secret = parse_conninfo(url).get(key)
-            if secret:
-                text = text.replace(secret, "***")
-    text = re.sub(r"(postgres(?:ql)?://[^:@/\s]*):[^@/\s]*@", r"\1@", text)
-    return re.sub(r"\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)",
-                  r"\1=***", text)
-
-
-def pg_failure(exc: Exception, doing: str, url: str) -> str:
-    """A driver error as a message: scrubbed, with what to do about it."""
-    text = _scrub(str(exc).strip(), url)
-    hint = ""
-    if "does not exist" in text and "database" in text:
-        hint = " Create it first (createdb, or CREATE DATABASE)."
-    elif "password" in text:
-        hint = " Put the password in PGPASSWORD or ~/.pgpass."
-    return f"{doing} PostgreSQL database {redact_url(url)}: {text}.{hint}"
-
-
-def check_database_url(url: str, where: str) -> None:
-    """ConfigError unless `url` is a connection string libpq reads (URL or
-    key=value) that holds no password."""
-    if not url:
-        return
-    try:
-        info = parse_conninfo(url)
-    except ValueError as exc:
-        info, why = None, f" (libpq: {exc})"
-    else:
-        why = "" if is_database_url(url) or info else " (it is empty)"
-    if why:
-        raise ConfigError(f"{where}: key 'database_url' is not a connection "
-                          f"string PostgreSQL reads{why}; write it as "
-                          f"postgresql://user@host:5432/dbname.")
-    found = [k for k in CONNINFO_SECRETS if info.get(k)]
-    if found:
-        raise ConfigError(f"{where}: key 'database_url' holds a "
-                          f"{_secret_place(url, found[0])}; results and "
-                          f"reports would show it. Remove it and give it to "
-                          f"libpq another way: {_password_ways(info)}")
-
-
-def _secret_place(url: str, key: str) -> str:
-    if key == "password" and is_database_url(url) and \
-            re.match(r"[^@/]*:[^@/]*@", url.split("://", 1)[1]):
-        return "password (between 'user:' and '@')"
-    return f"'{key}' setting"
-
-
-def _password_ways(info: dict) -> str:
-    """The three places libpq reads a password from, filled in for `info`."""
-    fields = [(info.get(k) or "*").split(",")[0]  # the first host's
-              for k in ("host", "port", "dbname", "user")]
-    entry = ":".join(re.sub(r"([:\\])", r"\\\1", f) for f in fields)
-    pgpass = "%APPDATA%\\postgresql\\pgpass.conf" if os.name == "nt" \
-        else "~/.pgpass (chmod 600)"
-    return (f"the PGPASSWORD environment variable; or the line "
-            f"'{entry}:PASSWORD' in {pgpass}; or a service file "
-            f"(~/.pg_service.conf with password=PASSWORD in a [NAME] "
-            f"section, and database_url postgresql://?service=NAME).")
-
-
-# ---- values as stored ----
-
-def pg_path_to_db(path: str) -> tuple[bytes, bool]:
-    """(path bytes, not UTF-8): any file name round-trips through BYTEA."""
-    try:
-        return path.encode("utf-8"), False
-    except UnicodeEncodeError:
-        return os.fsencode(path), True
-
-
-def pg_path_from_db(value) -> str:
-    data = bytes(value)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return os.fsdecode(data)
-
-
-# an ImageRow from a row of PG_ROW_COLUMNS: image_row, paths decoded as stored
-pg_image_row = functools.partial(image_row, path_of=pg_path_from_db)
-
-
-def pg_text(text: str | None) -> str | None:
-    """Text PostgreSQL accepts: no NUL, no lone surrogates (odd file names)."""
-    if text is None:
-        return None
-    text = text.replace("\x00", "\\x00")
-    return text.encode("utf-8", "surrogateescape").decode("utf-8",
-                                                           "backslashreplace")
-
-
-def lock_key(text: str) -> int:
-    """A signed 64-bit advisory lock key for a folder."""
-    digest = hashlib.blake2b(b"reverse_search\0" + os.fsencode(text),
-                             digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-# ---- multi-index hashing inside PostgreSQL ----
-
-@dataclass(frozen=True)
-class PgChunk:
-    """Bits [shift, shift + bits) of a hash (as a Python int)."""
-
-    shift: int
-    bits: int
-
-    def value(self, h: int) -> int:
-        return (h >> self.shift) & ((1 << self.bits) - 1)
-
-
-def pg_chunks(bits: int) -> list:
-    """PG_CHUNKS chunks: all bits of a hash of up to 64 bits; of a longer one,
-    three ~21-bit pieces spread over it (pigeonhole needs disjoint chunks, not
-    every bit: a hash within r of the query is within r on any subset)."""
-    width = min(bits, 64)
-    plan = plan_chunks(width, 1, PG_CHUNKS)[:PG_CHUNKS]
-    if bits <= 64:
-        return [PgChunk(c.shift, c.bits) for c in plan]
-    return [PgChunk(k * bits // PG_CHUNKS, c.bits) for k, c in enumerate(plan)]
-
-
-def pg_search_plan(n: int, chunks: list, radius: int) -> str:
-    """'mih' or 'scan', whichever the cost model says is cheaper (the chunks
-    probed as MIHEngine probes its own: probed_chunks)."""
-    mih = 0.0
-    for _, chunk, most in probed_chunks(chunks, radius):
-        probes = _ball(chunk.bits, most)
-        mih += probes * (PG_COST_PROBE + n / 2**chunk.bits * PG_COST_CAND)
-    return "mih" if mih < n * PG_COST_ROW else "scan"
-
-
-# ---- connection and schema ----
-
-def pg_connect(url: str):
-    """A new autocommit connection to `url`, named after this machine (what
-    PgRunLock shows of a busy lock's holder)."""
-    psycopg = _psycopg()
-    try:
-        return psycopg.connect(
-            url, autocommit=True, connect_timeout=30,
-            application_name=f"reverse_search@{socket.gethostname()}"[:63])
-    except psycopg.Error as exc:
-        raise StoreError(pg_failure(exc, "cannot connect to", url)) from None
-
-
-class PgLink:
-    """One connection to the database at `url`.  Every driver failure
-    leaves as a StoreError that names the database without its password
-    (pg_failure), except a lost deadlock inside retry, which runs again."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.path = redact_url(url)  # what reports and messages show
-        self.psycopg = _psycopg()
-        self.conn = pg_connect(url)
-
-    def failure(self, exc: Exception, doing: str) -> StoreError:
-        return StoreError(pg_failure(exc, doing, self.url))
-
-    def sql(self, sql: str, params=None):
-        """conn.execute, with a driver failure as a StoreError (a lost
-        deadlock stays as it is: retry runs the transaction again)."""
-        errors = self.psycopg.errors
-        try:
-            return self.conn.execute(sql, params)
-        except (errors.DeadlockDetected, errors.SerializationFailure):
-            raise
-        except self.psycopg.Error as exc:
-            raise self.failure(exc, "failed on") from None
-
-    def retry(self, write) -> None:
-        """Run write() in one transaction; again if it lost a deadlock."""
-        errors = self.psycopg.errors
-        for attempt in range(PG_RETRIES):
-            try:
-                with self.conn.transaction():
-                    write()
-                return
-            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
-                if attempt == PG_RETRIES - 1:
-                    raise self.failure(exc, "cannot write to") from None
-                time.sleep(0.05 * (attempt + 1))
-            except self.psycopg.Error as exc:  # COPY, or the connection
-                raise self.failure(exc, "cannot write to") from None
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def pg_meta(db: PgLink) -> dict:
-    return dict(db.sql("SELECT key, value FROM meta").fetchall())
-
-
-def pg_put_meta(db: PgLink, **values) -> None:
-    with db.conn.cursor() as cur:
-        cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
-                        "DO UPDATE SET value = excluded.value",
-                        [(k, str(v)) for k, v in values.items()])
-
-
-def pg_bump(db: PgLink) -> None:
-    """A write's mark: the fingerprint changes (in the write's transaction)."""
-    db.sql("UPDATE meta SET value = (value::bigint + 1)::text "
-           "WHERE key = 'generation'")
-
-
-def pg_schema_version(db: PgLink) -> int | None:
-    if db.sql("SELECT to_regclass('meta')").fetchone()[0] is None:
-        return None
-    row = db.sql("SELECT value FROM meta WHERE key = "
-                 "'schema_version'").fetchone()
-    return int(row[0]) if row else 0
-
-
-def pg_migrate(db: PgLink) -> None:
-    """Bring the schema to PG_SCHEMA_VERSION, one step at a time; the
-    advisory lock lets machines that start together do it once."""
-    with db.conn.transaction():
-        db.sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-        version = pg_schema_version(db) or 0
-        for step in range(version + 1, PG_SCHEMA_VERSION + 1):
-            db.sql(PG_SCHEMA[step])
-        db.sql("INSERT INTO meta VALUES ('db_id', %s), ('generation', '0') "
-               "ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
-        pg_put_meta(db, schema_version=PG_SCHEMA_VERSION)
-
-
-def pg_open(db: PgLink, create: bool) -> None:
-    """Check the schema's version; create or migrate the tables."""
-    try:
-        version = pg_schema_version(db)
-        if version is None and not create:
-            raise StoreError(f"no reverse_search tables in {db.path}; "
-                             f"run build first.")
-        if version is not None and version > PG_SCHEMA_VERSION:
-            raise StoreError(
-                f"{db.path} was written by a newer reverse_search (schema "
-                f"{version}, this one knows {PG_SCHEMA_VERSION}); upgrade "
-                f"it on every machine that shares the database.")
-        if version != PG_SCHEMA_VERSION:
-            pg_migrate(db)
-    except db.psycopg.Error as exc:
-        raise db.failure(exc, "cannot use") from None
-
-
-# ---- the hash kind and the chunk indexes ----
-
-def chunk_layout(bits: int) -> str:
-    """What the chunk columns and indexes hold, as meta records it."""
-    column = "hash" if bits <= 64 else "hash_bytes"
-    return column + ":" + ",".join(f"{c.shift}+{c.bits}"
-                                   for c in pg_chunks(bits))
-
-
-def drop_chunk_indexes(db: PgLink, bits: int) -> None:
-    for k in range(PG_CHUNKS):
-        db.sql(f"DROP INDEX IF EXISTS images_c{k}")
-    pg_put_meta(db, chunk_layout=chunk_layout(bits))
-
-
-def make_chunk_indexes(db: PgLink) -> None:
-    """Chunk indexes carrying (id, hash): candidates are verified from the
-    index alone.  Only comparable rows (c0 set) are in them."""
-    layout = pg_meta(db).get("chunk_layout", "")
-    column = layout.split(":")[0]
-    if not column:
-        return  # no hash kind yet
-    db.sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-    for k in range(PG_CHUNKS):
-        db.sql(f"CREATE INDEX IF NOT EXISTS images_c{k} ON images "
-               f"(c{k}) INCLUDE (id, {column}) WHERE c{k} IS NOT NULL")
-
-
-def pg_check_kind(db: PgLink, kind: str | None) -> None:
-    """Another machine switched the hash kind while we were hashing."""
-    if kind is None:
-        return
-    stored = pg_meta(db).get("hash_kind")
-    if stored != kind:
-        raise StoreError(f"{db.path} now holds {stored} hashes (another "
-                         f"machine changed the hash settings); this run "
-                         f"hashes {kind}. Use the same hash settings "
-                         f"on every machine.")
-
-
-def pg_switch_kind(db: PgLink, spec: HashSpec) -> None:
-    """Inside a transaction: record the hash kind; drop hashes of any other
-    kind (every machine's: hashes of two kinds cannot be compared)."""
-    # exclusive: no writer is between its kind check and its commit
-    db.sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
-    if pg_meta(db).get("hash_kind") != spec.kind:
-        db.sql("DELETE FROM images")
-        pg_bump(db)
-    if pg_meta(db).get("chunk_layout") != chunk_layout(spec.bits):
-        drop_chunk_indexes(db, spec.bits)
-    if db.sql("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0]:
-        make_chunk_indexes(db)
-    # else: a bulk load; optimize() builds them at the end, ~10x
-    # cheaper than keeping three random-order B-trees up to date
-    db.sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
-           "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
-    pg_put_meta(db, **kind_meta(spec))
-
-
-# ---- COPY ingest: rows to a temp table, then one upsert ----
-
-def incoming_rows(rows: Sequence[ImageRow], bits: int, roots: list) -> list:
-    """Rows as COPY writes them into `incoming`, each with the innermost of
-    `roots` it lies under (a hot loop: ~50,000 rows a second)."""
-    chunks = [(c.shift, (1 << c.bits) - 1) for c in pg_chunks(bits)]
-    short, nones = bits <= 64, (None,) * len(chunks)
-    roots = sorted({r.rstrip(os.sep) + os.sep for r in roots},
-                   key=len, reverse=True)  # longest (innermost) first
-    root_of = {top: os.fsencode(top[:-1]) for top in roots}
-    out = []
-    for seq, r in enumerate(rows):
-        path, raw = pg_path_to_db(r.path)
-        h = r.hash
-        value = hash_to_db(h, bits)
-        c = nones if h is None or r.low_detail else \
-            tuple((h >> s) & mask for s, mask in chunks)
-        root = next((root_of[t] for t in roots if r.path.startswith(t)),
-                    None)
-        out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
-                    value if short else None, None if short else value,
-                    r.extra, bool(r.low_detail), r.detail, r.width,
-                    r.height, pg_text(r.error), *c, root, r.traits))
-    return out
-
-
-def pg_write_rows(db: PgLink, data: list, host: str, kind: str | None
-                  ) -> None:
-    """Inside a transaction: incoming_rows into images, by path, unless
-    another machine switched the hash kind meanwhile."""
-    db.sql("SELECT pg_advisory_xact_lock_shared(%s)", (KIND_LOCK,))
-    pg_check_kind(db, kind)
-    with db.conn.cursor() as cur:
-        with cur.copy("COPY incoming FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(INCOMING_TYPES)
-            for row in data:
-                cp.write_row(row)
-        cur.execute(UPSERT, {"host": host})
-    pg_bump(db)
-
-
-# ---- reads: paths in pages, hashes in a binary COPY ----
-
-def pg_ranges_sql(roots: Sequence[str]) -> str:
-    """Rows under `roots`, as literals (hex only: nothing to escape), so
-    the condition also fits COPY and the named-parameter searches."""
-    parts = [f"(path >= '\\x{lo.hex()}'::bytea AND path < "
-             f"'\\x{hi.hex()}'::bytea)"
-             for lo, hi in map(_root_range, roots)]
-    return "(" + (" OR ".join(parts) or "false") + ")"
-
-
-def pg_paged(db: PgLink, columns: str, where: str, lo: bytes,
-             hi: bytes | None, params: tuple = ()) -> Iterator[tuple]:
-    """(path, *columns) for lo <= path < hi, in path order, a page at a
-    time: memory stays bounded and no transaction stays open."""
-    last, first = lo, True
-    upper = "" if hi is None else " AND path < %s"
-    while True:
-        cond = "path >= %s" if first else "path > %s"
-        rows = db.sql(
-            f"SELECT path, {columns} FROM images WHERE {where} AND {cond}"
-            f"{upper} ORDER BY path LIMIT {PG_PAGE}",
-            (*params, last, *(() if hi is None else (hi,)))).fetchall()
-        yield from rows
-        if len(rows) < PG_PAGE:
-            return
-        last, first = rows[-1][0], False
-
-
-def pg_rows_where(db: PgLink, condition: str) -> list:
-    """Rows matching `condition` in SQLite's order (UTF-8 paths, then raw
-    bytes)."""
-    cur = db.sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images WHERE {condition}")
-    found = [(raw, bytes(r[0]), r) for *r, raw in cur]
-    return [pg_image_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
-
-
-def parse_hash_records(buf: bytearray, record: np.dtype, words: int,
-                       extra: int, path: str) -> HashArrays:
-    """Whole records from the front of buf (which loses them)."""
-    n = len(buf) // record.itemsize
-    rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
-    del buf[:n * record.itemsize]
-    if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
-                  and (rec["n_hash"] == 8 * words).all()
-                  and (rec["n_var"] == 8 * extra * words).all()
-                  and (rec["n_detail"] == 8).all()):
-        raise StoreError(f"{path}: stored extra hashes (orientations, "
-                         f"centres) do not match the settings; run build.")
-    return HashArrays(rec["id"].astype(np.int64),
-                      rec["hash"].astype(np.uint64).reshape(n, words),
-                      rec["var"].astype(np.uint64).reshape(n, extra, words),
-                      rec["detail"].astype(np.float32))
-
-
-def parse_hash_copy(stream: Iterable[bytes], words: int, extra: int,
-                    block: int, path: str) -> Iterator[HashArrays]:
-    """HashArrays from the bytes of a binary COPY of (id, hash, extra
-    hashes, detail), a block of records at a time.  The format: a 19-byte
-    header (signature, flags, extension length) and its extension, then
-    records of a field count and each field's length and bytes, then -1."""
-    record = np.dtype([("fields", ">i2"), ("n_id", ">i4"), ("id", ">i8"),
-                       ("n_hash", ">i4"), ("hash", ">u8", (words,)),
-                       ("n_var", ">i4"), ("var", ">u8", (extra * words,)),
-                       ("n_detail", ">i4"), ("detail", ">f8")])
-    buf, start = bytearray(), True
-    for data in stream:
-        buf += data
-        if start and len(buf) >= 19:  # signature, flags, extension
-            del buf[:19 + int.from_bytes(buf[15:19], "big")]
-            start = False
-        if not start and len(buf) >= block * record.itemsize:
-            yield parse_hash_records(buf, record, words, extra, path)
-    if not start:
-        if bytes(buf[-2:]) != b"\xff\xff":
-            raise StoreError(f"{path}: hash stream ended early.")
-        del buf[-2:]
-        if buf:
-            yield parse_hash_records(buf, record, words, extra, path)
-
-
-def copy_hash_blocks(url: str, where: str, words: int, extra: int,
-                     block: int = 1 << 18) -> Iterator[HashArrays]:
-    """HashArrays of the comparable rows matching `where`, in id order,
-    about `block` rows at a time, parsed straight from a binary COPY on a
-    connection of its own: bounded memory, one consistent snapshot, and
-    the store stays usable between blocks."""
-    column = "int8send(hash)" if words == 1 else "hash_bytes"
-    sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
-           f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
-           f"NULL AND {where} ORDER BY id) TO STDOUT (FORMAT BINARY)")
-    psycopg, conn = _psycopg(), pg_connect(url)
-    try:
-        with conn.cursor() as cur, cur.copy(sql) as cp:
-            yield from parse_hash_copy(cp, words, extra, block,
-                                       redact_url(url))
-    except psycopg.Error as exc:
-        raise StoreError(pg_failure(exc, "cannot read hashes from", url)
-                         ) from None
-    finally:
-        conn.close()
-
-
-# ---- the query planner: an exact search inside PostgreSQL ----
-
-def pg_search_sql(query: int, radius: int, bits: int, n: int, scope: str
-                  ) -> tuple[str, dict]:
-    """The SQL and parameters of (id, distance) for every comparable row
-    within `radius` bits of `query`, among about n rows: probes of the chunk
-    neighbourhoods (multi-index hashing) or a full scan, whichever
-    pg_search_plan says is cheaper; both compute distances with bit_count."""
-    chunks = pg_chunks(bits)
-    if bits <= 64:
-        dist = "bit_count((hash # %(q)s)::bit(64))"
-        params = {"q": signed64(query), "r": radius}
-    else:  # BYTEA holds whole 64-bit words: compare all their bits
-        width = 64 * ((bits + 63) // 64)
-        dist = (f"bit_count(('x' || encode(hash_bytes, 'hex'))::bit({width})"
-                f" # %(q)s::bit({width}))")
-        params = {"q": "x" + format(query, f"0{width // 4}x"), "r": radius}
-    if pg_search_plan(n, chunks, radius) == "scan":
-        return (f"SELECT id, d FROM (SELECT id, {dist} AS d FROM images "
-                f"WHERE c0 IS NOT NULL AND {scope}) s WHERE d <= %(r)s"), params
-    parts = []
-    for k, chunk, most in probed_chunks(chunks, radius):
-        v = chunk.value(query)
-        params[f"p{k}"] = [int(v ^ m) for m in _flip_masks(chunk.bits, most)]
-        parts.append(f"SELECT id, d FROM (SELECT id, {dist} AS d FROM "
-                     f"images WHERE c{k} = ANY(%(p{k})s) AND {scope}) "
-                     f"b{k} WHERE d <= %(r)s")
-    return ("SELECT DISTINCT id, d FROM (" + " UNION ALL ".join(parts) +
-            ") c"), params
-
-
-def pg_row_estimate(db: PgLink) -> int:
-    """Rows in images as the planner last counted them (for the plan only:
-    a count(*) of millions of rows costs more than the search)."""
-    rows = db.sql("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
-                  "WHERE oid = 'images'::regclass").fetchone()[0]
-    if rows == 0:  # never analysed: count once (small tables)
-        rows = db.sql("SELECT count(*) FROM images").fetchone()[0]
-    return rows
-
-
-# ---- the store ----
-
-class PgStore(Scoped):
-    """The PostgreSQL database of one collection: a ServerHashStore, its
-    work done by the functions above."""
-
-    def __init__(self, url: str, create: bool = False):
-        self.url = url
-        self.path = redact_url(url)  # what reports and messages show
-        self.host = socket.gethostname()
-        self.roots = []  # this writer's folders (use_roots); tags its rows
-        self.kind = None  # the kind this writer hashes (start_kind)
-        self._bits = None  # hash_bits, read once for searches
-        self._incoming = False  # the temp table exists
-        self._rows_estimate = (0.0, 0)  # (when, rows) for the search planner
-        self.db = PgLink(url)
-        try:
-            pg_open(self.db, create)
-        except BaseException:
-            self.db.close()
-            raise
-
-    def snapshot(self) -> None:
-        """Nothing: rows that vanish while a search runs (a concurrent
-        update) are skipped by the callers instead."""
-
-    def end_snapshot(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.db.close()
-
-    # ---- meta ----
-    def meta(self) -> dict:
-        return pg_meta(self.db)
-
-    def set_meta(self, **values) -> None:
-        with self.db.conn.transaction():
-            pg_put_meta(self.db, **values)
-
-    def hash_kind(self) -> str | None:
-        return self.meta().get("hash_kind")
-
-    def fingerprint(self) -> str:
-        """Changes whenever any writer changes the stored hashes: every write
-        bumps `generation` in its own transaction (no count(*): slow here)."""
-        meta = self.meta()
-        return f"{meta['db_id']}:{meta['generation']}{self._scope_tag()}"
-
-    # ---- coverage (Scoped): each machine its own; other machines' rows are
-    # the shared collection and always answered from ----
-    def _coverage_text(self) -> str | None:
-        return self.meta().get(f"{COVERAGE_KEY}@{self.host}")
-
-    def _set_coverage(self, cov: Coverage) -> None:
-        self.set_meta(**{f"{COVERAGE_KEY}@{self.host}": cov.to_meta()})
-
-    def _legacy_coverage(self, kind: str) -> Coverage:
-        """Before coverage was recorded: each row names its root already."""
-        if self.hash_kind() != kind:
-            return Coverage(kind, [])
-        cur = self.db.sql("SELECT DISTINCT root FROM images WHERE host = %s "
-                          "AND root IS NOT NULL", (self.host,))
-        return Coverage(kind, outermost(os.fsdecode(bytes(r)) for r, in cur))
-
-    def _rows_outside(self, roots: Sequence[str]) -> bool:
-        return self.db.sql(f"SELECT EXISTS (SELECT 1 FROM images WHERE host "
-                           f"= %s AND NOT {pg_ranges_sql(roots)})",
-                           (self.host,)).fetchone()[0]
-
-    def _scope_sql(self) -> str:
-        if self.scope is None:
-            return "true"
-        host = "'" + self.host.replace("'", "''") + "'"
-        return f"(host <> {host} OR {pg_ranges_sql(self.scope)})"
-
-    # ---- writes: each call is one transaction ----
-    def use_roots(self, roots: Sequence[str]) -> None:
-        """The folders this run walks: upsert records each row's root."""
-        self.roots = [os.path.abspath(r) for r in roots]
-
-    def start_kind(self, spec: HashSpec) -> None:
-        """Record the hash kind; drop hashes of any other kind (every
-        machine's: hashes of two kinds cannot be compared)."""
-        self.db.retry(lambda: pg_switch_kind(self.db, spec))
-        self.kind, self._bits = spec.kind, spec.bits
-
-    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
-        """Insert or replace rows by path (COPY to a temp table, then one
-        INSERT ... ON CONFLICT): safe against writers of the same paths."""
-        if not rows:
-            return
-        data = incoming_rows(rows, bits, self.roots)
-        if not self._incoming:
-            self.db.sql(INCOMING)
-            self._incoming = True
-        self.db.retry(lambda: pg_write_rows(self.db, data, self.host,
-                                            self.kind))
-
-    def delete_paths(self, paths: Iterable[str]) -> int:
-        keys = sorted(pg_path_to_db(p)[0] for p in paths)
-
-        def write():
-            for start in range(0, len(keys), PG_PAGE):
-                self.db.sql("DELETE FROM images WHERE path = ANY(%s)",
-                            (keys[start:start + PG_PAGE],))
-            pg_bump(self.db)
-        self.db.retry(write)
-        return len(keys)
-
-    def optimize(self) -> None:
-        """At the end of build and update: build missing chunk indexes (a
-        bulk load skips them), then VACUUM ANALYZE, which lets searches read
-        only the chunk indexes (index-only scans need the visibility map).
-        SKIP_LOCKED: a vacuum that another machine runs is enough."""
-        with self.db.conn.transaction():
-            make_chunk_indexes(self.db)
-        self.db.sql("VACUUM (ANALYZE, SKIP_LOCKED) images")
-
-    # ---- reads ----
-    def states(self, roots: Sequence[str] | None = None) -> dict:
-        """path -> RowState for every stored file under `roots` (all when
-        None): what update compares, and what it may delete."""
-        ranges = [(b"", None)] if roots is None else \
-            [_root_range(os.path.abspath(r)) for r in roots]
-        out = {}
-        for lo, hi in ranges:
-            for p, s, m, ok in pg_paged(self.db, "size, mtime_ns, error IS "
-                                        "NULL AND traits IS NOT NULL", "true",
-                                        lo, hi):
-                out[pg_path_from_db(p)] = RowState(s, m, ok)
-        return out
-
-    def hashed_with_size(self, size: int) -> set:
-        """Digests of the hashed files of this size (moved or copied files)."""
-        cur = self.db.sql(f"SELECT digest FROM images WHERE size = %s AND "
-                          f"{HASHED} AND traits IS NOT NULL", (size,))
-        return {bytes(d) for d, in cur}
-
-    def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
-        row = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE size = "
-                          f"%s AND digest = %s AND {HASHED} AND traits IS NOT "
-                          f"NULL LIMIT 1", (size, digest)).fetchone()
-        return None if row is None else pg_image_row(row)
-
-    def hash_arrays(self, words: int, extra: int, block: int = 1 << 18
-                    ) -> HashArrays:
-        """Every comparable image in scope, as Store.hash_arrays; read in
-        blocks of `block` rows (copy_hash_blocks)."""
-        return join_hash_blocks(list(copy_hash_blocks(
-            self.url, self._scope_sql(), words, extra, block)), words, extra)
-
-    def search_hashes(self, query: int, radius: int) -> list[NearRow]:
-        """Every comparable image within `radius` bits of `query`, nearest
-        first: exact, computed inside PostgreSQL."""
-        bits = self._hash_bits()
-        sql, params = pg_search_sql(query, radius, bits, self._row_estimate(),
-                                    self._scope_sql())
-        found = self.db.sql(sql, params).fetchall()
-        return [NearRow(*f) for f in sorted(found, key=lambda f: (f[1], f[0]))]
-
-    def _hash_bits(self) -> int:
-        if self._bits is None:
-            bits = self.meta().get("hash_bits")
-            if bits is None:
-                raise StoreError(f"{self.path} holds no hashes yet; run build.")
-            self._bits = int(bits)
-        return self._bits
-
-    def _row_estimate(self) -> int:
-        """pg_row_estimate, read again after 10 seconds."""
-        when, rows = self._rows_estimate
-        if time.monotonic() - when > 10:
-            rows = pg_row_estimate(self.db)
-            self._rows_estimate = (time.monotonic(), rows)
-        return rows
-
-    def count_comparable(self) -> int:
-        """Images a search can find (hashed, not low-detail): len(flat.ids)."""
-        return self.db.sql("SELECT count(*) FROM images WHERE c0 IS NOT "
-                           f"NULL AND {self._scope_sql()}").fetchone()[0]
-
-    def low_detail_rows(self) -> list:
-        return pg_rows_where(self.db, f"low_detail AND {self._scope_sql()}")
-
-    def failed_rows(self) -> list:
-        return pg_rows_where(self.db, f"error IS NOT NULL AND "
-                                      f"{self._scope_sql()}")
-
-    def rows_by_id(self, ids: Iterable[int]) -> dict:
-        ids = sorted({int(i) for i in ids})
-        rows = {}
-        for start in range(0, len(ids), PG_PAGE):
-            cur = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
-                              f"WHERE id = ANY(%s)",
-                              (ids[start:start + PG_PAGE],))
-            rows.update((r.id, r) for r in map(pg_image_row, cur))
-        return rows
-
-    def rows_by_path(self, paths: Iterable[str]) -> dict:
-        keys = sorted({pg_path_to_db(p)[0] for p in paths})
-        rows = {}
-        for start in range(0, len(keys), PG_PAGE):
-            cur = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE "
-                              f"path = ANY(%s)", (keys[start:start + PG_PAGE],))
-            rows.update((r.path, r) for r in map(pg_image_row, cur))
-        return rows
-
-    def iter_rows(self) -> Iterator[ImageRow]:
-        """Every row in SQLite's order: UTF-8 paths by their bytes, then the
-        others (SQLite sorts TEXT before BLOB)."""
-        cols = PG_ROW_COLUMNS.split(", ", 1)[1]
-        for where in ("NOT raw", "raw"):
-            for r in pg_paged(self.db, cols, where, b"", None):
-                yield pg_image_row(r)
-
-
-def pg_store_exists(url: str) -> bool:
-    """Whether `url` holds reverse_search tables (False if unreachable)."""
-    try:
-        PgStore(url).close()
-        return True
-    except StoreError:
-        return False
-
-
-class PgRunLock:
-    """One writer per folder, across machines: session advisory locks, held
-    on a connection of their own until the run ends (or its process dies).
-
-    A run takes an exclusive lock on each of its roots and a shared lock on
-    every folder above them, so two runs conflict when one's root holds the
-    other's (same folder, or parent and child) and not otherwise."""
-
-    def __init__(self, url: str, roots: Sequence[str], timeout: float):
-        self.url, self.path = url, redact_url(url)
-        self.timeout = timeout
-        mine = {os.path.abspath(r).rstrip(os.sep) or os.sep for r in roots}
-        above = {}  # folder above a root -> that root
-        for root in sorted(mine):
-            folder = root
-            while os.path.dirname(folder) != folder:
-                folder = os.path.dirname(folder)
-                above.setdefault(folder, root)
-        self.locks = sorted([(lock_key(r), True, r, r) for r in mine] +
-                            [(lock_key(f), False, f, r) for f, r in above.items()
-                             if f not in mine])
-        self.conn = None
-
-    def __enter__(self) -> PgRunLock:
-        psycopg = _psycopg()
-        self.conn = pg_connect(self.url)
-        try:
-            self._wait(time.monotonic() + self.timeout)
-        except psycopg.Error as exc:
-            self.conn.close()
-            raise StoreError(pg_failure(exc, "lost", self.url)) from None
-        return self
-
-    def _wait(self, deadline: float) -> None:
-        while True:
-            busy = self._try_lock()
-            if busy is None:
-                return
-            if time.monotonic() >= deadline:
-                key, exclusive, folder, root = busy
-                who = self._holder(key)
-                self.conn.close()
-                what = f"{folder} or a folder in it" if exclusive else \
-                    f"{folder}, which holds {root}"
-                raise StoreError(
-                    f"another reverse_search run{who} is updating {what}, in "
-                    f"{self.path} (waited {self.timeout:g} s, see "
-                    f"lock_timeout); try again when it has finished.")
-            time.sleep(0.2)
-
-    def _try_lock(self):
-        """None when every lock is held, else the one that is busy."""
-        for lock in self.locks:
-            fn = "pg_try_advisory_lock" if lock[1] else \
-                "pg_try_advisory_lock_shared"
-            if not self.conn.execute(f"SELECT {fn}(%s)", (lock[0],)).fetchone()[0]:
-                self.conn.execute("SELECT pg_advisory_unlock_all()")
-                return lock
-        return None
-
-    def _holder(self, key: int) -> str:
-        """' (from host)' of a session holding `key`, when it can be seen."""
-        row = self.conn.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
-            "USING (pid) WHERE l.locktype = 'advisory' AND l.granted AND "
-            "l.classid::bigint = %s AND l.objid::bigint = %s AND "
-            "l.objsubid = 1 LIMIT 1",
-            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
-        name = row[0] if row else ""
-        return f" (from {name.split('@', 1)[1]})" if "@" in (name or "") else ""
-
-    def __exit__(self, *exc) -> None:
-        self.conn.close()  # ending the session releases its locks
-
-
-# ============================================================================
 # Hashing
 # ============================================================================
 
-@dataclass(frozen=True)
-class HashSpec:
-    """Which hash, how big, and how images are decoded for it."""
-
-    method: str = "phash"
-    size: int = 8
-    binbits: int = 3
-    mode: str = "fast"
-    orientations: bool = False  # also hash the 7 other orientations
-    trim: bool = False          # cut uniform borders first (fast mode only)
-    centres: bool = False       # also hash the central regions (CENTRES)
-    content: bool = False       # also hash the content box (content_box)
-    windows: bool = False       # also hash the region windows (WINDOWS)
-
-    @property
-    def variant_count(self) -> int:
-        return len(VARIANTS) if self.orientations else 0
-
-    @property
-    def centre_count(self) -> int:
-        return len(CENTRES) if self.centres else 0
-
-    @property
-    def content_count(self) -> int:
-        """Slots of the content box: its hash, then its box (pack_box)."""
-        return 2 if self.content else 0
-
-    @property
-    def window_count(self) -> int:
-        return len(WINDOWS) if self.windows else 0
-
-    @property
-    def extra_count(self) -> int:
-        """Hashes stored beside the main one: orientations, centres, the
-        content box (hash and box), then the windows."""
-        return self.variant_count + self.centre_count + self.content_count + \
-            self.window_count
-
-    @property
-    def regions(self) -> bool:
-        """Region hashes (centres, content box, windows): matched by the
-        local index, since PostgreSQL's own columns hold main hashes only."""
-        return self.centres or self.content or self.windows
-
-    @property
-    def trims(self) -> bool:
-        return self.trim and self.mode == "fast"
-
-    @property
-    def bits(self) -> int:
-        if self.method == "colorhash":
-            return 14 * self.binbits
-        if self.method == "whash_db4":  # db4 pads: LL band is wider than size
-            side = 8 * self.size
-            for _ in range(3):  # three levels from image_scale 8 * size
-                side = (side + 7) // 2
-            return side * side
-        return self.size ** 2
-
-    @property
-    def words(self) -> int:
-        return (self.bits + 63) // 64
-
-    @property
-    def kind(self) -> str:
-        """Equal kinds give comparable hashes; anything else means rehash."""
-        size = f"b{self.binbits}" if self.method == "colorhash" else self.size
-        extras = "+orient" * self.orientations + "+trim" * self.trims + \
-            "+centre" * self.centres + "+content" * self.content + \
-            f"+win{len(WINDOWS)}" * self.windows
-        return f"{self.method}/{size}/{self.mode}{extras}"
-
-    def describe(self) -> str:
-        size = (f"binbits {self.binbits}" if self.method == "colorhash"
-                else f"size {self.size}")
-        extras = ", 8 orientations" * self.orientations + \
-            ", borders trimmed" * self.trims + ", centre hashes" * self.centres \
-            + ", content box" * self.content + \
-            f", {len(WINDOWS)} region windows" * self.windows
-        return f"{self.method} ({size}, {self.bits} bits, {self.mode} mode{extras})"
-
-    @property
-    def work_side(self) -> int:
-        """Pixels on the short side that the hash's own resize starts from:
-        3x its grid is plenty for its antialiasing, and lets libjpeg decode
-        a 1 MP photo at 1/8 scale (18 % faster than 1/4 at 4x)."""
-        target = {"phash": 4 * self.size, "phash_simple": 4 * self.size,
-                  "whash": 8 * self.size, "whash_db4": 8 * self.size,
-                  "colorhash": 32}.get(self.method, self.size + 1)
-        return max(64, 3 * target)
+def died_while_hashing(task: HashTask, exitcode: int | None) -> HashResult:
+    """The result of a task whose worker died: the file is recorded as failed
+    (update tries it again), the run goes on."""
+    result = HashResult(task.path)
+    with contextlib.suppress(OSError):
+        st = os.stat(task.path)
+        result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
+    how = f"killed by signal {-exitcode}" if exitcode and exitcode < 0 \
+        else f"exit code {exitcode}"
+    result.error = (f"the hashing process died while decoding this file "
+                    f"({how}; the out-of-memory killer does this; see "
+                    f"max_decode_mb)")
+    return result
 
 
 @functools.lru_cache(maxsize=None)  # asked for up to 10 hashes per image
@@ -2805,122 +1551,10 @@ _ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM",
            5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
-# The 7 other orientations (the dihedral group of the square, less identity).
-# It is closed under inverses, so hashing the variants of one side of a pair
-# finds a mirrored or rotated copy whichever side is the original.
-VARIANTS = ("FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM", "ROTATE_90", "ROTATE_180",
-            "ROTATE_270", "TRANSPOSE", "TRANSVERSE")
-VARIANT_NAMES = ("mirrored", "flipped upside down", "rotated 90", "rotated 180",
-                 "rotated 270", "mirrored and rotated", "mirrored and rotated")
-
-# Central regions hashed as well (share of width and height kept, centred).
-# A region is compared only with the same region of other pictures, at the
-# full threshold: the middle of a picture survives what changes its edges
-# (crops, the corners a small rotation fills, captions, corner watermarks,
-# thin frames).  Measured on the public corpus (README): pairs found +4 %,
-# false pairs +1.5x at the same threshold, fewer than raising it by 2 bits.
-CENTRES = (0.9, 0.8)
-CENTRE_NAMES = tuple(f"centre {round(100 * f)} %" for f in CENTRES)
-
-# Region windows: spans of each axis as (start, stop) fractions; a window is
-# one span of x by one of y, less the whole picture (9 x 9 - 1 = 80).  The
-# whole of a copy is matched against the windows of the other picture, so a
-# crop of 10-20 % on any sides finds the window it lies inside.  Spans are
-# 90 % and 80 % of the side, in steps of 5 % of the side: measured on the
-# tough corpus, the nearest window of this grid is within 8 bits of a crop's
-# whole hash for 91-99 % of the 12-25 % crops (crop_20, crop_axis_25,
-# crop_side_15, crop_corner_12); the same scales at 3 positions (offsets 0,
-# half, all) found 22-61 %: the position step matters more than the count.
-WINDOW_SPANS = ((0.0, 1.0),
-                (0.0, 0.9), (0.05, 0.95), (0.1, 1.0),
-                (0.0, 0.8), (0.05, 0.85), (0.1, 0.9), (0.15, 0.95), (0.2, 1.0))
-WINDOWS = tuple((x, y) for y in WINDOW_SPANS for x in WINDOW_SPANS
-                if (x, y) != (WINDOW_SPANS[0], WINDOW_SPANS[0]))
-
-
-def _window_name(x: tuple, y: tuple) -> str:
-    """"window 80 % x 100 % at 5 %, 0 %": share of width and height kept,
-    then the offset of its left and top edges."""
-    return (f"window {round(100 * (x[1] - x[0]))} % x "
-            f"{round(100 * (y[1] - y[0]))} % at {round(100 * x[0])} %, "
-            f"{round(100 * y[0])} %")
-
-
-WINDOW_NAMES = tuple(_window_name(x, y) for x, y in WINDOWS)
-CONTENT_NAME = "content box"
-# Turned windows: another orientation of one picture (its stored variant
-# hash) against a window of the other: a crop that was also turned or
-# mirrored (a phone photo's quarter turn of a cropped copy).  Measured on
-# the tough corpus (quarter turns of 6 % crops): the best variant against
-# the best window is within 6 bits for 91 % (median 4), against the whole
-# picture 47 % (median 8).  Verified mode only: 560 more hashes compared
-# per pair make chance matches likelier, and verification refuses them.
-TURNED_NAMES = tuple(f"{VARIANT_NAMES[k]}, {name}" for k in range(len(VARIANTS))
-                     for name in WINDOW_NAMES)
-MATCH_NAMES = VARIANT_NAMES + CENTRE_NAMES + (CONTENT_NAME,) + WINDOW_NAMES \
-    + TURNED_NAMES
-# match codes (index into MATCH_NAMES; -1: the whole picture as stored)
-CENTRE_CODE = len(VARIANTS)
-CONTENT_CODE = CENTRE_CODE + len(CENTRES)
-WINDOW_CODE = CONTENT_CODE + 1
-TURNED_CODE = WINDOW_CODE + len(WINDOWS)  # + variant * len(WINDOWS) + window
-STAGES = ("exact hash", "orientation", "centre", "content box", "region window",
-          "keypoints", "turned window")
-# "keypoints": no hash of the pair is near, but the pair is linked through
-# the group and verification finds the one picture in the other (the group's
-# lead and a member it does not hash near: a quarter turn of a crop, a copy
-# near only another copy of the lead); never given by stage_of (no code)
-
-
-def stage_of(code: int) -> str:
-    """The matching stage a match code belongs to (STAGES)."""
-    if code < 0:
-        return STAGES[0]
-    if code < CENTRE_CODE:
-        return STAGES[1]
-    if code < CONTENT_CODE:
-        return STAGES[2]
-    if code >= TURNED_CODE:
-        return STAGES[6]
-    return STAGES[3] if code == CONTENT_CODE else STAGES[4]
-
-
 def turned_code(variant, window):
     """The match code of orientation `variant` of one picture against
     window `window` (0-based) of the other."""
     return TURNED_CODE + np.asarray(variant) * len(WINDOWS) + np.asarray(window)
-
-
-def code_box(code: int) -> tuple:
-    """(left, top, right, bottom) fractions of the picture that a fixed
-    region code hashes (the content box is per image: see unpack_box)."""
-    if CENTRE_CODE <= code < CONTENT_CODE:
-        keep = CENTRES[code - CENTRE_CODE]
-        return ((1 - keep) / 2, (1 - keep) / 2, (1 + keep) / 2, (1 + keep) / 2)
-    if code >= WINDOW_CODE:
-        (x0, x1), (y0, y1) = WINDOWS[(code - WINDOW_CODE) % len(WINDOWS)]
-        return (x0, y0, x1, y1)
-    return (0.0, 0.0, 1.0, 1.0)
-
-
-# A box as one 64-bit word: four 16-bit fractions (left, top, right,
-# bottom), stored in the slot after the content box's hash.
-BOX_SCALE = 65535
-FULL_BOX = (0, 0, BOX_SCALE, BOX_SCALE)
-
-
-def pack_box(box: Sequence[float]) -> int:
-    value = 0
-    for f in box:
-        value = value << 16 | min(BOX_SCALE, max(0, round(f * BOX_SCALE)))
-    return value
-
-
-def unpack_box(value: int) -> tuple:
-    return tuple(((int(value) >> s) & 0xFFFF) / BOX_SCALE for s in (48, 32, 16, 0))
-
-
-FULL_BOX_WORD = pack_box((0.0, 0.0, 1.0, 1.0))
 
 
 @dataclass
@@ -3652,7 +2286,14 @@ def describe_image_error(exc: Exception, path: str = "") -> str:
     return f"cannot decode: {type(exc).__name__}: {text}"
 
 
-# ---- workers ----
+# ============================================================================
+# Workers
+# ============================================================================
+#
+# Hashing (and verification) runs in worker processes, each with its own pipe
+# and a few tasks at a time.  A worker that dies fails only the task it was on
+# (recorded; update tries the file again); its queued tasks go to the others
+# and a new worker takes its place.
 
 _JOB: HashJob | None = None
 
@@ -3750,21 +2391,6 @@ class Worker:
             self.process.kill()
             self.process.join(5)
         self.conn.close()
-
-
-def died_while_hashing(task: HashTask, exitcode: int | None) -> HashResult:
-    """The result of a task whose worker died: the file is recorded as failed
-    (update tries it again), the run goes on."""
-    result = HashResult(task.path)
-    with contextlib.suppress(OSError):
-        st = os.stat(task.path)
-        result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
-    how = f"killed by signal {-exitcode}" if exitcode and exitcode < 0 \
-        else f"exit code {exitcode}"
-    result.error = (f"the hashing process died while decoding this file "
-                    f"({how}; the out-of-memory killer does this; see "
-                    f"max_decode_mb)")
-    return result
 
 
 class Hasher:
@@ -3868,7 +2494,13 @@ class Hasher:
         self.crew.append(_start_worker(self.ctx, self.job))
 
 
-# ---- finding files ----
+# ============================================================================
+# Finding files
+# ============================================================================
+#
+# Walking img_dirs: the file name endings asked for, links followed (each
+# folder once, so a loop ends), folders that cannot be read recorded and
+# reported, never a crash.
 
 @dataclass
 class FoundFile:
@@ -3983,6 +2615,8 @@ FINE_FAST = 5
 _TOO_FEW = ("too few matching keypoints", "no transform fits the matches",
             "too few keypoints agree on one transform")
 CELL_NCC = 0.5         # two textured cells agree at this correlation or more (0.3 let
+
+
                        # two screenshots of one app through: skies correlate)
 
 
@@ -4536,6 +3170,663 @@ class VerifyPool(Hasher):
 
 
 # ============================================================================
+# Store: SQLite
+# ============================================================================
+#
+# SQLite is the truth; everything else is rebuilt from it.  Hashes of up to
+# 64 bits are stored as signed 64-bit integers (SQLite has no unsigned type),
+# longer ones as big-endian BLOBs.  Paths that are not valid UTF-8 (possible on
+# Linux) are stored as BLOBs of their raw bytes, so every file keeps its row.
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id        INTEGER PRIMARY KEY,
+    path      TEXT NOT NULL UNIQUE,
+    size      INTEGER NOT NULL,
+    mtime_ns  INTEGER NOT NULL,
+    digest    BLOB,
+    hash,
+    variants  BLOB,
+    low_detail INTEGER NOT NULL DEFAULT 0,
+    detail    REAL,
+    width     INTEGER,
+    height    INTEGER,
+    error     TEXT,
+    hashed_at REAL,
+    traits    TEXT
+);
+CREATE INDEX IF NOT EXISTS images_size ON images(size);
+"""
+
+
+def path_to_db(path: str):
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def path_from_db(value) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def signed64(value: int) -> int:
+    """A hash of up to 64 bits as the signed 64-bit integer both databases
+    store (neither has an unsigned type)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def hash_to_db(value: int | None, bits: int):
+    """A hash as either database stores it: signed64, or the big-endian
+    bytes of whole 64-bit words when it is longer."""
+    if value is None:
+        return None
+    if bits <= 64:
+        return signed64(value)
+    return value.to_bytes(8 * ((bits + 63) // 64), "big")
+
+
+def hash_from_db(value) -> int | None:
+    """hash_to_db's inverse; bytes are big-endian whatever the length
+    (PostgreSQL sends BIGINT hashes as int8send's 8 bytes)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return int.from_bytes(value, "big")
+    return value + (1 << 64) if value < 0 else value
+
+
+def image_row(r: Sequence, path_of=path_from_db) -> ImageRow:
+    """An ImageRow from a row of ROW_COLUMNS (Store) or PG_ROW_COLUMNS
+    (PgStore): the same columns in the same order; path_of decodes the
+    path as its database stores it."""
+    return ImageRow(path_of(r[0]), r[1], r[2], r[3], hash_from_db(r[4]),
+                    r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                    4.0 if r[11] is None else r[11], r[12])
+
+
+def kind_meta(spec: HashSpec) -> dict:
+    """What a database records about the hashes it holds, and what made them."""
+    import PIL
+    import imagehash
+    return dict(hash_kind=spec.kind, hash_method=spec.method,
+                hash_size=spec.size, hash_bits=spec.bits, hash_mode=spec.mode,
+                colorhash_binbits=spec.binbits, pillow=PIL.__version__,
+                imagehash=getattr(imagehash, "__version__", "?"),
+                tool=__version__)
+
+
+# ---- which folders a database covers ----
+# A database records the img_dirs roots it was hashed for (per machine on
+# PostgreSQL), with the hash kind they were hashed in.  A run whose img_dirs
+# name a folder not covered yet hashes that folder first; a run answers only
+# from rows under its own img_dirs.  Rows of a folder dropped from img_dirs are
+# kept, not searched: putting it back costs no hashing (hours for a big
+# collection), and `build` drops them.
+
+COVERAGE_KEY = "img_dirs"
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = folder.rstrip(os.sep) + os.sep
+    return os.path.normcase(path).startswith(os.path.normcase(folder))
+
+
+def _root_range(root: str) -> tuple[bytes, bytes]:
+    """[lo, hi): the path bytes of every file under folder `root`."""
+    lo = os.fsencode(root.rstrip(os.sep) + os.sep)
+    return lo, lo[:-1] + bytes([lo[-1] + 1])
+
+
+def covers(folder: str, path: str) -> bool:
+    """Whether `path` is `folder` or lies under it."""
+    return os.path.normcase(path.rstrip(os.sep)) == \
+        os.path.normcase(folder.rstrip(os.sep)) or _inside(path, folder)
+
+
+def outside(paths: Iterable[str], folders: Sequence[str]) -> list:
+    """The paths of `paths` under none of `folders`."""
+    return [p for p in paths if not any(covers(f, p) for f in folders)]
+
+
+def outermost(folders: Iterable[str]) -> list:
+    """The folders not inside another one, sorted."""
+    folders = sorted(set(folders))
+    return [f for f in folders
+            if not any(covers(g, f) for g in folders if g != f)]
+
+
+@dataclass
+class Coverage:
+    """The img_dirs roots a database (or this machine's part of one) holds
+    hashes of.  `unknown`: it also holds rows of folders it never recorded
+    (written before coverage was recorded); they are never answered from."""
+
+    kind: str
+    roots: list
+    unknown: bool = False
+
+    def to_meta(self) -> str:
+        return json.dumps({"kind": self.kind, "roots": self.roots,
+                           "unknown": self.unknown})
+
+    @classmethod
+    def from_meta(cls, text: str, kind: str) -> Coverage:
+        value = json.loads(text)
+        if value.get("kind") != kind:  # hashes of another kind: rehashed
+            return cls(kind, [])
+        return cls(kind, list(value.get("roots", [])),
+                   bool(value.get("unknown")))
+
+
+class Scoped:
+    """What both stores share about coverage and scope.  A store answers
+    (hash_arrays, searches, failed and low-detail rows) only from rows under
+    its scope, set by set_scope; None: every row, the common case, at no cost.
+    Each store gives _coverage_text, _legacy_coverage, _rows_outside and
+    _scope_sql."""
+
+    scope = None        # the img_dirs of this run, when rows outside exist
+    scope_roots = ()    # the img_dirs of this run
+    scope_kind = ""
+
+    def coverage(self, kind: str) -> Coverage:
+        text = self._coverage_text()
+        if text is None:
+            return self._legacy_coverage(kind)
+        return Coverage.from_meta(text, kind)
+
+    def uncovered(self, roots: Sequence[str], kind: str) -> list:
+        """The folders of `roots` the database holds no hashes for yet."""
+        return outside(roots, self.coverage(kind).roots)
+
+    def record_coverage(self, roots: Sequence[str], kind: str) -> None:
+        """After a complete walk of `roots`: they are covered."""
+        old = self.coverage(kind)
+        unknown = old.unknown and self._rows_outside(old.roots + list(roots))
+        self._set_coverage(Coverage(kind, outermost(old.roots + list(roots)),
+                                    unknown))
+        if self.scope_kind:
+            self.set_scope(self.scope_roots, self.scope_kind)
+
+    def set_scope(self, roots: Sequence[str], kind: str) -> None:
+        self.scope_roots, self.scope_kind = list(roots), kind
+        cov = self.coverage(kind)
+        needed = cov.unknown or outside(cov.roots, roots)
+        self.scope = list(roots) if needed else None
+
+    def _scope_tag(self) -> str:
+        """Part of the fingerprint: an index holds the rows of one scope."""
+        if self.scope is None:
+            return ""
+        text = "\0".join(sorted(self.scope))
+        return ":" + hashlib.blake2b(os.fsencode(text), digest_size=6).hexdigest()
+
+
+class HashArrays(NamedTuple):
+    """The comparable images of a database as arrays, in id order: what an
+    index is built from (hash_arrays).  W: 64-bit words per hash; E: extra
+    hashes per image (orientations, centres, content box, windows)."""
+
+    ids: np.ndarray     # (N,) int64: images.id
+    hashes: np.ndarray  # (N, W) uint64
+    extra: np.ndarray   # (N, E, W) uint64, in split_extra's order
+    detail: np.ndarray  # (N,) float32 (see detail_bits)
+
+
+def join_hash_blocks(blocks: list, words: int, extra: int) -> HashArrays:
+    """One HashArrays from HashArrays of blocks of rows."""
+    if not blocks:
+        return HashArrays(np.zeros(0, np.int64), np.zeros((0, words), np.uint64),
+                          np.zeros((0, extra, words), np.uint64),
+                          np.zeros(0, np.float32))
+    return HashArrays(*(np.concatenate(part) for part in zip(*blocks)))
+
+
+APPLICATION_ID = 0x72737263  # "rsrc" in the SQLite header: one of ours
+
+
+def describe_db_error(exc: sqlite3.Error, path: str) -> str:
+    """What went wrong with the SQLite database at `path`, and what to do."""
+    name = getattr(exc, "sqlite_errorname", "")  # Python 3.11+
+    text, folder = str(exc), os.path.dirname(path) or "."
+    if "FULL" in name or "full" in text:
+        return (f"db_dir {folder} is full ({text}): free some space there, "
+                f"or choose another db_dir, and run again (files hashed so "
+                f"far are kept).")
+    if "READONLY" in name or "readonly" in text or "read-only" in text:
+        return (f"the database {path} is read-only ({text}): build and "
+                f"update write to it; give write access to it and to "
+                f"{folder}, or choose another db_dir (search and export "
+                f"only read it).")
+    if "CORRUPT" in name or "NOTADB" in name or "malformed" in text or \
+            "not a database" in text:
+        return (f"the database {path} is damaged ({text}): run build, which "
+                f"hashes your images again and replaces it (a database it "
+                f"does not know as its own must be moved away first; keep a "
+                f"copy if you want to try sqlite3's .recover).")
+    if "IOERR" in name or "I/O" in text:
+        return (f"cannot read or write the database {path} ({text}): check "
+                f"the disk of db_dir and its free space.")
+    if "BUSY" in name or "locked" in text:
+        return (f"the database {path} is busy ({text}): another program "
+                f"holds it; try again when it has finished.")
+    return f"the database {path} cannot be used: {text}."
+
+
+def marked_ours(path: str) -> bool:
+    """Whether the SQLite header of `path` carries our APPLICATION_ID (read
+    from the bytes: true even when later pages are damaged)."""
+    with contextlib.suppress(OSError), open(path, "rb") as fh:
+        head = fh.read(100)
+        return head.startswith(b"SQLite format 3\0") and \
+            int.from_bytes(head[68:72], "big") == APPLICATION_ID
+    return False
+
+
+def _foreign(db: sqlite3.Connection, version: int) -> str | None:
+    """Why the database is another program's, or None if it is ours (or
+    still empty).  Ours carry APPLICATION_ID; older ones are known by their
+    tables."""
+    app = db.execute("PRAGMA application_id").fetchone()[0]
+    if app == APPLICATION_ID:
+        return None
+    if app:
+        return f"it is marked as another program's (application id {app:#x})"
+    tables = {name for name, in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if version == 0 and tables <= {"meta", "images"}:
+        return None  # new, or our first schema step was cut short
+    if {"meta", "images"} <= tables and db.execute(
+            "SELECT 1 FROM meta WHERE key = 'db_id'").fetchone():
+        return None
+    shown_tables = ", ".join(sorted(tables)[:5]) or "none"
+    return f"its tables are {shown_tables}"
+
+
+class HashStore(Protocol):
+    """What the operations ask of a database, the one interface of Store
+    (SQLite, below) and PgStore (PostgreSQL).  Each write is one
+    transaction; reads answer only from rows under the scope (set_scope);
+    rows come back as ImageRow, paths as the file system gives them."""
+
+    path: str  # what reports and messages show (a URL without password)
+
+    def close(self) -> None: ...
+    def snapshot(self) -> None: ...
+    def end_snapshot(self) -> None: ...
+
+    # ---- meta: the hash kind and what changes with every write ----
+    def meta(self) -> dict: ...
+    def hash_kind(self) -> str | None: ...
+    def fingerprint(self) -> str: ...
+
+    # ---- coverage and scope (Scoped) ----
+    def coverage(self, kind: str) -> Coverage: ...
+    def uncovered(self, roots: Sequence[str], kind: str) -> list: ...
+    def record_coverage(self, roots: Sequence[str], kind: str) -> None: ...
+    def set_scope(self, roots: Sequence[str], kind: str) -> None: ...
+
+    # ---- writes ----
+    def start_kind(self, spec: HashSpec) -> None: ...
+    def use_roots(self, roots: Sequence[str]) -> None: ...
+    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None: ...
+    def delete_paths(self, paths: Iterable[str]) -> int: ...
+
+    # ---- reads ----
+    def states(self, roots: Sequence[str] | None = None) -> dict: ...
+    def hashed_with_size(self, size: int) -> set: ...
+    def hashed_by_digest(self, size: int, digest: bytes
+                         ) -> ImageRow | None: ...
+    def hash_arrays(self, words: int, extra: int) -> HashArrays: ...
+    def low_detail_rows(self) -> list: ...
+    def failed_rows(self) -> list: ...
+    def rows_by_id(self, ids: Iterable[int]) -> dict: ...
+    def rows_by_path(self, paths: Iterable[str]) -> dict: ...
+    def iter_rows(self) -> Iterator[ImageRow]: ...
+
+
+class NearRow(NamedTuple):
+    """A stored row a search found: its images.id and Hamming distance."""
+
+    id: int
+    bits: int
+
+
+class ServerHashStore(HashStore, Protocol):
+    """A HashStore whose hashes stay on a server (PgStore): it also searches
+    them there and tidies up after writes.  Operations ask for these only
+    when database_url is set."""
+
+    def search_hashes(self, query: int, radius: int) -> list[NearRow]: ...
+    def count_comparable(self) -> int: ...
+    def optimize(self) -> None: ...
+
+
+class Store(Scoped):
+    """The SQLite database of one collection, behind a few small methods."""
+
+    ROW_COLUMNS = ("path, size, mtime_ns, digest, hash, width, height, error, id, "
+                   "variants, low_detail, detail, traits")
+
+    def __init__(self, path: str, create: bool = False):
+        self.path = path
+        if not create and not os.path.exists(path):
+            raise StoreError(f"no database at {path}; run build first.")
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=30)
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            foreign = _foreign(self.db, version)
+            if foreign:
+                self.db.close()
+                raise StoreError(
+                    f"{path} is not a reverse_search database ({foreign}); it "
+                    f"was left as it is. Choose another db_dir, or move that "
+                    f"file away.")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path} was written by a newer reverse_search (schema "
+                    f"{version}, this one knows {SCHEMA_VERSION}); upgrade, or "
+                    f"use another db_dir.")
+            self._migrate(version)
+        except sqlite3.Error as exc:
+            raise StoreError(describe_db_error(exc, path)) from None
+
+    def _migrate(self, version: int) -> None:
+        if version == SCHEMA_VERSION:
+            return
+        if version == 1:  # rows hashed before have no traits: update rehashes them
+            with self.db:
+                self.db.execute("ALTER TABLE images ADD COLUMN traits TEXT")
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        with self.db:  # version 0: a new file
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)",
+                            (uuid.uuid4().hex,))
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                            (COVERAGE_KEY, Coverage("", []).to_meta()))
+
+    def snapshot(self) -> None:
+        """From here to close(), every read sees one state of the database
+        (a read transaction): an update running beside a search cannot take
+        away a row between the index and the rows it points to.  Writers
+        wait for it (busy_timeout), so hold it only while reading."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+
+    def end_snapshot(self) -> None:
+        if self.db.in_transaction:
+            self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta ----
+    def meta(self) -> dict:
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
+    def set_meta(self, **values) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                [(k, str(v)) for k, v in values.items()])
+
+    def hash_kind(self) -> str | None:
+        return self.meta().get("hash_kind")
+
+    def fingerprint(self) -> str:
+        """Changes whenever the stored hashes change (every write bumps it)."""
+        meta = self.meta()
+        count = self.db.execute("SELECT count(*) FROM images").fetchone()[0]
+        return f"{meta['db_id']}:{meta['generation']}:{count}{self._scope_tag()}"
+
+    # ---- coverage (Scoped) ----
+    def _coverage_text(self) -> str | None:
+        return self.meta().get(COVERAGE_KEY)
+
+    def _set_coverage(self, cov: Coverage) -> None:
+        self.set_meta(**{COVERAGE_KEY: cov.to_meta()})
+
+    def _legacy_coverage(self, kind: str) -> Coverage:
+        """A database from before coverage was recorded: the folders of this
+        run that hold rows count as covered; others may hold rows too."""
+        if self.hash_kind() != kind:
+            return Coverage(kind, [])
+        found = [r for r in self.scope_roots if self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM images WHERE "
+            f"{self._ranges_sql([r])[0]})", self._ranges_sql([r])[1]
+        ).fetchone()[0]]
+        return Coverage(kind, found, True)
+
+    def _rows_outside(self, roots: Sequence[str]) -> bool:
+        sql, params = self._ranges_sql(roots)
+        return bool(self.db.execute("SELECT EXISTS (SELECT 1 FROM images "
+                                    f"WHERE NOT ({sql}))", params).fetchone()[0])
+
+    @staticmethod
+    def _ranges_sql(roots: Sequence[str]) -> tuple[str, list]:
+        """A condition true for rows under `roots`: byte ranges of the path,
+        for paths stored as TEXT and as BLOB (SQLite compares them apart)."""
+        parts, params = [], []
+        for root in roots:
+            lo, hi = _root_range(root)
+            ranges = [(lo, hi)]
+            with contextlib.suppress(UnicodeDecodeError):
+                ranges.append((lo.decode("utf-8"), hi.decode("utf-8")))
+            for a, b in ranges:
+                parts.append("(path >= ? AND path < ?)")
+                params += [a, b]
+        return " OR ".join(parts) or "0", params
+
+    def _scope_sql(self) -> tuple[str, list]:
+        if self.scope is None:
+            return "1", []
+        sql, params = self._ranges_sql(self.scope)
+        return f"({sql})", params
+
+    # ---- writes: each call is one transaction ----
+    def start_kind(self, spec: HashSpec) -> None:
+        """Record the hash kind; drop hashes of any other kind."""
+        if self.hash_kind() != spec.kind:
+            with self.db:
+                self.db.execute("DELETE FROM images")
+                self._bump()
+        with self.db:  # the secret that signs the cache files, made once
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('index_key', ?)",
+                            (os.urandom(32).hex(),))
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self.set_meta(**kind_meta(spec))
+
+    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO images (path, size, mtime_ns, digest, hash, variants, "
+                "low_detail, detail, width, height, error, hashed_at, traits) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+                "mtime_ns=excluded.mtime_ns, digest=excluded.digest, "
+                "hash=excluded.hash, variants=excluded.variants, "
+                "low_detail=excluded.low_detail, detail=excluded.detail, "
+                "width=excluded.width, "
+                "height=excluded.height, error=excluded.error, "
+                "hashed_at=excluded.hashed_at, traits=excluded.traits",
+                [(path_to_db(r.path), r.size, r.mtime_ns, r.digest,
+                  hash_to_db(r.hash, bits), r.extra, int(r.low_detail),
+                  r.detail, r.width, r.height, r.error, now, r.traits)
+                 for r in rows])
+            self._bump()
+
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        keys = [(path_to_db(p),) for p in paths]
+        with self.db:
+            self.db.executemany("DELETE FROM images WHERE path = ?", keys)
+            self._bump()
+        return len(keys)
+
+    def _bump(self) -> None:
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                        "WHERE key = 'generation'")
+
+    # ---- reads ----
+    def use_roots(self, roots) -> None:
+        pass  # one machine: rows need no owner
+
+    def states(self, roots=None) -> dict:
+        """path -> RowState for every stored file under `roots` (all when
+        None): what update compares, and what it may delete."""
+        sql, params = ("1", []) if roots is None else self._ranges_sql(roots)
+        return {path_from_db(p): RowState(s, m, bool(ok)) for p, s, m, ok in
+                self.db.execute("SELECT path, size, mtime_ns, error IS NULL "
+                                "AND traits IS NOT NULL FROM images WHERE "
+                                f"{sql}", params)}
+
+    def hashed_with_size(self, size: int) -> set:
+        """Digests of the hashed files of this size (moved or copied files)."""
+        cur = self.db.execute("SELECT digest FROM images WHERE size = ? AND "
+                              "hash IS NOT NULL AND traits IS NOT NULL", (size,))
+        return {digest for digest, in cur}
+
+    def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
+        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
+                              "size = ? AND digest = ? AND hash IS NOT NULL "
+                              "AND traits IS NOT NULL LIMIT 1", (size, digest))
+        row = cur.fetchone()
+        return None if row is None else image_row(row)
+
+    def hash_arrays(self, words: int, extra: int, block: int = 1 << 16
+                    ) -> HashArrays:
+        """Every comparable image (hashed, not low-detail) in scope."""
+        scope, params = self._scope_sql()
+        cur = self.db.execute("SELECT id, hash, variants, detail FROM images "
+                              "WHERE hash IS NOT NULL AND low_detail = 0 "
+                              f"AND {scope} ORDER BY id", params)
+        # A block of rows at a time: Python objects for every row would cost
+        # 190 bytes each (190 MB at a million); the arrays cost 36.
+        blocks = []
+        while rows := cur.fetchmany(block):
+            blocks.append(self._hash_block(rows, words, extra))
+        return join_hash_blocks(blocks, words, extra)
+
+    def _hash_block(self, rows: list, words: int, extra: int) -> HashArrays:
+        n = len(rows)
+        ids = np.fromiter((r[0] for r in rows), np.int64, n)
+        if words == 1:
+            hashes = np.fromiter((r[1] for r in rows), np.int64, n).view(np.uint64)
+        else:
+            hashes = np.frombuffer(b"".join(r[1] for r in rows),
+                                   dtype=">u8").astype(np.uint64)
+        found = np.frombuffer(b"".join(r[2] or b"" for r in rows),
+                              dtype=">u8").astype(np.uint64)
+        if found.size != n * extra * words:
+            raise StoreError(f"{self.path}: stored extra hashes (orientations, "
+                             f"centres) do not match the settings; run build.")
+        details = np.fromiter((4.0 if r[3] is None else r[3] for r in rows),
+                              np.float32, n)
+        return HashArrays(ids, hashes.reshape(n, words),
+                          found.reshape(n, extra, words), details)
+
+    def low_detail_rows(self) -> list:
+        return self._rows_where("low_detail = 1")
+
+    def failed_rows(self) -> list:
+        return self._rows_where("error IS NOT NULL")
+
+    def _rows_where(self, condition: str) -> list:
+        scope, params = self._scope_sql()
+        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images WHERE "
+                              f"{condition} AND {scope} ORDER BY path", params)
+        return list(map(image_row, cur))
+
+    def rows_by_id(self, ids: Iterable[int]) -> dict:
+        ids = sorted({int(i) for i in ids})
+        rows = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
+                                  f"WHERE id IN ({marks})", part)
+            rows.update((r.id, r) for r in map(image_row, cur))
+        return rows
+
+    def rows_by_path(self, paths: Iterable[str]) -> dict:
+        keys = sorted({path_to_db(p) for p in paths}, key=repr)
+        rows = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            marks = ",".join("?" * len(part))
+            cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images "
+                                  f"WHERE path IN ({marks})", part)
+            rows.update((r.path, r) for r in map(image_row, cur))
+        return rows
+
+    def iter_rows(self) -> Iterator[ImageRow]:
+        cur = self.db.execute(f"SELECT {self.ROW_COLUMNS} FROM images ORDER BY path")
+        return map(image_row, cur)
+
+
+class RunLock:
+    """One writer per database: a second run waits, then stops with a message."""
+
+    def __init__(self, db_path: str, timeout: float):
+        self.path = db_path + ".lock"
+        self.timeout = timeout
+        self.fh = None
+
+    def __enter__(self) -> RunLock:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:  # never created or opened through a planted link
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW |
+                         _CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM,
+                             errno.ENOSPC) and not os.path.islink(self.path):
+                raise StoreError(
+                    f"cannot write in db_dir {os.path.dirname(self.path)} "
+                    f"({exc.strerror}): build, update, move and undo write "
+                    f"the database there; give write access or free space, "
+                    f"or choose another db_dir (search and export only read "
+                    f"it).") from None
+            why = "is a symbolic link" if os.path.islink(self.path) else \
+                f"cannot be opened ({exc.strerror})"
+            raise StoreError(f"the lock file {self.path} {why}; remove it "
+                             f"(no run is using it then).") from None
+        self.fh = os.fdopen(fd, "r+b")
+        deadline = time.monotonic() + self.timeout
+        while not self._try_lock():
+            if time.monotonic() >= deadline:
+                self.fh.close()
+                raise StoreError(
+                    f"another reverse_search run is writing {self.path[:-5]} "
+                    f"(waited {self.timeout:g} s, see lock_timeout); try again "
+                    f"when it has finished.")
+            time.sleep(0.1)
+        return self
+
+    def _try_lock(self) -> bool:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(self.fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()  # closing releases the lock on every platform
+
+
+# ============================================================================
 # Index
 # ============================================================================
 #
@@ -4645,20 +3936,6 @@ def read_container(path: str, key: bytes = b"") -> tuple[dict, dict]:
         if fh.read(1):
             raise ValueError("data after the arrays")
     return header, arrays
-
-
-class _no_gc:
-    """Pause the garbage collector while building many small objects."""
-
-    def __enter__(self):
-        import gc
-        self.was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        import gc
-        if self.was:
-            gc.enable()
 
 
 # ---- engines: each answers search() and pairs() over distinct hashes ----
@@ -5546,41 +4823,879 @@ def _save_cache(path: str, header: dict, arrays: dict, flat: FlatIndex) -> None:
 
 
 # ============================================================================
-# Operations
+# Store: PostgreSQL
 # ============================================================================
+#
+# With `database_url` set, the same tables live in PostgreSQL, so several
+# machines can update one collection (each its own folders) and search it
+# without loading every hash.  Differences from SQLite, each for a reason:
+# - paths are BYTEA (os.fsencode): any file name keeps its row; `raw` marks
+#   the ones that are not UTF-8 so rows sort as in SQLite (text, then blobs);
+# - hashes of up to 64 bits are signed BIGINT, longer ones BYTEA (hash_bytes);
+# - three chunk columns c0..c2 hold 21-22 bit pieces of each comparable hash,
+#   each with a B-tree index that also carries (id, hash): a search probes the
+#   chunk neighbourhoods of the query (multi-index hashing) and verifies the
+#   candidates with bit_count, all from the index (no heap visits);
+# - each row records the host and root folder that wrote it; a run only reads
+#   (states) and deletes rows under its own roots;
+# - `generation` in meta is bumped in the same transaction as every write, so
+#   the fingerprint changes whenever any writer changes hashes.
 
-class Console:
-    """Notices and progress on stderr; stdout carries only results."""
+PG_SCHEMA_VERSION = 2
+PG_CHUNKS = 3            # chunk columns c0..c2 (3 x ~21 bits of a 64-bit hash)
+PG_INSTALL = 'pip install "psycopg[binary]"'
+PG_PAGE = 20_000         # rows per page when reading by path
+PG_RETRIES = 5           # deadlock / serialization failure: run it again
+KIND_LOCK = 0x7273_6b69_6e64  # advisory lock: kind switch vs writers ("rskind")
+SCHEMA_LOCK = 0x7273_7363_6d61  # advisory lock: one schema migration at a time
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+PG_SCHEMA = {
+    1: """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id          BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    path        BYTEA NOT NULL UNIQUE,
+    raw         BOOLEAN NOT NULL DEFAULT false,
+    size        BIGINT NOT NULL,
+    mtime_ns    BIGINT NOT NULL,
+    digest      BYTEA,
+    hash        BIGINT,
+    hash_bytes  BYTEA,
+    variants    BYTEA,
+    low_detail  BOOLEAN NOT NULL DEFAULT false,
+    detail      DOUBLE PRECISION,
+    width       INTEGER,
+    height      INTEGER,
+    error       TEXT,
+    c0          INTEGER,
+    c1          INTEGER,
+    c2          INTEGER,
+    host        TEXT NOT NULL DEFAULT '',
+    root        BYTEA,
+    hashed_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS images_size ON images (size);
+CREATE INDEX IF NOT EXISTS images_raw ON images (path) WHERE raw;
+""",
+    # traits for the keep rule; rows hashed before have none: update rehashes
+    2: "ALTER TABLE images ADD COLUMN IF NOT EXISTS traits TEXT;",
+}
 
-    def notice(self, text: str) -> None:
-        if not self.quiet:  # file names in it may hold terminal escapes
-            print(printable(text), file=sys.stderr, flush=True)
+# the columns an ImageRow is read from, in image_row's order (the hash as
+# big-endian bytes either way: int8send for BIGINT, as is for BYTEA)
+PG_ROW_COLUMNS = ("path, size, mtime_ns, digest, coalesce(hash_bytes, "
+                  "int8send(hash)), width, height, error, id, variants, "
+                  "low_detail, detail, traits")
+HASHED = "(hash IS NOT NULL OR hash_bytes IS NOT NULL)"
+INCOMING = """
+CREATE TEMP TABLE IF NOT EXISTS incoming (
+    seq INTEGER, path BYTEA, raw BOOLEAN, size BIGINT, mtime_ns BIGINT,
+    digest BYTEA, hash BIGINT, hash_bytes BYTEA, variants BYTEA,
+    low_detail BOOLEAN, detail DOUBLE PRECISION, width INTEGER, height INTEGER,
+    error TEXT,
+    c0 INTEGER, c1 INTEGER, c2 INTEGER, root BYTEA, traits TEXT)
+    ON COMMIT DELETE ROWS
+"""
+INCOMING_TYPES = ["int4", "bytea", "bool", "int8", "int8", "bytea", "int8",
+                  "bytea", "bytea", "bool", "float8", "int4", "int4", "text",
+                  "int4", "int4", "int4", "bytea", "text"]
+UPSERT = """
+INSERT INTO images (path, raw, size, mtime_ns, digest, hash, hash_bytes,
+                    variants, low_detail, detail, width, height, error, c0,
+                    c1, c2, host, root, hashed_at, traits)
+SELECT DISTINCT ON (path) path, raw, size, mtime_ns, digest, hash, hash_bytes,
+       variants, low_detail, detail, width, height, error, c0, c1, c2,
+       %(host)s, root, now(), traits
+FROM incoming ORDER BY path, seq DESC
+ON CONFLICT (path) DO UPDATE SET
+    size = excluded.size, mtime_ns = excluded.mtime_ns,
+    digest = excluded.digest, hash = excluded.hash,
+    hash_bytes = excluded.hash_bytes, variants = excluded.variants,
+    low_detail = excluded.low_detail, detail = excluded.detail,
+    width = excluded.width,
+    height = excluded.height, error = excluded.error, c0 = excluded.c0,
+    c1 = excluded.c1, c2 = excluded.c2, host = excluded.host,
+    root = excluded.root, hashed_at = excluded.hashed_at,
+    traits = excluded.traits
+"""
+# DISTINCT ON: one command may not update a row twice; ORDER BY path: every
+# writer locks rows in the same order, so overlapping upserts cannot deadlock.
 
-    def progress(self, total: int | None, what: str):
-        if self.quiet or not sys.stderr.isatty():
-            return _NoProgress()
+# Rough costs in seconds of the in-database search (bench_postgres.py, local
+# server); only their ratios matter: they choose probing or a full scan.
+PG_COST_PROBE = 5e-6     # per chunk value looked up in a B-tree
+PG_COST_CAND = 4e-7      # per candidate verified from the index
+PG_COST_ROW = 3e-7       # per row of a full scan (parallel seq scan)
+
+
+def _psycopg():
+    """The psycopg module, imported only when a database_url is set."""
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError(f"database_url is set, but psycopg 3 (the PostgreSQL "
+                         f"driver) is not installed: {PG_INSTALL}") from None
+    return psycopg
+
+
+def _scrub(text: str, url: str) -> str:
+    """A driver message with every password cut out: the ones in `url`, and
+    any password=... or user:password@ it quotes."""
+    with contextlib.suppress(ValueError):
+        for key in CONNINFO_SECRETS:
+            secret = parse_conninfo(url).get(key)
+            if secret:
+                text = text.replace(secret, "***")
+    text = re.sub(r"(postgres(?:ql)?://[^:@/\s]*):[^@/\s]*@", r"\1@", text)
+    return re.sub(r"\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)",
+                  r"\1=***", text)
+
+
+def pg_failure(exc: Exception, doing: str, url: str) -> str:
+    """A driver error as a message: scrubbed, with what to do about it."""
+    text = _scrub(str(exc).strip(), url)
+    hint = ""
+    if "does not exist" in text and "database" in text:
+        hint = " Create it first (createdb, or CREATE DATABASE)."
+    elif "password" in text:
+        hint = " Put the password in PGPASSWORD or ~/.pgpass."
+    return f"{doing} PostgreSQL database {redact_url(url)}: {text}.{hint}"
+
+
+# ---- values as stored ----
+
+def pg_path_to_db(path: str) -> tuple[bytes, bool]:
+    """(path bytes, not UTF-8): any file name round-trips through BYTEA."""
+    try:
+        return path.encode("utf-8"), False
+    except UnicodeEncodeError:
+        return os.fsencode(path), True
+
+
+def pg_path_from_db(value) -> str:
+    data = bytes(value)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(data)
+
+
+# an ImageRow from a row of PG_ROW_COLUMNS: image_row, paths decoded as stored
+pg_image_row = functools.partial(image_row, path_of=pg_path_from_db)
+
+
+def pg_text(text: str | None) -> str | None:
+    """Text PostgreSQL accepts: no NUL, no lone surrogates (odd file names)."""
+    if text is None:
+        return None
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                           "backslashreplace")
+
+
+def lock_key(text: str) -> int:
+    """A signed 64-bit advisory lock key for a folder."""
+    digest = hashlib.blake2b(b"reverse_search\0" + os.fsencode(text),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# ---- multi-index hashing inside PostgreSQL ----
+
+@dataclass(frozen=True)
+class PgChunk:
+    """Bits [shift, shift + bits) of a hash (as a Python int)."""
+
+    shift: int
+    bits: int
+
+    def value(self, h: int) -> int:
+        return (h >> self.shift) & ((1 << self.bits) - 1)
+
+
+def pg_chunks(bits: int) -> list:
+    """PG_CHUNKS chunks: all bits of a hash of up to 64 bits; of a longer one,
+    three ~21-bit pieces spread over it (pigeonhole needs disjoint chunks, not
+    every bit: a hash within r of the query is within r on any subset)."""
+    width = min(bits, 64)
+    plan = plan_chunks(width, 1, PG_CHUNKS)[:PG_CHUNKS]
+    if bits <= 64:
+        return [PgChunk(c.shift, c.bits) for c in plan]
+    return [PgChunk(k * bits // PG_CHUNKS, c.bits) for k, c in enumerate(plan)]
+
+
+def pg_search_plan(n: int, chunks: list, radius: int) -> str:
+    """'mih' or 'scan', whichever the cost model says is cheaper (the chunks
+    probed as MIHEngine probes its own: probed_chunks)."""
+    mih = 0.0
+    for _, chunk, most in probed_chunks(chunks, radius):
+        probes = _ball(chunk.bits, most)
+        mih += probes * (PG_COST_PROBE + n / 2**chunk.bits * PG_COST_CAND)
+    return "mih" if mih < n * PG_COST_ROW else "scan"
+
+
+# ---- connection and schema ----
+
+def pg_connect(url: str):
+    """A new autocommit connection to `url`, named after this machine (what
+    PgRunLock shows of a busy lock's holder)."""
+    psycopg = _psycopg()
+    try:
+        return psycopg.connect(
+            url, autocommit=True, connect_timeout=30,
+            application_name=f"reverse_search@{socket.gethostname()}"[:63])
+    except psycopg.Error as exc:
+        raise StoreError(pg_failure(exc, "cannot connect to", url)) from None
+
+
+class PgLink:
+    """One connection to the database at `url`.  Every driver failure
+    leaves as a StoreError that names the database without its password
+    (pg_failure), except a lost deadlock inside retry, which runs again."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path = redact_url(url)  # what reports and messages show
+        self.psycopg = _psycopg()
+        self.conn = pg_connect(url)
+
+    def failure(self, exc: Exception, doing: str) -> StoreError:
+        return StoreError(pg_failure(exc, doing, self.url))
+
+    def sql(self, sql: str, params=None):
+        """conn.execute, with a driver failure as a StoreError (a lost
+        deadlock stays as it is: retry runs the transaction again)."""
+        errors = self.psycopg.errors
         try:
-            from tqdm import tqdm
-        except ImportError:
-            return _NoProgress()
-        tqdm.monitor_interval = 0  # no monitor thread: workers may be forked
-        return tqdm(total=total, desc=what, unit="img", file=sys.stderr,
-                    dynamic_ncols=True, leave=False)
+            return self.conn.execute(sql, params)
+        except (errors.DeadlockDetected, errors.SerializationFailure):
+            raise
+        except self.psycopg.Error as exc:
+            raise self.failure(exc, "failed on") from None
+
+    def retry(self, write) -> None:
+        """Run write() in one transaction; again if it lost a deadlock."""
+        errors = self.psycopg.errors
+        for attempt in range(PG_RETRIES):
+            try:
+                with self.conn.transaction():
+                    write()
+                return
+            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+                if attempt == PG_RETRIES - 1:
+                    raise self.failure(exc, "cannot write to") from None
+                time.sleep(0.05 * (attempt + 1))
+            except self.psycopg.Error as exc:  # COPY, or the connection
+                raise self.failure(exc, "cannot write to") from None
+
+    def close(self) -> None:
+        self.conn.close()
 
 
-class _NoProgress:
-    def __enter__(self):
-        return self
+def pg_meta(db: PgLink) -> dict:
+    return dict(db.sql("SELECT key, value FROM meta").fetchall())
 
-    def __exit__(self, *exc):
-        return False
 
-    def update(self, n: int = 1) -> None:
+def pg_put_meta(db: PgLink, **values) -> None:
+    with db.conn.cursor() as cur:
+        cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
+                        "DO UPDATE SET value = excluded.value",
+                        [(k, str(v)) for k, v in values.items()])
+
+
+def pg_bump(db: PgLink) -> None:
+    """A write's mark: the fingerprint changes (in the write's transaction)."""
+    db.sql("UPDATE meta SET value = (value::bigint + 1)::text "
+           "WHERE key = 'generation'")
+
+
+def pg_schema_version(db: PgLink) -> int | None:
+    if db.sql("SELECT to_regclass('meta')").fetchone()[0] is None:
+        return None
+    row = db.sql("SELECT value FROM meta WHERE key = "
+                 "'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def pg_migrate(db: PgLink) -> None:
+    """Bring the schema to PG_SCHEMA_VERSION, one step at a time; the
+    advisory lock lets machines that start together do it once."""
+    with db.conn.transaction():
+        db.sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        version = pg_schema_version(db) or 0
+        for step in range(version + 1, PG_SCHEMA_VERSION + 1):
+            db.sql(PG_SCHEMA[step])
+        db.sql("INSERT INTO meta VALUES ('db_id', %s), ('generation', '0') "
+               "ON CONFLICT DO NOTHING", (uuid.uuid4().hex,))
+        pg_put_meta(db, schema_version=PG_SCHEMA_VERSION)
+
+
+def pg_open(db: PgLink, create: bool) -> None:
+    """Check the schema's version; create or migrate the tables."""
+    try:
+        version = pg_schema_version(db)
+        if version is None and not create:
+            raise StoreError(f"no reverse_search tables in {db.path}; "
+                             f"run build first.")
+        if version is not None and version > PG_SCHEMA_VERSION:
+            raise StoreError(
+                f"{db.path} was written by a newer reverse_search (schema "
+                f"{version}, this one knows {PG_SCHEMA_VERSION}); upgrade "
+                f"it on every machine that shares the database.")
+        if version != PG_SCHEMA_VERSION:
+            pg_migrate(db)
+    except db.psycopg.Error as exc:
+        raise db.failure(exc, "cannot use") from None
+
+
+# ---- the hash kind and the chunk indexes ----
+
+def chunk_layout(bits: int) -> str:
+    """What the chunk columns and indexes hold, as meta records it."""
+    column = "hash" if bits <= 64 else "hash_bytes"
+    return column + ":" + ",".join(f"{c.shift}+{c.bits}"
+                                   for c in pg_chunks(bits))
+
+
+def drop_chunk_indexes(db: PgLink, bits: int) -> None:
+    for k in range(PG_CHUNKS):
+        db.sql(f"DROP INDEX IF EXISTS images_c{k}")
+    pg_put_meta(db, chunk_layout=chunk_layout(bits))
+
+
+def make_chunk_indexes(db: PgLink) -> None:
+    """Chunk indexes carrying (id, hash): candidates are verified from the
+    index alone.  Only comparable rows (c0 set) are in them."""
+    layout = pg_meta(db).get("chunk_layout", "")
+    column = layout.split(":")[0]
+    if not column:
+        return  # no hash kind yet
+    db.sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+    for k in range(PG_CHUNKS):
+        db.sql(f"CREATE INDEX IF NOT EXISTS images_c{k} ON images "
+               f"(c{k}) INCLUDE (id, {column}) WHERE c{k} IS NOT NULL")
+
+
+def pg_check_kind(db: PgLink, kind: str | None) -> None:
+    """Another machine switched the hash kind while we were hashing."""
+    if kind is None:
+        return
+    stored = pg_meta(db).get("hash_kind")
+    if stored != kind:
+        raise StoreError(f"{db.path} now holds {stored} hashes (another "
+                         f"machine changed the hash settings); this run "
+                         f"hashes {kind}. Use the same hash settings "
+                         f"on every machine.")
+
+
+def pg_switch_kind(db: PgLink, spec: HashSpec) -> None:
+    """Inside a transaction: record the hash kind; drop hashes of any other
+    kind (every machine's: hashes of two kinds cannot be compared)."""
+    # exclusive: no writer is between its kind check and its commit
+    db.sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
+    if pg_meta(db).get("hash_kind") != spec.kind:
+        db.sql("DELETE FROM images")
+        pg_bump(db)
+    if pg_meta(db).get("chunk_layout") != chunk_layout(spec.bits):
+        drop_chunk_indexes(db, spec.bits)
+    if db.sql("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0]:
+        make_chunk_indexes(db)
+    # else: a bulk load; optimize() builds them at the end, ~10x
+    # cheaper than keeping three random-order B-trees up to date
+    db.sql("INSERT INTO meta VALUES ('index_key', %s) ON CONFLICT "
+           "DO NOTHING", (os.urandom(32).hex(),))  # as in Store
+    pg_put_meta(db, **kind_meta(spec))
+
+
+# ---- COPY ingest: rows to a temp table, then one upsert ----
+
+def incoming_rows(rows: Sequence[ImageRow], bits: int, roots: list) -> list:
+    """Rows as COPY writes them into `incoming`, each with the innermost of
+    `roots` it lies under (a hot loop: ~50,000 rows a second)."""
+    chunks = [(c.shift, (1 << c.bits) - 1) for c in pg_chunks(bits)]
+    short, nones = bits <= 64, (None,) * len(chunks)
+    roots = sorted({r.rstrip(os.sep) + os.sep for r in roots},
+                   key=len, reverse=True)  # longest (innermost) first
+    root_of = {top: os.fsencode(top[:-1]) for top in roots}
+    out = []
+    for seq, r in enumerate(rows):
+        path, raw = pg_path_to_db(r.path)
+        h = r.hash
+        value = hash_to_db(h, bits)
+        c = nones if h is None or r.low_detail else \
+            tuple((h >> s) & mask for s, mask in chunks)
+        root = next((root_of[t] for t in roots if r.path.startswith(t)),
+                    None)
+        out.append((seq, path, raw, r.size, r.mtime_ns, r.digest,
+                    value if short else None, None if short else value,
+                    r.extra, bool(r.low_detail), r.detail, r.width,
+                    r.height, pg_text(r.error), *c, root, r.traits))
+    return out
+
+
+def pg_write_rows(db: PgLink, data: list, host: str, kind: str | None
+                  ) -> None:
+    """Inside a transaction: incoming_rows into images, by path, unless
+    another machine switched the hash kind meanwhile."""
+    db.sql("SELECT pg_advisory_xact_lock_shared(%s)", (KIND_LOCK,))
+    pg_check_kind(db, kind)
+    with db.conn.cursor() as cur:
+        with cur.copy("COPY incoming FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(INCOMING_TYPES)
+            for row in data:
+                cp.write_row(row)
+        cur.execute(UPSERT, {"host": host})
+    pg_bump(db)
+
+
+# ---- reads: paths in pages, hashes in a binary COPY ----
+
+def pg_ranges_sql(roots: Sequence[str]) -> str:
+    """Rows under `roots`, as literals (hex only: nothing to escape), so
+    the condition also fits COPY and the named-parameter searches."""
+    parts = [f"(path >= '\\x{lo.hex()}'::bytea AND path < "
+             f"'\\x{hi.hex()}'::bytea)"
+             for lo, hi in map(_root_range, roots)]
+    return "(" + (" OR ".join(parts) or "false") + ")"
+
+
+def pg_paged(db: PgLink, columns: str, where: str, lo: bytes,
+             hi: bytes | None, params: tuple = ()) -> Iterator[tuple]:
+    """(path, *columns) for lo <= path < hi, in path order, a page at a
+    time: memory stays bounded and no transaction stays open."""
+    last, first = lo, True
+    upper = "" if hi is None else " AND path < %s"
+    while True:
+        cond = "path >= %s" if first else "path > %s"
+        rows = db.sql(
+            f"SELECT path, {columns} FROM images WHERE {where} AND {cond}"
+            f"{upper} ORDER BY path LIMIT {PG_PAGE}",
+            (*params, last, *(() if hi is None else (hi,)))).fetchall()
+        yield from rows
+        if len(rows) < PG_PAGE:
+            return
+        last, first = rows[-1][0], False
+
+
+def pg_rows_where(db: PgLink, condition: str) -> list:
+    """Rows matching `condition` in SQLite's order (UTF-8 paths, then raw
+    bytes)."""
+    cur = db.sql(f"SELECT {PG_ROW_COLUMNS}, raw FROM images WHERE {condition}")
+    found = [(raw, bytes(r[0]), r) for *r, raw in cur]
+    return [pg_image_row(r) for _, _, r in sorted(found, key=lambda f: f[:2])]
+
+
+def parse_hash_records(buf: bytearray, record: np.dtype, words: int,
+                       extra: int, path: str) -> HashArrays:
+    """Whole records from the front of buf (which loses them)."""
+    n = len(buf) // record.itemsize
+    rec = np.frombuffer(bytes(buf[:n * record.itemsize]), dtype=record)
+    del buf[:n * record.itemsize]
+    if n and not ((rec["fields"] == 4).all() and (rec["n_id"] == 8).all()
+                  and (rec["n_hash"] == 8 * words).all()
+                  and (rec["n_var"] == 8 * extra * words).all()
+                  and (rec["n_detail"] == 8).all()):
+        raise StoreError(f"{path}: stored extra hashes (orientations, "
+                         f"centres) do not match the settings; run build.")
+    return HashArrays(rec["id"].astype(np.int64),
+                      rec["hash"].astype(np.uint64).reshape(n, words),
+                      rec["var"].astype(np.uint64).reshape(n, extra, words),
+                      rec["detail"].astype(np.float32))
+
+
+def parse_hash_copy(stream: Iterable[bytes], words: int, extra: int,
+                    block: int, path: str) -> Iterator[HashArrays]:
+    """HashArrays from the bytes of a binary COPY of (id, hash, extra
+    hashes, detail), a block of records at a time.  The format: a 19-byte
+    header (signature, flags, extension length) and its extension, then
+    records of a field count and each field's length and bytes, then -1."""
+    record = np.dtype([("fields", ">i2"), ("n_id", ">i4"), ("id", ">i8"),
+                       ("n_hash", ">i4"), ("hash", ">u8", (words,)),
+                       ("n_var", ">i4"), ("var", ">u8", (extra * words,)),
+                       ("n_detail", ">i4"), ("detail", ">f8")])
+    buf, start = bytearray(), True
+    for data in stream:
+        buf += data
+        if start and len(buf) >= 19:  # signature, flags, extension
+            del buf[:19 + int.from_bytes(buf[15:19], "big")]
+            start = False
+        if not start and len(buf) >= block * record.itemsize:
+            yield parse_hash_records(buf, record, words, extra, path)
+    if not start:
+        if bytes(buf[-2:]) != b"\xff\xff":
+            raise StoreError(f"{path}: hash stream ended early.")
+        del buf[-2:]
+        if buf:
+            yield parse_hash_records(buf, record, words, extra, path)
+
+
+def copy_hash_blocks(url: str, where: str, words: int, extra: int,
+                     block: int = 1 << 18) -> Iterator[HashArrays]:
+    """HashArrays of the comparable rows matching `where`, in id order,
+    about `block` rows at a time, parsed straight from a binary COPY on a
+    connection of its own: bounded memory, one consistent snapshot, and
+    the store stays usable between blocks."""
+    column = "int8send(hash)" if words == 1 else "hash_bytes"
+    sql = (f"COPY (SELECT id, {column}, coalesce(variants, ''::bytea), "
+           f"coalesce(detail, 4.0)::float8 FROM images WHERE c0 IS NOT "
+           f"NULL AND {where} ORDER BY id) TO STDOUT (FORMAT BINARY)")
+    psycopg, conn = _psycopg(), pg_connect(url)
+    try:
+        with conn.cursor() as cur, cur.copy(sql) as cp:
+            yield from parse_hash_copy(cp, words, extra, block,
+                                       redact_url(url))
+    except psycopg.Error as exc:
+        raise StoreError(pg_failure(exc, "cannot read hashes from", url)
+                         ) from None
+    finally:
+        conn.close()
+
+
+# ---- the query planner: an exact search inside PostgreSQL ----
+
+def pg_search_sql(query: int, radius: int, bits: int, n: int, scope: str
+                  ) -> tuple[str, dict]:
+    """The SQL and parameters of (id, distance) for every comparable row
+    within `radius` bits of `query`, among about n rows: probes of the chunk
+    neighbourhoods (multi-index hashing) or a full scan, whichever
+    pg_search_plan says is cheaper; both compute distances with bit_count."""
+    chunks = pg_chunks(bits)
+    if bits <= 64:
+        dist = "bit_count((hash # %(q)s)::bit(64))"
+        params = {"q": signed64(query), "r": radius}
+    else:  # BYTEA holds whole 64-bit words: compare all their bits
+        width = 64 * ((bits + 63) // 64)
+        dist = (f"bit_count(('x' || encode(hash_bytes, 'hex'))::bit({width})"
+                f" # %(q)s::bit({width}))")
+        params = {"q": "x" + format(query, f"0{width // 4}x"), "r": radius}
+    if pg_search_plan(n, chunks, radius) == "scan":
+        return (f"SELECT id, d FROM (SELECT id, {dist} AS d FROM images "
+                f"WHERE c0 IS NOT NULL AND {scope}) s WHERE d <= %(r)s"), params
+    parts = []
+    for k, chunk, most in probed_chunks(chunks, radius):
+        v = chunk.value(query)
+        params[f"p{k}"] = [int(v ^ m) for m in _flip_masks(chunk.bits, most)]
+        parts.append(f"SELECT id, d FROM (SELECT id, {dist} AS d FROM "
+                     f"images WHERE c{k} = ANY(%(p{k})s) AND {scope}) "
+                     f"b{k} WHERE d <= %(r)s")
+    return ("SELECT DISTINCT id, d FROM (" + " UNION ALL ".join(parts) +
+            ") c"), params
+
+
+def pg_row_estimate(db: PgLink) -> int:
+    """Rows in images as the planner last counted them (for the plan only:
+    a count(*) of millions of rows costs more than the search)."""
+    rows = db.sql("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
+                  "WHERE oid = 'images'::regclass").fetchone()[0]
+    if rows == 0:  # never analysed: count once (small tables)
+        rows = db.sql("SELECT count(*) FROM images").fetchone()[0]
+    return rows
+
+
+# ---- the store ----
+
+class PgStore(Scoped):
+    """The PostgreSQL database of one collection: a ServerHashStore, its
+    work done by the functions above."""
+
+    def __init__(self, url: str, create: bool = False):
+        self.url = url
+        self.path = redact_url(url)  # what reports and messages show
+        self.host = socket.gethostname()
+        self.roots = []  # this writer's folders (use_roots); tags its rows
+        self.kind = None  # the kind this writer hashes (start_kind)
+        self._bits = None  # hash_bits, read once for searches
+        self._incoming = False  # the temp table exists
+        self._rows_estimate = (0.0, 0)  # (when, rows) for the search planner
+        self.db = PgLink(url)
+        try:
+            pg_open(self.db, create)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def snapshot(self) -> None:
+        """Nothing: rows that vanish while a search runs (a concurrent
+        update) are skipped by the callers instead."""
+
+    def end_snapshot(self) -> None:
         pass
 
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta ----
+    def meta(self) -> dict:
+        return pg_meta(self.db)
+
+    def set_meta(self, **values) -> None:
+        with self.db.conn.transaction():
+            pg_put_meta(self.db, **values)
+
+    def hash_kind(self) -> str | None:
+        return self.meta().get("hash_kind")
+
+    def fingerprint(self) -> str:
+        """Changes whenever any writer changes the stored hashes: every write
+        bumps `generation` in its own transaction (no count(*): slow here)."""
+        meta = self.meta()
+        return f"{meta['db_id']}:{meta['generation']}{self._scope_tag()}"
+
+    # ---- coverage (Scoped): each machine its own; other machines' rows are
+    # the shared collection and always answered from ----
+    def _coverage_text(self) -> str | None:
+        return self.meta().get(f"{COVERAGE_KEY}@{self.host}")
+
+    def _set_coverage(self, cov: Coverage) -> None:
+        self.set_meta(**{f"{COVERAGE_KEY}@{self.host}": cov.to_meta()})
+
+    def _legacy_coverage(self, kind: str) -> Coverage:
+        """Before coverage was recorded: each row names its root already."""
+        if self.hash_kind() != kind:
+            return Coverage(kind, [])
+        cur = self.db.sql("SELECT DISTINCT root FROM images WHERE host = %s "
+                          "AND root IS NOT NULL", (self.host,))
+        return Coverage(kind, outermost(os.fsdecode(bytes(r)) for r, in cur))
+
+    def _rows_outside(self, roots: Sequence[str]) -> bool:
+        return self.db.sql(f"SELECT EXISTS (SELECT 1 FROM images WHERE host "
+                           f"= %s AND NOT {pg_ranges_sql(roots)})",
+                           (self.host,)).fetchone()[0]
+
+    def _scope_sql(self) -> str:
+        if self.scope is None:
+            return "true"
+        host = "'" + self.host.replace("'", "''") + "'"
+        return f"(host <> {host} OR {pg_ranges_sql(self.scope)})"
+
+    # ---- writes: each call is one transaction ----
+    def use_roots(self, roots: Sequence[str]) -> None:
+        """The folders this run walks: upsert records each row's root."""
+        self.roots = [os.path.abspath(r) for r in roots]
+
+    def start_kind(self, spec: HashSpec) -> None:
+        """Record the hash kind; drop hashes of any other kind (every
+        machine's: hashes of two kinds cannot be compared)."""
+        self.db.retry(lambda: pg_switch_kind(self.db, spec))
+        self.kind, self._bits = spec.kind, spec.bits
+
+    def upsert(self, rows: Sequence[ImageRow], bits: int) -> None:
+        """Insert or replace rows by path (COPY to a temp table, then one
+        INSERT ... ON CONFLICT): safe against writers of the same paths."""
+        if not rows:
+            return
+        data = incoming_rows(rows, bits, self.roots)
+        if not self._incoming:
+            self.db.sql(INCOMING)
+            self._incoming = True
+        self.db.retry(lambda: pg_write_rows(self.db, data, self.host,
+                                            self.kind))
+
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        keys = sorted(pg_path_to_db(p)[0] for p in paths)
+
+        def write():
+            for start in range(0, len(keys), PG_PAGE):
+                self.db.sql("DELETE FROM images WHERE path = ANY(%s)",
+                            (keys[start:start + PG_PAGE],))
+            pg_bump(self.db)
+        self.db.retry(write)
+        return len(keys)
+
+    def optimize(self) -> None:
+        """At the end of build and update: build missing chunk indexes (a
+        bulk load skips them), then VACUUM ANALYZE, which lets searches read
+        only the chunk indexes (index-only scans need the visibility map).
+        SKIP_LOCKED: a vacuum that another machine runs is enough."""
+        with self.db.conn.transaction():
+            make_chunk_indexes(self.db)
+        self.db.sql("VACUUM (ANALYZE, SKIP_LOCKED) images")
+
+    # ---- reads ----
+    def states(self, roots: Sequence[str] | None = None) -> dict:
+        """path -> RowState for every stored file under `roots` (all when
+        None): what update compares, and what it may delete."""
+        ranges = [(b"", None)] if roots is None else \
+            [_root_range(os.path.abspath(r)) for r in roots]
+        out = {}
+        for lo, hi in ranges:
+            for p, s, m, ok in pg_paged(self.db, "size, mtime_ns, error IS "
+                                        "NULL AND traits IS NOT NULL", "true",
+                                        lo, hi):
+                out[pg_path_from_db(p)] = RowState(s, m, ok)
+        return out
+
+    def hashed_with_size(self, size: int) -> set:
+        """Digests of the hashed files of this size (moved or copied files)."""
+        cur = self.db.sql(f"SELECT digest FROM images WHERE size = %s AND "
+                          f"{HASHED} AND traits IS NOT NULL", (size,))
+        return {bytes(d) for d, in cur}
+
+    def hashed_by_digest(self, size: int, digest: bytes) -> ImageRow | None:
+        row = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE size = "
+                          f"%s AND digest = %s AND {HASHED} AND traits IS NOT "
+                          f"NULL LIMIT 1", (size, digest)).fetchone()
+        return None if row is None else pg_image_row(row)
+
+    def hash_arrays(self, words: int, extra: int, block: int = 1 << 18
+                    ) -> HashArrays:
+        """Every comparable image in scope, as Store.hash_arrays; read in
+        blocks of `block` rows (copy_hash_blocks)."""
+        return join_hash_blocks(list(copy_hash_blocks(
+            self.url, self._scope_sql(), words, extra, block)), words, extra)
+
+    def search_hashes(self, query: int, radius: int) -> list[NearRow]:
+        """Every comparable image within `radius` bits of `query`, nearest
+        first: exact, computed inside PostgreSQL."""
+        bits = self._hash_bits()
+        sql, params = pg_search_sql(query, radius, bits, self._row_estimate(),
+                                    self._scope_sql())
+        found = self.db.sql(sql, params).fetchall()
+        return [NearRow(*f) for f in sorted(found, key=lambda f: (f[1], f[0]))]
+
+    def _hash_bits(self) -> int:
+        if self._bits is None:
+            bits = self.meta().get("hash_bits")
+            if bits is None:
+                raise StoreError(f"{self.path} holds no hashes yet; run build.")
+            self._bits = int(bits)
+        return self._bits
+
+    def _row_estimate(self) -> int:
+        """pg_row_estimate, read again after 10 seconds."""
+        when, rows = self._rows_estimate
+        if time.monotonic() - when > 10:
+            rows = pg_row_estimate(self.db)
+            self._rows_estimate = (time.monotonic(), rows)
+        return rows
+
+    def count_comparable(self) -> int:
+        """Images a search can find (hashed, not low-detail): len(flat.ids)."""
+        return self.db.sql("SELECT count(*) FROM images WHERE c0 IS NOT "
+                           f"NULL AND {self._scope_sql()}").fetchone()[0]
+
+    def low_detail_rows(self) -> list:
+        return pg_rows_where(self.db, f"low_detail AND {self._scope_sql()}")
+
+    def failed_rows(self) -> list:
+        return pg_rows_where(self.db, f"error IS NOT NULL AND "
+                                      f"{self._scope_sql()}")
+
+    def rows_by_id(self, ids: Iterable[int]) -> dict:
+        ids = sorted({int(i) for i in ids})
+        rows = {}
+        for start in range(0, len(ids), PG_PAGE):
+            cur = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images "
+                              f"WHERE id = ANY(%s)",
+                              (ids[start:start + PG_PAGE],))
+            rows.update((r.id, r) for r in map(pg_image_row, cur))
+        return rows
+
+    def rows_by_path(self, paths: Iterable[str]) -> dict:
+        keys = sorted({pg_path_to_db(p)[0] for p in paths})
+        rows = {}
+        for start in range(0, len(keys), PG_PAGE):
+            cur = self.db.sql(f"SELECT {PG_ROW_COLUMNS} FROM images WHERE "
+                              f"path = ANY(%s)", (keys[start:start + PG_PAGE],))
+            rows.update((r.path, r) for r in map(pg_image_row, cur))
+        return rows
+
+    def iter_rows(self) -> Iterator[ImageRow]:
+        """Every row in SQLite's order: UTF-8 paths by their bytes, then the
+        others (SQLite sorts TEXT before BLOB)."""
+        cols = PG_ROW_COLUMNS.split(", ", 1)[1]
+        for where in ("NOT raw", "raw"):
+            for r in pg_paged(self.db, cols, where, b"", None):
+                yield pg_image_row(r)
+
+
+def pg_store_exists(url: str) -> bool:
+    """Whether `url` holds reverse_search tables (False if unreachable)."""
+    try:
+        PgStore(url).close()
+        return True
+    except StoreError:
+        return False
+
+
+class PgRunLock:
+    """One writer per folder, across machines: session advisory locks, held
+    on a connection of their own until the run ends (or its process dies).
+
+    A run takes an exclusive lock on each of its roots and a shared lock on
+    every folder above them, so two runs conflict when one's root holds the
+    other's (same folder, or parent and child) and not otherwise."""
+
+    def __init__(self, url: str, roots: Sequence[str], timeout: float):
+        self.url, self.path = url, redact_url(url)
+        self.timeout = timeout
+        mine = {os.path.abspath(r).rstrip(os.sep) or os.sep for r in roots}
+        above = {}  # folder above a root -> that root
+        for root in sorted(mine):
+            folder = root
+            while os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)
+                above.setdefault(folder, root)
+        self.locks = sorted([(lock_key(r), True, r, r) for r in mine] +
+                            [(lock_key(f), False, f, r) for f, r in above.items()
+                             if f not in mine])
+        self.conn = None
+
+    def __enter__(self) -> PgRunLock:
+        psycopg = _psycopg()
+        self.conn = pg_connect(self.url)
+        try:
+            self._wait(time.monotonic() + self.timeout)
+        except psycopg.Error as exc:
+            self.conn.close()
+            raise StoreError(pg_failure(exc, "lost", self.url)) from None
+        return self
+
+    def _wait(self, deadline: float) -> None:
+        while True:
+            busy = self._try_lock()
+            if busy is None:
+                return
+            if time.monotonic() >= deadline:
+                key, exclusive, folder, root = busy
+                who = self._holder(key)
+                self.conn.close()
+                what = f"{folder} or a folder in it" if exclusive else \
+                    f"{folder}, which holds {root}"
+                raise StoreError(
+                    f"another reverse_search run{who} is updating {what}, in "
+                    f"{self.path} (waited {self.timeout:g} s, see "
+                    f"lock_timeout); try again when it has finished.")
+            time.sleep(0.2)
+
+    def _try_lock(self):
+        """None when every lock is held, else the one that is busy."""
+        for lock in self.locks:
+            fn = "pg_try_advisory_lock" if lock[1] else \
+                "pg_try_advisory_lock_shared"
+            if not self.conn.execute(f"SELECT {fn}(%s)", (lock[0],)).fetchone()[0]:
+                self.conn.execute("SELECT pg_advisory_unlock_all()")
+                return lock
+        return None
+
+    def _holder(self, key: int) -> str:
+        """' (from host)' of a session holding `key`, when it can be seen."""
+        row = self.conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+            "USING (pid) WHERE l.locktype = 'advisory' AND l.granted AND "
+            "l.classid::bigint = %s AND l.objid::bigint = %s AND "
+            "l.objsubid = 1 LIMIT 1",
+            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
+        name = row[0] if row else ""
+        return f" (from {name.split('@', 1)[1]})" if "@" in (name or "") else ""
+
+    def __exit__(self, *exc) -> None:
+        self.conn.close()  # ending the session releases its locks
+
+
+# ============================================================================
+# Reports
+# ============================================================================
 
 @dataclass
 class Failure:
@@ -5646,6 +5761,452 @@ class DocumentReport(Report):
                 print(line)
         ui.notice(self.summary())
         return written
+
+
+def settings_of(cfg: Config) -> dict:
+    """The settings as results show them: paths through shown(), no
+    password."""
+    settings = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+    for name, f in CONFIG_FIELDS.items():
+        if f.metadata["path"]:
+            value = settings[name]
+            settings[name] = [shown(v) for v in value] if \
+                isinstance(value, list) else shown(value)
+    if cfg.database_url:
+        settings["database_url"] = redact_url(cfg.database_url)
+    return settings
+
+
+def _failures_json(failures: list) -> list:
+    return [{"path": shown(f.path), "error": f.error} for f in failures]
+
+
+HOW_COLUMNS = ["stage", "how", "box"]
+
+
+def _csv_bool(value: bool) -> str:
+    return "true" if value else "false"  # as JSON writes it
+
+
+TEXT_FAILURES = 20  # longer lists go to the results files only
+
+
+def write_results(report: DocumentReport, cfg: Config, doc: dict) -> list:
+    """<operation>.json and .csv in output_dir, each written atomically."""
+    base = os.path.join(cfg.output_dir, cfg.operation)
+    text = json_text(doc)
+    with _output_errors(cfg.output_dir):
+        _atomic_write(base + ".json", lambda fh: fh.write(text + "\n"))
+        _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
+            report.csv_rows()))
+    sweep_stale_temps(cfg.output_dir)
+    return [base + ".json", base + ".csv"]
+
+
+def export_rows(report: ExportReport) -> Iterator[list]:
+    yield ["path", "hash", "size", "width", "height", "mtime", "error"]
+    for r in report.store.iter_rows():
+        yield [shown(r.path), "" if r.hash is None else hash_hex(r.hash, report.bits),
+               r.size, "" if r.width is None else r.width,
+               "" if r.height is None else r.height, _iso(r.mtime_ns),
+               r.error or ""]
+
+
+def write_export(report: ExportReport, cfg: Config, out) -> list:
+    """Stream every row to export.csv (and stdout in the chosen format)."""
+    path = os.path.join(cfg.output_dir, "export.csv")
+    keys = ["path", "hash", "size", "width", "height", "mtime", "error"]
+    fmt, out = cfg.output_format, _Reader(out)
+
+    def body(fh):
+        file_csv, out_csv = csv.writer(fh), csv.writer(out)
+        first = True
+        if fmt == "json":
+            out.write(json.dumps({"operation": "export", "tool_version":
+                                  __version__, "database": report.database,
+                                  "hash_kind": report.hash_kind})[:-1]
+                      + ', "images": [')
+        for n, row in enumerate(export_rows(report)):
+            file_csv.writerow(row)
+            if fmt in ("csv", "text"):  # text: tab-separated, header first
+                out_csv.writerow(row) if fmt == "csv" else \
+                    out.write("\t".join(printable(str(v)) for v in row) + "\n")
+            elif fmt == "json" and n:
+                out.write(("\n" if first else ",\n") + json.dumps(
+                    dict(zip(keys, row)), ensure_ascii=False))
+                first = False
+        if fmt == "json":
+            out.write("\n]}\n")
+
+    with _output_errors(cfg.output_dir):
+        _atomic_write(path, body)
+    if out.gone:  # export.csv is complete; now stop as `| head` expects
+        raise BrokenPipeError
+    return [path]
+
+
+class _Reader:
+    """stdout while a result file is streamed: when its reader goes away
+    (`| head`), the file is still finished."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> None:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self.gone = True
+
+
+class _output_errors:
+    """OSError while writing results -> one StoreError naming the folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError) and \
+                not issubclass(exc_type, BrokenPipeError):  # stdout's reader left
+            raise StoreError(f"cannot write results to {self.folder}: "
+                             f"{exc.strerror or exc} (check output_dir).") from None
+        return False
+
+
+# ---- the HTML report: thumbnails and one self-contained page ----
+
+HTML_PAGE_SIZE = 50      # groups drawn at once: keeps 10,000 groups fast
+# Thumbnails are made only for the first page (at most HTML_THUMB_ITEMS
+# pictures), so the report costs the same at 1,000 or 1,000,000 images (it
+# was 2.6 s of find_duplicates' 2.9 s on the public corpus, 190 s at 1M);
+# later pages show the files themselves.  Files a browser draws itself, at
+# most HTML_AS_IS_PIXELS and HTML_AS_IS_BYTES, are shown as they are on the
+# first page too: a thumbnail would cost 4 ms each and save the browser
+# little.  Bigger ones (a 12 MP photo takes a browser ~100 ms and 48 MB to
+# draw) and other formats (TIFF, HEIC, PSD, ...) get a thumbnail.
+HTML_THUMB_ITEMS = 400
+HTML_AS_IS_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP"})
+HTML_AS_IS_PIXELS = 2_100_000  # 1920 x 1080 and a little more
+HTML_AS_IS_BYTES = 3 << 20
+HTML_THUMB_QUALITY = 80  # JPEG quality of thumbnails: small and sharp enough
+PLACEHOLDER_NAME = "unreadable.png"
+_THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
+
+
+def write_html_report(report: SearchReport | DuplicatesReport, cfg: Config,
+                      out_dir: str | None = None, thumb_px: int = 160) -> str:
+    """Write OUT/<operation>.html and its thumbnails (OUT: output_dir unless
+    given); returns the page's path."""
+    out_dir = cfg.output_dir if out_dir is None else out_dir
+    files = f"{report.operation}_files"
+    page_path = os.path.join(out_dir, f"{report.operation}.html")
+    max_pixels = cfg.max_image_pixels or 178956970
+    with _output_errors(out_dir):
+        folder = os.path.join(out_dir, files)
+        own_folder(folder)
+        # the first page's distinct pictures may get a thumbnail
+        first = list(dict.fromkeys(report.page_paths()))[:HTML_THUMB_ITEMS]
+        thumbs = make_thumbnails(first, folder, thumb_px, max_pixels)
+        for path in report.query_paths():  # past the first page: facts only
+            if path not in thumbs:
+                thumbs[path] = thumbnail(path, folder, thumb_px, max_pixels,
+                                         make=False)
+        folders = {}
+        data = {"operation": report.operation, "page_size": HTML_PAGE_SIZE,
+                "px": thumb_px, "files": files, "placeholder": PLACEHOLDER_NAME,
+                "sep": os.sep, "sets": report.html_sets(thumbs, folders),
+                "dirs": [{"path": f, "uri": uri} for f, (_, uri) in
+                         folders.items()],
+                "failures": _failures_json(report.failed()),
+                "threshold": cfg.distance_threshold}
+        page = _html_page(report, cfg, data)
+        _atomic_write(page_path, lambda fh: fh.write(page))
+    return page_path
+
+
+# ---- thumbnails ----
+
+def make_thumbnails(paths: list, folder: str, px: int, max_pixels: int) -> dict:
+    """{shown path: thumbnail info}, one JPEG per distinct path, made in threads.
+
+    Pillow releases the GIL while decoding and resizing, so threads use every
+    core without the cost of starting processes.
+    """
+    _setup_decoders()
+    placeholder(folder, px)
+    workers = min(8, os.cpu_count() or 1)
+    with warnings.catch_warnings():  # process-wide, so it covers the threads
+        warnings.simplefilter("ignore")  # EXIF and palette notes
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            made = dict(zip(paths, pool.map(
+                lambda p: thumbnail(p, folder, px, max_pixels, as_is=True),
+                paths)))
+    _prune_thumbnails(folder, {t["thumb"] for t in made.values()})
+    return made
+
+
+def thumbnail(path: str, folder: str, px: int, max_pixels: int,
+              make: bool = True, as_is: bool = False) -> dict:
+    """{"thumb": file name in folder, "w", "h", "size", "mtime_ns"}; the
+    placeholder (and None for what is unknown) when the file cannot be read;
+    "thumb" None when the page shows the file itself: make=False, or as_is
+    and a small picture a browser draws (HTML_AS_IS_*)."""
+    info = {"thumb": PLACEHOLDER_NAME, "w": None, "h": None, "size": None,
+            "mtime_ns": None}
+    from PIL import Image
+    real = real_path(path)
+    try:
+        st = os.stat(real)
+        info.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        name = _thumb_name(real, st, px)
+        with open_regular(real) as fh, Image.open(fh) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                return info  # the hasher refused it too: never decode a bomb
+            made = os.path.exists(os.path.join(folder, name))
+            # Looking for a PNG's EXIF after its pixels decodes them all: not
+            # worth it just for the size shown when the thumbnail is made.
+            orientation = 1 if made and im.format == "PNG" and \
+                "exif" not in im.info else _exif_orientation(im)
+            sideways = orientation in (5, 6, 7, 8)  # sizes as displayed
+            info.update(w=h if sideways else w, h=w if sideways else h)
+            if not make or as_is and (
+                    im.format in HTML_AS_IS_FORMATS and w * h <=
+                    HTML_AS_IS_PIXELS and st.st_size <= HTML_AS_IS_BYTES):
+                info["thumb"] = None
+                return info
+            if not made:
+                _save_thumbnail(im, os.path.join(folder, name), px, orientation)
+        info["thumb"] = name
+    except Exception:  # missing, unreadable, damaged: the placeholder says so
+        pass
+    return info
+
+
+def _thumb_name(real: str, st: os.stat_result, px: int) -> str:
+    """Named by path, size, mtime and px: an unchanged file is not redone."""
+    key = os.fsencode(real) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{px}".encode()
+    return hashlib.sha1(key).hexdigest()[:20] + ".jpg"
+
+
+def _save_thumbnail(im, dest: str, px: int, orientation: int) -> None:
+    """Small, upright, 8-bit RGB, written so no half file is ever left."""
+    from PIL import Image
+    if im.format == "JPEG":
+        im.draft("RGB", (px, px))  # decode at 1/2..1/8 scale: far faster
+    im.seek(0)  # first frame of an animation
+    small = to_8bit(im)  # alpha over white, 16-bit scaled
+    small.thumbnail((px, px), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    if orientation in _ORIENT:
+        small = small.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
+    small = small.convert("RGB")
+    _atomic_write(dest, lambda fh: small.save(fh, "JPEG",
+                                              quality=HTML_THUMB_QUALITY),
+                  binary=True)
+
+
+def placeholder(folder: str, px: int) -> None:
+    """The picture shown for files that cannot be read: a crossed frame."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (px, px), (236, 236, 236))
+    draw = ImageDraw.Draw(im)
+    m = px // 4
+    draw.rectangle([m, m, px - m, px - m], outline=(160, 160, 160), width=3)
+    draw.line([m, m, px - m, px - m], fill=(190, 80, 80), width=3)
+    draw.line([m, px - m, px - m, m], fill=(190, 80, 80), width=3)
+    left, top, right, bottom = draw.textbbox((0, 0), "no preview")
+    draw.text(((px - right - left) // 2, px - m // 2 - (bottom + top) // 2),
+              "no preview", fill=(110, 110, 110))
+    _atomic_write(os.path.join(folder, PLACEHOLDER_NAME),
+                  lambda fh: im.save(fh, "PNG"), binary=True)
+
+
+def _prune_thumbnails(folder: str, used: set) -> None:
+    """Drop our own thumbnails of files no longer in the report."""
+    sweep_stale_temps(folder)
+    for name in os.listdir(folder):
+        if _THUMB_NAME.fullmatch(name) and name not in used:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+
+
+def file_uri(path: str) -> str:
+    """file:// URI with every byte of the real path percent-encoded."""
+    try:
+        return pathlib.Path(os.path.abspath(real_path(path))).as_uri()
+    except ValueError:
+        return ""
+
+
+# ---- the page ----
+
+def _html_item(m: Match, thumb: dict | None, folders: dict) -> dict:
+    """A card; without "thumb" the page shows the file itself."""
+    item = _where(shown(m.path), folders)
+    if thumb and thumb["thumb"]:
+        item["thumb"] = thumb["thumb"]
+    item.update(w=m.width, h=m.height, size=m.size,
+                date=_iso(m.mtime_ns).replace("T", " "), dist=m.distance,
+                bits=4 * len(m.hash or ""))  # hex digits: 4 bits each
+    if m.action in ("move", "protected"):
+        item["action"] = m.action
+    how = m.how
+    if how and (how.verified or how.region):  # not a plain whole-hash match
+        item["how"] = how.text()
+    # as the JSON rounds it: the page and the document agree
+    geometry = how.geometry.as_json() if how and how.geometry else {}
+    if geometry.get("share", 1) >= 0.9:
+        pass  # the whole picture: no box worth drawing
+    elif geometry.get("inner") == "a":  # the query (or lead) inside this one
+        item["box"] = geometry["box_fraction"]
+    elif geometry.get("inner") == "b":  # this one inside the query (or lead)
+        item["lead_box"] = geometry["box_fraction"]
+    if m.keep:
+        item["role"] = "keep"
+    return item
+
+
+def _html_query(path: str, thumb: dict, folders: dict) -> dict:
+    """The query's card: what it is comes from the file itself."""
+    date = "" if thumb["mtime_ns"] is None else time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.localtime(thumb["mtime_ns"] / 1e9))
+    item = _where(path, folders)
+    if thumb["thumb"]:
+        item["thumb"] = thumb["thumb"]
+    item.update(w=thumb["w"], h=thumb["h"], size=thumb["size"], date=date,
+                dist=None, role="query")
+    return item
+
+
+def _where(path: str, folders: dict) -> dict:
+    """{"name", "dir": index into folders, and "href" or "uri" if needed}.
+
+    Folders repeat on thousands of cards, so the page gets each one once with
+    its URI; a card's link is that URI plus "href", the encoded name, which is
+    left out when it equals the name (most names).  "uri" is the whole link
+    when it cannot be built that way.
+    """
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        base = file_uri(folder)
+        folders[folder] = (len(folders), base.rstrip("/") + "/")
+    index, base = folders[folder]
+    uri = file_uri(path)
+    item = {"name": name, "dir": index}
+    if not uri.startswith(base):
+        item["uri"] = uri
+    elif uri[len(base):] != name:
+        item["href"] = uri[len(base):]
+    return item
+
+
+def _script_json(data) -> str:
+    """JSON that is safe inside <script>: no '<' at all, so no '</script>'."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # A lone surrogate cannot be written as UTF-8; as a \\udcxx escape it
+    # stays valid JSON inside its string.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("<", "\\u003c")
+
+
+def _html_summary(report: SearchReport | DuplicatesReport,
+                  cfg: Config) -> str:
+    """The summary box, as escaped HTML."""
+    e = html.escape
+    stats = "".join(f'<div class="stat"><b>{e(str(v))}</b> {e(k)}</div>'
+                    for v, k in report.html_facts())
+    settings = "".join(
+        f"<tr><th>{e(k)}</th><td>{e(json.dumps(v, ensure_ascii=False))}</td></tr>"
+        for k, v in settings_of(cfg).items())
+    fails = len(report.failed())
+    failures = ('<p class="ok">Every file could be read.</p>' if not fails else
+                f'<details id="failures"><summary>{fails:,} '
+                f'file{"s" if fails != 1 else ""} could not be read</summary>'
+                f'<ul id="failure-list"></ul></details>')
+    run = (f'{e(report.operation)} · engine {e(report.engine)}'
+           f' · {e(str(round(report.seconds, 3)))} s · database '
+           f'<code>{e(shown(report.database))}</code> · '
+           f'reverse_search {e(__version__)}')
+    return (f'<div class="stats">{stats}</div><p class="run">{run}</p>'
+            f'{failures}<details><summary>Settings used</summary>'
+            f'<table class="settings">{settings}</table></details>')
+
+
+def _html_page(report: SearchReport | DuplicatesReport, cfg: Config,
+               data: dict) -> str:
+    parts = {"TITLE": report.title, "PX": str(data["px"]),
+             "SUMMARY": _html_summary(report, cfg), "DATA": _script_json(data)}
+    # One pass: a file name that reads "@DATA@" stays text.
+    return re.sub(r"@(TITLE|PX|SUMMARY|DATA)@", lambda m: parts[m.group(1)],
+                  HTML_TEMPLATE)
+
+
+def emit(report: Report, run: Run, ui: Console) -> None:
+    """Print the report on stdout in output_format and save the result files."""
+    ui.notice("results: " + ", ".join(report.publish(run, ui)))
+
+
+def open_in_browser(path: str) -> None:
+    """A file (the HTML report) or the review page's http:// address."""
+    import webbrowser
+    # A onefile executable's bootloader puts its unpacked libraries first on
+    # LD_LIBRARY_PATH (Linux); the browser must start with the system's own.
+    saved = os.environ.get("LD_LIBRARY_PATH")
+    if getattr(sys, "frozen", False) and saved is not None:
+        original = os.environ.get("LD_LIBRARY_PATH_ORIG")
+        if original is None:
+            del os.environ["LD_LIBRARY_PATH"]
+        else:
+            os.environ["LD_LIBRARY_PATH"] = original
+    try:
+        # no browser is not an error: the path is shown
+        with contextlib.suppress(Exception):
+            webbrowser.open(path if path.startswith("http://") else
+                            pathlib.Path(path).as_uri())
+    finally:
+        if saved is not None:
+            os.environ["LD_LIBRARY_PATH"] = saved
+
+
+# ============================================================================
+# Operations: build and update
+# ============================================================================
+
+class Console:
+    """Notices and progress on stderr; stdout carries only results."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def notice(self, text: str) -> None:
+        if not self.quiet:  # file names in it may hold terminal escapes
+            print(printable(text), file=sys.stderr, flush=True)
+
+    def progress(self, total: int | None, what: str):
+        if self.quiet or not sys.stderr.isatty():
+            return _NoProgress()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return _NoProgress()
+        tqdm.monitor_interval = 0  # no monitor thread: workers may be forked
+        return tqdm(total=total, desc=what, unit="img", file=sys.stderr,
+                    dynamic_ncols=True, leave=False)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 @dataclass
@@ -6082,6 +6643,43 @@ def note_ignored(cfg: Config, store: HashStore, ui: Console) -> None:
                   f"but not searched ({drop}).")
 
 
+# ============================================================================
+# Operations: search
+# ============================================================================
+
+def _as_regions(views, radius: int) -> Regions | None:
+    """A Regions, also from a plain list of (centre view, engine)."""
+    if views is None or isinstance(views, Regions):
+        return views
+    return Regions(list(views), radius)
+
+
+def load_marks(cfg: Config) -> set:
+    """Pairs the user marked as different pictures (not_duplicates CSV)."""
+    path = cfg.not_duplicates
+    if not os.path.isfile(path):
+        return set()
+    base, marks = os.path.dirname(path), set()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            for n, row in enumerate(csv.reader(fh), 1):
+                cells = [c.strip() for c in row if c.strip()]
+                if not cells or cells[0].startswith("#") or \
+                        n == 1 and cells[0].lower() in ("path_a", "a", "path"):
+                    continue
+                if len(cells) != 2:
+                    raise ConfigError(f"{path}: line {n}: expected two paths "
+                                      f"separated by a comma, got {len(cells)}.")
+                marks.add(frozenset(os.path.abspath(os.path.join(base, c))
+                                    for c in cells))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc}).") from None
+    except csv.Error as exc:  # a field over 128 KiB, a NUL byte: not paths
+        raise ConfigError(f"{path} (key 'not_duplicates'): not a CSV of path "
+                          f"pairs ({exc}); fix or remove it.") from None
+    return marks
+
+
 @dataclass
 class Match:
     path: str
@@ -6250,183 +6848,6 @@ class Judge:
 
 
 _REFUSED = Verdict(False, "not checked")
-# Members of a group checked against its lead when no hash joins them to it
-# (EdgeJudge.joiners): each check costs ~30 ms, so a lead tries at most this
-# many, nearest first.
-JOIN_CHECKS = 16
-
-
-class EdgeJudge:
-    """find_duplicates' keep_edge: in verified mode, a pair found by a weak
-    stage (another orientation, a centre, a content box, a window) stands
-    only if verified; whole-hash pairs stand as found.
-
-    Only edges that would join two groups are verified (nearest first): an
-    edge inside a group already joined changes nothing, and checking every
-    one cost 5 minutes on the 1,450-image public corpus, whose 16 copies of
-    a picture are all near each other.  Each image pair is checked once."""
-
-    def __init__(self, judge: Judge, flat: FlatIndex, store: HashStore,
-                 radius: int):
-        self.judge, self.flat, self.store = judge, flat, store
-        self.radius = radius
-        self.verdicts: dict = {}  # frozenset of two positions -> (a, Verdict)
-        self.paths: dict = {}
-        self.joined: set = set()  # pairs joined by joiners()
-        self.codes: dict = {}  # pair -> code of its nearest weak edge
-
-    def _load_paths(self, positions) -> None:
-        """Paths of image positions; None for a row an update removed
-        since the index was loaded (never verified, so never joined)."""
-        # not `set - self.paths.keys()`: that copies every key each call
-        # (96 s over 24,564 calls at 100,000 images)
-        missing = {int(p) for p in positions if int(p) not in self.paths}
-        if not missing:
-            return
-        rows = self.store.rows_by_id(int(self.flat.ids[p]) for p in missing)
-        self.paths.update((p, getattr(rows.get(int(self.flat.ids[p])), "path",
-                                      None)) for p in missing)
-
-    def check(self, a: int, b: int) -> bool:
-        pair = frozenset((a, b))
-        if pair not in self.verdicts:
-            self._load_paths((a, b))
-            gone = self.paths[a] is None or self.paths[b] is None
-            self.verdicts[pair] = (a, Verdict(False, "no longer stored") if gone
-                                   else self.judge.check(
-                                       self.paths[a], self.paths[b]))
-        return self.verdicts[pair][1].accepted
-
-    def ahead(self, a: int, others: Iterable) -> None:
-        """Verify together the pairs (a, b) for b in others not yet checked:
-        the caller is about to check each of them."""
-        others = [int(b) for b in others]
-        self._load_paths(others + [a])
-        self.judge.prefetch([(self.paths[a], self.paths[b]) for b in others
-                             if frozenset((a, b)) not in self.verdicts
-                             and None not in (self.paths[a], self.paths[b])])
-
-    def solid(self, a, b, bits) -> np.ndarray:
-        """Whole-hash distances that vouch: pictures with detail enough, or
-        within half the (adaptive) limit (see Judge)."""
-        d = self.flat.detail
-        least = np.minimum(d[a], d[b])
-        return (least >= DETAIL_FULL) | (
-            2 * np.asarray(bits) <= pair_threshold(self.radius, least, least))
-
-    def __call__(self, edges: Edges) -> np.ndarray:
-        keep = (edges.code == -1) & self.solid(edges.a, edges.b, edges.bits)
-        parent = components(len(self.flat.ids), edges.a[keep], edges.b[keep])
-        roots: dict = {}
-
-        def find(x: int) -> int:
-            x = int(parent[x])
-            while roots.get(x, x) != x:
-                x = roots[x]
-            return x
-        weak = np.flatnonzero(~keep)
-        self._load_paths(np.concatenate([edges.a[weak], edges.b[weak]]))
-        order = weak[np.argsort(edges.effective[weak], kind="stable")].tolist()
-        for i, k in enumerate(order):
-            a, b = int(edges.a[k]), int(edges.b[k])
-            self.codes.setdefault(frozenset((a, b)), int(edges.code[k]))
-            ra, rb = find(a), find(b)
-            if ra == rb:
-                continue
-            if self.judge.workers > 1 and frozenset((a, b)) not in \
-                    self.verdicts and (self.paths[a], self.paths[b]) \
-                    not in self.judge.ready:
-                self.judge.prefetch(self._sure(edges, order, i, find))
-            if self.check(a, b):
-                roots[max(ra, rb)] = min(ra, rb)
-                keep[k] = True
-        return keep
-
-    # Verified ahead at most this many pairs, found among this many edges.
-    AHEAD_PAIRS, AHEAD_EDGES = 64, 4096
-
-    def _sure(self, edges: Edges, order: list, start: int, find) -> list:
-        """Pairs of the coming edges that __call__ is sure to check, whatever
-        the verdicts before them: an edge whose two groups no earlier
-        unjoined edge (from start) touches.  A verdict only joins the groups
-        of its own edge, so such an edge's groups are still apart when the
-        loop reaches it."""
-        touched, pairs = set(), []
-        for k in order[start:start + self.AHEAD_EDGES]:
-            a, b = int(edges.a[k]), int(edges.b[k])
-            ra, rb = find(a), find(b)
-            if ra == rb:
-                continue
-            if ra not in touched and rb not in touched \
-                    and frozenset((a, b)) not in self.verdicts \
-                    and None not in (self.paths[a], self.paths[b]):
-                pairs.append((self.paths[a], self.paths[b]))
-                if len(pairs) == self.AHEAD_PAIRS:
-                    break
-            touched.update((ra, rb))
-        return pairs
-
-    def known(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
-        """Members near lead by the whole hash or by a pair already verified
-        (nothing is checked here)."""
-        h = self.flat.hashes
-        d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
-        whole = (d <= limit) & self.solid(lead, members, d)
-        return whole | np.array([self.verdicts.get(frozenset((lead, m)), (
-            0, _REFUSED))[1].accepted for m in members.tolist()], dtype=bool)
-
-    def trusted(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
-        """Which members may join lead's group (all of them near it by some
-        hash): near by the whole-picture hash, or verified with it."""
-        h = self.flat.hashes
-        d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
-        whole = (d <= limit) & self.solid(lead, members, d)
-        self.ahead(lead, members[~whole & (members != lead)])
-        return np.array([w or m == lead or self.check(lead, m)
-                         for w, m in zip(whole.tolist(), members.tolist())],
-                        dtype=bool)
-
-    def joiners(self, lead: int, members: np.ndarray, free: np.ndarray,
-                most: int = JOIN_CHECKS) -> list:
-        """Indices of free members (all linked to the lead through its
-        component, but not near it by any hash) that verification finds to
-        be the lead's picture: at most `most` checks, nearest hash first.
-        Representative grouping stays: each is checked with the lead
-        itself, never chained through another member.  On the tough corpus
-        a 180° turn near only a crop that led its group was split off
-        (rot180 90.8 % grouped with its original, transpose 93.4 %)."""
-        ks = np.flatnonzero(free)
-        if not len(ks):
-            return []
-        order = ks[np.argsort(self.flat.match_distances(lead, members[ks]).effective,
-                              kind="stable")][:most]
-        self.ahead(lead, members[order])
-        found = [int(k) for k in order.tolist()
-                 if self.check(lead, int(members[k]))]
-        self.joined.update(frozenset((lead, int(members[k]))) for k in found)
-        return found
-
-    def how(self, lead: int, member: int, code: int) -> How | None:
-        """How member matched lead, seen from lead, when they were verified."""
-        first, verdict = self.verdicts.get(frozenset((lead, member)),
-                                           (None, None))
-        if frozenset((lead, member)) in self.joined:
-            geometry = verdict.geometry
-            if first != lead:
-                geometry = geometry.swapped() if geometry.inner else \
-                    self.judge.check(self.paths[lead],
-                                     self.paths[member]).geometry
-            code = self.codes.get(frozenset((lead, member)), -1)
-            if code < 0:  # no edge of their own: found through the group
-                return How(STAGES[5], None, True, geometry)
-            return How(stage_of(code), MATCH_NAMES[code], True, geometry)
-        if code < 0 or verdict is None or not verdict.accepted:
-            return None
-        geometry = verdict.geometry
-        if first != lead:  # checked the other way round
-            geometry = geometry.swapped() if geometry.inner else \
-                self.judge.check(self.paths[lead], self.paths[member]).geometry
-        return How(stage_of(code), MATCH_NAMES[code], True, geometry)
 
 
 @dataclass
@@ -6524,116 +6945,6 @@ class SearchReport(DocumentReport):
         hits = sum(1 for q in self.queries if q.matches)
         return [(len(self.queries), "queries"), (hits, "with matches"),
                 (self.images, "images searched")]
-
-
-@dataclass
-class Group:
-    images: list  # of Match; the first leads, `keep` marks the one kept
-    keep_reason: str = ""  # "kept: oldest (by 3 days)": what decided
-
-    def as_json(self) -> dict:
-        return {"keep_reason": self.keep_reason,
-                "images": [m.as_json() for m in self.images]}
-
-    def csv_rows(self, n: int) -> Iterator[list]:
-        # keep as in the JSON (true/false); `how` names the variant
-        for k, m in enumerate(self.images):
-            yield [n, _csv_bool(m.keep), shown(m.path), m.hash, m.distance,
-                   m.width, m.height, m.size, _iso(m.mtime_ns)] + \
-                (m.how_cells() if k else ["", "", ""]) + \
-                [m.action or "", self.keep_reason if m.keep else "", ""]
-
-    def text_lines(self, n: int) -> Iterator[str]:
-        yield (f"group {n}: {len(self.images)} images, "
-               f"{human_bytes(_reclaimable(self))} reclaimable; "
-               f"{self.keep_reason}")
-        for m in self.images:
-            tag = f"d={m.distance}" + " keep" * m.keep
-            yield f"  {tag:<11} {printable(m.path)}  {m.dims()}{m.how_suffix()}"
-
-
-@dataclass
-class DuplicatesReport(DocumentReport):
-    database: str
-    engine: str
-    images: int
-    groups: list = field(default_factory=list)
-    failures: list = field(default_factory=list)
-    low_detail: list = field(default_factory=list)  # ImageRow, not compared
-    seconds: float = 0.0
-    plan_files: list = field(default_factory=list)  # written by find_duplicates
-
-    operation: ClassVar[str] = "find_duplicates"
-    pictures: ClassVar[bool] = True
-    title: ClassVar[str] = "Duplicate images"  # of the HTML page
-
-    def failed(self) -> list:
-        return self.failures
-
-    def duplicates(self) -> int:
-        return sum(len(g.images) - 1 for g in self.groups)
-
-    def reclaimable(self) -> int:
-        return sum(map(_reclaimable, self.groups))
-
-    def body(self) -> dict:
-        return {"database": shown(self.database), "engine": self.engine,
-                "images": self.images, "seconds": round(self.seconds, 3),
-                "group_count": len(self.groups),
-                "duplicates": self.duplicates(),
-                "bytes_reclaimable": self.reclaimable(),
-                "groups": [g.as_json() for g in self.groups],
-                "low_detail": [shown(r.path) for r in self.low_detail],
-                "failures": _failures_json(self.failures)}
-
-    def csv_rows(self) -> Iterator[list]:
-        # files that could not be read follow the groups, with their error
-        yield ["group", "keep", "path", "hash", "distance", "width", "height",
-               "size", "mtime"] + HOW_COLUMNS + ["action", "keep_reason",
-                                                 "error"]
-        for n, g in enumerate(self.groups, 1):
-            yield from g.csv_rows(n)
-        for f in self.failures:
-            yield ["", "", shown(f.path)] + [""] * 11 + [f.error]
-
-    def text_lines(self, verbose: bool = False) -> Iterator[str]:
-        for n, g in enumerate(self.groups, 1):
-            yield from g.text_lines(n)
-        if self.low_detail:
-            yield (f"{len(self.low_detail)} nearly blank or tiny images were "
-                   f"not compared (listed under low_detail in the JSON).")
-        if self.failures:
-            yield f"{len(self.failures)} files could not be read " \
-                  f"(see update's output or export)."
-
-    def summary(self) -> str:
-        return (f"find_duplicates: {len(self.groups)} groups, "
-                f"{self.duplicates()} duplicates, "
-                f"{human_bytes(self.reclaimable())} reclaimable, "
-                f"{self.images} images ({self.engine}) in {self.seconds:.2f} s")
-
-    def written_before(self) -> list:
-        return self.plan_files
-
-    # ---- the HTML page: a set of cards per group ----
-
-    def page_paths(self) -> Iterator[str]:
-        for g in self.groups[:HTML_PAGE_SIZE]:
-            yield from (shown(m.path) for m in g.images)
-
-    def query_paths(self) -> list:
-        return []
-
-    def html_sets(self, thumbs: dict, folders: dict) -> list:
-        return [{"reclaim": _reclaimable(g), "reason": g.keep_reason,
-                 "items": [_html_item(m, thumbs.get(shown(m.path)), folders)
-                           for m in g.images]}
-                for g in self.groups]
-
-    def html_facts(self) -> list:
-        return [(self.images, "images scanned"), (len(self.groups), "groups"),
-                (self.duplicates(), "duplicates"),
-                (human_bytes(self.reclaimable()), "reclaimable")]
 
 
 def _match(row: ImageRow, bits: int, distance: int, variant: int = -1,
@@ -6956,6 +7267,648 @@ def _unsearchable(result: HashResult) -> bool:
     return result.hash is None or result.low_detail
 
 
+# ============================================================================
+# Keep rule
+# ============================================================================
+#
+# Which file of a group a person would keep: criteria in keep_rule order, each
+# with the reason it gives (shown under KEEP in every report).
+
+# Files written within 2 s of each other count as the same age: copies made in
+# one go (an unzip, a sync, a script) and FAT's 2-second mtime steps say
+# nothing about which came first.
+SAME_AGE_NS = 2 * 10**9
+
+
+@dataclass
+class KeepContext:
+    """What the keep rule compares a group's files against."""
+
+    oldest: int
+    newest: int
+    lossy_pixels: frozenset  # pixel counts of the group's lossy-format files
+    colour: bool             # some file of the group is in colour
+    roots: list
+    spread: dict = field(default_factory=dict)  # path -> mean bits to others
+    centre: float = 0.0      # the smallest spread
+
+    @classmethod
+    def of(cls, rows: Sequence[ImageRow], roots: list) -> KeepContext:
+        traits = [Traits.parse(r.traits) for r in rows]
+        spread = _spread(rows)
+        return cls(min(r.mtime_ns for r in rows), max(r.mtime_ns for r in rows),
+                   frozenset(_pixels(r) for r, t in zip(rows, traits)
+                             if t and t.format in LOSSY_FORMATS),
+                   any(t and not t.grey for t in traits), roots, spread,
+                   min(spread.values(), default=0.0))
+
+    def off_centre(self, row: ImageRow) -> bool:
+        """Edits move a picture's hash each its own way: the original sits
+        in the middle of its copies, the edited ones further out."""
+        return self.spread.get(row.path, 0.0) > self.centre + CENTRE_SLACK
+
+    def reencoded(self, row: ImageRow, t: Traits | None) -> bool:
+        """A lossless file (PNG, TIFF...) with the pixels of a JPEG (or other
+        lossy file) of its group: a conversion.  Photos are born lossy, and a
+        lossless copy of a lossy file only grows."""
+        return bool(t) and t.format in LOSSLESS_FORMATS and \
+            _pixels(row) in self.lossy_pixels
+
+    def edits(self, t: Traits | None, variant: str | None) -> list:
+        """Signs that a file is an edited copy: greyscale in a group with
+        colour, matched only mirrored, turned or by its centre."""
+        return ["greyscale"] * bool(t and t.grey and self.colour) + \
+            [variant] * bool(variant)
+
+
+# Hash bits (mean distance to the group) within which files count as equally
+# central: a re-encode moves the hash by a bit or two at random.
+CENTRE_SLACK = 0.5
+SPREAD_SAMPLE = 64  # distances to at most this many members: O(64 n)
+
+
+def _spread(rows: Sequence[ImageRow]) -> dict:
+    """path -> mean Hamming distance of its hash to (a sample of) the others."""
+    sample = [r.hash for r in rows[:SPREAD_SAMPLE] if r.hash is not None]
+    if len(sample) < 3:  # a pair has no middle
+        return {}
+    return {r.path: sum((r.hash ^ h).bit_count() for h in sample) /
+            (len(sample) - 1) for r in rows if r.hash is not None}
+
+
+def _pixels(row: ImageRow) -> int:
+    return (row.width or 0) * (row.height or 0)
+
+
+def keep_key(row: ImageRow, cfg: Config, ctx: KeepContext,
+             variant: str | None = None) -> tuple:
+    """Sort key of the keep rule: the smallest key is the file to keep."""
+    t = Traits.parse(row.traits)
+    parts = {
+        "most_pixels": lambda: -_pixels(row),
+        "oldest": lambda: 0 if row.mtime_ns - ctx.oldest <= SAME_AGE_NS
+        else row.mtime_ns,
+        "newest": lambda: 0 if ctx.newest - row.mtime_ns <= SAME_AGE_NS
+        else -row.mtime_ns,
+        "camera_exif": lambda: 0 if t and t.camera else 1,
+        "original_format": lambda: int(ctx.reencoded(row, t)),
+        "unedited": lambda: (len(ctx.edits(t, variant)), ctx.off_centre(row)),
+        "largest_file": lambda: -row.size,
+        "folder_order": lambda: _root_index(row.path, ctx.roots),
+        "shortest_path": lambda: len(row.path),
+    }
+    return (*(parts[c]() for c in cfg.keep_rule), row.path)
+
+
+def choose_keep(rows: list, variants: list, cfg: Config) -> tuple[int, str]:
+    """(position of the file to keep, why: the criterion that decided)."""
+    ctx = KeepContext.of(rows, cfg.img_dirs)
+    keys = [keep_key(r, cfg, ctx, v) for r, v in zip(rows, variants)]
+    order = sorted(range(len(rows)), key=keys.__getitem__)
+    kept, runner = order[0], order[1]
+    step = next((k for k, (a, b) in enumerate(zip(keys[kept], keys[runner]))
+                 if a != b), len(cfg.keep_rule))
+    if step >= len(cfg.keep_rule):
+        return kept, "kept: alike by every criterion of keep_rule; first by path"
+    return kept, "kept: " + keep_reason(cfg.keep_rule[step], rows[kept],
+                                        rows[runner], variants[runner], ctx)
+
+
+def keep_reason(criterion: str, kept: ImageRow, other: ImageRow,
+                other_variant: str | None, ctx: KeepContext) -> str:
+    """Why `kept` beat the best of the others (`other`), in a few words."""
+    if criterion == "most_pixels":
+        ratio = _pixels(kept) / max(1, _pixels(other))
+        return f"{ratio:.0f}x the pixels" if ratio >= 10 else \
+            f"{ratio:.2g}x the pixels"
+    if criterion in ("oldest", "newest"):
+        gap = abs(kept.mtime_ns - other.mtime_ns) / 1e9
+        when = f"{gap / 86400:.0f} days" if gap >= 2 * 86400 else \
+            f"{gap / 3600:.0f} hours" if gap >= 7200 else f"{gap:.0f} s"
+        return f"{criterion} (by {when})"
+    if criterion == "camera_exif":
+        return "camera EXIF (the others have none: edited or converted copies)"
+    if criterion == "original_format":
+        mine = Traits.parse(kept.traits)
+        theirs = Traits.parse(other.traits)
+        return (f"original format ({mine.format if mine else '?'}, the "
+                f"{theirs.format if theirs else '?'} copies are re-encodes)")
+    if criterion == "unedited":
+        edits = ctx.edits(Traits.parse(other.traits), other_variant) or \
+            ["further from the group's middle: an edit"]
+        return f"no edits detected (the next is {', '.join(edits)})"
+    if criterion == "largest_file":
+        return (f"largest file ({kept.size / 1024:,.1f} KB, the next "
+                f"{other.size / 1024:,.1f} KB)")
+    if criterion == "folder_order":
+        return "earlier folder in img_dirs"
+    return "shortest path"
+
+
+def _root_index(path: str, roots: list) -> int:
+    for k, root in enumerate(roots):
+        if _inside(path, root):
+            return k
+    return len(roots)
+
+
+# ============================================================================
+# Plan
+# ============================================================================
+#
+# find_duplicates writes what move would do as plan.json and plan.csv (a dry
+# run); move reads the plan back, whichever of the two the user edited last,
+# and checks the whole of it before anything moves.
+
+PLAN_NAME = "plan"
+PLAN_ACTIONS = ("keep", "move", "protected")
+MANIFEST_NAME = "manifest.jsonl"
+
+
+@dataclass
+class PlanEntry:
+    """One file of a duplicate group and what move would do with it."""
+
+    group: int
+    action: str  # keep, move or protected
+    path: str
+    reason: str
+    size: int
+    mtime_ns: int
+    hash: str
+    distance: int
+
+
+def plan_actions(report: DuplicatesReport, cfg: Config) -> None:
+    """What move would do with each file: keep, move or protected."""
+    for g in report.groups:
+        for m in g.images:
+            m.action = "keep" if m.keep else "protected" if any(
+                _inside(m.path, d) for d in cfg.protected_dirs) else "move"
+
+
+def make_plan(report: DuplicatesReport, cfg: Config) -> list:
+    entries = []
+    for n, g in enumerate(report.groups, 1):
+        kept = next(m for m in g.images if m.keep)
+        for m in g.images:
+            action = m.action
+            if action == "keep":
+                reason = g.keep_reason
+            elif action == "protected":
+                reason = "in a protected folder"
+            else:
+                reason = f"duplicate of {shown(kept.path)} (distance {m.distance})"
+            entries.append(PlanEntry(n, action, m.path, reason, m.size,
+                                     m.mtime_ns, m.hash, m.distance))
+    return entries
+
+
+def write_plan(entries: list, cfg: Config) -> list:
+    """plan.json (what move reads) and plan.csv (for spreadsheets): one truth.
+    Both carry the same actions; plan.json records their digest, so move can
+    tell which of the two the user edited."""
+    base = os.path.join(cfg.output_dir, PLAN_NAME)
+    # vars(), not dataclasses.asdict(): that deep-copies every field, 9 s
+    # of CPU for a million-image plan
+    rows = [dict(vars(e), path=shown(e.path)) for e in entries]
+    doc = {"operation": "plan", "tool_version": __version__,
+           "created": _iso(time.time_ns()), "database": shown(cfg.db_name),
+           "quarantine_dir": shown(cfg.quarantine_dir),
+           "actions_sha256": actions_digest({r["path"]: r["action"]
+                                             for r in rows}),
+           "entries": rows}
+    fields = [f.name for f in dataclasses.fields(PlanEntry)]
+    with _output_errors(cfg.output_dir):
+        _atomic_write(base + ".json", lambda fh: fh.write(json_text(doc)))
+        _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
+            [fields] + [[r[k] for k in fields] for r in rows]))
+    return [base + ".json", base + ".csv"]
+
+
+def actions_digest(actions: dict) -> str:
+    """What the user decides in a plan: each path's action, in no order."""
+    text = "\n".join(f"{p}\0{a}" for p, a in sorted(actions.items()))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# ---- reading a plan: the whole of it is checked before anything moves ----
+
+@dataclass
+class Plan:
+    entries: list            # PlanEntry, actions as the user left them
+    source: str              # the file whose actions count
+    failures: list = field(default_factory=list)  # bad entries: Failure
+
+
+_PLAN_TYPES = {"group": int, "action": str, "path": str, "size": int,
+               "mtime_ns": int}
+_PLAN_TYPE_NAMES = {int: "a whole number", str: "text"}
+
+
+def read_plan(cfg: Config) -> Plan:
+    """plan.json's entries with the actions of whichever of plan.json and
+    plan.csv the user edited (PlanError if both were, and they disagree)."""
+    base = os.path.join(cfg.output_dir, PLAN_NAME)
+    doc = _read_json(base + ".json", "no plan yet: run find_duplicates first, "
+                     "check plan.csv, then run move.")
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise PlanError(f"{base}.json is not a plan written by find_duplicates "
+                        f"(no list of entries); run find_duplicates again.")
+    plan = Plan([], base + ".json")
+    for n, raw in enumerate(doc["entries"], 1):
+        entry = _plan_entry(raw, n, plan)
+        if entry is not None:
+            plan.entries.append(entry)
+    actions = {e.path: e.action for e in plan.entries}
+    edited = _plan_csv(base + ".csv", actions, plan)
+    if edited is not None and edited != actions:
+        use_csv = _pick_plan(base, doc.get("actions_sha256"), actions, edited)
+        if use_csv:
+            plan.source = base + ".csv"
+            for e in plan.entries:
+                e.action = edited.get(e.path, "keep")  # a deleted row stays
+    return plan
+
+
+def _plan_entry(raw, n: int, plan: Plan) -> PlanEntry | None:
+    where = f"{plan.source} entry {n}"
+    if not isinstance(raw, dict):
+        plan.failures.append(Failure(where, "not an object; skipped"))
+        return None
+    for key, kind in _PLAN_TYPES.items():
+        value = raw.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            name = raw.get("path") if isinstance(raw.get("path"), str) else where
+            plan.failures.append(Failure(name, f"{where}: '{key}' is missing or "
+                                         f"not {_PLAN_TYPE_NAMES[kind]}; "
+                                         f"skipped"))
+            return None
+    if raw["action"] not in PLAN_ACTIONS:
+        plan.failures.append(Failure(raw["path"], f"{where}: action "
+                                     f"'{raw['action']}' is not one of "
+                                     f"{', '.join(PLAN_ACTIONS)}; skipped"))
+        return None
+    return PlanEntry(raw["group"], raw["action"], raw["path"],
+                     str(raw.get("reason", "")), raw["size"], raw["mtime_ns"],
+                     str(raw.get("hash", "")), raw.get("distance", 0))
+
+
+def _plan_csv(path: str, actions: dict, plan: Plan) -> dict | None:
+    """{path: action} of plan.csv (None if there is none).  Only the action
+    column is read: sizes and times come from plan.json, which spreadsheets
+    cannot round (mtime_ns has 19 digits)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            text = fh.read()
+        head = text.split("\n", 1)[0]
+        # spreadsheets set to a comma as decimal mark save with ';'
+        sep = max(",;\t", key=head.count)
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=sep))
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise PlanError(f"{path} is not UTF-8 text: save it as 'CSV UTF-8', or "
+                        f"delete it to use plan.json alone.") from None
+    except (OSError, csv.Error) as exc:
+        raise PlanError(f"cannot read {path}: {exc}. Fix it, or delete it to "
+                        f"use plan.json alone.") from None
+    if rows and not {"path", "action"} <= set(rows[0]):
+        raise PlanError(f"{path}: the 'path' and 'action' columns are missing; "
+                        f"fix the header, or delete the file to use plan.json.")
+    edited = {}
+    for n, row in enumerate(rows, 2):
+        where, p = f"{path} line {n}", (row.get("path") or "").strip()
+        action = (row.get("action") or "").strip().lower()
+        if p not in actions:
+            plan.failures.append(Failure(p or where, f"{where}: not in plan.json "
+                                         f"(only the action column of plan.csv "
+                                         f"is read); skipped"))
+        elif action not in PLAN_ACTIONS:
+            plan.failures.append(Failure(p, f"{where}: action '{action}' is not "
+                                         f"one of {', '.join(PLAN_ACTIONS)}; "
+                                         f"the file stays"))
+            edited[p] = "keep"
+        else:
+            edited[p] = action
+    return edited
+
+
+def _pick_plan(base: str, written, from_json: dict, from_csv: dict) -> bool:
+    """True to use plan.csv: the one of the two that differs from what
+    find_duplicates wrote (the newer one for plans without a digest)."""
+    json_edited = actions_digest(from_json) != written
+    csv_edited = actions_digest(from_csv) != written
+    if written is None:
+        return os.path.getmtime(base + ".csv") > os.path.getmtime(base + ".json")
+    if csv_edited and not json_edited:
+        return True
+    if json_edited and not csv_edited:
+        return False
+    differ = sorted(p for p in set(from_json) | set(from_csv)
+                    if from_json.get(p, "keep") != from_csv.get(p, "keep"))
+    first = differ[0]
+    raise PlanError(
+        f"plan.json and plan.csv were both edited and disagree on "
+        f"{len(differ)} files (e.g. {first}: '{from_json.get(first, 'keep')}' "
+        f"in plan.json, '{from_csv.get(first, 'keep')}' in plan.csv). Make the "
+        f"same change in both, or delete plan.csv to use plan.json alone, or "
+        f"run find_duplicates again. Nothing was moved.")
+
+
+# ============================================================================
+# Operations: find_duplicates
+# ============================================================================
+
+# Members of a group checked against its lead when no hash joins them to it
+# (EdgeJudge.joiners): each check costs ~30 ms, so a lead tries at most this
+# many, nearest first.
+JOIN_CHECKS = 16
+
+
+class EdgeJudge:
+    """find_duplicates' keep_edge: in verified mode, a pair found by a weak
+    stage (another orientation, a centre, a content box, a window) stands
+    only if verified; whole-hash pairs stand as found.
+
+    Only edges that would join two groups are verified (nearest first): an
+    edge inside a group already joined changes nothing, and checking every
+    one cost 5 minutes on the 1,450-image public corpus, whose 16 copies of
+    a picture are all near each other.  Each image pair is checked once."""
+
+    def __init__(self, judge: Judge, flat: FlatIndex, store: HashStore,
+                 radius: int):
+        self.judge, self.flat, self.store = judge, flat, store
+        self.radius = radius
+        self.verdicts: dict = {}  # frozenset of two positions -> (a, Verdict)
+        self.paths: dict = {}
+        self.joined: set = set()  # pairs joined by joiners()
+        self.codes: dict = {}  # pair -> code of its nearest weak edge
+
+    def _load_paths(self, positions) -> None:
+        """Paths of image positions; None for a row an update removed
+        since the index was loaded (never verified, so never joined)."""
+        # not `set - self.paths.keys()`: that copies every key each call
+        # (96 s over 24,564 calls at 100,000 images)
+        missing = {int(p) for p in positions if int(p) not in self.paths}
+        if not missing:
+            return
+        rows = self.store.rows_by_id(int(self.flat.ids[p]) for p in missing)
+        self.paths.update((p, getattr(rows.get(int(self.flat.ids[p])), "path",
+                                      None)) for p in missing)
+
+    def check(self, a: int, b: int) -> bool:
+        pair = frozenset((a, b))
+        if pair not in self.verdicts:
+            self._load_paths((a, b))
+            gone = self.paths[a] is None or self.paths[b] is None
+            self.verdicts[pair] = (a, Verdict(False, "no longer stored") if gone
+                                   else self.judge.check(
+                                       self.paths[a], self.paths[b]))
+        return self.verdicts[pair][1].accepted
+
+    def ahead(self, a: int, others: Iterable) -> None:
+        """Verify together the pairs (a, b) for b in others not yet checked:
+        the caller is about to check each of them."""
+        others = [int(b) for b in others]
+        self._load_paths(others + [a])
+        self.judge.prefetch([(self.paths[a], self.paths[b]) for b in others
+                             if frozenset((a, b)) not in self.verdicts
+                             and None not in (self.paths[a], self.paths[b])])
+
+    def solid(self, a, b, bits) -> np.ndarray:
+        """Whole-hash distances that vouch: pictures with detail enough, or
+        within half the (adaptive) limit (see Judge)."""
+        d = self.flat.detail
+        least = np.minimum(d[a], d[b])
+        return (least >= DETAIL_FULL) | (
+            2 * np.asarray(bits) <= pair_threshold(self.radius, least, least))
+
+    def __call__(self, edges: Edges) -> np.ndarray:
+        keep = (edges.code == -1) & self.solid(edges.a, edges.b, edges.bits)
+        parent = components(len(self.flat.ids), edges.a[keep], edges.b[keep])
+        roots: dict = {}
+
+        def find(x: int) -> int:
+            x = int(parent[x])
+            while roots.get(x, x) != x:
+                x = roots[x]
+            return x
+        weak = np.flatnonzero(~keep)
+        self._load_paths(np.concatenate([edges.a[weak], edges.b[weak]]))
+        order = weak[np.argsort(edges.effective[weak], kind="stable")].tolist()
+        for i, k in enumerate(order):
+            a, b = int(edges.a[k]), int(edges.b[k])
+            self.codes.setdefault(frozenset((a, b)), int(edges.code[k]))
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                continue
+            if self.judge.workers > 1 and frozenset((a, b)) not in \
+                    self.verdicts and (self.paths[a], self.paths[b]) \
+                    not in self.judge.ready:
+                self.judge.prefetch(self._sure(edges, order, i, find))
+            if self.check(a, b):
+                roots[max(ra, rb)] = min(ra, rb)
+                keep[k] = True
+        return keep
+
+    # Verified ahead at most this many pairs, found among this many edges.
+    AHEAD_PAIRS, AHEAD_EDGES = 64, 4096
+
+    def _sure(self, edges: Edges, order: list, start: int, find) -> list:
+        """Pairs of the coming edges that __call__ is sure to check, whatever
+        the verdicts before them: an edge whose two groups no earlier
+        unjoined edge (from start) touches.  A verdict only joins the groups
+        of its own edge, so such an edge's groups are still apart when the
+        loop reaches it."""
+        touched, pairs = set(), []
+        for k in order[start:start + self.AHEAD_EDGES]:
+            a, b = int(edges.a[k]), int(edges.b[k])
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                continue
+            if ra not in touched and rb not in touched \
+                    and frozenset((a, b)) not in self.verdicts \
+                    and None not in (self.paths[a], self.paths[b]):
+                pairs.append((self.paths[a], self.paths[b]))
+                if len(pairs) == self.AHEAD_PAIRS:
+                    break
+            touched.update((ra, rb))
+        return pairs
+
+    def known(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
+        """Members near lead by the whole hash or by a pair already verified
+        (nothing is checked here)."""
+        h = self.flat.hashes
+        d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
+        whole = (d <= limit) & self.solid(lead, members, d)
+        return whole | np.array([self.verdicts.get(frozenset((lead, m)), (
+            0, _REFUSED))[1].accepted for m in members.tolist()], dtype=bool)
+
+    def trusted(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
+        """Which members may join lead's group (all of them near it by some
+        hash): near by the whole-picture hash, or verified with it."""
+        h = self.flat.hashes
+        d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
+        whole = (d <= limit) & self.solid(lead, members, d)
+        self.ahead(lead, members[~whole & (members != lead)])
+        return np.array([w or m == lead or self.check(lead, m)
+                         for w, m in zip(whole.tolist(), members.tolist())],
+                        dtype=bool)
+
+    def joiners(self, lead: int, members: np.ndarray, free: np.ndarray,
+                most: int = JOIN_CHECKS) -> list:
+        """Indices of free members (all linked to the lead through its
+        component, but not near it by any hash) that verification finds to
+        be the lead's picture: at most `most` checks, nearest hash first.
+        Representative grouping stays: each is checked with the lead
+        itself, never chained through another member.  On the tough corpus
+        a 180° turn near only a crop that led its group was split off
+        (rot180 90.8 % grouped with its original, transpose 93.4 %)."""
+        ks = np.flatnonzero(free)
+        if not len(ks):
+            return []
+        order = ks[np.argsort(self.flat.match_distances(lead, members[ks]).effective,
+                              kind="stable")][:most]
+        self.ahead(lead, members[order])
+        found = [int(k) for k in order.tolist()
+                 if self.check(lead, int(members[k]))]
+        self.joined.update(frozenset((lead, int(members[k]))) for k in found)
+        return found
+
+    def how(self, lead: int, member: int, code: int) -> How | None:
+        """How member matched lead, seen from lead, when they were verified."""
+        first, verdict = self.verdicts.get(frozenset((lead, member)),
+                                           (None, None))
+        if frozenset((lead, member)) in self.joined:
+            geometry = verdict.geometry
+            if first != lead:
+                geometry = geometry.swapped() if geometry.inner else \
+                    self.judge.check(self.paths[lead],
+                                     self.paths[member]).geometry
+            code = self.codes.get(frozenset((lead, member)), -1)
+            if code < 0:  # no edge of their own: found through the group
+                return How(STAGES[5], None, True, geometry)
+            return How(stage_of(code), MATCH_NAMES[code], True, geometry)
+        if code < 0 or verdict is None or not verdict.accepted:
+            return None
+        geometry = verdict.geometry
+        if first != lead:  # checked the other way round
+            geometry = geometry.swapped() if geometry.inner else \
+                self.judge.check(self.paths[lead], self.paths[member]).geometry
+        return How(stage_of(code), MATCH_NAMES[code], True, geometry)
+
+
+@dataclass
+class Group:
+    images: list  # of Match; the first leads, `keep` marks the one kept
+    keep_reason: str = ""  # "kept: oldest (by 3 days)": what decided
+
+    def as_json(self) -> dict:
+        return {"keep_reason": self.keep_reason,
+                "images": [m.as_json() for m in self.images]}
+
+    def csv_rows(self, n: int) -> Iterator[list]:
+        # keep as in the JSON (true/false); `how` names the variant
+        for k, m in enumerate(self.images):
+            yield [n, _csv_bool(m.keep), shown(m.path), m.hash, m.distance,
+                   m.width, m.height, m.size, _iso(m.mtime_ns)] + \
+                (m.how_cells() if k else ["", "", ""]) + \
+                [m.action or "", self.keep_reason if m.keep else "", ""]
+
+    def text_lines(self, n: int) -> Iterator[str]:
+        yield (f"group {n}: {len(self.images)} images, "
+               f"{human_bytes(_reclaimable(self))} reclaimable; "
+               f"{self.keep_reason}")
+        for m in self.images:
+            tag = f"d={m.distance}" + " keep" * m.keep
+            yield f"  {tag:<11} {printable(m.path)}  {m.dims()}{m.how_suffix()}"
+
+
+@dataclass
+class DuplicatesReport(DocumentReport):
+    database: str
+    engine: str
+    images: int
+    groups: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    low_detail: list = field(default_factory=list)  # ImageRow, not compared
+    seconds: float = 0.0
+    plan_files: list = field(default_factory=list)  # written by find_duplicates
+
+    operation: ClassVar[str] = "find_duplicates"
+    pictures: ClassVar[bool] = True
+    title: ClassVar[str] = "Duplicate images"  # of the HTML page
+
+    def failed(self) -> list:
+        return self.failures
+
+    def duplicates(self) -> int:
+        return sum(len(g.images) - 1 for g in self.groups)
+
+    def reclaimable(self) -> int:
+        return sum(map(_reclaimable, self.groups))
+
+    def body(self) -> dict:
+        return {"database": shown(self.database), "engine": self.engine,
+                "images": self.images, "seconds": round(self.seconds, 3),
+                "group_count": len(self.groups),
+                "duplicates": self.duplicates(),
+                "bytes_reclaimable": self.reclaimable(),
+                "groups": [g.as_json() for g in self.groups],
+                "low_detail": [shown(r.path) for r in self.low_detail],
+                "failures": _failures_json(self.failures)}
+
+    def csv_rows(self) -> Iterator[list]:
+        # files that could not be read follow the groups, with their error
+        yield ["group", "keep", "path", "hash", "distance", "width", "height",
+               "size", "mtime"] + HOW_COLUMNS + ["action", "keep_reason",
+                                                 "error"]
+        for n, g in enumerate(self.groups, 1):
+            yield from g.csv_rows(n)
+        for f in self.failures:
+            yield ["", "", shown(f.path)] + [""] * 11 + [f.error]
+
+    def text_lines(self, verbose: bool = False) -> Iterator[str]:
+        for n, g in enumerate(self.groups, 1):
+            yield from g.text_lines(n)
+        if self.low_detail:
+            yield (f"{len(self.low_detail)} nearly blank or tiny images were "
+                   f"not compared (listed under low_detail in the JSON).")
+        if self.failures:
+            yield f"{len(self.failures)} files could not be read " \
+                  f"(see update's output or export)."
+
+    def summary(self) -> str:
+        return (f"find_duplicates: {len(self.groups)} groups, "
+                f"{self.duplicates()} duplicates, "
+                f"{human_bytes(self.reclaimable())} reclaimable, "
+                f"{self.images} images ({self.engine}) in {self.seconds:.2f} s")
+
+    def written_before(self) -> list:
+        return self.plan_files
+
+    # ---- the HTML page: a set of cards per group ----
+
+    def page_paths(self) -> Iterator[str]:
+        for g in self.groups[:HTML_PAGE_SIZE]:
+            yield from (shown(m.path) for m in g.images)
+
+    def query_paths(self) -> list:
+        return []
+
+    def html_sets(self, thumbs: dict, folders: dict) -> list:
+        return [{"reclaim": _reclaimable(g), "reason": g.keep_reason,
+                 "items": [_html_item(m, thumbs.get(shown(m.path)), folders)
+                           for m in g.images]}
+                for g in self.groups]
+
+    def html_facts(self) -> list:
+        return [(self.images, "images scanned"), (len(self.groups), "groups"),
+                (self.duplicates(), "duplicates"),
+                (human_bytes(self.reclaimable()), "reclaimable")]
+
+
 def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
     """Groups of images within the threshold of each other."""
     cfg, start = run.config, time.monotonic()
@@ -7102,13 +8055,6 @@ def candidate_edges(flat: FlatIndex, engine, radius: int,
                     qi[at] % v, code - WINDOW_CODE)))
     edges = Edges.join(parts)
     return edges.where(edges.a != edges.b)
-
-
-def _as_regions(views, radius: int) -> Regions | None:
-    """A Regions, also from a plain list of (centre view, engine)."""
-    if views is None or isinstance(views, Regions):
-        return views
-    return Regions(list(views), radius)
 
 
 def duplicate_groups(flat: FlatIndex, engine, radius: int,
@@ -7311,172 +8257,6 @@ def _marked(a: ImageRow, b: ImageRow, marks: set) -> bool:
     return bool(marks) and frozenset((a.path, b.path)) in marks
 
 
-def load_marks(cfg: Config) -> set:
-    """Pairs the user marked as different pictures (not_duplicates CSV)."""
-    path = cfg.not_duplicates
-    if not os.path.isfile(path):
-        return set()
-    base, marks = os.path.dirname(path), set()
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            for n, row in enumerate(csv.reader(fh), 1):
-                cells = [c.strip() for c in row if c.strip()]
-                if not cells or cells[0].startswith("#") or \
-                        n == 1 and cells[0].lower() in ("path_a", "a", "path"):
-                    continue
-                if len(cells) != 2:
-                    raise ConfigError(f"{path}: line {n}: expected two paths "
-                                      f"separated by a comma, got {len(cells)}.")
-                marks.add(frozenset(os.path.abspath(os.path.join(base, c))
-                                    for c in cells))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc}).") from None
-    except csv.Error as exc:  # a field over 128 KiB, a NUL byte: not paths
-        raise ConfigError(f"{path} (key 'not_duplicates'): not a CSV of path "
-                          f"pairs ({exc}); fix or remove it.") from None
-    return marks
-
-
-# ---- the keep rule: which file of a group a person would keep ----
-
-# Files written within 2 s of each other count as the same age: copies made in
-# one go (an unzip, a sync, a script) and FAT's 2-second mtime steps say
-# nothing about which came first.
-SAME_AGE_NS = 2 * 10**9
-
-
-@dataclass
-class KeepContext:
-    """What the keep rule compares a group's files against."""
-
-    oldest: int
-    newest: int
-    lossy_pixels: frozenset  # pixel counts of the group's lossy-format files
-    colour: bool             # some file of the group is in colour
-    roots: list
-    spread: dict = field(default_factory=dict)  # path -> mean bits to others
-    centre: float = 0.0      # the smallest spread
-
-    @classmethod
-    def of(cls, rows: Sequence[ImageRow], roots: list) -> KeepContext:
-        traits = [Traits.parse(r.traits) for r in rows]
-        spread = _spread(rows)
-        return cls(min(r.mtime_ns for r in rows), max(r.mtime_ns for r in rows),
-                   frozenset(_pixels(r) for r, t in zip(rows, traits)
-                             if t and t.format in LOSSY_FORMATS),
-                   any(t and not t.grey for t in traits), roots, spread,
-                   min(spread.values(), default=0.0))
-
-    def off_centre(self, row: ImageRow) -> bool:
-        """Edits move a picture's hash each its own way: the original sits
-        in the middle of its copies, the edited ones further out."""
-        return self.spread.get(row.path, 0.0) > self.centre + CENTRE_SLACK
-
-    def reencoded(self, row: ImageRow, t: Traits | None) -> bool:
-        """A lossless file (PNG, TIFF...) with the pixels of a JPEG (or other
-        lossy file) of its group: a conversion.  Photos are born lossy, and a
-        lossless copy of a lossy file only grows."""
-        return bool(t) and t.format in LOSSLESS_FORMATS and \
-            _pixels(row) in self.lossy_pixels
-
-    def edits(self, t: Traits | None, variant: str | None) -> list:
-        """Signs that a file is an edited copy: greyscale in a group with
-        colour, matched only mirrored, turned or by its centre."""
-        return ["greyscale"] * bool(t and t.grey and self.colour) + \
-            [variant] * bool(variant)
-
-
-# Hash bits (mean distance to the group) within which files count as equally
-# central: a re-encode moves the hash by a bit or two at random.
-CENTRE_SLACK = 0.5
-SPREAD_SAMPLE = 64  # distances to at most this many members: O(64 n)
-
-
-def _spread(rows: Sequence[ImageRow]) -> dict:
-    """path -> mean Hamming distance of its hash to (a sample of) the others."""
-    sample = [r.hash for r in rows[:SPREAD_SAMPLE] if r.hash is not None]
-    if len(sample) < 3:  # a pair has no middle
-        return {}
-    return {r.path: sum((r.hash ^ h).bit_count() for h in sample) /
-            (len(sample) - 1) for r in rows if r.hash is not None}
-
-
-def _pixels(row: ImageRow) -> int:
-    return (row.width or 0) * (row.height or 0)
-
-
-def keep_key(row: ImageRow, cfg: Config, ctx: KeepContext,
-             variant: str | None = None) -> tuple:
-    """Sort key of the keep rule: the smallest key is the file to keep."""
-    t = Traits.parse(row.traits)
-    parts = {
-        "most_pixels": lambda: -_pixels(row),
-        "oldest": lambda: 0 if row.mtime_ns - ctx.oldest <= SAME_AGE_NS
-        else row.mtime_ns,
-        "newest": lambda: 0 if ctx.newest - row.mtime_ns <= SAME_AGE_NS
-        else -row.mtime_ns,
-        "camera_exif": lambda: 0 if t and t.camera else 1,
-        "original_format": lambda: int(ctx.reencoded(row, t)),
-        "unedited": lambda: (len(ctx.edits(t, variant)), ctx.off_centre(row)),
-        "largest_file": lambda: -row.size,
-        "folder_order": lambda: _root_index(row.path, ctx.roots),
-        "shortest_path": lambda: len(row.path),
-    }
-    return (*(parts[c]() for c in cfg.keep_rule), row.path)
-
-
-def choose_keep(rows: list, variants: list, cfg: Config) -> tuple[int, str]:
-    """(position of the file to keep, why: the criterion that decided)."""
-    ctx = KeepContext.of(rows, cfg.img_dirs)
-    keys = [keep_key(r, cfg, ctx, v) for r, v in zip(rows, variants)]
-    order = sorted(range(len(rows)), key=keys.__getitem__)
-    kept, runner = order[0], order[1]
-    step = next((k for k, (a, b) in enumerate(zip(keys[kept], keys[runner]))
-                 if a != b), len(cfg.keep_rule))
-    if step >= len(cfg.keep_rule):
-        return kept, "kept: alike by every criterion of keep_rule; first by path"
-    return kept, "kept: " + keep_reason(cfg.keep_rule[step], rows[kept],
-                                        rows[runner], variants[runner], ctx)
-
-
-def keep_reason(criterion: str, kept: ImageRow, other: ImageRow,
-                other_variant: str | None, ctx: KeepContext) -> str:
-    """Why `kept` beat the best of the others (`other`), in a few words."""
-    if criterion == "most_pixels":
-        ratio = _pixels(kept) / max(1, _pixels(other))
-        return f"{ratio:.0f}x the pixels" if ratio >= 10 else \
-            f"{ratio:.2g}x the pixels"
-    if criterion in ("oldest", "newest"):
-        gap = abs(kept.mtime_ns - other.mtime_ns) / 1e9
-        when = f"{gap / 86400:.0f} days" if gap >= 2 * 86400 else \
-            f"{gap / 3600:.0f} hours" if gap >= 7200 else f"{gap:.0f} s"
-        return f"{criterion} (by {when})"
-    if criterion == "camera_exif":
-        return "camera EXIF (the others have none: edited or converted copies)"
-    if criterion == "original_format":
-        mine = Traits.parse(kept.traits)
-        theirs = Traits.parse(other.traits)
-        return (f"original format ({mine.format if mine else '?'}, the "
-                f"{theirs.format if theirs else '?'} copies are re-encodes)")
-    if criterion == "unedited":
-        edits = ctx.edits(Traits.parse(other.traits), other_variant) or \
-            ["further from the group's middle: an edit"]
-        return f"no edits detected (the next is {', '.join(edits)})"
-    if criterion == "largest_file":
-        return (f"largest file ({kept.size / 1024:,.1f} KB, the next "
-                f"{other.size / 1024:,.1f} KB)")
-    if criterion == "folder_order":
-        return "earlier folder in img_dirs"
-    return "shortest path"
-
-
-def _root_index(path: str, roots: list) -> int:
-    for k, root in enumerate(roots):
-        if _inside(path, root):
-            return k
-    return len(roots)
-
-
 def make_groups(splits: list, flat: FlatIndex, rows: dict, cfg: Config,
                 radius: int, adaptive: bool, edges: EdgeJudge | None = None
                 ) -> list:
@@ -7509,203 +8289,9 @@ def _reclaimable(group: Group) -> int:
     return sum(m.size for m in group.images if not m.keep)
 
 
-# ---- acting on duplicates: a plan (dry run), move, undo ----
-
-PLAN_NAME = "plan"
-PLAN_ACTIONS = ("keep", "move", "protected")
-MANIFEST_NAME = "manifest.jsonl"
-
-
-@dataclass
-class PlanEntry:
-    """One file of a duplicate group and what move would do with it."""
-
-    group: int
-    action: str  # keep, move or protected
-    path: str
-    reason: str
-    size: int
-    mtime_ns: int
-    hash: str
-    distance: int
-
-
-def plan_actions(report: DuplicatesReport, cfg: Config) -> None:
-    """What move would do with each file: keep, move or protected."""
-    for g in report.groups:
-        for m in g.images:
-            m.action = "keep" if m.keep else "protected" if any(
-                _inside(m.path, d) for d in cfg.protected_dirs) else "move"
-
-
-def make_plan(report: DuplicatesReport, cfg: Config) -> list:
-    entries = []
-    for n, g in enumerate(report.groups, 1):
-        kept = next(m for m in g.images if m.keep)
-        for m in g.images:
-            action = m.action
-            if action == "keep":
-                reason = g.keep_reason
-            elif action == "protected":
-                reason = "in a protected folder"
-            else:
-                reason = f"duplicate of {shown(kept.path)} (distance {m.distance})"
-            entries.append(PlanEntry(n, action, m.path, reason, m.size,
-                                     m.mtime_ns, m.hash, m.distance))
-    return entries
-
-
-def write_plan(entries: list, cfg: Config) -> list:
-    """plan.json (what move reads) and plan.csv (for spreadsheets): one truth.
-    Both carry the same actions; plan.json records their digest, so move can
-    tell which of the two the user edited."""
-    base = os.path.join(cfg.output_dir, PLAN_NAME)
-    # vars(), not dataclasses.asdict(): that deep-copies every field, 9 s
-    # of CPU for a million-image plan
-    rows = [dict(vars(e), path=shown(e.path)) for e in entries]
-    doc = {"operation": "plan", "tool_version": __version__,
-           "created": _iso(time.time_ns()), "database": shown(cfg.db_name),
-           "quarantine_dir": shown(cfg.quarantine_dir),
-           "actions_sha256": actions_digest({r["path"]: r["action"]
-                                             for r in rows}),
-           "entries": rows}
-    fields = [f.name for f in dataclasses.fields(PlanEntry)]
-    with _output_errors(cfg.output_dir):
-        _atomic_write(base + ".json", lambda fh: fh.write(json_text(doc)))
-        _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
-            [fields] + [[r[k] for k in fields] for r in rows]))
-    return [base + ".json", base + ".csv"]
-
-
-def actions_digest(actions: dict) -> str:
-    """What the user decides in a plan: each path's action, in no order."""
-    text = "\n".join(f"{p}\0{a}" for p, a in sorted(actions.items()))
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-# ---- reading a plan: the whole of it is checked before anything moves ----
-
-@dataclass
-class Plan:
-    entries: list            # PlanEntry, actions as the user left them
-    source: str              # the file whose actions count
-    failures: list = field(default_factory=list)  # bad entries: Failure
-
-
-_PLAN_TYPES = {"group": int, "action": str, "path": str, "size": int,
-               "mtime_ns": int}
-_PLAN_TYPE_NAMES = {int: "a whole number", str: "text"}
-
-
-def read_plan(cfg: Config) -> Plan:
-    """plan.json's entries with the actions of whichever of plan.json and
-    plan.csv the user edited (PlanError if both were, and they disagree)."""
-    base = os.path.join(cfg.output_dir, PLAN_NAME)
-    doc = _read_json(base + ".json", "no plan yet: run find_duplicates first, "
-                     "check plan.csv, then run move.")
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
-        raise PlanError(f"{base}.json is not a plan written by find_duplicates "
-                        f"(no list of entries); run find_duplicates again.")
-    plan = Plan([], base + ".json")
-    for n, raw in enumerate(doc["entries"], 1):
-        entry = _plan_entry(raw, n, plan)
-        if entry is not None:
-            plan.entries.append(entry)
-    actions = {e.path: e.action for e in plan.entries}
-    edited = _plan_csv(base + ".csv", actions, plan)
-    if edited is not None and edited != actions:
-        use_csv = _pick_plan(base, doc.get("actions_sha256"), actions, edited)
-        if use_csv:
-            plan.source = base + ".csv"
-            for e in plan.entries:
-                e.action = edited.get(e.path, "keep")  # a deleted row stays
-    return plan
-
-
-def _plan_entry(raw, n: int, plan: Plan) -> PlanEntry | None:
-    where = f"{plan.source} entry {n}"
-    if not isinstance(raw, dict):
-        plan.failures.append(Failure(where, "not an object; skipped"))
-        return None
-    for key, kind in _PLAN_TYPES.items():
-        value = raw.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            name = raw.get("path") if isinstance(raw.get("path"), str) else where
-            plan.failures.append(Failure(name, f"{where}: '{key}' is missing or "
-                                         f"not {_PLAN_TYPE_NAMES[kind]}; "
-                                         f"skipped"))
-            return None
-    if raw["action"] not in PLAN_ACTIONS:
-        plan.failures.append(Failure(raw["path"], f"{where}: action "
-                                     f"'{raw['action']}' is not one of "
-                                     f"{', '.join(PLAN_ACTIONS)}; skipped"))
-        return None
-    return PlanEntry(raw["group"], raw["action"], raw["path"],
-                     str(raw.get("reason", "")), raw["size"], raw["mtime_ns"],
-                     str(raw.get("hash", "")), raw.get("distance", 0))
-
-
-def _plan_csv(path: str, actions: dict, plan: Plan) -> dict | None:
-    """{path: action} of plan.csv (None if there is none).  Only the action
-    column is read: sizes and times come from plan.json, which spreadsheets
-    cannot round (mtime_ns has 19 digits)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            text = fh.read()
-        head = text.split("\n", 1)[0]
-        # spreadsheets set to a comma as decimal mark save with ';'
-        sep = max(",;\t", key=head.count)
-        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=sep))
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError:
-        raise PlanError(f"{path} is not UTF-8 text: save it as 'CSV UTF-8', or "
-                        f"delete it to use plan.json alone.") from None
-    except (OSError, csv.Error) as exc:
-        raise PlanError(f"cannot read {path}: {exc}. Fix it, or delete it to "
-                        f"use plan.json alone.") from None
-    if rows and not {"path", "action"} <= set(rows[0]):
-        raise PlanError(f"{path}: the 'path' and 'action' columns are missing; "
-                        f"fix the header, or delete the file to use plan.json.")
-    edited = {}
-    for n, row in enumerate(rows, 2):
-        where, p = f"{path} line {n}", (row.get("path") or "").strip()
-        action = (row.get("action") or "").strip().lower()
-        if p not in actions:
-            plan.failures.append(Failure(p or where, f"{where}: not in plan.json "
-                                         f"(only the action column of plan.csv "
-                                         f"is read); skipped"))
-        elif action not in PLAN_ACTIONS:
-            plan.failures.append(Failure(p, f"{where}: action '{action}' is not "
-                                         f"one of {', '.join(PLAN_ACTIONS)}; "
-                                         f"the file stays"))
-            edited[p] = "keep"
-        else:
-            edited[p] = action
-    return edited
-
-
-def _pick_plan(base: str, written, from_json: dict, from_csv: dict) -> bool:
-    """True to use plan.csv: the one of the two that differs from what
-    find_duplicates wrote (the newer one for plans without a digest)."""
-    json_edited = actions_digest(from_json) != written
-    csv_edited = actions_digest(from_csv) != written
-    if written is None:
-        return os.path.getmtime(base + ".csv") > os.path.getmtime(base + ".json")
-    if csv_edited and not json_edited:
-        return True
-    if json_edited and not csv_edited:
-        return False
-    differ = sorted(p for p in set(from_json) | set(from_csv)
-                    if from_json.get(p, "keep") != from_csv.get(p, "keep"))
-    first = differ[0]
-    raise PlanError(
-        f"plan.json and plan.csv were both edited and disagree on "
-        f"{len(differ)} files (e.g. {first}: '{from_json.get(first, 'keep')}' "
-        f"in plan.json, '{from_csv.get(first, 'keep')}' in plan.csv). Make the "
-        f"same change in both, or delete plan.csv to use plan.json alone, or "
-        f"run find_duplicates again. Nothing was moved.")
-
+# ============================================================================
+# Operations: move and undo
+# ============================================================================
 
 # ---- checking each move against the database and the folders ----
 
@@ -8235,15 +8821,9 @@ def _finish_manifest(manifest: str, remaining: list) -> str:
     return archived
 
 
-def _read_json(path: str, missing: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {missing}") from None
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read {path}: {exc}.") from None
-
+# ============================================================================
+# Operations: export
+# ============================================================================
 
 @dataclass
 class ExportReport(Report):
@@ -8274,744 +8854,7 @@ def op_export(run: Run, ui: Console) -> ExportReport:
 
 
 # ============================================================================
-# Reports
-# ============================================================================
-
-def shown(path: str) -> str:
-    """A path safe to print: undecodable bytes become \\xNN escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8",
-                                                           "backslashreplace")
-
-
-# What text output escapes besides shown(): control characters (terminal
-# escape sequences, CR, newlines, tabs) and the bidi overrides that make a
-# name read backwards.  JSON and CSV keep names exact.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """shown(text) safe for a terminal: \\x1b, \\r, \\n, \\u202e, ..."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape")
-                            .decode("ascii"), shown(text))
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def _iso(mtime_ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
-
-
-def settings_of(cfg: Config) -> dict:
-    """The settings as results show them: paths through shown(), no
-    password."""
-    settings = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
-    for name, f in CONFIG_FIELDS.items():
-        if f.metadata["path"]:
-            value = settings[name]
-            settings[name] = [shown(v) for v in value] if \
-                isinstance(value, list) else shown(value)
-    if cfg.database_url:
-        settings["database_url"] = redact_url(cfg.database_url)
-    return settings
-
-
-def _failures_json(failures: list) -> list:
-    return [{"path": shown(f.path), "error": f.error} for f in failures]
-
-
-HOW_COLUMNS = ["stage", "how", "box"]
-
-
-def _csv_bool(value: bool) -> str:
-    return "true" if value else "false"  # as JSON writes it
-
-
-TEXT_FAILURES = 20  # longer lists go to the results files only
-
-
-def write_results(report: DocumentReport, cfg: Config, doc: dict) -> list:
-    """<operation>.json and .csv in output_dir, each written atomically."""
-    base = os.path.join(cfg.output_dir, cfg.operation)
-    text = json_text(doc)
-    with _output_errors(cfg.output_dir):
-        _atomic_write(base + ".json", lambda fh: fh.write(text + "\n"))
-        _atomic_write(base + ".csv", lambda fh: csv.writer(fh).writerows(
-            report.csv_rows()))
-    sweep_stale_temps(cfg.output_dir)
-    return [base + ".json", base + ".csv"]
-
-
-def export_rows(report: ExportReport) -> Iterator[list]:
-    yield ["path", "hash", "size", "width", "height", "mtime", "error"]
-    for r in report.store.iter_rows():
-        yield [shown(r.path), "" if r.hash is None else hash_hex(r.hash, report.bits),
-               r.size, "" if r.width is None else r.width,
-               "" if r.height is None else r.height, _iso(r.mtime_ns),
-               r.error or ""]
-
-
-def write_export(report: ExportReport, cfg: Config, out) -> list:
-    """Stream every row to export.csv (and stdout in the chosen format)."""
-    path = os.path.join(cfg.output_dir, "export.csv")
-    keys = ["path", "hash", "size", "width", "height", "mtime", "error"]
-    fmt, out = cfg.output_format, _Reader(out)
-
-    def body(fh):
-        file_csv, out_csv = csv.writer(fh), csv.writer(out)
-        first = True
-        if fmt == "json":
-            out.write(json.dumps({"operation": "export", "tool_version":
-                                  __version__, "database": report.database,
-                                  "hash_kind": report.hash_kind})[:-1]
-                      + ', "images": [')
-        for n, row in enumerate(export_rows(report)):
-            file_csv.writerow(row)
-            if fmt in ("csv", "text"):  # text: tab-separated, header first
-                out_csv.writerow(row) if fmt == "csv" else \
-                    out.write("\t".join(printable(str(v)) for v in row) + "\n")
-            elif fmt == "json" and n:
-                out.write(("\n" if first else ",\n") + json.dumps(
-                    dict(zip(keys, row)), ensure_ascii=False))
-                first = False
-        if fmt == "json":
-            out.write("\n]}\n")
-
-    with _output_errors(cfg.output_dir):
-        _atomic_write(path, body)
-    if out.gone:  # export.csv is complete; now stop as `| head` expects
-        raise BrokenPipeError
-    return [path]
-
-
-class _Reader:
-    """stdout while a result file is streamed: when its reader goes away
-    (`| head`), the file is still finished."""
-
-    def __init__(self, stream):
-        self.stream, self.gone = stream, False
-
-    def write(self, text: str) -> None:
-        if not self.gone:
-            try:
-                self.stream.write(text)
-            except BrokenPipeError:
-                self.gone = True
-
-
-class _output_errors:
-    """OSError while writing results -> one StoreError naming the folder."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, OSError) and \
-                not issubclass(exc_type, BrokenPipeError):  # stdout's reader left
-            raise StoreError(f"cannot write results to {self.folder}: "
-                             f"{exc.strerror or exc} (check output_dir).") from None
-        return False
-
-
-# ---- the HTML report: thumbnails and one self-contained page ----
-
-HTML_PAGE_SIZE = 50      # groups drawn at once: keeps 10,000 groups fast
-# Thumbnails are made only for the first page (at most HTML_THUMB_ITEMS
-# pictures), so the report costs the same at 1,000 or 1,000,000 images (it
-# was 2.6 s of find_duplicates' 2.9 s on the public corpus, 190 s at 1M);
-# later pages show the files themselves.  Files a browser draws itself, at
-# most HTML_AS_IS_PIXELS and HTML_AS_IS_BYTES, are shown as they are on the
-# first page too: a thumbnail would cost 4 ms each and save the browser
-# little.  Bigger ones (a 12 MP photo takes a browser ~100 ms and 48 MB to
-# draw) and other formats (TIFF, HEIC, PSD, ...) get a thumbnail.
-HTML_THUMB_ITEMS = 400
-HTML_AS_IS_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP"})
-HTML_AS_IS_PIXELS = 2_100_000  # 1920 x 1080 and a little more
-HTML_AS_IS_BYTES = 3 << 20
-HTML_THUMB_QUALITY = 80  # JPEG quality of thumbnails: small and sharp enough
-PLACEHOLDER_NAME = "unreadable.png"
-_THUMB_NAME = re.compile(r"[0-9a-f]{20}\.jpg")
-_ESCAPED_BYTE = re.compile(r"\\x([0-9a-fA-F]{2})")
-
-
-def write_html_report(report: SearchReport | DuplicatesReport, cfg: Config,
-                      out_dir: str | None = None, thumb_px: int = 160) -> str:
-    """Write OUT/<operation>.html and its thumbnails (OUT: output_dir unless
-    given); returns the page's path."""
-    out_dir = cfg.output_dir if out_dir is None else out_dir
-    files = f"{report.operation}_files"
-    page_path = os.path.join(out_dir, f"{report.operation}.html")
-    max_pixels = cfg.max_image_pixels or 178956970
-    with _output_errors(out_dir):
-        folder = os.path.join(out_dir, files)
-        own_folder(folder)
-        # the first page's distinct pictures may get a thumbnail
-        first = list(dict.fromkeys(report.page_paths()))[:HTML_THUMB_ITEMS]
-        thumbs = make_thumbnails(first, folder, thumb_px, max_pixels)
-        for path in report.query_paths():  # past the first page: facts only
-            if path not in thumbs:
-                thumbs[path] = thumbnail(path, folder, thumb_px, max_pixels,
-                                         make=False)
-        folders = {}
-        data = {"operation": report.operation, "page_size": HTML_PAGE_SIZE,
-                "px": thumb_px, "files": files, "placeholder": PLACEHOLDER_NAME,
-                "sep": os.sep, "sets": report.html_sets(thumbs, folders),
-                "dirs": [{"path": f, "uri": uri} for f, (_, uri) in
-                         folders.items()],
-                "failures": _failures_json(report.failed()),
-                "threshold": cfg.distance_threshold}
-        page = _html_page(report, cfg, data)
-        _atomic_write(page_path, lambda fh: fh.write(page))
-    return page_path
-
-
-# ---- thumbnails ----
-
-def make_thumbnails(paths: list, folder: str, px: int, max_pixels: int) -> dict:
-    """{shown path: thumbnail info}, one JPEG per distinct path, made in threads.
-
-    Pillow releases the GIL while decoding and resizing, so threads use every
-    core without the cost of starting processes.
-    """
-    _setup_decoders()
-    placeholder(folder, px)
-    workers = min(8, os.cpu_count() or 1)
-    with warnings.catch_warnings():  # process-wide, so it covers the threads
-        warnings.simplefilter("ignore")  # EXIF and palette notes
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            made = dict(zip(paths, pool.map(
-                lambda p: thumbnail(p, folder, px, max_pixels, as_is=True),
-                paths)))
-    _prune_thumbnails(folder, {t["thumb"] for t in made.values()})
-    return made
-
-
-def thumbnail(path: str, folder: str, px: int, max_pixels: int,
-              make: bool = True, as_is: bool = False) -> dict:
-    """{"thumb": file name in folder, "w", "h", "size", "mtime_ns"}; the
-    placeholder (and None for what is unknown) when the file cannot be read;
-    "thumb" None when the page shows the file itself: make=False, or as_is
-    and a small picture a browser draws (HTML_AS_IS_*)."""
-    info = {"thumb": PLACEHOLDER_NAME, "w": None, "h": None, "size": None,
-            "mtime_ns": None}
-    from PIL import Image
-    real = real_path(path)
-    try:
-        st = os.stat(real)
-        info.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        name = _thumb_name(real, st, px)
-        with open_regular(real) as fh, Image.open(fh) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                return info  # the hasher refused it too: never decode a bomb
-            made = os.path.exists(os.path.join(folder, name))
-            # Looking for a PNG's EXIF after its pixels decodes them all: not
-            # worth it just for the size shown when the thumbnail is made.
-            orientation = 1 if made and im.format == "PNG" and \
-                "exif" not in im.info else _exif_orientation(im)
-            sideways = orientation in (5, 6, 7, 8)  # sizes as displayed
-            info.update(w=h if sideways else w, h=w if sideways else h)
-            if not make or as_is and (
-                    im.format in HTML_AS_IS_FORMATS and w * h <=
-                    HTML_AS_IS_PIXELS and st.st_size <= HTML_AS_IS_BYTES):
-                info["thumb"] = None
-                return info
-            if not made:
-                _save_thumbnail(im, os.path.join(folder, name), px, orientation)
-        info["thumb"] = name
-    except Exception:  # missing, unreadable, damaged: the placeholder says so
-        pass
-    return info
-
-
-def _thumb_name(real: str, st: os.stat_result, px: int) -> str:
-    """Named by path, size, mtime and px: an unchanged file is not redone."""
-    key = os.fsencode(real) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{px}".encode()
-    return hashlib.sha1(key).hexdigest()[:20] + ".jpg"
-
-
-def _save_thumbnail(im, dest: str, px: int, orientation: int) -> None:
-    """Small, upright, 8-bit RGB, written so no half file is ever left."""
-    from PIL import Image
-    if im.format == "JPEG":
-        im.draft("RGB", (px, px))  # decode at 1/2..1/8 scale: far faster
-    im.seek(0)  # first frame of an animation
-    small = to_8bit(im)  # alpha over white, 16-bit scaled
-    small.thumbnail((px, px), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    if orientation in _ORIENT:
-        small = small.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
-    small = small.convert("RGB")
-    _atomic_write(dest, lambda fh: small.save(fh, "JPEG",
-                                              quality=HTML_THUMB_QUALITY),
-                  binary=True)
-
-
-def placeholder(folder: str, px: int) -> None:
-    """The picture shown for files that cannot be read: a crossed frame."""
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", (px, px), (236, 236, 236))
-    draw = ImageDraw.Draw(im)
-    m = px // 4
-    draw.rectangle([m, m, px - m, px - m], outline=(160, 160, 160), width=3)
-    draw.line([m, m, px - m, px - m], fill=(190, 80, 80), width=3)
-    draw.line([m, px - m, px - m, m], fill=(190, 80, 80), width=3)
-    left, top, right, bottom = draw.textbbox((0, 0), "no preview")
-    draw.text(((px - right - left) // 2, px - m // 2 - (bottom + top) // 2),
-              "no preview", fill=(110, 110, 110))
-    _atomic_write(os.path.join(folder, PLACEHOLDER_NAME),
-                  lambda fh: im.save(fh, "PNG"), binary=True)
-
-
-def _prune_thumbnails(folder: str, used: set) -> None:
-    """Drop our own thumbnails of files no longer in the report."""
-    sweep_stale_temps(folder)
-    for name in os.listdir(folder):
-        if _THUMB_NAME.fullmatch(name) and name not in used:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
-
-
-def real_path(path: str) -> str:
-    """The file behind a shown() path: \\xNN escapes back to the raw bytes."""
-    if "\\x" not in path or os.path.lexists(path):
-        return path
-    raw, pos = b"", 0
-    for m in _ESCAPED_BYTE.finditer(path):
-        raw += path[pos:m.start()].encode("utf-8", "surrogateescape")
-        raw += bytes([int(m.group(1), 16)])
-        pos = m.end()
-    raw += path[pos:].encode("utf-8", "surrogateescape")
-    try:
-        return os.fsdecode(raw)
-    except UnicodeDecodeError:  # Windows: such bytes name no file there
-        return path
-
-
-def file_uri(path: str) -> str:
-    """file:// URI with every byte of the real path percent-encoded."""
-    try:
-        return pathlib.Path(os.path.abspath(real_path(path))).as_uri()
-    except ValueError:
-        return ""
-
-
-# ---- the page ----
-
-def _html_item(m: Match, thumb: dict | None, folders: dict) -> dict:
-    """A card; without "thumb" the page shows the file itself."""
-    item = _where(shown(m.path), folders)
-    if thumb and thumb["thumb"]:
-        item["thumb"] = thumb["thumb"]
-    item.update(w=m.width, h=m.height, size=m.size,
-                date=_iso(m.mtime_ns).replace("T", " "), dist=m.distance,
-                bits=4 * len(m.hash or ""))  # hex digits: 4 bits each
-    if m.action in ("move", "protected"):
-        item["action"] = m.action
-    how = m.how
-    if how and (how.verified or how.region):  # not a plain whole-hash match
-        item["how"] = how.text()
-    # as the JSON rounds it: the page and the document agree
-    geometry = how.geometry.as_json() if how and how.geometry else {}
-    if geometry.get("share", 1) >= 0.9:
-        pass  # the whole picture: no box worth drawing
-    elif geometry.get("inner") == "a":  # the query (or lead) inside this one
-        item["box"] = geometry["box_fraction"]
-    elif geometry.get("inner") == "b":  # this one inside the query (or lead)
-        item["lead_box"] = geometry["box_fraction"]
-    if m.keep:
-        item["role"] = "keep"
-    return item
-
-
-def _html_query(path: str, thumb: dict, folders: dict) -> dict:
-    """The query's card: what it is comes from the file itself."""
-    date = "" if thumb["mtime_ns"] is None else time.strftime(
-        "%Y-%m-%d %H:%M:%S", time.localtime(thumb["mtime_ns"] / 1e9))
-    item = _where(path, folders)
-    if thumb["thumb"]:
-        item["thumb"] = thumb["thumb"]
-    item.update(w=thumb["w"], h=thumb["h"], size=thumb["size"], date=date,
-                dist=None, role="query")
-    return item
-
-
-def _where(path: str, folders: dict) -> dict:
-    """{"name", "dir": index into folders, and "href" or "uri" if needed}.
-
-    Folders repeat on thousands of cards, so the page gets each one once with
-    its URI; a card's link is that URI plus "href", the encoded name, which is
-    left out when it equals the name (most names).  "uri" is the whole link
-    when it cannot be built that way.
-    """
-    folder, name = os.path.split(path)
-    if folder not in folders:
-        base = file_uri(folder)
-        folders[folder] = (len(folders), base.rstrip("/") + "/")
-    index, base = folders[folder]
-    uri = file_uri(path)
-    item = {"name": name, "dir": index}
-    if not uri.startswith(base):
-        item["uri"] = uri
-    elif uri[len(base):] != name:
-        item["href"] = uri[len(base):]
-    return item
-
-
-def _script_json(data) -> str:
-    """JSON that is safe inside <script>: no '<' at all, so no '</script>'."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    # A lone surrogate cannot be written as UTF-8; as a \\udcxx escape it
-    # stays valid JSON inside its string.
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("<", "\\u003c")
-
-
-def _html_summary(report: SearchReport | DuplicatesReport,
-                  cfg: Config) -> str:
-    """The summary box, as escaped HTML."""
-    e = html.escape
-    stats = "".join(f'<div class="stat"><b>{e(str(v))}</b> {e(k)}</div>'
-                    for v, k in report.html_facts())
-    settings = "".join(
-        f"<tr><th>{e(k)}</th><td>{e(json.dumps(v, ensure_ascii=False))}</td></tr>"
-        for k, v in settings_of(cfg).items())
-    fails = len(report.failed())
-    failures = ('<p class="ok">Every file could be read.</p>' if not fails else
-                f'<details id="failures"><summary>{fails:,} '
-                f'file{"s" if fails != 1 else ""} could not be read</summary>'
-                f'<ul id="failure-list"></ul></details>')
-    run = (f'{e(report.operation)} · engine {e(report.engine)}'
-           f' · {e(str(round(report.seconds, 3)))} s · database '
-           f'<code>{e(shown(report.database))}</code> · '
-           f'reverse_search {e(__version__)}')
-    return (f'<div class="stats">{stats}</div><p class="run">{run}</p>'
-            f'{failures}<details><summary>Settings used</summary>'
-            f'<table class="settings">{settings}</table></details>')
-
-
-def _html_page(report: SearchReport | DuplicatesReport, cfg: Config,
-               data: dict) -> str:
-    parts = {"TITLE": report.title, "PX": str(data["px"]),
-             "SUMMARY": _html_summary(report, cfg), "DATA": _script_json(data)}
-    # One pass: a file name that reads "@DATA@" stays text.
-    return re.sub(r"@(TITLE|PX|SUMMARY|DATA)@", lambda m: parts[m.group(1)],
-                  HTML_TEMPLATE)
-
-
-# Raw string: the script's regular expressions keep their backslashes.
-HTML_TEMPLATE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>@TITLE@ · reverse_search</title>
-<style>
-body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
-       margin: 0 auto; padding: 16px 24px; max-width: 1400px; color: #222;
-       background: #f6f7f9; }
-h1 { font-size: 22px; margin: 0 0 12px; }
-.summary { background: #fff; border: 1px solid #dde; border-radius: 8px;
-           padding: 12px 16px; margin-bottom: 16px; }
-.stats { display: flex; flex-wrap: wrap; gap: 8px 28px; font-size: 16px; }
-.stat b { font-size: 20px; }
-.run { color: #667; margin: 8px 0; overflow-wrap: anywhere; }
-.ok { color: #2a7a3a; margin: 8px 0; }
-details summary { cursor: pointer; margin: 6px 0; color: #245; }
-#failures summary { color: #a33; font-weight: 600; }
-#failure-list { max-height: 320px; overflow: auto; font-size: 12px; }
-#failure-list li { overflow-wrap: anywhere; }
-.settings { border-collapse: collapse; font-size: 12px; }
-.settings th { text-align: left; padding: 1px 12px 1px 0; font-weight: 600; }
-.settings td { overflow-wrap: anywhere; }
-nav { display: flex; align-items: center; gap: 8px; margin: 12px 0; }
-nav button { font: inherit; padding: 4px 12px; border-radius: 6px;
-             border: 1px solid #99a; background: #fff; cursor: pointer; }
-nav button:disabled { opacity: .4; cursor: default; }
-nav .where { color: #445; margin-left: 8px; }
-.set { background: #fff; border: 1px solid #dde; border-radius: 8px;
-       padding: 10px 12px; margin-bottom: 14px; }
-.set h2 { font-size: 15px; margin: 0 0 8px; }
-.set h2 .more { font-weight: normal; color: #667; }
-.set .error { color: #a33; }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { width: @PX@px; margin: 0; padding: 8px; border: 2px solid #e3e5ea;
-        border-radius: 8px; position: relative; font-size: 12px; }
-.card.keep { border-color: #2f9e44; background: #f1fbf3; }
-.card.query { border-color: #1c7ed6; background: #f0f6fd; }
-.card img { display: block; width: @PX@px; height: @PX@px; object-fit: contain;
-            background: #eceef2; border-radius: 4px; }
-.card img.broken { visibility: hidden; }
-.card a { position: relative; display: block; }
-.found-box { position: absolute; border: 2px solid #f08c00;
-  box-sizing: border-box; pointer-events: none; }
-.badge { position: absolute; top: 12px; left: 12px; padding: 1px 8px;
-         border-radius: 10px; font-weight: 700; font-size: 11px; color: #fff;
-         letter-spacing: .04em; max-width: calc(100% - 40px);
-         white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.badge.keep { background: #2f9e44; }
-.badge.query { background: #1c7ed6; }
-.badge.dist { background: rgba(40, 40, 50, .75); font-weight: 600; }
-.card.move { border-color: #e8590c; }
-.action { margin-top: 4px; font-weight: 700; }
-.action.move { color: #c2410c; } .action.protected { color: #667; }
-.why { color: #2b8a3e; margin-top: 4px; }
-.scale { color: #556; }
-.name { font-weight: 600; margin-top: 6px; overflow-wrap: anywhere; }
-.dir { color: #778; overflow-wrap: anywhere; }
-.meta { color: #334; }
-.none { color: #778; font-style: italic; }
-</style>
-</head>
-<body>
-<h1>@TITLE@</h1>
-<section class="summary">@SUMMARY@</section>
-<noscript><p>This page needs JavaScript to show the groups; the same data is
-in the .json and .csv files beside it.</p></noscript>
-<nav class="pager"></nav>
-<main id="sets"></main>
-<nav class="pager"></nav>
-<script type="application/json" id="report-data">@DATA@</script>
-<script>
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("report-data").textContent);
-  var sets = data.sets, size = data.page_size, search = data.operation === "search";
-  var pages = Math.max(1, Math.ceil(sets.length / size));
-  var unit = search ? "queries" : "groups";
-
-  // Everything from the data goes in through textContent and attributes,
-  // never innerHTML, so a file name is always text.
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined && text !== null) e.textContent = text;
-    return e;
-  }
-  function bytes(n) {
-    if (n === null || n === undefined) return "? B";
-    var units = ["B", "KB", "MB", "GB"];
-    for (var i = 0; i < units.length; i++) {
-      if (n < 1024 || i === units.length - 1)
-        return i ? n.toFixed(1) + " " + units[i] : n + " B";
-      n /= 1024;
-    }
-  }
-  function count(n, one, many) {
-    return n.toLocaleString("en") + " " + (n === 1 ? one : many);
-  }
-  // A folder that may wrap after each separator rather than mid-name.
-  function folder(text) {
-    var d = el("div", "dir");
-    text.split(/([\\/])/).forEach(function (part) {
-      d.appendChild(document.createTextNode(part));
-      if (part === "/" || part === "\\") d.appendChild(el("wbr"));
-    });
-    return d;
-  }
-
-  function card(it, k, keepAt, reason) {
-    var c = el("figure", "card" + (it.role ? " " + it.role : ""));
-    // Hook for a later "Not a duplicate" button: the two items in this set.
-    if (k !== keepAt) c.setAttribute("data-pair", keepAt + "," + k);
-    var dir = data.dirs[it.dir];
-    var uri = it.uri !== undefined ? it.uri
-      : dir.uri + (it.href !== undefined ? it.href : it.name);
-    var a = el("a");
-    if (uri) a.href = uri;
-    a.target = "_blank"; a.rel = "noopener";
-    a.title = dir.path ? dir.path + data.sep + it.name : it.name;
-    var img = el("img");
-    img.loading = "lazy"; img.decoding = "async"; img.alt = it.name;
-    img.width = img.height = data.px;
-    // No thumbnail made: the file itself (a browser draws it, or it is past
-    // the first page); one it cannot draw gets the placeholder.
-    var placeholder = data.files + "/" + data.placeholder;
-    img.onerror = function () {
-      if (img.getAttribute("src") === placeholder) img.classList.add("broken");
-      else img.src = placeholder;
-    };
-    img.src = it.thumb ? data.files + "/" + it.thumb : uri || placeholder;
-    a.appendChild(img);
-    c.appendChild(a);
-    var badge = it.role === "keep" ? el("span", "badge keep", "KEEP")
-      : it.role === "query" ? el("span", "badge query", "QUERY")
-      : el("span", "badge dist", "distance " + it.dist +
-           (it.how ? " \u00b7 " + it.how : ""));
-    // the badge stays inside its card; the whole text is in its tooltip
-    badge.title = it.role === "keep" ? (reason || "the keep rule keeps this file")
-      : badge.textContent;
-    c.appendChild(badge);
-    c.appendChild(el("div", "name", it.name));
-    c.appendChild(folder(dir.path));
-    var dims = (it.w && it.h) ? it.w + " × " + it.h : "? × ?";
-    c.appendChild(el("div", "meta", dims + " · " + bytes(it.size)));
-    c.appendChild(el("div", "meta", it.date || ""));
-    if (it.dist !== null && it.dist !== undefined && it.role !== "query"
-        && it.bits) {  // what "distance N" means
-      c.appendChild(el("div", "meta scale", it.dist + " of " + it.bits
-        + " bits differ" + (data.threshold !== null && data.threshold !== undefined
-                            ? " · threshold " + data.threshold : "")));
-    }
-    if (it.how) c.appendChild(el("div", "meta", it.how));
-    if (it.role === "keep" && reason) c.appendChild(el("div", "why", reason));
-    if (it.action === "move") {
-      c.classList.add("move");
-      c.appendChild(el("div", "action move", "move takes it to the quarantine"));
-    } else if (it.action === "protected") {
-      c.appendChild(el("div", "action protected", "in a protected folder: move leaves it"));
-    }
-    return c;
-  }
-
-  // A box given as shares of a picture's width and height, drawn over its
-  // thumbnail (scaled to fit a px square, centred).
-  function drawBox(c, it, f) {
-    if (!it.w || !it.h) return;
-    var px = data.px, k = px / Math.max(it.w, it.h);
-    var w = it.w * k, h = it.h * k, x = (px - w) / 2, y = (px - h) / 2;
-    var b = el("div", "found-box");
-    b.style.left = (x + f[0] * w) + "px"; b.style.top = (y + f[1] * h) + "px";
-    b.style.width = ((f[2] - f[0]) * w) + "px";
-    b.style.height = ((f[3] - f[1]) * h) + "px";
-    c.querySelector("a").appendChild(b);
-  }
-
-  function setBox(s, n) {
-    var box = el("section", "set");
-    box.setAttribute("data-group", n);
-    var h = el("h2");
-    if (search) {
-      var hits = s.items.length - 1;
-      h.appendChild(document.createTextNode(
-        "Query " + (n + 1) + ": " + s.items[0].name + " "));
-      h.appendChild(s.error ? el("span", "error", "· cannot hash: " + s.error)
-        : el("span", "more", "· " + (hits ? count(hits, "match", "matches")
-                                          : "no match")));
-    } else {
-      h.appendChild(document.createTextNode("Group " + (n + 1) + " "));
-      h.appendChild(el("span", "more", "· "
-        + count(s.items.length, "image", "images") + " · "
-        + bytes(s.reclaim) + " reclaimable"
-        + (s.reason ? " · " + s.reason : "")));
-    }
-    box.appendChild(h);
-    var cards = el("div", "cards");
-    var keepAt = 0;
-    s.items.forEach(function (it, k) { if (it.role === "keep") keepAt = k; });
-    var made = s.items.map(function (it, k) {
-      return card(it, k, keepAt, s.reason);
-    });
-    made.forEach(function (c) { cards.appendChild(c); });
-    // Verified matches: where the one picture lies in the other.
-    s.items.forEach(function (it, k) {
-      if (it.box) drawBox(made[k], it, it.box);
-      if (it.lead_box) drawBox(made[0], s.items[0], it.lead_box);
-    });
-    box.appendChild(cards);
-    return box;
-  }
-
-  function pageFromHash() {
-    var m = /page=(\d+)/.exec(location.hash);
-    return Math.min(pages, Math.max(1, m ? +m[1] : 1));
-  }
-  function go(p) { location.hash = "page=" + p; }
-
-  function drawNav(nav, p) {
-    nav.textContent = "";
-    function button(label, target, off) {
-      var b = el("button", null, label);
-      b.disabled = off;
-      b.onclick = function () { go(target); };
-      nav.appendChild(b);
-    }
-    button("« First", 1, p === 1);
-    button("‹ Prev", p - 1, p === 1);
-    nav.appendChild(el("span", "page", "Page " + p + " of " + pages));
-    button("Next ›", p + 1, p === pages);
-    button("Last »", pages, p === pages);
-    var first = (p - 1) * size;
-    nav.appendChild(el("span", "where", sets.length
-      ? unit + " " + (first + 1) + "–" + Math.min(sets.length, first + size)
-        + " of " + sets.length.toLocaleString("en")
-      : "no " + unit + " found"));
-  }
-
-  function render() {
-    var p = pageFromHash(), first = (p - 1) * size;
-    var frag = document.createDocumentFragment();
-    sets.slice(first, first + size).forEach(function (s, k) {
-      frag.appendChild(setBox(s, first + k));
-    });
-    if (!sets.length) frag.appendChild(el("p", "none", search
-      ? "No queries." : "No duplicates found."));
-    var list = document.getElementById("sets");
-    list.textContent = "";
-    list.appendChild(frag);
-    document.querySelectorAll("nav.pager").forEach(function (nav) {
-      drawNav(nav, p);
-    });
-  }
-
-  var failures = document.getElementById("failures");
-  if (failures) failures.addEventListener("toggle", function () {
-    var list = document.getElementById("failure-list");
-    if (!failures.open || list.childElementCount) return;
-    data.failures.forEach(function (f) {
-      list.appendChild(el("li", null, f.path + ": " + f.error));
-    });
-  });
-
-  window.addEventListener("hashchange", function () {
-    render();
-    window.scrollTo(0, 0);
-  });
-  render();
-  performance.mark("report-rendered");
-})();
-</script>
-</body>
-</html>
-"""
-
-
-def emit(report: Report, run: Run, ui: Console) -> None:
-    """Print the report on stdout in output_format and save the result files."""
-    ui.notice("results: " + ", ".join(report.publish(run, ui)))
-
-
-def open_in_browser(path: str) -> None:
-    """A file (the HTML report) or the review page's http:// address."""
-    import webbrowser
-    # A onefile executable's bootloader puts its unpacked libraries first on
-    # LD_LIBRARY_PATH (Linux); the browser must start with the system's own.
-    saved = os.environ.get("LD_LIBRARY_PATH")
-    if getattr(sys, "frozen", False) and saved is not None:
-        original = os.environ.get("LD_LIBRARY_PATH_ORIG")
-        if original is None:
-            del os.environ["LD_LIBRARY_PATH"]
-        else:
-            os.environ["LD_LIBRARY_PATH"] = original
-    try:
-        # no browser is not an error: the path is shown
-        with contextlib.suppress(Exception):
-            webbrowser.open(path if path.startswith("http://") else
-                            pathlib.Path(path).as_uri())
-    finally:
-        if saved is not None:
-            os.environ["LD_LIBRARY_PATH"] = saved
-
-
-# ============================================================================
-# Review: a local page to choose, act and undo
+# Review
 # ============================================================================
 #
 # `review` serves one page from a ReviewServer (the standard library's
@@ -9734,492 +9577,6 @@ REVIEW_CSP = ("default-src 'none'; script-src 'nonce-%s'; style-src "
               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-# The review page: no build step, no library, nothing from the internet.
-# Names are set with textContent only, so a hostile file name stays text.
-REVIEW_TEMPLATE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Review duplicates · reverse_search</title>
-<link rel="icon" href="data:,">
-<style>
-body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
-       margin: 0; color: #222; background: #f6f6f4; }
-header { position: sticky; top: 0; z-index: 5; background: #fff;
-         border-bottom: 1px solid #ddd; padding: 8px 20px; display: flex;
-         gap: 14px; align-items: center; flex-wrap: wrap; }
-header h1 { font-size: 17px; margin: 0 8px 0 0; }
-.stat b { font-size: 15px; }
-button { font: inherit; padding: 4px 10px; border: 1px solid #bbb;
-         border-radius: 5px; background: #fafafa; cursor: pointer; }
-button.primary { background: #1f6feb; color: #fff; border-color: #1f6feb; }
-button:disabled { opacity: .45; cursor: default; }
-main { padding: 12px 20px; max-width: 1500px; margin: 0 auto; }
-nav.tabs button.on { background: #222; color: #fff; }
-.pager { margin: 8px 0; display: flex; gap: 6px; align-items: center; }
-.group { background: #fff; border: 1px solid #ddd; border-radius: 8px;
-         margin: 10px 0; padding: 8px 12px; }
-.group.focus { outline: 3px solid #1f6feb; }
-.group h2 { font-size: 14px; margin: 2px 0 8px; display: flex; gap: 10px;
-            align-items: center; }
-.tiles { display: flex; flex-wrap: wrap; gap: 10px; }
-.tile { width: 210px; border: 2px solid #ccc; border-radius: 6px; padding: 4px;
-        background: #fff; position: relative; }
-.tile.keep { border-color: #2e8b57; background: #f1fbf4; }
-.tile.move { border-color: #c0392b; background: #fdf3f2; }
-.tile.focus { box-shadow: 0 0 0 3px #1f6feb; }
-.tile img.thumb { width: 200px; height: 200px; object-fit: contain;
-                  background: #eee; cursor: pointer; display: block; }
-.tile .name { font-weight: 600; overflow-wrap: anywhere; }
-.tile .meta, .tile .folder { color: #555; font-size: 12px;
-                             overflow-wrap: anywhere; }
-.badge { display: inline-block; padding: 0 6px; border-radius: 4px;
-         font-size: 12px; font-weight: 700; color: #fff; }
-.badge.keep { background: #2e8b57; } .badge.move { background: #c0392b; }
-.badge.protected { background: #777; }
-.tile .acts { display: flex; gap: 4px; margin-top: 4px; flex-wrap: wrap; }
-.tile .acts button { font-size: 12px; padding: 2px 6px; }
-#drop { border: 2px dashed #999; border-radius: 8px; padding: 18px;
-        text-align: center; color: #555; background: #fff; }
-body.dragging #drop { border-color: #1f6feb; background: #eef4ff; }
-.modal { position: fixed; inset: 0; background: rgba(0,0,0,.55); z-index: 10;
-         display: flex; align-items: center; justify-content: center; }
-.modal .box { background: #fff; border-radius: 8px; padding: 16px 20px;
-              max-width: 720px; max-height: 80vh; overflow: auto; }
-#compare { position: fixed; inset: 0; background: #111; z-index: 10;
-           display: flex; flex-direction: column; }
-#compare .bar { color: #eee; padding: 6px 12px; display: flex; gap: 10px;
-                align-items: center; }
-#compare .views { flex: 1; display: flex; gap: 4px; min-height: 0; }
-#compare .view { flex: 1; overflow: hidden; position: relative;
-                 background: #222; cursor: grab; }
-#compare .view img { position: absolute; left: 0; top: 0;
-                     transform-origin: 0 0; image-rendering: auto; }
-#compare .cap { position: absolute; left: 4px; bottom: 4px; color: #fff;
-                background: rgba(0,0,0,.6); padding: 1px 6px; font-size: 12px;
-                z-index: 1; overflow-wrap: anywhere; max-width: 95%; }
-#map-wrap { position: relative; background: #fff; border: 1px solid #ddd;
-            border-radius: 8px; }
-#map { display: block; width: 100%; height: 640px; cursor: crosshair; }
-#map-tip { position: absolute; pointer-events: none; background: #fff;
-           border: 1px solid #999; padding: 3px; display: none; }
-#map-tip img { width: 120px; height: 120px; object-fit: contain; display: block; }
-.note { color: #555; }
-.error { color: #b00020; font-weight: 600; }
-.hidden { display: none !important; }
-kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
-      background: #fafafa; font-size: 12px; }
-</style>
-</head>
-<body>
-<header>
-  <h1>Review duplicates</h1>
-  <span class="stat"><b id="s-groups">0</b> groups</span>
-  <span class="stat"><b id="s-move">0</b> files to move
-    (<b id="s-reclaim">0 B</b>)</span>
-  <nav class="tabs">
-    <button id="tab-groups" class="on">Groups</button>
-    <button id="tab-search">Search</button>
-    <button id="tab-map">Map</button>
-  </nav>
-  <button id="apply" class="primary">Apply: move to quarantine…</button>
-  <button id="undo">Undo moves (<span id="s-quarantined">0</span>)</button>
-  <button id="done" title="Stop the review server (it also stops by itself when idle)">Done</button>
-  <span id="status" class="note"></span>
-</header>
-<main>
-  <section id="groups-view">
-    <p class="note">Click a picture to keep or move it. Keys: <kbd>j</kbd>/<kbd>k</kbd>
-      next/previous group, <kbd>←</kbd>/<kbd>→</kbd> picture, <kbd>Space</kbd>
-      keep/move, <kbd>x</kbd> not a duplicate, <kbd>c</kbd> compare,
-      <kbd>n</kbd>/<kbd>p</kbd> page, <kbd>a</kbd> apply, <kbd>Esc</kbd> close.</p>
-    <div class="pager" id="pager-top"></div>
-    <div id="groups"></div>
-    <div class="pager" id="pager-bottom"></div>
-  </section>
-  <section id="search-view" class="hidden">
-    <div id="drop">Drop an image here (or anywhere on this page) to find it in
-      the collection.<br>
-      <input id="search-path" size="60" placeholder="or paste the path of an image file">
-      <button id="search-go">Search</button></div>
-    <h2 id="search-title"></h2>
-    <div class="tiles" id="search-results"></div>
-  </section>
-  <section id="map-view" class="hidden">
-    <p class="note" id="map-note">Each dot is an image, placed by the
-      similarity of its hashes (t-SNE); groups have colours, others are
-      grey. Point at a dot to see it, click to open its group.</p>
-    <div id="map-wrap"><canvas id="map"></canvas><div id="map-tip"><img alt=""></div></div>
-  </section>
-</main>
-<div id="compare" class="hidden">
-  <div class="bar"><b>Compare</b><span>wheel: zoom together · drag: pan together</span>
-    <button id="cmp-fit">Fit</button><button id="cmp-one">1:1</button>
-    <button id="cmp-close">Close (Esc)</button></div>
-  <div class="views" id="cmp-views"></div>
-</div>
-<div id="modal" class="modal hidden"><div class="box" id="modal-box"></div></div>
-<script nonce="@NONCE@">
-(() => {
-  "use strict";
-  const TOKEN = @TOKEN@;
-  history.replaceState(null, "", "/");  // the token leaves the address bar
-  const $ = id => document.getElementById(id);
-  const el = (tag, cls, text) => {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  };
-  const human = n => {
-    const u = ["B", "KB", "MB", "GB"]; let i = 0;
-    while (n >= 1024 && i < 3) { n /= 1024; i++; }
-    return i ? n.toFixed(1) + " " + u[i] : n + " B";
-  };
-  const state = { page: 1, data: null, focus: 0, tile: 0, view: "groups",
-                  selected: new Set() };
-
-  async function call(method, url, body, raw) {
-    const opts = { method, headers: { "X-Review-Token": TOKEN } };
-    if (raw) { opts.body = body; opts.headers["X-File-Name"] = encodeURIComponent(raw); }
-    else if (body !== undefined) {
-      opts.body = JSON.stringify(body);
-      opts.headers["Content-Type"] = "application/json";
-    }
-    let res;
-    try { res = await fetch(url, opts); }
-    catch (e) { throw new Error("the review server has stopped (Done, or review_idle_minutes " +
-                                "without a click): run review, or double-click the program, again"); }
-    const doc = await res.json();
-    if (!res.ok) throw new Error(doc.error || res.statusText);
-    return doc;
-  }
-  function say(text, bad) {
-    const s = $("status"); s.textContent = text; s.className = bad ? "error" : "note";
-  }
-  const guard = fn => async (...a) => { try { await fn(...a); } catch (e) { say(e.message, true); } };
-
-  // ---- groups ----
-  async function load(page, focus) {
-    const d = await call("GET", "/api/groups?page=" + page);
-    state.data = d; state.page = d.page;
-    state.focus = Math.min(focus || 0, Math.max(0, d.groups.length - 1));
-    state.tile = 0; state.selected.clear();
-    render();
-  }
-  function stats(d) {
-    $("s-groups").textContent = d.total.toLocaleString();
-    $("s-move").textContent = d.to_move.toLocaleString();
-    $("s-reclaim").textContent = human(d.reclaim);
-    $("s-quarantined").textContent = d.quarantined;
-    $("undo").disabled = !d.quarantined;
-    $("apply").disabled = !d.to_move;
-  }
-  function pager(box) {
-    const d = state.data; box.replaceChildren();
-    const b = (label, page) => {
-      const x = el("button", "page", label); x.disabled = page < 1 || page > d.pages || page === d.page;
-      x.onclick = guard(() => load(page)); box.append(x);
-    };
-    b("« first", 1); b("‹ previous", d.page - 1);
-    box.append(el("span", "", `page ${d.page} of ${d.pages} · groups ` +
-      `${d.total ? (d.page - 1) * d.size + 1 : 0}–${Math.min(d.page * d.size, d.total)} of ${d.total}`));
-    b("next ›", d.page + 1); b("last »", d.pages);
-  }
-  function render() {
-    const d = state.data; stats(d);
-    pager($("pager-top")); pager($("pager-bottom"));
-    const box = $("groups"); box.replaceChildren();
-    if (!d.groups.length) box.append(el("p", "note", "No duplicate groups: nothing to review."));
-    d.groups.forEach((g, gi) => box.append(card(g, gi)));
-    markFocus(false);
-  }
-  function card(g, gi) {
-    const c = el("div", "group"); c.dataset.n = g.n;
-    const h = el("h2");
-    h.append(el("span", "", `Group ${g.n} · ${g.items.length} images · ${human(g.reclaim)} reclaimable`));
-    const cmp = el("button", "compare", "Compare"); cmp.onclick = () => compare(g);
-    const pair = el("button", "pair", "Selected two: not duplicates");
-    pair.onclick = guard(() => notDuplicate(g, [...state.selected]));
-    h.append(cmp, pair); c.append(h);
-    const tiles = el("div", "tiles");
-    g.items.forEach((it, ti) => tiles.append(tile(g, it, gi, ti)));
-    c.append(tiles);
-    return c;
-  }
-  function tile(g, it, gi, ti) {
-    const t = el("div", "tile " + (it.keep ? "keep" : "move"));
-    t.dataset.id = it.id;
-    const img = el("img", "thumb"); img.loading = "lazy"; img.alt = it.name;
-    img.src = "/thumb/" + it.id; img.title = "click: keep / move";
-    img.onclick = guard(() => toggle(g, it));
-    t.append(img);
-    const badge = it.protected && !it.keep ? el("span", "badge protected", "PROTECTED")
-      : el("span", "badge " + (it.keep ? "keep" : "move"), it.keep ? "KEEP" : "MOVE");
-    const line = el("div"); line.append(badge);
-    if (it.reason) line.append(" ", el("span", "meta reason", it.reason));
-    t.append(line, el("div", "name", it.name), el("div", "folder", it.folder));
-    const scale = ti === 0 ? "the group's lead" :
-      `distance ${it.dist} of ${state.data.bits} bits (match ≤ ${state.data.threshold})`;
-    t.append(el("div", "meta", `${it.w}×${it.h} px · ${human(it.size)} · ${it.date}`),
-             el("div", "meta dist", scale), el("div", "meta how", "matched: " + it.how));
-    const acts = el("div", "acts");
-    const nd = el("button", "notdup", "not a duplicate");
-    nd.title = "this picture is not a copy of the others (saved to not_duplicates)";
-    nd.onclick = guard(() => notDuplicate(g, [it.id]));
-    const sel = el("label"); const box = el("input"); box.type = "checkbox";
-    box.onchange = () => { box.checked ? state.selected.add(it.id) : state.selected.delete(it.id); };
-    sel.append(box, " select");
-    acts.append(nd, sel); t.append(acts);
-    t.onmouseenter = () => { state.focus = gi; state.tile = ti; markFocus(false); };
-    return t;
-  }
-  function markFocus(scroll) {
-    document.querySelectorAll(".focus").forEach(e => e.classList.remove("focus"));
-    const c = $("groups").children[state.focus]; if (!c || !c.classList.contains("group")) return;
-    c.classList.add("focus");
-    const t = c.querySelectorAll(".tile")[state.tile]; if (t) t.classList.add("focus");
-    if (scroll) c.scrollIntoView({ block: "nearest" });
-  }
-  async function toggle(g, it) {
-    const fresh = await call("POST", "/api/keep", { group: g.n - 1, image: it.id });
-    const i = state.data.groups.indexOf(g);
-    state.data.groups[i] = fresh;
-    const d = await call("GET", "/api/groups?page=" + state.page);
-    state.data = d; render();
-    say(`group ${g.n}: ${it.name} will be ${fresh.items.find(x => x.id === it.id).keep ? "kept" : "moved"}`);
-  }
-  async function notDuplicate(g, ids) {
-    if (!ids.length || ids.length > 2) { say("select one or two pictures of the group", true); return; }
-    await call("POST", "/api/not-duplicate", { group: g.n - 1, images: ids });
-    say(`group ${g.n}: marked as not duplicates (saved to not_duplicates)`);
-    await load(state.page, state.focus);
-  }
-
-  // ---- apply and undo ----
-  function modal(nodes, buttons) {
-    const box = $("modal-box"); box.replaceChildren(...nodes);
-    const row = el("p"); buttons.forEach(b => row.append(b, " ")); box.append(row);
-    $("modal").classList.remove("hidden"); (buttons[0] || box).focus();
-  }
-  const closeModal = () => $("modal").classList.add("hidden");
-  function button(label, cls, fn) { const b = el("button", cls, label); b.onclick = guard(fn); return b; }
-  async function apply() {
-    const s = await call("GET", "/api/apply");
-    if (!s.files) { say("nothing to move"); return; }
-    modal([el("h2", "", "Move duplicates to quarantine?"),
-           el("p", "summary", `${s.files} files (${s.human}) from ${s.groups} groups will move into ${s.quarantine}. ` +
-              `${s.chosen} choices are yours; every other group follows keep_rule. Undo puts them back.`)],
-          [button("Move them", "primary confirm", async () => {
-             const r = await call("POST", "/api/apply", { files: s.files });
-             report(r); await load(1); }),
-           button("Cancel", "", closeModal)]);
-  }
-  function report(r) {
-    const list = el("ul");
-    r.done.forEach(([a, b]) => list.append(el("li", "", a + " → " + b)));
-    r.skipped.forEach(([a, why]) => list.append(el("li", "error", a + ": " + why)));
-    modal([el("h2", "", r.operation === "move" ? "Moved" : "Restored"),
-           el("p", "summary", r.summary), list], [button("Close", "", closeModal)]);
-  }
-  async function done() {
-    await call("POST", "/api/stop");
-    const end = el("main");
-    document.body.replaceChildren(end);
-    end.append(
-      el("h1", "", "Review finished"),
-      el("p", "", "The review server has stopped; you can close this tab. " +
-                  "Everything done here is saved (plan, quarantine and its manifest, not_duplicates)."));
-  }
-  async function undo() {
-    modal([el("h2", "", "Undo?"), el("p", "", "Every file in the quarantine goes back where it was.")],
-          [button("Put them back", "primary confirm", async () => {
-             const r = await call("POST", "/api/undo"); report(r); await load(state.page); }),
-           button("Cancel", "", closeModal)]);
-  }
-
-  // ---- compare: zoom and pan together ----
-  const view = { scale: 1, x: 0, y: 0 };
-  function compare(g) {
-    const box = $("cmp-views"); box.replaceChildren();
-    g.items.forEach(it => {
-      const v = el("div", "view"); const img = el("img"); img.src = "/image/" + it.id;
-      img.alt = it.name; img.onload = fit;
-      v.append(img, el("div", "cap", `${it.name} · ${it.w}×${it.h}` + (it.keep ? " · KEEP" : "")));
-      box.append(v);
-    });
-    $("compare").classList.remove("hidden"); fit();
-  }
-  function fit() {
-    const v = document.querySelector("#cmp-views .view"); if (!v) return;
-    const imgs = [...document.querySelectorAll("#cmp-views img")].filter(i => i.naturalWidth);
-    if (!imgs.length) return;
-    const w = Math.max(...imgs.map(i => i.naturalWidth)), h = Math.max(...imgs.map(i => i.naturalHeight));
-    view.scale = Math.min(v.clientWidth / w, v.clientHeight / h); view.x = 0; view.y = 0; draw();
-  }
-  function draw() {
-    document.querySelectorAll("#cmp-views img").forEach(i => {
-      // every image drawn at the scale of the largest, so details line up
-      const big = Math.max(...[...document.querySelectorAll("#cmp-views img")].map(j => j.naturalWidth || 1));
-      const s = view.scale * big / (i.naturalWidth || big);
-      i.style.transform = `translate(${view.x}px, ${view.y}px) scale(${s})`;
-    });
-  }
-  $("cmp-views").addEventListener("wheel", e => {
-    e.preventDefault();
-    const r = e.target.closest(".view").getBoundingClientRect();
-    const px = e.clientX - r.left, py = e.clientY - r.top;
-    const k = e.deltaY < 0 ? 1.25 : 0.8;
-    view.x = px - (px - view.x) * k; view.y = py - (py - view.y) * k; view.scale *= k; draw();
-  }, { passive: false });
-  let drag = null;
-  $("cmp-views").addEventListener("mousedown", e => { drag = [e.clientX, e.clientY]; e.preventDefault(); });
-  window.addEventListener("mouseup", () => { drag = null; });
-  window.addEventListener("mousemove", e => {
-    if (!drag) return;
-    view.x += e.clientX - drag[0]; view.y += e.clientY - drag[1]; drag = [e.clientX, e.clientY]; draw();
-  });
-  $("cmp-fit").onclick = fit;
-  $("cmp-one").onclick = () => {
-    const big = Math.max(...[...document.querySelectorAll("#cmp-views img")].map(j => j.naturalWidth || 1));
-    view.scale = 1; view.x = 0; view.y = 0; draw(); return big;
-  };
-  const closeCompare = () => $("compare").classList.add("hidden");
-  $("cmp-close").onclick = closeCompare;
-
-  // ---- search ----
-  async function search(file, path) {
-    show("search");
-    $("search-title").textContent = "Searching…"; $("search-results").replaceChildren();
-    const r = file ? await call("POST", "/api/search", file, file.name || "pasted image")
-                   : await call("POST", "/api/search", { path });
-    $("search-title").textContent = r.error ? `${r.query}: ${r.error}` :
-      `${r.query}: ${r.matches.length} matches among ${r.images} images, nearest first`;
-    r.matches.forEach(m => {
-      const t = el("div", "tile result"); const img = el("img", "thumb");
-      img.src = "/thumb/" + m.id; img.alt = m.name; t.append(img);
-      t.append(el("div", "name", m.name), el("div", "folder", m.folder),
-               el("div", "meta dist", `distance ${m.dist} of ${r.bits} bits`),
-               el("div", "meta how", "matched: " + m.how),
-               el("div", "meta", `${m.w}×${m.h} px · ${human(m.size)}`));
-      if (m.group !== null) {
-        const b = button(`open group ${m.group + 1}`, "", () => openGroup(m.group)); t.append(b);
-      }
-      $("search-results").append(t);
-    });
-  }
-  $("search-go").onclick = guard(() => search(null, $("search-path").value.trim()));
-  $("search-path").addEventListener("keydown", e => { if (e.key === "Enter") $("search-go").click(); });
-  window.addEventListener("dragover", e => { e.preventDefault(); document.body.classList.add("dragging"); });
-  window.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
-  window.addEventListener("drop", guard(async e => {
-    e.preventDefault(); document.body.classList.remove("dragging");
-    const f = e.dataTransfer.files[0];
-    if (f) await search(f);
-  }));
-  window.addEventListener("paste", guard(async e => {
-    const f = [...(e.clipboardData || {}).files || []][0];
-    if (f) await search(f);
-  }));
-
-  // ---- map ----
-  let map = null;
-  async function drawMap() {
-    if (!map) {
-      $("map-note").textContent = "Placing the images (t-SNE)…";
-      map = await call("GET", "/api/map");
-    }
-    const note = $("map-note");
-    if (map.error) { note.textContent = map.error; note.className = "error"; return; }
-    note.textContent = (map.sampled ? `An even sample of ${map.shown.toLocaleString()} of ` +
-      `${map.total.toLocaleString()} images (sampled above the size t-SNE draws quickly). ` :
-      `All ${map.total.toLocaleString()} images. `) +
-      "Placed by the similarity of their hashes (t-SNE); groups have colours, " +
-      "others are grey. Point at a dot to see it, click to open its group.";
-    const cv = $("map"), r = cv.getBoundingClientRect();
-    cv.width = r.width; cv.height = r.height;
-    const g = cv.getContext("2d"); g.clearRect(0, 0, cv.width, cv.height);
-    map.xy = map.points.map(([id, x, y, grp]) => [id, 12 + x * (cv.width - 24), 12 + y * (cv.height - 24), grp]);
-    for (const [, x, y, grp] of map.xy) {
-      g.fillStyle = grp < 0 ? "rgba(120,120,120,.5)" : `hsl(${(grp * 137.5) % 360},70%,45%)`;
-      g.beginPath(); g.arc(x, y, grp < 0 ? 2.5 : 4, 0, 7); g.fill();
-    }
-    cv.dataset.drawn = map.xy.length;
-  }
-  function nearest(e) {
-    if (!map || !map.xy) return null;
-    const r = $("map").getBoundingClientRect(), x = e.clientX - r.left, y = e.clientY - r.top;
-    let best = null, bd = 64;
-    for (const p of map.xy) { const d = (p[1] - x) ** 2 + (p[2] - y) ** 2; if (d < bd) { bd = d; best = p; } }
-    return best;
-  }
-  $("map").addEventListener("mousemove", e => {
-    const p = nearest(e), tip = $("map-tip");
-    if (!p) { tip.style.display = "none"; return; }
-    tip.querySelector("img").src = "/thumb/" + p[0];
-    tip.style.left = (p[1] + 10) + "px"; tip.style.top = (p[2] + 10) + "px"; tip.style.display = "block";
-  });
-  $("map").addEventListener("click", guard(async e => {
-    const p = nearest(e);
-    if (p && p[3] >= 0) await openGroup(p[3]);
-    else if (p) say("that image is in no group");
-  }));
-  async function openGroup(n) {
-    show("groups");
-    const size = state.data ? state.data.size : 20;
-    await load(Math.floor(n / size) + 1, n % size);
-    markFocus(true);
-  }
-
-  // ---- views and keys ----
-  function show(name) {
-    state.view = name;
-    for (const v of ["groups", "search", "map"]) {
-      $(v + "-view").classList.toggle("hidden", v !== name);
-      $("tab-" + v).classList.toggle("on", v === name);
-    }
-    if (name === "map") guard(drawMap)();
-  }
-  $("tab-groups").onclick = () => show("groups");
-  $("tab-search").onclick = () => show("search");
-  $("tab-map").onclick = () => show("map");
-  $("apply").onclick = guard(apply);
-  $("undo").onclick = guard(undo);
-  $("done").onclick = guard(done);
-  async function moveFocus(step) {
-    const d = state.data, n = state.focus + step;
-    if (n >= d.groups.length && d.page < d.pages) await load(d.page + 1, 0);
-    else if (n < 0 && d.page > 1) await load(d.page - 1, d.size - 1);
-    else state.focus = Math.max(0, Math.min(n, d.groups.length - 1));
-    state.tile = 0; markFocus(true);
-  }
-  document.addEventListener("keydown", guard(async e => {
-    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
-    if (e.key === "Escape") { closeCompare(); closeModal(); return; }
-    if (state.view !== "groups" || !state.data || !$("modal").classList.contains("hidden")) return;
-    const g = state.data.groups[state.focus];
-    const k = e.key;
-    if (k === "j" || k === "ArrowDown") { e.preventDefault(); await moveFocus(1); }
-    else if (k === "k" || k === "ArrowUp") { e.preventDefault(); await moveFocus(-1); }
-    else if (!g) return;
-    else if (k === "ArrowRight" || k === "l") { state.tile = Math.min(state.tile + 1, g.items.length - 1); markFocus(false); }
-    else if (k === "ArrowLeft" || k === "h") { state.tile = Math.max(state.tile - 1, 0); markFocus(false); }
-    else if (k === " " || k === "Enter") { e.preventDefault(); const t = state.tile; await toggle(g, g.items[t]); state.tile = t; markFocus(false); }
-    else if (k === "x") { await notDuplicate(g, [g.items[state.tile].id]); }
-    else if (k === "c") { compare(g); }
-    else if (k === "n") { if (state.data.page < state.data.pages) await load(state.page + 1); }
-    else if (k === "p") { if (state.page > 1) await load(state.page - 1); }
-    else if (k === "a") { await apply(); }
-  }));
-  guard(() => load(1))().then(() => { document.body.dataset.ready = "1"; });
-})();
-</script>
-</body>
-</html>
-"""
-
-
 # ============================================================================
 # Command line
 # ============================================================================
@@ -10804,6 +10161,777 @@ def _safe_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
+
+
+# ============================================================================
+# Templates
+# ============================================================================
+#
+# The two pages, last so that the code above reads without them: the static
+# HTML report (filled by html_report) and the review page (served by
+# ReviewServer).  Each is one string with no outside resources.
+
+# Raw string: the script's regular expressions keep their backslashes.
+HTML_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>@TITLE@ · reverse_search</title>
+<style>
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       margin: 0 auto; padding: 16px 24px; max-width: 1400px; color: #222;
+       background: #f6f7f9; }
+h1 { font-size: 22px; margin: 0 0 12px; }
+.summary { background: #fff; border: 1px solid #dde; border-radius: 8px;
+           padding: 12px 16px; margin-bottom: 16px; }
+.stats { display: flex; flex-wrap: wrap; gap: 8px 28px; font-size: 16px; }
+.stat b { font-size: 20px; }
+.run { color: #667; margin: 8px 0; overflow-wrap: anywhere; }
+.ok { color: #2a7a3a; margin: 8px 0; }
+details summary { cursor: pointer; margin: 6px 0; color: #245; }
+#failures summary { color: #a33; font-weight: 600; }
+#failure-list { max-height: 320px; overflow: auto; font-size: 12px; }
+#failure-list li { overflow-wrap: anywhere; }
+.settings { border-collapse: collapse; font-size: 12px; }
+.settings th { text-align: left; padding: 1px 12px 1px 0; font-weight: 600; }
+.settings td { overflow-wrap: anywhere; }
+nav { display: flex; align-items: center; gap: 8px; margin: 12px 0; }
+nav button { font: inherit; padding: 4px 12px; border-radius: 6px;
+             border: 1px solid #99a; background: #fff; cursor: pointer; }
+nav button:disabled { opacity: .4; cursor: default; }
+nav .where { color: #445; margin-left: 8px; }
+.set { background: #fff; border: 1px solid #dde; border-radius: 8px;
+       padding: 10px 12px; margin-bottom: 14px; }
+.set h2 { font-size: 15px; margin: 0 0 8px; }
+.set h2 .more { font-weight: normal; color: #667; }
+.set .error { color: #a33; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { width: @PX@px; margin: 0; padding: 8px; border: 2px solid #e3e5ea;
+        border-radius: 8px; position: relative; font-size: 12px; }
+.card.keep { border-color: #2f9e44; background: #f1fbf3; }
+.card.query { border-color: #1c7ed6; background: #f0f6fd; }
+.card img { display: block; width: @PX@px; height: @PX@px; object-fit: contain;
+            background: #eceef2; border-radius: 4px; }
+.card img.broken { visibility: hidden; }
+.card a { position: relative; display: block; }
+.found-box { position: absolute; border: 2px solid #f08c00;
+  box-sizing: border-box; pointer-events: none; }
+.badge { position: absolute; top: 12px; left: 12px; padding: 1px 8px;
+         border-radius: 10px; font-weight: 700; font-size: 11px; color: #fff;
+         letter-spacing: .04em; max-width: calc(100% - 40px);
+         white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.badge.keep { background: #2f9e44; }
+.badge.query { background: #1c7ed6; }
+.badge.dist { background: rgba(40, 40, 50, .75); font-weight: 600; }
+.card.move { border-color: #e8590c; }
+.action { margin-top: 4px; font-weight: 700; }
+.action.move { color: #c2410c; } .action.protected { color: #667; }
+.why { color: #2b8a3e; margin-top: 4px; }
+.scale { color: #556; }
+.name { font-weight: 600; margin-top: 6px; overflow-wrap: anywhere; }
+.dir { color: #778; overflow-wrap: anywhere; }
+.meta { color: #334; }
+.none { color: #778; font-style: italic; }
+</style>
+</head>
+<body>
+<h1>@TITLE@</h1>
+<section class="summary">@SUMMARY@</section>
+<noscript><p>This page needs JavaScript to show the groups; the same data is
+in the .json and .csv files beside it.</p></noscript>
+<nav class="pager"></nav>
+<main id="sets"></main>
+<nav class="pager"></nav>
+<script type="application/json" id="report-data">@DATA@</script>
+<script>
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("report-data").textContent);
+  var sets = data.sets, size = data.page_size, search = data.operation === "search";
+  var pages = Math.max(1, Math.ceil(sets.length / size));
+  var unit = search ? "queries" : "groups";
+
+  // Everything from the data goes in through textContent and attributes,
+  // never innerHTML, so a file name is always text.
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = text;
+    return e;
+  }
+  function bytes(n) {
+    if (n === null || n === undefined) return "? B";
+    var units = ["B", "KB", "MB", "GB"];
+    for (var i = 0; i < units.length; i++) {
+      if (n < 1024 || i === units.length - 1)
+        return i ? n.toFixed(1) + " " + units[i] : n + " B";
+      n /= 1024;
+    }
+  }
+  function count(n, one, many) {
+    return n.toLocaleString("en") + " " + (n === 1 ? one : many);
+  }
+  // A folder that may wrap after each separator rather than mid-name.
+  function folder(text) {
+    var d = el("div", "dir");
+    text.split(/([\\/])/).forEach(function (part) {
+      d.appendChild(document.createTextNode(part));
+      if (part === "/" || part === "\\") d.appendChild(el("wbr"));
+    });
+    return d;
+  }
+
+  function card(it, k, keepAt, reason) {
+    var c = el("figure", "card" + (it.role ? " " + it.role : ""));
+    // Hook for a later "Not a duplicate" button: the two items in this set.
+    if (k !== keepAt) c.setAttribute("data-pair", keepAt + "," + k);
+    var dir = data.dirs[it.dir];
+    var uri = it.uri !== undefined ? it.uri
+      : dir.uri + (it.href !== undefined ? it.href : it.name);
+    var a = el("a");
+    if (uri) a.href = uri;
+    a.target = "_blank"; a.rel = "noopener";
+    a.title = dir.path ? dir.path + data.sep + it.name : it.name;
+    var img = el("img");
+    img.loading = "lazy"; img.decoding = "async"; img.alt = it.name;
+    img.width = img.height = data.px;
+    // No thumbnail made: the file itself (a browser draws it, or it is past
+    // the first page); one it cannot draw gets the placeholder.
+    var placeholder = data.files + "/" + data.placeholder;
+    img.onerror = function () {
+      if (img.getAttribute("src") === placeholder) img.classList.add("broken");
+      else img.src = placeholder;
+    };
+    img.src = it.thumb ? data.files + "/" + it.thumb : uri || placeholder;
+    a.appendChild(img);
+    c.appendChild(a);
+    var badge = it.role === "keep" ? el("span", "badge keep", "KEEP")
+      : it.role === "query" ? el("span", "badge query", "QUERY")
+      : el("span", "badge dist", "distance " + it.dist +
+           (it.how ? " \u00b7 " + it.how : ""));
+    // the badge stays inside its card; the whole text is in its tooltip
+    badge.title = it.role === "keep" ? (reason || "the keep rule keeps this file")
+      : badge.textContent;
+    c.appendChild(badge);
+    c.appendChild(el("div", "name", it.name));
+    c.appendChild(folder(dir.path));
+    var dims = (it.w && it.h) ? it.w + " × " + it.h : "? × ?";
+    c.appendChild(el("div", "meta", dims + " · " + bytes(it.size)));
+    c.appendChild(el("div", "meta", it.date || ""));
+    if (it.dist !== null && it.dist !== undefined && it.role !== "query"
+        && it.bits) {  // what "distance N" means
+      c.appendChild(el("div", "meta scale", it.dist + " of " + it.bits
+        + " bits differ" + (data.threshold !== null && data.threshold !== undefined
+                            ? " · threshold " + data.threshold : "")));
+    }
+    if (it.how) c.appendChild(el("div", "meta", it.how));
+    if (it.role === "keep" && reason) c.appendChild(el("div", "why", reason));
+    if (it.action === "move") {
+      c.classList.add("move");
+      c.appendChild(el("div", "action move", "move takes it to the quarantine"));
+    } else if (it.action === "protected") {
+      c.appendChild(el("div", "action protected", "in a protected folder: move leaves it"));
+    }
+    return c;
+  }
+
+  // A box given as shares of a picture's width and height, drawn over its
+  // thumbnail (scaled to fit a px square, centred).
+  function drawBox(c, it, f) {
+    if (!it.w || !it.h) return;
+    var px = data.px, k = px / Math.max(it.w, it.h);
+    var w = it.w * k, h = it.h * k, x = (px - w) / 2, y = (px - h) / 2;
+    var b = el("div", "found-box");
+    b.style.left = (x + f[0] * w) + "px"; b.style.top = (y + f[1] * h) + "px";
+    b.style.width = ((f[2] - f[0]) * w) + "px";
+    b.style.height = ((f[3] - f[1]) * h) + "px";
+    c.querySelector("a").appendChild(b);
+  }
+
+  function setBox(s, n) {
+    var box = el("section", "set");
+    box.setAttribute("data-group", n);
+    var h = el("h2");
+    if (search) {
+      var hits = s.items.length - 1;
+      h.appendChild(document.createTextNode(
+        "Query " + (n + 1) + ": " + s.items[0].name + " "));
+      h.appendChild(s.error ? el("span", "error", "· cannot hash: " + s.error)
+        : el("span", "more", "· " + (hits ? count(hits, "match", "matches")
+                                          : "no match")));
+    } else {
+      h.appendChild(document.createTextNode("Group " + (n + 1) + " "));
+      h.appendChild(el("span", "more", "· "
+        + count(s.items.length, "image", "images") + " · "
+        + bytes(s.reclaim) + " reclaimable"
+        + (s.reason ? " · " + s.reason : "")));
+    }
+    box.appendChild(h);
+    var cards = el("div", "cards");
+    var keepAt = 0;
+    s.items.forEach(function (it, k) { if (it.role === "keep") keepAt = k; });
+    var made = s.items.map(function (it, k) {
+      return card(it, k, keepAt, s.reason);
+    });
+    made.forEach(function (c) { cards.appendChild(c); });
+    // Verified matches: where the one picture lies in the other.
+    s.items.forEach(function (it, k) {
+      if (it.box) drawBox(made[k], it, it.box);
+      if (it.lead_box) drawBox(made[0], s.items[0], it.lead_box);
+    });
+    box.appendChild(cards);
+    return box;
+  }
+
+  function pageFromHash() {
+    var m = /page=(\d+)/.exec(location.hash);
+    return Math.min(pages, Math.max(1, m ? +m[1] : 1));
+  }
+  function go(p) { location.hash = "page=" + p; }
+
+  function drawNav(nav, p) {
+    nav.textContent = "";
+    function button(label, target, off) {
+      var b = el("button", null, label);
+      b.disabled = off;
+      b.onclick = function () { go(target); };
+      nav.appendChild(b);
+    }
+    button("« First", 1, p === 1);
+    button("‹ Prev", p - 1, p === 1);
+    nav.appendChild(el("span", "page", "Page " + p + " of " + pages));
+    button("Next ›", p + 1, p === pages);
+    button("Last »", pages, p === pages);
+    var first = (p - 1) * size;
+    nav.appendChild(el("span", "where", sets.length
+      ? unit + " " + (first + 1) + "–" + Math.min(sets.length, first + size)
+        + " of " + sets.length.toLocaleString("en")
+      : "no " + unit + " found"));
+  }
+
+  function render() {
+    var p = pageFromHash(), first = (p - 1) * size;
+    var frag = document.createDocumentFragment();
+    sets.slice(first, first + size).forEach(function (s, k) {
+      frag.appendChild(setBox(s, first + k));
+    });
+    if (!sets.length) frag.appendChild(el("p", "none", search
+      ? "No queries." : "No duplicates found."));
+    var list = document.getElementById("sets");
+    list.textContent = "";
+    list.appendChild(frag);
+    document.querySelectorAll("nav.pager").forEach(function (nav) {
+      drawNav(nav, p);
+    });
+  }
+
+  var failures = document.getElementById("failures");
+  if (failures) failures.addEventListener("toggle", function () {
+    var list = document.getElementById("failure-list");
+    if (!failures.open || list.childElementCount) return;
+    data.failures.forEach(function (f) {
+      list.appendChild(el("li", null, f.path + ": " + f.error));
+    });
+  });
+
+  window.addEventListener("hashchange", function () {
+    render();
+    window.scrollTo(0, 0);
+  });
+  render();
+  performance.mark("report-rendered");
+})();
+</script>
+</body>
+</html>
+"""
+
+
+# The review page: no build step, no library, nothing from the internet.
+# Names are set with textContent only, so a hostile file name stays text.
+REVIEW_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Review duplicates · reverse_search</title>
+<link rel="icon" href="data:,">
+<style>
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       margin: 0; color: #222; background: #f6f6f4; }
+header { position: sticky; top: 0; z-index: 5; background: #fff;
+         border-bottom: 1px solid #ddd; padding: 8px 20px; display: flex;
+         gap: 14px; align-items: center; flex-wrap: wrap; }
+header h1 { font-size: 17px; margin: 0 8px 0 0; }
+.stat b { font-size: 15px; }
+button { font: inherit; padding: 4px 10px; border: 1px solid #bbb;
+         border-radius: 5px; background: #fafafa; cursor: pointer; }
+button.primary { background: #1f6feb; color: #fff; border-color: #1f6feb; }
+button:disabled { opacity: .45; cursor: default; }
+main { padding: 12px 20px; max-width: 1500px; margin: 0 auto; }
+nav.tabs button.on { background: #222; color: #fff; }
+.pager { margin: 8px 0; display: flex; gap: 6px; align-items: center; }
+.group { background: #fff; border: 1px solid #ddd; border-radius: 8px;
+         margin: 10px 0; padding: 8px 12px; }
+.group.focus { outline: 3px solid #1f6feb; }
+.group h2 { font-size: 14px; margin: 2px 0 8px; display: flex; gap: 10px;
+            align-items: center; }
+.tiles { display: flex; flex-wrap: wrap; gap: 10px; }
+.tile { width: 210px; border: 2px solid #ccc; border-radius: 6px; padding: 4px;
+        background: #fff; position: relative; }
+.tile.keep { border-color: #2e8b57; background: #f1fbf4; }
+.tile.move { border-color: #c0392b; background: #fdf3f2; }
+.tile.focus { box-shadow: 0 0 0 3px #1f6feb; }
+.tile img.thumb { width: 200px; height: 200px; object-fit: contain;
+                  background: #eee; cursor: pointer; display: block; }
+.tile .name { font-weight: 600; overflow-wrap: anywhere; }
+.tile .meta, .tile .folder { color: #555; font-size: 12px;
+                             overflow-wrap: anywhere; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 4px;
+         font-size: 12px; font-weight: 700; color: #fff; }
+.badge.keep { background: #2e8b57; } .badge.move { background: #c0392b; }
+.badge.protected { background: #777; }
+.tile .acts { display: flex; gap: 4px; margin-top: 4px; flex-wrap: wrap; }
+.tile .acts button { font-size: 12px; padding: 2px 6px; }
+#drop { border: 2px dashed #999; border-radius: 8px; padding: 18px;
+        text-align: center; color: #555; background: #fff; }
+body.dragging #drop { border-color: #1f6feb; background: #eef4ff; }
+.modal { position: fixed; inset: 0; background: rgba(0,0,0,.55); z-index: 10;
+         display: flex; align-items: center; justify-content: center; }
+.modal .box { background: #fff; border-radius: 8px; padding: 16px 20px;
+              max-width: 720px; max-height: 80vh; overflow: auto; }
+#compare { position: fixed; inset: 0; background: #111; z-index: 10;
+           display: flex; flex-direction: column; }
+#compare .bar { color: #eee; padding: 6px 12px; display: flex; gap: 10px;
+                align-items: center; }
+#compare .views { flex: 1; display: flex; gap: 4px; min-height: 0; }
+#compare .view { flex: 1; overflow: hidden; position: relative;
+                 background: #222; cursor: grab; }
+#compare .view img { position: absolute; left: 0; top: 0;
+                     transform-origin: 0 0; image-rendering: auto; }
+#compare .cap { position: absolute; left: 4px; bottom: 4px; color: #fff;
+                background: rgba(0,0,0,.6); padding: 1px 6px; font-size: 12px;
+                z-index: 1; overflow-wrap: anywhere; max-width: 95%; }
+#map-wrap { position: relative; background: #fff; border: 1px solid #ddd;
+            border-radius: 8px; }
+#map { display: block; width: 100%; height: 640px; cursor: crosshair; }
+#map-tip { position: absolute; pointer-events: none; background: #fff;
+           border: 1px solid #999; padding: 3px; display: none; }
+#map-tip img { width: 120px; height: 120px; object-fit: contain; display: block; }
+.note { color: #555; }
+.error { color: #b00020; font-weight: 600; }
+.hidden { display: none !important; }
+kbd { border: 1px solid #bbb; border-radius: 3px; padding: 0 4px;
+      background: #fafafa; font-size: 12px; }
+</style>
+</head>
+<body>
+<header>
+  <h1>Review duplicates</h1>
+  <span class="stat"><b id="s-groups">0</b> groups</span>
+  <span class="stat"><b id="s-move">0</b> files to move
+    (<b id="s-reclaim">0 B</b>)</span>
+  <nav class="tabs">
+    <button id="tab-groups" class="on">Groups</button>
+    <button id="tab-search">Search</button>
+    <button id="tab-map">Map</button>
+  </nav>
+  <button id="apply" class="primary">Apply: move to quarantine…</button>
+  <button id="undo">Undo moves (<span id="s-quarantined">0</span>)</button>
+  <button id="done" title="Stop the review server (it also stops by itself when idle)">Done</button>
+  <span id="status" class="note"></span>
+</header>
+<main>
+  <section id="groups-view">
+    <p class="note">Click a picture to keep or move it. Keys: <kbd>j</kbd>/<kbd>k</kbd>
+      next/previous group, <kbd>←</kbd>/<kbd>→</kbd> picture, <kbd>Space</kbd>
+      keep/move, <kbd>x</kbd> not a duplicate, <kbd>c</kbd> compare,
+      <kbd>n</kbd>/<kbd>p</kbd> page, <kbd>a</kbd> apply, <kbd>Esc</kbd> close.</p>
+    <div class="pager" id="pager-top"></div>
+    <div id="groups"></div>
+    <div class="pager" id="pager-bottom"></div>
+  </section>
+  <section id="search-view" class="hidden">
+    <div id="drop">Drop an image here (or anywhere on this page) to find it in
+      the collection.<br>
+      <input id="search-path" size="60" placeholder="or paste the path of an image file">
+      <button id="search-go">Search</button></div>
+    <h2 id="search-title"></h2>
+    <div class="tiles" id="search-results"></div>
+  </section>
+  <section id="map-view" class="hidden">
+    <p class="note" id="map-note">Each dot is an image, placed by the
+      similarity of its hashes (t-SNE); groups have colours, others are
+      grey. Point at a dot to see it, click to open its group.</p>
+    <div id="map-wrap"><canvas id="map"></canvas><div id="map-tip"><img alt=""></div></div>
+  </section>
+</main>
+<div id="compare" class="hidden">
+  <div class="bar"><b>Compare</b><span>wheel: zoom together · drag: pan together</span>
+    <button id="cmp-fit">Fit</button><button id="cmp-one">1:1</button>
+    <button id="cmp-close">Close (Esc)</button></div>
+  <div class="views" id="cmp-views"></div>
+</div>
+<div id="modal" class="modal hidden"><div class="box" id="modal-box"></div></div>
+<script nonce="@NONCE@">
+(() => {
+  "use strict";
+  const TOKEN = @TOKEN@;
+  history.replaceState(null, "", "/");  // the token leaves the address bar
+  const $ = id => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const human = n => {
+    const u = ["B", "KB", "MB", "GB"]; let i = 0;
+    while (n >= 1024 && i < 3) { n /= 1024; i++; }
+    return i ? n.toFixed(1) + " " + u[i] : n + " B";
+  };
+  const state = { page: 1, data: null, focus: 0, tile: 0, view: "groups",
+                  selected: new Set() };
+
+  async function call(method, url, body, raw) {
+    const opts = { method, headers: { "X-Review-Token": TOKEN } };
+    if (raw) { opts.body = body; opts.headers["X-File-Name"] = encodeURIComponent(raw); }
+    else if (body !== undefined) {
+      opts.body = JSON.stringify(body);
+      opts.headers["Content-Type"] = "application/json";
+    }
+    let res;
+    try { res = await fetch(url, opts); }
+    catch (e) { throw new Error("the review server has stopped (Done, or review_idle_minutes " +
+                                "without a click): run review, or double-click the program, again"); }
+    const doc = await res.json();
+    if (!res.ok) throw new Error(doc.error || res.statusText);
+    return doc;
+  }
+  function say(text, bad) {
+    const s = $("status"); s.textContent = text; s.className = bad ? "error" : "note";
+  }
+  const guard = fn => async (...a) => { try { await fn(...a); } catch (e) { say(e.message, true); } };
+
+  // ---- groups ----
+  async function load(page, focus) {
+    const d = await call("GET", "/api/groups?page=" + page);
+    state.data = d; state.page = d.page;
+    state.focus = Math.min(focus || 0, Math.max(0, d.groups.length - 1));
+    state.tile = 0; state.selected.clear();
+    render();
+  }
+  function stats(d) {
+    $("s-groups").textContent = d.total.toLocaleString();
+    $("s-move").textContent = d.to_move.toLocaleString();
+    $("s-reclaim").textContent = human(d.reclaim);
+    $("s-quarantined").textContent = d.quarantined;
+    $("undo").disabled = !d.quarantined;
+    $("apply").disabled = !d.to_move;
+  }
+  function pager(box) {
+    const d = state.data; box.replaceChildren();
+    const b = (label, page) => {
+      const x = el("button", "page", label); x.disabled = page < 1 || page > d.pages || page === d.page;
+      x.onclick = guard(() => load(page)); box.append(x);
+    };
+    b("« first", 1); b("‹ previous", d.page - 1);
+    box.append(el("span", "", `page ${d.page} of ${d.pages} · groups ` +
+      `${d.total ? (d.page - 1) * d.size + 1 : 0}–${Math.min(d.page * d.size, d.total)} of ${d.total}`));
+    b("next ›", d.page + 1); b("last »", d.pages);
+  }
+  function render() {
+    const d = state.data; stats(d);
+    pager($("pager-top")); pager($("pager-bottom"));
+    const box = $("groups"); box.replaceChildren();
+    if (!d.groups.length) box.append(el("p", "note", "No duplicate groups: nothing to review."));
+    d.groups.forEach((g, gi) => box.append(card(g, gi)));
+    markFocus(false);
+  }
+  function card(g, gi) {
+    const c = el("div", "group"); c.dataset.n = g.n;
+    const h = el("h2");
+    h.append(el("span", "", `Group ${g.n} · ${g.items.length} images · ${human(g.reclaim)} reclaimable`));
+    const cmp = el("button", "compare", "Compare"); cmp.onclick = () => compare(g);
+    const pair = el("button", "pair", "Selected two: not duplicates");
+    pair.onclick = guard(() => notDuplicate(g, [...state.selected]));
+    h.append(cmp, pair); c.append(h);
+    const tiles = el("div", "tiles");
+    g.items.forEach((it, ti) => tiles.append(tile(g, it, gi, ti)));
+    c.append(tiles);
+    return c;
+  }
+  function tile(g, it, gi, ti) {
+    const t = el("div", "tile " + (it.keep ? "keep" : "move"));
+    t.dataset.id = it.id;
+    const img = el("img", "thumb"); img.loading = "lazy"; img.alt = it.name;
+    img.src = "/thumb/" + it.id; img.title = "click: keep / move";
+    img.onclick = guard(() => toggle(g, it));
+    t.append(img);
+    const badge = it.protected && !it.keep ? el("span", "badge protected", "PROTECTED")
+      : el("span", "badge " + (it.keep ? "keep" : "move"), it.keep ? "KEEP" : "MOVE");
+    const line = el("div"); line.append(badge);
+    if (it.reason) line.append(" ", el("span", "meta reason", it.reason));
+    t.append(line, el("div", "name", it.name), el("div", "folder", it.folder));
+    const scale = ti === 0 ? "the group's lead" :
+      `distance ${it.dist} of ${state.data.bits} bits (match ≤ ${state.data.threshold})`;
+    t.append(el("div", "meta", `${it.w}×${it.h} px · ${human(it.size)} · ${it.date}`),
+             el("div", "meta dist", scale), el("div", "meta how", "matched: " + it.how));
+    const acts = el("div", "acts");
+    const nd = el("button", "notdup", "not a duplicate");
+    nd.title = "this picture is not a copy of the others (saved to not_duplicates)";
+    nd.onclick = guard(() => notDuplicate(g, [it.id]));
+    const sel = el("label"); const box = el("input"); box.type = "checkbox";
+    box.onchange = () => { box.checked ? state.selected.add(it.id) : state.selected.delete(it.id); };
+    sel.append(box, " select");
+    acts.append(nd, sel); t.append(acts);
+    t.onmouseenter = () => { state.focus = gi; state.tile = ti; markFocus(false); };
+    return t;
+  }
+  function markFocus(scroll) {
+    document.querySelectorAll(".focus").forEach(e => e.classList.remove("focus"));
+    const c = $("groups").children[state.focus]; if (!c || !c.classList.contains("group")) return;
+    c.classList.add("focus");
+    const t = c.querySelectorAll(".tile")[state.tile]; if (t) t.classList.add("focus");
+    if (scroll) c.scrollIntoView({ block: "nearest" });
+  }
+  async function toggle(g, it) {
+    const fresh = await call("POST", "/api/keep", { group: g.n - 1, image: it.id });
+    const i = state.data.groups.indexOf(g);
+    state.data.groups[i] = fresh;
+    const d = await call("GET", "/api/groups?page=" + state.page);
+    state.data = d; render();
+    say(`group ${g.n}: ${it.name} will be ${fresh.items.find(x => x.id === it.id).keep ? "kept" : "moved"}`);
+  }
+  async function notDuplicate(g, ids) {
+    if (!ids.length || ids.length > 2) { say("select one or two pictures of the group", true); return; }
+    await call("POST", "/api/not-duplicate", { group: g.n - 1, images: ids });
+    say(`group ${g.n}: marked as not duplicates (saved to not_duplicates)`);
+    await load(state.page, state.focus);
+  }
+
+  // ---- apply and undo ----
+  function modal(nodes, buttons) {
+    const box = $("modal-box"); box.replaceChildren(...nodes);
+    const row = el("p"); buttons.forEach(b => row.append(b, " ")); box.append(row);
+    $("modal").classList.remove("hidden"); (buttons[0] || box).focus();
+  }
+  const closeModal = () => $("modal").classList.add("hidden");
+  function button(label, cls, fn) { const b = el("button", cls, label); b.onclick = guard(fn); return b; }
+  async function apply() {
+    const s = await call("GET", "/api/apply");
+    if (!s.files) { say("nothing to move"); return; }
+    modal([el("h2", "", "Move duplicates to quarantine?"),
+           el("p", "summary", `${s.files} files (${s.human}) from ${s.groups} groups will move into ${s.quarantine}. ` +
+              `${s.chosen} choices are yours; every other group follows keep_rule. Undo puts them back.`)],
+          [button("Move them", "primary confirm", async () => {
+             const r = await call("POST", "/api/apply", { files: s.files });
+             report(r); await load(1); }),
+           button("Cancel", "", closeModal)]);
+  }
+  function report(r) {
+    const list = el("ul");
+    r.done.forEach(([a, b]) => list.append(el("li", "", a + " → " + b)));
+    r.skipped.forEach(([a, why]) => list.append(el("li", "error", a + ": " + why)));
+    modal([el("h2", "", r.operation === "move" ? "Moved" : "Restored"),
+           el("p", "summary", r.summary), list], [button("Close", "", closeModal)]);
+  }
+  async function done() {
+    await call("POST", "/api/stop");
+    const end = el("main");
+    document.body.replaceChildren(end);
+    end.append(
+      el("h1", "", "Review finished"),
+      el("p", "", "The review server has stopped; you can close this tab. " +
+                  "Everything done here is saved (plan, quarantine and its manifest, not_duplicates)."));
+  }
+  async function undo() {
+    modal([el("h2", "", "Undo?"), el("p", "", "Every file in the quarantine goes back where it was.")],
+          [button("Put them back", "primary confirm", async () => {
+             const r = await call("POST", "/api/undo"); report(r); await load(state.page); }),
+           button("Cancel", "", closeModal)]);
+  }
+
+  // ---- compare: zoom and pan together ----
+  const view = { scale: 1, x: 0, y: 0 };
+  function compare(g) {
+    const box = $("cmp-views"); box.replaceChildren();
+    g.items.forEach(it => {
+      const v = el("div", "view"); const img = el("img"); img.src = "/image/" + it.id;
+      img.alt = it.name; img.onload = fit;
+      v.append(img, el("div", "cap", `${it.name} · ${it.w}×${it.h}` + (it.keep ? " · KEEP" : "")));
+      box.append(v);
+    });
+    $("compare").classList.remove("hidden"); fit();
+  }
+  function fit() {
+    const v = document.querySelector("#cmp-views .view"); if (!v) return;
+    const imgs = [...document.querySelectorAll("#cmp-views img")].filter(i => i.naturalWidth);
+    if (!imgs.length) return;
+    const w = Math.max(...imgs.map(i => i.naturalWidth)), h = Math.max(...imgs.map(i => i.naturalHeight));
+    view.scale = Math.min(v.clientWidth / w, v.clientHeight / h); view.x = 0; view.y = 0; draw();
+  }
+  function draw() {
+    document.querySelectorAll("#cmp-views img").forEach(i => {
+      // every image drawn at the scale of the largest, so details line up
+      const big = Math.max(...[...document.querySelectorAll("#cmp-views img")].map(j => j.naturalWidth || 1));
+      const s = view.scale * big / (i.naturalWidth || big);
+      i.style.transform = `translate(${view.x}px, ${view.y}px) scale(${s})`;
+    });
+  }
+  $("cmp-views").addEventListener("wheel", e => {
+    e.preventDefault();
+    const r = e.target.closest(".view").getBoundingClientRect();
+    const px = e.clientX - r.left, py = e.clientY - r.top;
+    const k = e.deltaY < 0 ? 1.25 : 0.8;
+    view.x = px - (px - view.x) * k; view.y = py - (py - view.y) * k; view.scale *= k; draw();
+  }, { passive: false });
+  let drag = null;
+  $("cmp-views").addEventListener("mousedown", e => { drag = [e.clientX, e.clientY]; e.preventDefault(); });
+  window.addEventListener("mouseup", () => { drag = null; });
+  window.addEventListener("mousemove", e => {
+    if (!drag) return;
+    view.x += e.clientX - drag[0]; view.y += e.clientY - drag[1]; drag = [e.clientX, e.clientY]; draw();
+  });
+  $("cmp-fit").onclick = fit;
+  $("cmp-one").onclick = () => {
+    const big = Math.max(...[...document.querySelectorAll("#cmp-views img")].map(j => j.naturalWidth || 1));
+    view.scale = 1; view.x = 0; view.y = 0; draw(); return big;
+  };
+  const closeCompare = () => $("compare").classList.add("hidden");
+  $("cmp-close").onclick = closeCompare;
+
+  // ---- search ----
+  async function search(file, path) {
+    show("search");
+    $("search-title").textContent = "Searching…"; $("search-results").replaceChildren();
+    const r = file ? await call("POST", "/api/search", file, file.name || "pasted image")
+                   : await call("POST", "/api/search", { path });
+    $("search-title").textContent = r.error ? `${r.query}: ${r.error}` :
+      `${r.query}: ${r.matches.length} matches among ${r.images} images, nearest first`;
+    r.matches.forEach(m => {
+      const t = el("div", "tile result"); const img = el("img", "thumb");
+      img.src = "/thumb/" + m.id; img.alt = m.name; t.append(img);
+      t.append(el("div", "name", m.name), el("div", "folder", m.folder),
+               el("div", "meta dist", `distance ${m.dist} of ${r.bits} bits`),
+               el("div", "meta how", "matched: " + m.how),
+               el("div", "meta", `${m.w}×${m.h} px · ${human(m.size)}`));
+      if (m.group !== null) {
+        const b = button(`open group ${m.group + 1}`, "", () => openGroup(m.group)); t.append(b);
+      }
+      $("search-results").append(t);
+    });
+  }
+  $("search-go").onclick = guard(() => search(null, $("search-path").value.trim()));
+  $("search-path").addEventListener("keydown", e => { if (e.key === "Enter") $("search-go").click(); });
+  window.addEventListener("dragover", e => { e.preventDefault(); document.body.classList.add("dragging"); });
+  window.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
+  window.addEventListener("drop", guard(async e => {
+    e.preventDefault(); document.body.classList.remove("dragging");
+    const f = e.dataTransfer.files[0];
+    if (f) await search(f);
+  }));
+  window.addEventListener("paste", guard(async e => {
+    const f = [...(e.clipboardData || {}).files || []][0];
+    if (f) await search(f);
+  }));
+
+  // ---- map ----
+  let map = null;
+  async function drawMap() {
+    if (!map) {
+      $("map-note").textContent = "Placing the images (t-SNE)…";
+      map = await call("GET", "/api/map");
+    }
+    const note = $("map-note");
+    if (map.error) { note.textContent = map.error; note.className = "error"; return; }
+    note.textContent = (map.sampled ? `An even sample of ${map.shown.toLocaleString()} of ` +
+      `${map.total.toLocaleString()} images (sampled above the size t-SNE draws quickly). ` :
+      `All ${map.total.toLocaleString()} images. `) +
+      "Placed by the similarity of their hashes (t-SNE); groups have colours, " +
+      "others are grey. Point at a dot to see it, click to open its group.";
+    const cv = $("map"), r = cv.getBoundingClientRect();
+    cv.width = r.width; cv.height = r.height;
+    const g = cv.getContext("2d"); g.clearRect(0, 0, cv.width, cv.height);
+    map.xy = map.points.map(([id, x, y, grp]) => [id, 12 + x * (cv.width - 24), 12 + y * (cv.height - 24), grp]);
+    for (const [, x, y, grp] of map.xy) {
+      g.fillStyle = grp < 0 ? "rgba(120,120,120,.5)" : `hsl(${(grp * 137.5) % 360},70%,45%)`;
+      g.beginPath(); g.arc(x, y, grp < 0 ? 2.5 : 4, 0, 7); g.fill();
+    }
+    cv.dataset.drawn = map.xy.length;
+  }
+  function nearest(e) {
+    if (!map || !map.xy) return null;
+    const r = $("map").getBoundingClientRect(), x = e.clientX - r.left, y = e.clientY - r.top;
+    let best = null, bd = 64;
+    for (const p of map.xy) { const d = (p[1] - x) ** 2 + (p[2] - y) ** 2; if (d < bd) { bd = d; best = p; } }
+    return best;
+  }
+  $("map").addEventListener("mousemove", e => {
+    const p = nearest(e), tip = $("map-tip");
+    if (!p) { tip.style.display = "none"; return; }
+    tip.querySelector("img").src = "/thumb/" + p[0];
+    tip.style.left = (p[1] + 10) + "px"; tip.style.top = (p[2] + 10) + "px"; tip.style.display = "block";
+  });
+  $("map").addEventListener("click", guard(async e => {
+    const p = nearest(e);
+    if (p && p[3] >= 0) await openGroup(p[3]);
+    else if (p) say("that image is in no group");
+  }));
+  async function openGroup(n) {
+    show("groups");
+    const size = state.data ? state.data.size : 20;
+    await load(Math.floor(n / size) + 1, n % size);
+    markFocus(true);
+  }
+
+  // ---- views and keys ----
+  function show(name) {
+    state.view = name;
+    for (const v of ["groups", "search", "map"]) {
+      $(v + "-view").classList.toggle("hidden", v !== name);
+      $("tab-" + v).classList.toggle("on", v === name);
+    }
+    if (name === "map") guard(drawMap)();
+  }
+  $("tab-groups").onclick = () => show("groups");
+  $("tab-search").onclick = () => show("search");
+  $("tab-map").onclick = () => show("map");
+  $("apply").onclick = guard(apply);
+  $("undo").onclick = guard(undo);
+  $("done").onclick = guard(done);
+  async function moveFocus(step) {
+    const d = state.data, n = state.focus + step;
+    if (n >= d.groups.length && d.page < d.pages) await load(d.page + 1, 0);
+    else if (n < 0 && d.page > 1) await load(d.page - 1, d.size - 1);
+    else state.focus = Math.max(0, Math.min(n, d.groups.length - 1));
+    state.tile = 0; markFocus(true);
+  }
+  document.addEventListener("keydown", guard(async e => {
+    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "Escape") { closeCompare(); closeModal(); return; }
+    if (state.view !== "groups" || !state.data || !$("modal").classList.contains("hidden")) return;
+    const g = state.data.groups[state.focus];
+    const k = e.key;
+    if (k === "j" || k === "ArrowDown") { e.preventDefault(); await moveFocus(1); }
+    else if (k === "k" || k === "ArrowUp") { e.preventDefault(); await moveFocus(-1); }
+    else if (!g) return;
+    else if (k === "ArrowRight" || k === "l") { state.tile = Math.min(state.tile + 1, g.items.length - 1); markFocus(false); }
+    else if (k === "ArrowLeft" || k === "h") { state.tile = Math.max(state.tile - 1, 0); markFocus(false); }
+    else if (k === " " || k === "Enter") { e.preventDefault(); const t = state.tile; await toggle(g, g.items[t]); state.tile = t; markFocus(false); }
+    else if (k === "x") { await notDuplicate(g, [g.items[state.tile].id]); }
+    else if (k === "c") { compare(g); }
+    else if (k === "n") { if (state.data.page < state.data.pages) await load(state.page + 1); }
+    else if (k === "p") { if (state.page > 1) await load(state.page - 1); }
+    else if (k === "a") { await apply(); }
+  }));
+  guard(() => load(1))().then(() => { document.body.dataset.ready = "1"; });
+})();
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":
