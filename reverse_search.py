@@ -17,7 +17,7 @@ Contents (one banner section each; a section uses only the ones
 above it):
 
     1. Errors - the exception family: one message and an exit code each
-    2. Utilities - how names, sizes and times are shown; small helpers
+    2. Utilities - how names, sizes and times are shown; Console; helpers
     3. Files - every file the tool writes: fresh, renamed into place
     4. Records - the data model: a stored row, its hashes, match codes
     5. Connection strings - database_url read as libpq reads it; never a password
@@ -124,7 +124,8 @@ class PlanError(ReverseSearchError):
 # ============================================================================
 #
 # Small helpers every later section uses: how a path or a size is shown to a
-# person (hostile names stay text), times, and two context managers.
+# person (hostile names stay text), times, the Console that says notices and
+# progress on stderr (stdout carries only results), two context managers.
 
 class _no_gc:
     """Pause the garbage collector while building many small objects."""
@@ -186,6 +187,39 @@ def real_path(path: str) -> str:
         return os.fsdecode(raw)
     except UnicodeDecodeError:  # Windows: such bytes name no file there
         return path
+
+
+class Console:
+    """Notices and progress on stderr; stdout carries only results."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def notice(self, text: str) -> None:
+        if not self.quiet:  # file names in it may hold terminal escapes
+            print(printable(text), file=sys.stderr, flush=True)
+
+    def progress(self, total: int | None, what: str):
+        if self.quiet or not sys.stderr.isatty():
+            return _NoProgress()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return _NoProgress()
+        tqdm.monitor_interval = 0  # no monitor thread: workers may be forked
+        return tqdm(total=total, desc=what, unit="img", file=sys.stderr,
+                    dynamic_ncols=True, leave=False)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 # ============================================================================
@@ -6175,39 +6209,6 @@ def open_in_browser(path: str) -> None:
 # ============================================================================
 # Operations: build and update
 # ============================================================================
-
-class Console:
-    """Notices and progress on stderr; stdout carries only results."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-
-    def notice(self, text: str) -> None:
-        if not self.quiet:  # file names in it may hold terminal escapes
-            print(printable(text), file=sys.stderr, flush=True)
-
-    def progress(self, total: int | None, what: str):
-        if self.quiet or not sys.stderr.isatty():
-            return _NoProgress()
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return _NoProgress()
-        tqdm.monitor_interval = 0  # no monitor thread: workers may be forked
-        return tqdm(total=total, desc=what, unit="img", file=sys.stderr,
-                    dynamic_ncols=True, leave=False)
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int = 1) -> None:
-        pass
-
 
 @dataclass
 class UpdateReport(DocumentReport):
