@@ -125,7 +125,7 @@ class PlanError(ReverseSearchError):
 #
 # Small helpers every later section uses: how a path or a size is shown to a
 # person (hostile names stay text), times, the Console that says notices and
-# progress on stderr (stdout carries only results), two context managers.
+# progress on stderr (stdout carries only results), and _no_gc.
 
 class _no_gc:
     """Pause the garbage collector while building many small objects."""
