@@ -167,6 +167,11 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 file', '2 files': a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _iso(mtime_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(mtime_ns / 1e9))
 
@@ -6279,7 +6284,7 @@ class UpdateReport(DocumentReport):
     def summary(self) -> str:
         rate = self.hashed / self.seconds if self.seconds else 0.0
         moved = f", {len(self.renamed)} renamed" if self.renamed else ""
-        return (f"{self.operation}: {self.files} files, {self.hashed} "
+        return (f"{self.operation}: {counted(self.files, 'file')}, {self.hashed} "
                 f"hashed, {self.reused} reused, {self.unchanged} unchanged, "
                 f"{self.failed} failed, {self.removed} removed{moved} in "
                 f"{self.seconds:.1f} s" + (f" ({rate:.0f} images/s)"
@@ -6919,7 +6924,7 @@ class SearchReport(DocumentReport):
         hit, asked = sum(1 for q in self.queries if q.matches), len(self.queries)
         return (f"search: {asked} quer{'y' if asked == 1 else 'ies'}, "
                 f"{hit} with matches, "
-                f"{self.images} images searched ({self.engine}) in "
+                f"{counted(self.images, 'image')} searched ({self.engine}) in "
                 f"{self.seconds:.2f} s")
 
     # ---- the HTML page: a set of cards per query ----
@@ -7877,14 +7882,15 @@ class DuplicatesReport(DocumentReport):
             yield (f"{len(self.low_detail)} nearly blank or tiny images were "
                    f"not compared (listed under low_detail in the JSON).")
         if self.failures:
-            yield f"{len(self.failures)} files could not be read " \
+            yield f"{counted(len(self.failures), 'file')} could not be read " \
                   f"(see update's output or export)."
 
     def summary(self) -> str:
-        return (f"find_duplicates: {len(self.groups)} groups, "
-                f"{self.duplicates()} duplicates, "
+        return (f"find_duplicates: {counted(len(self.groups), 'group')}, "
+                f"{counted(self.duplicates(), 'duplicate')}, "
                 f"{human_bytes(self.reclaimable())} reclaimable, "
-                f"{self.images} images ({self.engine}) in {self.seconds:.2f} s")
+                f"{counted(self.images, 'image')} ({self.engine}) in "
+                f"{self.seconds:.2f} s")
 
     def written_before(self) -> list:
         return self.plan_files
@@ -8440,7 +8446,8 @@ class MoveReport(DocumentReport):
     def summary(self) -> str:
         if not self.manifest:  # undo found no manifest
             return f"{self.operation}: nothing to undo"
-        return (f"{self.operation}: {len(self.done)} files {self._verb()}, "
+        return (f"{self.operation}: {counted(len(self.done), 'file')} "
+                f"{self._verb()}, "
                 f"{len(self.skipped)} skipped; manifest "
                 f"{printable(self.manifest)}")
 
@@ -8463,8 +8470,8 @@ def _free_name(path: str) -> str:
 def move_summary(moves: list, quarantine: str) -> str:
     size = sum(m.row.size for m in moves)
     groups = len({m.entry.group for m in moves})
-    return (f"move: {len(moves)} files ({human_bytes(size)}) from {groups} "
-            f"groups into {shown(quarantine)}")
+    return (f"move: {counted(len(moves), 'file')} ({human_bytes(size)}) "
+            f"from {counted(groups, 'group')} into {shown(quarantine)}")
 
 
 def confirm(run: Run, summary: str, ui: Console) -> None:

@@ -361,7 +361,7 @@ def test_a_first_double_click_says_what_to_edit(tmp_path, monkeypatch):
                                   "workers": 1}))
     assert rs.run_from_desktop(str(params)) == 0
     page = (app / "reverse_search-status.html").read_text()
-    assert page.index("move: 1 files moved") < page.index("moved ")
+    assert page.index("move: 1 file moved") < page.index("moved ")
 
 
 def test_every_missing_folder_is_named_at_once(tmp_path, capsys):

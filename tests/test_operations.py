@@ -365,7 +365,7 @@ def test_a_double_click_logs_and_shows_a_page(tmp_path, monkeypatch):
     assert os.path.exists(folder / "results" / "find_duplicates.html")
     assert not os.path.exists(folder / "reverse_search-status.html")  # review shown
     log = (folder / "reverse_search.log").read_text(encoding="utf-8")
-    assert "find_duplicates: 1 groups" in log
+    assert "find_duplicates: 1 group," in log
     assert "review: http://127.0.0.1:" in log and "review: stopped (idle)" in log
     with open(params, "w", encoding="utf-8") as fh:
         fh.write('{"img_dirs": ["photos"],}')

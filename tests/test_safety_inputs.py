@@ -448,11 +448,11 @@ def test_a_root_that_is_not_utf8_works_in_every_output_and_move_undo(
     assert "photos_" in html
     code = rs.main(["move", "--yes", *flags])
     out, err = capsys.readouterr()
-    assert code == 0 and "1 files moved" in err, err
+    assert code == 0 and "1 file moved" in err, err
     assert not os.path.exists(odd)
     code = rs.main(["undo", *flags])
     out, err = capsys.readouterr()
-    assert code == 0 and "1 files restored" in err, err
+    assert code == 0 and "1 file restored" in err, err
     with open(odd, "rb") as fh:
         assert fh.read() == original
 
