@@ -7032,9 +7032,6 @@ class Judge:
             _VERIFIERS.pop(self.job.run, None)  # the features, for the GC
 
 
-_REFUSED = Verdict(False, "not checked")
-
-
 @dataclass
 class QueryResult:
     query: str
@@ -7829,6 +7826,8 @@ class EdgeJudge:
         self.paths: dict = {}
         self.joined: set = set()  # pairs joined by joiners()
         self.codes: dict = {}  # pair -> code of its nearest weak edge
+        self.hash_of = flat.distinct_of_images()  # image -> its distinct hash
+        self.accepted: set = set()  # frozensets of two distinct hashes
 
     def _load_paths(self, positions) -> None:
         """Paths of image positions; None for a row an update removed
@@ -7850,6 +7849,8 @@ class EdgeJudge:
             self.verdicts[pair] = (a, Verdict(False, "no longer stored") if gone
                                    else self.judge.check(
                                        self.paths[a], self.paths[b]))
+            if self.verdicts[pair][1].accepted:
+                self.accepted.add(frozenset(self.hash_of[[a, b]].tolist()))
         return self.verdicts[pair][1].accepted
 
     def ahead(self, a: int, others: Iterable) -> None:
@@ -7869,9 +7870,22 @@ class EdgeJudge:
         return (least >= DETAIL_FULL) | (
             2 * np.asarray(bits) <= pair_threshold(self.radius, least, least))
 
+    def _same_hash(self) -> tuple:
+        """(a, b) image positions joining each image to the first image of
+        its distinct hash: the index joins them, no edge does (an edge
+        links the first images of two distinct hashes)."""
+        first = self.flat.first_images()[self.flat.distinct_of_images()]
+        return first, np.arange(len(first), dtype=np.int64)
+
     def __call__(self, edges: Edges) -> np.ndarray:
         keep = (edges.code == -1) & self.solid(edges.a, edges.b, edges.bits)
-        parent = components(len(self.flat.ids), edges.a[keep], edges.b[keep])
+        # images of one hash start in one group: else a mirrored copy was
+        # verified against each of them (std corpus: 898 -> 245 checks in all,
+        # 32.7 -> 10.9 s of CPU in one process)
+        same_a, same_b = self._same_hash()
+        parent = components(len(self.flat.ids),
+                            np.concatenate([edges.a[keep], same_a]),
+                            np.concatenate([edges.b[keep], same_b]))
         roots: dict = {}
 
         def find(x: int) -> int:
@@ -7923,12 +7937,14 @@ class EdgeJudge:
 
     def known(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
         """Members near lead by the whole hash or by a pair already verified
-        (nothing is checked here)."""
+        (nothing is checked here).  A verified pair vouches for every image
+        of its two hashes: __call__ checks one image of a hash, not each."""
         h = self.flat.hashes
         d = row_distances(h[members], np.broadcast_to(h[lead], h[members].shape))
         whole = (d <= limit) & self.solid(lead, members, d)
-        return whole | np.array([self.verdicts.get(frozenset((lead, m)), (
-            0, _REFUSED))[1].accepted for m in members.tolist()], dtype=bool)
+        of = self.hash_of
+        return whole | np.array([frozenset((of[lead], of[m])) in self.accepted
+                                 for m in members.tolist()], dtype=bool)
 
     def trusted(self, lead: int, members: np.ndarray, limit) -> np.ndarray:
         """Which members may join lead's group (all of them near it by some
