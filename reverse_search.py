@@ -531,7 +531,7 @@ def _json_scalar(value) -> str:
 # default) of the whole picture, then, packed in one BLOB, the hashes of its
 # 7 other orientations (VARIANTS), of 2 centred regions (CENTRES), of its
 # content box (the picture inside a screenshot, post or frame, with the box as
-# one word) and of 80 region windows (WINDOWS).  A match code names which of
+# one word) and of 161 region windows (WINDOWS).  A match code names which of
 # these matched (-1: the whole picture; an index into MATCH_NAMES otherwise)
 # and stage_of() names its matching stage.  HashSpec says which hash and which
 # of these extra hashes a database holds; a database holds one kind only.
@@ -680,20 +680,33 @@ CENTRE_NAMES = tuple(f"centre {round(100 * f)} %" for f in CENTRES)
 
 
 # Region windows: spans of each axis as (start, stop) fractions; a window is
-# one span of x by one of y, less the whole picture (9 x 9 - 1 = 80).  The
-# whole of a copy is matched against the windows of the other picture, so a
-# crop of 10-20 % on any sides finds the window it lies inside.  Spans are
-# 90 % and 80 % of the side, in steps of 5 % of the side: measured on the
-# tough corpus, the nearest window of this grid is within 8 bits of a crop's
-# whole hash for 91-99 % of the 12-25 % crops (crop_20, crop_axis_25,
+# one span of x by one of y.  The whole of a copy is matched against the
+# windows of the other picture, so a crop finds the window it lies inside.
+# Wide windows: 90 % and 80 % of the side in steps of 5 % of the side, each
+# span of x by each of y, less the whole picture (9 x 9 - 1 = 80): measured
+# on the tough corpus, the nearest one is within 8 bits of a crop's whole
+# hash for 91-99 % of the 12-25 % crops (crop_20, crop_axis_25,
 # crop_side_15, crop_corner_12); the same scales at 3 positions (offsets 0,
 # half, all) found 22-61 %: the position step matters more than the count.
-WINDOW_SPANS = ((0.0, 1.0),
-                (0.0, 0.9), (0.05, 0.95), (0.1, 1.0),
-                (0.0, 0.8), (0.05, 0.85), (0.1, 0.9), (0.15, 0.95), (0.2, 1.0))
+WIDE_SPANS = ((0.0, 1.0),
+              (0.0, 0.9), (0.05, 0.95), (0.1, 1.0),
+              (0.0, 0.8), (0.05, 0.85), (0.1, 0.9), (0.15, 0.95), (0.2, 1.0))
 
-WINDOWS = tuple((x, y) for y in WINDOW_SPANS for x in WINDOW_SPANS
-                if (x, y) != (WINDOW_SPANS[0], WINDOW_SPANS[0]))
+# Narrow windows: 60 % of the side in steps of 5 % (9 x 9 = 81), for the
+# crops that keep about 55-65 % of each side (a 40 % crop keeps a third of
+# the picture: no wide window is within 12 bits of it).  Measured on the
+# tough corpus's crop_40: the nearest narrow window is within 8 bits for
+# 59 % (10 % steps: 34 %), 10 bits for 79 %; crops of other amounts made
+# from its 76 originals, within 8 bits: 30 % removed 26 %, 35 % 39 %,
+# 40 % 64 %, 45 % 30 %.  Windows of 65 % instead: 35 % 75 %, 40 % 41 %.
+NARROW_SPANS = tuple((round(0.05 * k, 2), round(0.05 * k + 0.6, 2))
+                     for k in range(9))
+
+WINDOW_SPANS = WIDE_SPANS + NARROW_SPANS
+
+WINDOWS = tuple((x, y) for y in WIDE_SPANS for x in WIDE_SPANS
+                if (x, y) != (WIDE_SPANS[0], WIDE_SPANS[0])) + \
+    tuple((x, y) for y in NARROW_SPANS for x in NARROW_SPANS)
 
 
 def _window_name(x: tuple, y: tuple) -> str:
@@ -713,7 +726,7 @@ CONTENT_NAME = "content box"
 # mirrored (a phone photo's quarter turn of a cropped copy).  Measured on
 # the tough corpus (quarter turns of 6 % crops): the best variant against
 # the best window is within 6 bits for 91 % (median 4), against the whole
-# picture 47 % (median 8).  Verified mode only: 560 more hashes compared
+# picture 47 % (median 8).  Verified mode only: 1,127 more hashes compared
 # per pair make chance matches likelier, and verification refuses them.
 TURNED_NAMES = tuple(f"{VARIANT_NAMES[k]}, {name}" for k in range(len(VARIANTS))
                      for name in WINDOW_NAMES)
@@ -1097,11 +1110,11 @@ class Config:
         "rectangle) and match it against whole pictures (2 more stored "
         "values per image)")
     region_windows: bool = _key(
-        True, "also hash windows of each picture (90 % and 80 % of each "
-        "side, in steps of 5 %: 80 windows, 640 bytes per image) and match "
-        "the whole of one picture against the windows of the other, at two "
-        "thirds of the threshold: finds copies cropped by 5-25 % on any "
-        "sides")
+        True, "also hash windows of each picture (90 %, 80 % and 60 % of "
+        "each side, in steps of 5 %: 161 windows, 1,288 bytes per image) and "
+        "match the whole of one picture against the windows of the other, at "
+        "two thirds of the threshold: finds copies cropped by 5-25 % on any "
+        "sides, and many cropped by 35-45 %")
     trim_borders: bool = _key(
         True, "cut uniform borders (letterboxing, frames, padding, caption "
         "bands) before hashing; fast mode only")
@@ -2034,26 +2047,33 @@ def window_hashes(im, spec: HashSpec) -> tuple:
 def _phash_windows(a: np.ndarray, size: int) -> tuple:
     """pHash of every window at once.  A window's pHash is the low DCT of
     its Lanczos resize, D R_y A R_x' D': both factors depend on one axis
-    only, so stacking them for the 9 spans of each axis gives all 81
-    windows from two products of about a million multiplications (0.6 ms
-    for a 1 MP photo, against 0.1 ms per window by crop and resize).  The
-    weights are Pillow's Lanczos weights in floating point (Pillow rounds
-    to 8 bits after each pass): a window differs from the plain phash of
-    its crop by 0-2 bits."""
+    only, so stacking them for the spans of each axis gives every window
+    of a family (wide spans by wide spans, narrow by narrow) from two
+    products of about a million multiplications (1.0 ms for the 161
+    windows of a 1 MP photo, against 0.1 ms per window by crop and
+    resize).  The weights are Pillow's Lanczos weights in floating point
+    (Pillow rounds to 8 bits after each pass): a window differs from the
+    plain phash of its crop by 0-2 bits."""
     ys = _span_matrix(a.shape[0], size)
     xs = _span_matrix(a.shape[1], size)
     # einsum, not @: BLAS would start threads in every hashing worker, and
     # they fight the workers (23.8 ms of CPU per 1 MP JPEG instead of 4.3
     # when numpy was imported before the workers forked)
-    low = np.einsum("ij,kj->ik", np.einsum("ij,jk->ik", ys, a), xs)
-    k = len(WINDOW_SPANS)
-    blocks = low.reshape(k, size, k, size).transpose(0, 2, 1, 3).reshape(
-        k * k, size * size)
+    rows = np.einsum("ij,jk->ik", ys, a)
+    out = []
+    for first, spans in ((0, WIDE_SPANS), (len(WIDE_SPANS), NARROW_SPANS)):
+        at = slice(first * size, (first + len(spans)) * size)
+        low = np.einsum("ij,kj->ik", rows[at], xs[at])
+        k = len(spans)
+        blocks = low.reshape(k, size, k, size).transpose(0, 2, 1, 3).reshape(
+            k * k, size * size)
+        out.append(blocks[1:] if first == 0 else blocks)  # less the whole
+    blocks = np.concatenate(out)  # in the order of WINDOWS
     bits = blocks > np.median(blocks, axis=1, keepdims=True)
     packed = np.packbits(bits, axis=1)  # as hash_to_int packs one hash
     pad = -bits.shape[1] % 8
     return tuple(int.from_bytes(row.tobytes(), "big") >> pad
-                 for row in packed[1:])  # block 0 is the whole picture
+                 for row in packed)
 
 
 @functools.lru_cache(maxsize=64)  # photos share a few shapes
@@ -2203,7 +2223,7 @@ def window_weight(detail_a, detail_b):
     details: WINDOW_WEIGHT from WINDOW_DETAIL bits of detail up, growing to
     4/3 of it at DETAIL_FULL (8 bits allowed at threshold 12, down to 6),
     and never below DETAIL_FULL (inf): there hashes collide
-    (pair_threshold), and 80 windows per picture multiply the collisions.
+    (pair_threshold), and 161 windows per picture multiply the collisions.
     On the tough corpus 29 of 35 false window pairs joined dark telescope
     frames (detail 0.2-1.6); on the standard corpus the false ones left
     were pictures of 2.1-2.5 bits, 8 bits apart."""
@@ -4737,7 +4757,7 @@ class FlatIndex:
                        bktree_path: str) -> Regions:
         """The centre views, the content box view and the window view, each
         with its engine for its radius.  A search (not all_pairs) scans the
-        windows instead: indexing 80 windows per image costs seconds at
+        windows instead: indexing 161 windows per image costs seconds at
         100,000 images (sorting them, the multi-index tables), a scan of
         them 30 ms per query."""
         stem, ext = os.path.splitext(bktree_path)

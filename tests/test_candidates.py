@@ -160,7 +160,7 @@ def test_window_hashes_equal_the_phash_of_each_crop():
     spec = rs.HashSpec(windows=True)
     w, h = im.size
     got = rs.window_hashes(im, spec)
-    assert len(got) == len(rs.WINDOWS) == 80
+    assert len(got) == len(rs.WINDOWS) == 161
     diffs = []
     for ((x0, x1), (y0, y1)), value in zip(rs.WINDOWS, got):
         piece = im.crop((round(x0 * w), round(y0 * h), round(x1 * w),
@@ -410,7 +410,7 @@ def test_unrelated_photos_are_not_candidates(tmp_path):
     r = cfg.distance_threshold
     regions = flat.region_engines("scan", r, True, "")
     edges = rs.candidate_edges(flat, flat.engine("scan", r, True), r, regions)
-    assert flat.windows.shape[1] == 80 and len(flat.ids) == 40
+    assert flat.windows.shape[1] == len(rs.WINDOWS) and len(flat.ids) == 40
     assert len(edges) == 0, list(zip(edges.stages(), edges.bits.tolist()))
 
 
@@ -423,7 +423,7 @@ def test_an_old_database_is_rehashed_once_with_a_notice(edited, capsys):
     capsys.readouterr()
     assert rs.main(["update", "--params", params]) == 0
     err = capsys.readouterr().err
-    assert "rehashing every file" in err and "+content+win80" in err
+    assert "rehashing every file" in err and "+content+win161" in err
     assert rs.main(["update", "--params", params]) == 0
     assert "rehashing" not in capsys.readouterr().err
     code, doc = run_json(capsys, params, "search")

@@ -1,0 +1,146 @@
+"""Copies that keep only part of the picture: a 40 % crop (a third of the
+picture) found through the narrow windows, and unrelated pictures left
+apart.  Real photo-like pictures drawn with Pillow in tmp_path."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import rs, run_json, write_params
+from test_verify import photo
+
+pytest.importorskip("cv2")
+
+
+def crop(im, left, top, right, bottom):
+    """Keep the box given as shares of the width and height."""
+    w, h = im.size
+    return im.crop((round(left * w), round(top * h), round(right * w),
+                    round(bottom * h)))
+
+
+# where the 40 % crops lie: off the 5 % grid, and off-centre
+CROPS = {"crop40a.jpg": (0.31, 0.36, 0.91, 0.96),
+         "crop40b.jpg": (0.08, 0.31, 0.68, 0.91)}
+
+
+@pytest.fixture
+def cropped(tmp_path):
+    """Two originals (one also a query), a 40 % crop of each, unrelated
+    photos."""
+    imgs, queries = tmp_path / "imgs", tmp_path / "queries"
+    imgs.mkdir()
+    queries.mkdir()
+    for seed, (name, box) in zip((8, 11), CROPS.items()):
+        original = photo(seed)
+        original.save(imgs / f"original{seed}.jpg", quality=92)
+        crop(original, *box).save(imgs / name, quality=90)
+    photo(8).save(queries / "original8.jpg", quality=92)
+    for seed in (21, 22, 23, 24):
+        photo(seed).save(imgs / f"other{seed}.jpg", quality=90)
+    return tmp_path
+
+
+def by_name(matches):
+    return {os.path.basename(m["path"]): m for m in matches}
+
+
+def test_narrow_windows_are_60_percent_of_each_side_in_steps_of_5():
+    narrow = [(x, y) for x, y in rs.WINDOWS if x in rs.NARROW_SPANS]
+    assert len(narrow) == 81 and len(rs.WINDOWS) == 80 + 81
+    for x, y in narrow:
+        assert y in rs.NARROW_SPANS
+        assert x[1] - x[0] == pytest.approx(0.6)
+    assert {x[0] for x, _ in narrow} == {round(0.05 * k, 2) for k in range(9)}
+    code = rs.WINDOW_CODE + rs.WINDOWS.index(
+        (rs.NARROW_SPANS[3], rs.NARROW_SPANS[4]))
+    assert rs.MATCH_NAMES[code] == "window 60 % x 60 % at 15 %, 20 %"
+    assert rs.code_box(code) == pytest.approx((0.15, 0.2, 0.75, 0.8))
+    assert rs.stage_of(code) == "region window"
+    assert rs.HashSpec(windows=True).kind.endswith("+win161")
+
+
+def test_a_40_percent_crop_is_near_a_narrow_window_of_its_original():
+    """The crop's whole hash lies within the window radius of the narrow
+    window around it, and of no window of an unrelated photo."""
+    spec = rs.Config().spec
+    original, other = photo(8), photo(21)
+    piece = crop(original, *CROPS["crop40a.jpg"])
+
+    def hashed(im):
+        import io
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        return rs.hash_image_bytes(buf.getvalue(), spec, 10**9)
+    whole = hashed(piece).hash
+    radius = rs.code_radius(rs.Config().distance_threshold, rs.WINDOW_CODE)
+
+    def nearest(h):
+        windows = np.array(h.regions[2:], dtype=np.uint64)
+        d = np.bitwise_count(windows ^ np.uint64(whole))
+        return int(d.min()), int(d.argmin())
+    d, k = nearest(hashed(original))
+    assert d <= radius
+    assert rs.WINDOWS[k][0] in rs.NARROW_SPANS  # no wide window is as near
+    assert nearest(hashed(other))[0] > radius + 4
+
+
+def test_search_finds_a_40_percent_crop_and_says_where_it_lies(cropped, capsys):
+    params = write_params(cropped)
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0
+    matches = by_name(doc["queries"][0]["matches"])
+    assert "crop40a.jpg" in matches
+    assert not {n for n in matches if n.startswith("other")}
+    assert "crop40b.jpg" not in matches  # the other original's crop
+    how = matches["crop40a.jpg"]["how"]
+    assert how["stage"] == "region window" and how["verified"]
+    assert how["region"].startswith("window 60 % x 60 %")
+    g = how["geometry"]
+    assert g["inner"] == "b" and 0.3 <= g["share"] <= 0.42  # 60 % x 60 %
+    left, top, right, bottom = g["box"]
+    assert left == pytest.approx(0.31 * 800, abs=24)
+    assert top == pytest.approx(0.36 * 600, abs=24)
+
+
+def test_the_fast_mode_finds_it_by_the_narrow_window_alone(cropped, capsys):
+    params = write_params(cropped, matching="fast")
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0
+    matches = by_name(doc["queries"][0]["matches"])
+    assert matches["crop40a.jpg"]["how"]["region"].startswith(
+        "window 60 % x 60 %")
+
+
+def test_find_duplicates_groups_each_40_percent_crop_with_its_original(
+        cropped, capsys):
+    params = write_params(cropped)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    groups = [set(by_name(g["images"])) for g in doc["groups"]]
+    assert {"original8.jpg", "crop40a.jpg"} in groups
+    assert {"original11.jpg", "crop40b.jpg"} in groups
+    assert not any(n.startswith("other") for g in groups for n in g)
+    mine = next(by_name(g["images"]) for g in doc["groups"]
+                if "crop40a.jpg" in by_name(g["images"]))
+    how = mine["crop40a.jpg"]["how"]
+    assert how["verified"] and how["stage"] in ("region window", "keypoints")
+    assert mine["original8.jpg"]["keep"]  # the whole picture is kept
+
+
+def test_unrelated_photos_are_not_joined_through_narrow_windows(tmp_path,
+                                                                capsys):
+    """Twelve different photos: no verified match, no group, whatever the
+    narrow windows propose."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (tmp_path / "queries").mkdir()
+    for seed in range(30, 42):
+        photo(seed).save(imgs / f"p{seed}.jpg", quality=90)
+        crop(photo(seed + 100), 0.2, 0.2, 0.8, 0.8).save(
+            imgs / f"c{seed}.jpg", quality=90)
+    params = write_params(tmp_path)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    assert doc["groups"] == []
