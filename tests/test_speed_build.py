@@ -105,7 +105,7 @@ def test_build_stores_what_the_straightforward_path_stores(tmp_path, plain):
     assert len(set(fast_hashes.values())) > len(rows) // 2  # not all alike
 
 
-@pytest.mark.parametrize("size", [4, 8, 16])
+@pytest.mark.parametrize("size", [3, 8, 16])
 def test_every_whole_hash_equals_its_plain_hash(size):
     """The picture, its 7 turns and 2 centres, at three hash sizes, on
     photo-like, flat, striped and mirror-symmetric pixels of many shapes
@@ -143,7 +143,7 @@ def test_exact_resizes_are_pillows_pixels():
             assert np.array_equal(small, np.asarray(copy.resize((32, 32), lanczos)))
 
 
-@pytest.mark.parametrize("out", [16, 32, 64])
+@pytest.mark.parametrize("out", [12, 32, 64])
 def test_pass_order_rule_is_this_pillows(out):
     """The rule _pass_order picked gives Pillow's pixels on noise of shapes
     along and across its edges (the probes are a few of these)."""
