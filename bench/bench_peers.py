@@ -28,6 +28,8 @@ largest clusters are real 64x64 JPEGs so the report's first page has
 pictures): `find_duplicates` (r=8) with a missing index file, again with the
 index file, again without the HTML report, and `search` of one image, each a
 whole process: wall, CPU, peak memory (the process and its children).
+--against OLD.py runs another version of the script after each run of this
+one (interleaved) and adds the ratio of their wall times.
 
 Scores against truth.csv (bench/evaluate.py's rules): pair precision (pairs
 inside reported groups that are true, `related` and `hard` pairs left out),
@@ -257,7 +259,8 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
     folder = os.path.abspath(folder)
     params = os.path.join(folder, "params.json")
     stamp = os.path.join(folder, "fixture.json")
-    want = {"generator": SCALE_GENERATOR, "n": n}
+    spec = rs.config_from({}, params, {}).spec  # the shipped hash kind
+    want = {"generator": SCALE_GENERATOR, "n": n, "kind": spec.kind}
     if os.path.exists(stamp):
         with open(stamp) as fh:
             if json.load(fh) == want:
@@ -273,7 +276,6 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
                    "distance_threshold": 8, "workers": 2}, fh)
     cfg = rs.config_from(rs.read_params(params), params, {})
     rng = np.random.default_rng([SCALE_GENERATOR, n])
-    spec = cfg.spec
     hashes, sizes = scale_hashes(n, 1 + spec.extra_count, rng)
     if spec.content_count:  # no content box: its hash is the whole one
         at = 1 + spec.variant_count + spec.centre_count
@@ -307,42 +309,60 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
     return params
 
 
-def scale(sizes: list, reps: int) -> int:
+def scale(sizes: list, reps: int, against: str | None = None) -> int:
+    """The --scale table; with `against` (another reverse_search.py), each
+    run of this checkout's script is followed by the same run of that one
+    (interleaved, so load falls on both alike), and the ratio is shown."""
     rs = load_impl()
     started = machine()
+    tools = [("this", TOOL)] + ([("against", os.path.abspath(against))]
+                                if against else [])
     rows = []
     for n in sizes:
         folder = os.path.join(DATA, "scale", str(n))
         params = make_scale_fixture(rs, n, folder)
-        base = [sys.executable, TOOL, "--params", params, "-q"]
         query = os.path.join(folder, "images", "p0000", "i0000005.jpg")
-        cases = [("find_duplicates, index file missing",
-                  base + ["find_duplicates"], True),
-                 ("find_duplicates", base + ["find_duplicates"], False),
+        cases = [("find_duplicates, index file missing", ["find_duplicates"],
+                  True),
+                 ("find_duplicates", ["find_duplicates"], False),
                  ("find_duplicates, no HTML report",
-                  base + ["find_duplicates", "--no-html-report"], False),
-                 ("search, one image", base + ["search", query], False)]
-        for name, cmd, cold in cases:
-            took = []
+                  ["find_duplicates", "--no-html-report"], False),
+                 ("search, one image", ["search", query], False)]
+        for name, args, cold in cases:
+            took = {label: [] for label, _ in tools}
             for _ in range(1 if cold else reps):
-                if cold:
-                    shutil.rmtree(os.path.join(folder, "index"),
-                                  ignore_errors=True)
-                load = os.getloadavg()[0]
-                took.append((*measure_process(cmd), load))
-            row = [f"{n:,}", name] + [fmt(median([t[k] for t in took]), f)
-                                      for k, f in ((0, ".2f"), (1, ".2f"),
-                                                   (2, ".0f"), (3, ".2f"))]
-            rows.append(row)
-            log("  " + "  ".join(row))
+                for label, tool in tools:
+                    if cold:
+                        shutil.rmtree(os.path.join(folder, "index"),
+                                      ignore_errors=True)
+                    load = os.getloadavg()[0]
+                    cmd = [sys.executable, tool, "--params", params, "-q", *args]
+                    took[label].append((*measure_process(cmd), load))
+            for label, _ in tools:
+                t = took[label]
+                row = [f"{n:,}", name] + [label] * bool(against) + [
+                    fmt(median([x[k] for x in t]), f) for k, f in
+                    ((0, ".2f"), (1, ".2f"), (2, ".0f"), (3, ".2f"))]
+                if against:
+                    this, other = (median([x[0] for x in took[k]])
+                                   for k in ("this", "against"))
+                    row.append(fmt(this / other if label == "this" else None,
+                                   ".2f"))
+                rows.append(row)
+                log("  " + "  ".join(row))
         with open(os.path.join(folder, "out", "find_duplicates.json")) as fh:
             doc = json.load(fh)
         rows.append([f"{n:,}", f"({doc['group_count']:,} groups, "
-                     f"{doc['duplicates']:,} duplicates)", "", "", "", ""])
+                     f"{doc['duplicates']:,} duplicates)"] +
+                    [""] * (4 + 2 * bool(against)))
     print(f"# {started}")
-    print(f"# median of {reps} runs (1 for a missing index)\n")
-    print(table(["images", "run", "wall s", "CPU s", "peak MB", "load 1m"],
-                rows, left=(1,), markdown=True))
+    print(f"# median of {reps} runs (1 for a missing index)"
+          + (f"; 'against' is {against}, run after each 'this'" if against
+             else "") + "\n")
+    head = ["images", "run"] + ["script"] * bool(against) + \
+        ["wall s", "CPU s", "peak MB", "load 1m"] + \
+        ["wall / against"] * bool(against)
+    print(table(head, rows, left=(1, 2) if against else (1,), markdown=True))
     return 0
 
 
@@ -364,10 +384,13 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", metavar="SIZES", default="",
                     help="instead: reverse_search alone on synthetic databases "
                          "of these sizes, e.g. 100k,1M (see above)")
+    ap.add_argument("--against", metavar="OLD.py",
+                    help="with --scale: also run this other reverse_search.py, "
+                         "interleaved, and show the ratio")
     args = ap.parse_args(argv)
     if args.scale:
         return scale([parse_size(x) for x in args.scale.split(",") if x],
-                     args.reps)
+                     args.reps, args.against)
     corpus = os.path.abspath(args.corpus)
     if not os.path.isfile(os.path.join(corpus, "truth.csv")):
         print(f"bench_peers: no truth.csv in {corpus}; build a corpus with "
