@@ -1668,6 +1668,14 @@ def _order_probes(out: int) -> tuple:
             (out // 3 + 1, out // 2 + 4), (3 * out, out + 8), (out + 8, 3 * out))
 
 
+def _noise(h: int, w: int) -> np.ndarray:
+    """Grey noise, the same every time, without numpy.random (whose import
+    costs a hashing process 30-50 ms)."""
+    x = np.arange(h * w, dtype=np.uint64) + np.uint64(h * 65536 + w)
+    x = x * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(40)
+    return (x & np.uint64(255)).astype(np.uint8).reshape(h, w)
+
+
 @functools.lru_cache(maxsize=None)
 def _pass_order(out: int):
     """The rule of PASS_ORDERS this Pillow follows, checked on noise of
@@ -1675,8 +1683,7 @@ def _pass_order(out: int):
     from PIL import Image
     for rule in PASS_ORDERS:
         for h, w in _order_probes(out):
-            noise = np.random.default_rng(h * 65536 + w).integers(
-                0, 256, (h, w), dtype=np.uint8)
+            noise = _noise(h, w)
             want = Image.fromarray(noise, "L").resize(
                 (out, out), Image.Resampling.LANCZOS)
             got = _exact_resize(noise.astype(np.float64), out, rule(h, w, out))
@@ -2366,10 +2373,16 @@ def _margin(a: np.ndarray, most: float, tolerance: int = 12) -> int:
     a = a[:max(limit, 2)]  # a longer run would be cut to `limit` anyway
     first = np.sort(a[0])  # its median, as np.median gives it, 4x sooner
     ref = (int(first[(len(first) - 1) // 2]) + int(first[len(first) // 2])) / 2
-    uniform = (a.max(axis=1) <= ref + tolerance) & \
-        (a.min(axis=1) >= ref - tolerance)
+    if len(a) < 2 or not _uniform_rows(a[:2], ref, tolerance).all():
+        return 0  # a photo's edge, no run: trim_box 0.105 -> 0.086 ms an image
+    uniform = _uniform_rows(a, ref, tolerance)
     run = int(np.argmin(uniform)) if not uniform.all() else len(a)
     return min(run + 1, limit) if run >= 2 else 0
+
+
+def _uniform_rows(a: np.ndarray, ref: float, tolerance: int) -> np.ndarray:
+    """Which rows of `a` lie within `tolerance` of `ref`, every pixel."""
+    return (a.max(axis=1) <= ref + tolerance) & (a.min(axis=1) >= ref - tolerance)
 
 
 def to_8bit(im):

@@ -159,3 +159,14 @@ def test_pass_order_rule_is_this_pillows(out):
             (out, out), Image.Resampling.LANCZOS))
         got = rs._exact_resize(noise.astype(np.float64), out, rule(h, w, out))
         assert np.array_equal(got, want), (h, w)
+
+
+def test_row_medians_are_numpys():
+    """_row_medians takes np.median's steps: the same value for odd and even
+    lengths, ties, signs and scales."""
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 9, 64, 81, 256):
+        for scale in (1.0, 1e-12, -1e12):
+            a = rng.random((7, n)) * scale
+            for rows in (a, np.round(a * 3 / scale) * scale):
+                assert np.array_equal(rs._row_medians(rows), np.median(rows, axis=1))
