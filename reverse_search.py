@@ -745,13 +745,16 @@ WINDOW_CODE = CONTENT_CODE + 1
 TURNED_CODE = WINDOW_CODE + len(WINDOWS)  # + variant * len(WINDOWS) + window
 
 STAGES = ("exact hash", "orientation", "centre", "content box", "region window",
-          "keypoints", "turned window")
+          "keypoints", "turned window", "keypoints through a copy")
 
 
 # "keypoints": no hash of the pair is near, but the pair is linked through
 # the group and verification finds the one picture in the other (the group's
 # lead and a member it does not hash near: a quarter turn of a crop, a copy
-# near only another copy of the lead); never given by stage_of (no code)
+# near only another copy of the lead); never given by stage_of (no code).
+# "keypoints through a copy": the same, but verified against a copy of the
+# lead within half the threshold of it by the whole picture (the lead itself
+# may carry an edit the member lacks: text over a third of it)
 
 
 def stage_of(code: int) -> str:
@@ -7941,6 +7944,8 @@ def _pick_plan(base: str, written, from_json: dict, from_csv: dict) -> bool:
 # (EdgeJudge.joiners): each check costs ~30 ms, so a lead tries at most this
 # many, nearest first.
 JOIN_CHECKS = 16
+# Copies of the lead each refused member is tried with (through_copies)
+THROUGH_COPIES = 2
 
 
 class EdgeJudge:
@@ -7960,6 +7965,7 @@ class EdgeJudge:
         self.verdicts: dict = {}  # frozenset of two positions -> (a, Verdict)
         self.paths: dict = {}
         self.joined: set = set()  # pairs joined by joiners()
+        self.through: dict = {}  # pair joined through a copy -> that copy
         self.codes: dict = {}  # pair -> code of its nearest weak edge
         self.hash_of = flat.distinct_of_images()  # image -> its distinct hash
         self.accepted: set = set()  # frozensets of two distinct hashes
@@ -8093,14 +8099,16 @@ class EdgeJudge:
                         dtype=bool)
 
     def joiners(self, lead: int, members: np.ndarray, free: np.ndarray,
-                most: int = JOIN_CHECKS) -> list:
+                most: int = JOIN_CHECKS, group: Sequence = ()) -> list:
         """Indices of free members (all linked to the lead through its
         component, but not near it by any hash) that verification finds to
         be the lead's picture: at most `most` checks, nearest hash first.
         Representative grouping stays: each is checked with the lead
         itself, never chained through another member.  On the tough corpus
         a 180° turn near only a crop that led its group was split off
-        (rot180 90.8 % grouped with its original, transpose 93.4 %)."""
+        (rot180 90.8 % grouped with its original, transpose 93.4 %).
+        Those the lead refuses are then tried with copies of it (through()):
+        members of its `group` (positions) near it by the whole picture."""
         ks = np.flatnonzero(free)
         if not len(ks):
             return []
@@ -8110,10 +8118,52 @@ class EdgeJudge:
         found = [int(k) for k in order.tolist()
                  if self.check(lead, int(members[k]))]
         self.joined.update(frozenset((lead, int(members[k]))) for k in found)
+        refused = [int(k) for k in order.tolist() if int(k) not in found]
+        return found + self.through_copies(lead, members, refused, group, most)
+
+    def copies_of(self, lead: int, group: Sequence) -> np.ndarray:
+        """Members of the lead's group within half the threshold of it by
+        the whole picture, with detail enough to vouch (solid): the same
+        picture as far as hashes can tell."""
+        others = np.array([int(p) for p in group if int(p) != lead],
+                          dtype=np.int64)
+        if not len(others):
+            return others
+        h = self.flat.hashes
+        d = row_distances(h[others], np.broadcast_to(h[lead], h[others].shape))
+        return others[(2 * d <= self.radius) & self.solid(lead, others, d)]
+
+    def through_copies(self, lead: int, members: np.ndarray, refused: list,
+                       group: Sequence, most: int = JOIN_CHECKS) -> list:
+        """Of the refused members (indices), those verified with a copy of
+        the lead (copies_of), nearest copy first, at most `most` checks in
+        all.  A lead that is itself an edited copy (text over the picture,
+        a caption band) fails where its unedited copy passes: on the tough
+        corpus 25 copies were split off their original this way, led by a
+        180° turn that the lead with text did not verify with."""
+        copies = self.copies_of(lead, group)
+        if not len(copies) or not refused:
+            return []
+        found, left = [], most
+        for k in refused:
+            member = int(members[k])
+            near = copies[np.argsort(self.flat.match_distances(
+                member, copies).effective, kind="stable")][:THROUGH_COPIES]
+            for copy in near.tolist():
+                if left <= 0:
+                    return found
+                left -= 1
+                if self.check(int(copy), member):
+                    found.append(k)
+                    self.through[frozenset((lead, member))] = int(copy)
+                    break
         return found
 
     def how(self, lead: int, member: int, code: int) -> How | None:
         """How member matched lead, seen from lead, when they were verified."""
+        copy = self.through.get(frozenset((lead, member)))
+        if copy is not None:  # seen from the copy, which is the lead's picture
+            return How(STAGES[7], None, True, self._seen_from(copy, member))
         first, verdict = self.verdicts.get(frozenset((lead, member)),
                                            (None, None))
         if frozenset((lead, member)) in self.joined:
@@ -8133,6 +8183,15 @@ class EdgeJudge:
             geometry = geometry.swapped() if geometry.inner else \
                 self.judge.check(self.paths[lead], self.paths[member]).geometry
         return How(stage_of(code), MATCH_NAMES[code], True, geometry)
+
+    def _seen_from(self, a: int, b: int) -> Geometry | None:
+        """The geometry of the accepted pair (a, b), seen from a."""
+        first, verdict = self.verdicts[frozenset((a, b))]
+        geometry = verdict.geometry
+        if first != a and geometry is not None:
+            geometry = geometry.swapped() if geometry.inner else \
+                self.judge.check(self.paths[a], self.paths[b]).geometry
+        return geometry
 
 
 @dataclass
@@ -8606,12 +8665,14 @@ class CentralLeads:
                                       -1)))
         return lead, self.near[lead]
 
-    def linked(self, lead: int, free: np.ndarray) -> list:
+    def linked(self, lead: int, free: np.ndarray, group: list = ()) -> list:
         """verified mode: free members linked to the lead through the
         component, near it by no hash, that verification finds to be the
-        lead's picture (EdgeJudge.joiners)."""
+        lead's picture, or the picture of a copy of it in its `group`
+        (indices) (EdgeJudge.joiners)."""
         edges, members = self.nearness.edges, self.nearness.members
-        return edges.joiners(members[lead], members, free) if edges else []
+        return edges.joiners(members[lead], members, free,
+                             group=members[list(group)]) if edges else []
 
 
 class IndexOrderLeads:
@@ -8625,7 +8686,7 @@ class IndexOrderLeads:
         lead = int(np.argmax(free))
         return lead, self.near.close_to(self.near.members[lead])
 
-    def linked(self, lead: int, free: np.ndarray) -> list:
+    def linked(self, lead: int, free: np.ndarray, group: list = ()) -> list:
         return []  # so large a component: its leads are not checked further
 
 
@@ -8644,7 +8705,7 @@ def representative_groups(near: Nearness, leads, rows: dict,
             if k != lead and _fits(k, group, members, rows, marks):
                 group.append(k)
         free[group] = False
-        for k in leads.linked(lead, free):  # linked, not near: verified
+        for k in leads.linked(lead, free, group):  # linked, not near: verified
             if _fits(k, group, members, rows, marks):
                 group.append(k)
                 free[k] = False

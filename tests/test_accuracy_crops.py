@@ -144,3 +144,73 @@ def test_unrelated_photos_are_not_joined_through_narrow_windows(tmp_path,
     code, doc = run_json(capsys, params, "find_duplicates")
     assert code == 0
     assert doc["groups"] == []
+
+
+# ------------------------------------------- keypoints through a copy --
+
+def with_text(im):
+    """Outlined text over the top and the bottom of the picture (a meme):
+    verification refuses it with a copy the text is not on."""
+    from PIL import ImageDraw, ImageFont
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    w, h = im.size
+    font = ImageFont.load_default(size=int(h * 0.11))
+    for y, text in ((0.03, "WHEN IT'S MONDAY AGAIN"), (0.83, "AND THEN IT RAINED")):
+        for dx in (-3, 0, 3):
+            for dy in (-3, 0, 3):
+                draw.text((w * 0.03 + dx, h * y + dy), text, font=font,
+                          fill=(0, 0, 0))
+        draw.text((w * 0.03, h * y), text, font=font, fill=(255, 255, 255))
+    return im
+
+
+@pytest.fixture
+def meme(tmp_path):
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (tmp_path / "queries").mkdir()
+    original = photo(5)
+    with_text(original).save(imgs / "meme.jpg", quality=88)
+    original.save(imgs / "original.jpg", quality=92)
+    w, h = original.size
+    original.crop((40, 30, w - 40, h - 30)).transpose(
+        Image.Transpose.ROTATE_180).save(imgs / "turned.jpg", quality=90)
+    photo(21).save(imgs / "other.jpg", quality=90)
+    return tmp_path
+
+
+def test_a_lead_with_text_joins_a_turned_copy_through_its_unedited_copy(meme):
+    """The lead (the copy with text) does not verify with the turned crop;
+    its copy within half the threshold (the original) does: the turned
+    crop joins, saying so, and an unrelated photo does not."""
+    params = write_params(meme)
+    assert rs.main(["build", "--params", params, "-q"]) == 0
+    cfg = rs.config_from(rs.read_params(params), params, {})
+    store = rs._open_store(cfg)
+    judge = rs.Judge(cfg, rs.Console(quiet=True))
+    try:
+        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
+        rows = store.rows_by_id(int(i) for i in flat.ids)
+        at = {os.path.basename(rows[int(i)].path): p
+              for p, i in enumerate(flat.ids)}
+        edges = rs.EdgeJudge(judge, flat, store, cfg.distance_threshold)
+        members = np.array([at[n] for n in ("meme.jpg", "original.jpg",
+                                            "turned.jpg", "other.jpg")])
+        free = np.array([False, False, True, True])
+        lead = at["meme.jpg"]
+        assert not judge.check(rows[int(flat.ids[lead])].path,
+                               rows[int(flat.ids[at["turned.jpg"]])].path
+                               ).accepted  # the text is in the way
+        assert list(edges.copies_of(lead, members[:2])) == [at["original.jpg"]]
+        assert edges.joiners(lead, members, free, group=members[:2]) == [2]
+        how = edges.how(lead, at["turned.jpg"], -1)
+        assert how.stage == "keypoints through a copy" and how.verified
+        assert how.geometry.turn == 180
+        assert "keypoints through a copy, verified" in how.text()
+        # without a copy of the lead in its group nothing is joined
+        assert edges.joiners(lead, members, free, group=members[:1]) == []
+    finally:
+        judge.close()
+        store.close()
