@@ -82,6 +82,7 @@ PARAMS_NAME = "params.json"
 DB_NAME = "images.db"
 INDEX_NAME = "hashes.idx"
 BKTREE_NAME = "bktree.idx"
+WINDOWS_NAME = "windows.idx"  # the region windows' MIH tables (their orders)
 SCHEMA_VERSION = 2  # 2: traits (format, camera EXIF, greyscale) for the keep rule
 INDEX_FORMAT = 3
 INDEX_MAGIC = b"REVERSE-SEARCH-INDEX\n"
@@ -4335,18 +4336,31 @@ class MIHEngine:
 
     name = "mih"
 
-    def __init__(self, hashes: np.ndarray, total_bits: int, parts: int):
+    def __init__(self, hashes: np.ndarray, total_bits: int, parts: int,
+                 orders: list | None = None):
+        """orders: each chunk's order as a cache file held it (checked
+        here: ValueError unless it is the one this engine would make)."""
         self.hashes = hashes
         self.chunks = plan_chunks(total_bits, hashes.shape[1], parts)
         # a direct bucket table while it is not much larger than the data
         self.table_bits = mih_table_bits(len(hashes))
-        self.tables = [self._table(c) for c in self.chunks]
+        orders = orders or [None] * len(self.chunks)
+        if len(orders) != len(self.chunks):
+            raise ValueError("orders do not fit the chunks")
+        self.tables = [self._table(c, o) for c, o in zip(self.chunks, orders)]
         self._masks = {}
 
-    def _table(self, chunk: Chunk):
+    def orders(self) -> list:
+        """Each chunk's order (what a cache file of the tables holds)."""
+        return [t[0] for t in self.tables]
+
+    def _table(self, chunk: Chunk, order: np.ndarray | None = None):
         """(order, sorted values or None, bucket starts or None)."""
         vals = chunk.values(self.hashes)
-        order = stable_order(vals, chunk.bits)
+        if order is None:
+            order = stable_order(vals, chunk.bits)
+        else:
+            order = _checked_order(order, vals)
         if chunk.bits <= self.table_bits:
             counts = np.bincount(vals.astype(np.int64), minlength=1 << chunk.bits)
             starts = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -4504,6 +4518,22 @@ def stable_order(vals: np.ndarray, bits: int) -> np.ndarray:
         np.arange(n, dtype=np.uint64)
     packed.sort()
     return (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+def _checked_order(order: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """order as int64 if it is stable_order(vals): every position once,
+    (value, position) strictly increasing along it; else ValueError."""
+    if order.shape != vals.shape or order.dtype.kind not in "iu":
+        raise ValueError("an order of the wrong shape or type")
+    order = order.astype(np.int64)
+    if len(order) and (order.min() < 0 or order.max() >= len(order)):
+        raise ValueError("an order out of range")
+    ranked = vals[order]
+    up = (ranked[1:] > ranked[:-1]) | ((ranked[1:] == ranked[:-1]) &
+                                       (order[1:] > order[:-1]))
+    if not up.all():  # (also: no position twice, so a permutation)
+        raise ValueError("an order that does not sort the hashes")
+    return order
 
 
 def mih_table_bits(n: int) -> int:
@@ -4713,18 +4743,23 @@ class WindowRows:
     engine: object
 
     @classmethod
-    def of(cls, windows: np.ndarray, bits: int, name: str, radius: int
-           ) -> WindowRows | None:
+    def of(cls, windows: np.ndarray, bits: int, name: str, radius: int,
+           orders=None) -> WindowRows | None:
         """Rows of (N, K, W) windows with engine `name` (a BK-tree, which
-        holds distinct hashes, is replaced by the automatic choice)."""
+        holds distinct hashes, is replaced by the automatic choice).
+        orders(parts) -> the MIH tables' orders from a cache, or None."""
         n, k, words = windows.shape
         if not n * k:
             return None
         hashes = windows.reshape(-1, words)
         if name not in ("scan", "mih"):
             name = choose_engine(len(hashes), bits, words, radius, True)
-        engine = ScanEngine(hashes) if name == "scan" else MIHEngine(
-            hashes, bits, plan_mih(len(hashes), bits, words, radius, True)[0])
+        if name == "scan":
+            engine = ScanEngine(hashes)
+        else:
+            parts = plan_mih(len(hashes), bits, words, radius, True)[0]
+            engine = MIHEngine(hashes, bits, parts,
+                               orders(parts) if orders else None)
         return cls(hashes, np.repeat(np.arange(n), k),
                    np.tile(np.arange(WINDOW_CODE, WINDOW_CODE + k), n), engine)
 
@@ -4880,8 +4915,10 @@ class FlatIndex:
             out.content.engine = out.content.index.engine(
                 name, radius, all_pairs, f"{stem}-content{ext}")
         if all_pairs:
-            out.windows = WindowRows.of(self.windows, self.bits, name,
-                                        code_radius(radius, WINDOW_CODE))
+            out.windows = load_window_rows(
+                self, name, code_radius(radius, WINDOW_CODE),
+                os.path.join(os.path.dirname(bktree_path), WINDOWS_NAME)
+                if bktree_path else "")
         return out
 
     def distinct_detail(self) -> np.ndarray:
@@ -5168,6 +5205,45 @@ def load_bktree(flat: FlatIndex, path: str) -> BKTreeEngine:
     header = index_header(flat.kind, flat.bits, flat.fingerprint, "bktree")
     _save_cache(path, header, engine.links(), flat)
     return engine
+
+
+def load_window_rows(flat: FlatIndex, name: str, radius: int, path: str
+                     ) -> WindowRows | None:
+    """flat's WindowRows, its MIH tables' orders read from the cache file
+    `path` when it fits the database and they check out (_checked_order),
+    else sorted here and saved there (100,000 images, 16,100,000 windows:
+    6.8 -> 3.3 s of CPU for the region engines, a 193 MB file)."""
+    found = {}
+
+    def orders(parts: int) -> list | None:
+        found["parts"] = parts
+        try:
+            header, arrays = read_container(path, flat.key)
+        except Exception:  # missing, damaged or crafted: sort again
+            return None
+        if header.get("fingerprint") != flat.fingerprint or \
+                header.get("kind") != flat.kind or \
+                header.get("engine") != "windows" or \
+                header.get("parts") != parts or \
+                sorted(arrays) != [f"order{k}" for k in range(len(arrays))]:
+            return None
+        found["read"] = True
+        return [arrays[f"order{k}"] for k in range(len(arrays))]
+
+    try:
+        rows = WindowRows.of(flat.windows, flat.bits, name, radius,
+                             orders if path else None)
+    except ValueError:  # a cache whose orders do not sort the windows
+        found.pop("read", None)
+        rows = WindowRows.of(flat.windows, flat.bits, name, radius)
+    engine = rows.engine if rows is not None else None
+    if isinstance(engine, MIHEngine) and path and not found.get("read"):
+        small = np.int32 if len(engine.hashes) < 2**31 else np.int64
+        header = dict(index_header(flat.kind, flat.bits, flat.fingerprint,
+                                   "windows"), parts=found["parts"])
+        _save_cache(path, header, {f"order{k}": o.astype(small) for k, o in
+                                   enumerate(engine.orders())}, flat)
+    return rows
 
 
 def _save_cache(path: str, header: dict, arrays: dict, flat: FlatIndex) -> None:

@@ -33,6 +33,7 @@ def every_written_name(root, ops):
     operation writes (or, before the fix, wrote)."""
     out = root / "out"
     names = [root / "index" / "hashes.idx", root / "index" / "bktree.idx",
+             root / "index" / rs.WINDOWS_NAME,
              root / "quarantine" / "manifest.jsonl"]
     for op in ops:
         names += [out / f"{op}.json", out / f"{op}.csv", out / f"{op}.html"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import rs
+from conftest import rs, run_json, write_params
 
 
 def clustered(rng, n: int, words: int, flips: int = 3) -> np.ndarray:
@@ -130,3 +130,73 @@ def test_stable_order_is_a_stable_argsort(seed, bits, n):
     got = rs.stable_order(vals, bits)
     assert got.dtype == np.int64
     assert np.array_equal(got, np.argsort(vals, kind="stable"))
+
+
+# ---------------------------------------------- the windows' cache file --
+
+def test_checked_order_takes_only_the_order_sorting_would_give():
+    rng = np.random.default_rng(5)
+    vals = rng.integers(0, 16, 500).astype(np.uint64)
+    good = rs.stable_order(vals, 4)
+    assert np.array_equal(rs._checked_order(good.astype(np.int32), vals), good)
+    swapped = good.copy()
+    swapped[[0, -1]] = swapped[[-1, 0]]
+    twice = good.copy()
+    twice[1] = twice[0]
+    ties = good.copy()
+    same = np.flatnonzero(vals[good][1:] == vals[good][:-1])[0]
+    ties[[same, same + 1]] = ties[[same + 1, same]]  # a tie out of order
+    for bad in (swapped, twice, ties, good[:-1], good + 1, good - 1,
+                good.astype(np.float64)):
+        with pytest.raises(ValueError):
+            rs._checked_order(bad, vals)
+
+
+def window_run(capsys, params):
+    """find_duplicates' groups (paths, how each matched)."""
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    return [[(m["path"], m["distance"], m["how"] and m["how"]["region"])
+             for m in g["images"]] for g in doc["groups"]]
+
+
+def test_windows_cache_is_written_read_and_rebuilt_when_not_trusted(
+        tmp_path, capsys):
+    """The windows' MIH orders are saved in bk_dir/windows.idx and read back
+    (the same groups); a damaged file, one from another database state and
+    one whose orders (correctly signed) do not sort the windows are each
+    sorted again and rewritten, with the same groups."""
+    from test_candidates import crop, photo
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for seed in range(1, 7):
+        photo(seed).save(imgs / f"p{seed}.jpg", quality=90)
+    crop(photo(1), 0.1, 0.05, 0.9, 0.85).save(imgs / "crop.jpg", quality=88)
+    params = write_params(tmp_path, engine="mih", matching="fast")
+    cache = tmp_path / "index" / rs.WINDOWS_NAME
+    first = window_run(capsys, params)
+    assert any("window" in str(m[2]) for g in first for m in g)
+    assert cache.is_file()
+    written = cache.read_bytes()
+    assert window_run(capsys, params) == first
+    assert cache.read_bytes() == written  # read, not written again
+
+    data = bytearray(written)
+    data[-5] ^= 0xFF  # damaged: its checksum fails
+    cache.write_bytes(bytes(data))
+    assert window_run(capsys, params) == first
+    assert cache.read_bytes() == written
+
+    store = rs.Store(str(tmp_path / "db" / rs.DB_NAME))
+    key = rs.cache_key(store)
+    store.close()
+    header, arrays = rs.read_container(str(cache), key)
+    wrong = {k: np.roll(v, 1) for k, v in arrays.items()}  # signed, unsorted
+    rs.write_container(str(cache), header, wrong, key)
+    assert window_run(capsys, params) == first
+    assert cache.read_bytes() == written
+
+    other = dict(header, fingerprint="another state of the database")
+    rs.write_container(str(cache), other, arrays, key)
+    assert window_run(capsys, params) == first
+    assert cache.read_bytes() == written
