@@ -4,6 +4,15 @@ pictures, and what do features cost, stored at build time or found per run?
 
     python3 bench/bench_verify.py --corpus /work/data/tough
     python3 bench/bench_verify.py --corpus /work/data/std --pairs 300
+    python3 bench/bench_verify.py --corpus /work/data/std --checks
+
+--checks: the checks the operations themselves make.  The corpus is built
+into a temporary folder with the shipped defaults, then find_duplicates and
+a search of every original run here, in one process (workers 1), and every
+check is counted by who asked for it (find_duplicates' edges, a group's lead
+with its members, the lead with members linked through the group, a search
+query, a report line) and by verdict, with its CPU time (features found
+on first use included).  The refused checks are the waste to cut.
 
 Pairs, from the corpus's truth.csv: every original with each of its copies
 (accepted % per edit), and different pictures: an original with distractors,
@@ -25,6 +34,9 @@ import os
 import random
 import statistics
 import sys
+import tempfile
+import time
+import traceback
 
 from _common import load_impl, machine, table, timed
 
@@ -85,6 +97,73 @@ def costs(paths: list, corpus: str) -> dict:
             "bytes": statistics.median(sizes)}
 
 
+# who asked for a check: the first of these functions on the stack
+CALLERS = (("trusted", "find_duplicates: lead with its members"),
+           ("joiners", "find_duplicates: lead with linked members"),
+           ("how", "find_duplicates: report line"),
+           ("duplicate_groups", "find_duplicates: edges"),
+           ("query_result", "search: candidates"))
+
+
+def counted_checks(corpus: str) -> list:
+    """(caller, accepted, reason, CPU seconds) of every check that
+    find_duplicates and a search of every original make on the corpus."""
+    made = []
+    check = rs.Verifier.check
+
+    def spy(self, path_a, path_b):
+        names = {f.name for f in traceback.extract_stack(limit=16)}
+        who = next((label for name, label in CALLERS if name in names), "?")
+        started = time.process_time()
+        verdict = check(self, path_a, path_b)
+        made.append((who, verdict.accepted, verdict.reason,
+                     time.process_time() - started))
+        return verdict
+    originals = sorted(os.path.join(corpus, r["file"]) for r in read_truth(
+        corpus) if r["category"] == "original")
+    rs.Verifier.check = spy
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
+            flags = ["--img-dirs", os.path.join(corpus, "images"),
+                     "--db-dir", os.path.join(tmp, "db"),
+                     "--bk-dir", os.path.join(tmp, "index"),
+                     "--output-dir", os.path.join(tmp, "out"),
+                     "--params", os.path.join(tmp, "params.json"),
+                     "--no-html-report", "-q", "--format", "json"]
+            with open(os.devnull, "w") as null:
+                out, sys.stdout = sys.stdout, null
+                try:
+                    for op in (["build"], ["find_duplicates"],
+                               ["search", *originals]):
+                        code = rs.main(op + flags + ["--workers",
+                                                     "0" if op == ["build"]
+                                                     else "1"])
+                        if code:
+                            raise SystemExit(f"{op[0]} failed ({code})")
+                finally:
+                    sys.stdout = out
+    finally:
+        rs.Verifier.check = check
+    return made
+
+
+def checks_table(made: list) -> str:
+    by = collections.defaultdict(list)
+    for who, accepted, reason, cpu in made:
+        by[(who, "accepted" if accepted else "refused")].append(cpu)
+        if not accepted:  # "implausible scale (0.05)": one line for all
+            by[(who, "  " + reason.split(" (")[0])].append(cpu)
+    lines = [[who, what, len(s), f"{sum(s):.1f}",
+              f"{1000 * statistics.mean(s):.0f}"]
+             for (who, what), s in sorted(by.items())]
+    total = [c for *_, c in made]
+    lines.append(["ALL", "", len(total), f"{sum(total):.1f}",
+                  f"{1000 * statistics.mean(total):.0f}" if total else "-"])
+    return table(["asked by", "verdict", "checks", "CPU s", "ms each"], lines,
+                 title="Checks made by the operations (workers 1, features "
+                 "found on first use counted in the check)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", required=True, help="folder with truth.csv")
@@ -93,11 +172,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-images", type=int, default=150,
                     help="images timed for the cost table (default 150)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--checks", action="store_true",
+                    help="count the checks find_duplicates and search make "
+                         "(see above) instead of verifying labelled pairs")
     args = ap.parse_args(argv)
     if rs._cv2() is None:
         print("OpenCV is not installed: pip install opencv-python-headless")
         return 2
     started = machine()
+    if args.checks:
+        made = counted_checks(args.corpus)
+        print(f"# {started}")
+        print(f"reverse_search {rs.__version__}: checks on {args.corpus}\n")
+        print(checks_table(made))
+        return 0
     rows = read_truth(args.corpus)
     pairs = pairs_of(rows, args.pairs, args.seed)
     verifier = rs.Verifier(10 ** 9, cache_size=10 ** 6)
