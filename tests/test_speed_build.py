@@ -170,3 +170,15 @@ def test_row_medians_are_numpys():
             a = rng.random((7, n)) * scale
             for rows in (a, np.round(a * 3 / scale) * scale):
                 assert np.array_equal(rs._row_medians(rows), np.median(rows, axis=1))
+
+
+@pytest.mark.parametrize("bits", [4, 9, 64, 256])
+def test_bits_to_ints_packs_as_hash_to_int(bits):
+    """Window and whole hashes packed at once equal hash_to_int of each."""
+    import imagehash
+    rows = np.random.default_rng(bits).random((20, bits)) > 0.5
+    rows[0] = True
+    rows[1] = False
+    side = int(bits ** 0.5)
+    assert rs._bits_to_ints(rows) == [
+        rs.hash_to_int(imagehash.ImageHash(row.reshape(side, side))) for row in rows]
