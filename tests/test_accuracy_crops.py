@@ -214,3 +214,58 @@ def test_a_lead_with_text_joins_a_turned_copy_through_its_unedited_copy(meme):
     finally:
         judge.close()
         store.close()
+
+
+# ------------------------------------------ a group's lead reaches further --
+
+def with_sticker(im, cx, cy, share=0.08):
+    """An opaque round sticker with a face, `share` of the picture."""
+    from PIL import ImageDraw
+    im = im.copy()
+    w, h = im.size
+    r = round((share * w * h / np.pi) ** 0.5)
+    draw = ImageDraw.Draw(im)
+    x, y = cx * w, cy * h
+    draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 204, 0),
+                 outline=(0, 0, 0), width=max(1, r // 12))
+    draw.ellipse((x - r // 2, y - r // 3, x - r // 4, y - r // 12), fill=(0, 0, 0))
+    draw.ellipse((x + r // 4, y - r // 3, x + r // 2, y - r // 12), fill=(0, 0, 0))
+    return im
+
+
+@pytest.fixture
+def stickered(tmp_path):
+    """An original and a smaller copy (a group), the original with a sticker
+    (14 bits away, past the threshold; its centres too), unrelated photos."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (tmp_path / "queries").mkdir()
+    original = photo(14)
+    original.save(imgs / "original.jpg", quality=92)
+    original.resize((640, 480)).save(imgs / "small.jpg", quality=88)
+    with_sticker(original, 0.6, 0.6, 0.12).save(imgs / "sticker.jpg", quality=90)
+    for seed in (21, 22, 23):
+        photo(seed).save(imgs / f"other{seed}.jpg", quality=90)
+    return tmp_path
+
+
+def test_a_groups_lead_takes_a_stickered_copy_past_the_threshold(stickered,
+                                                                 capsys):
+    params = write_params(stickered)
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    groups = [by_name(g["images"]) for g in doc["groups"]]
+    assert [set(g) for g in groups] == [{"original.jpg", "small.jpg",
+                                         "sticker.jpg"}]
+    how = groups[0]["sticker.jpg"]["how"]
+    assert how["verified"] and how["stage"] == "exact hash"
+    assert groups[0]["sticker.jpg"]["distance"] > 12  # past the threshold
+    assert how["geometry"]["share"] > 0.9
+
+
+def test_fast_matching_leaves_the_stickered_copy_out(stickered, capsys):
+    params = write_params(stickered, matching="fast")
+    code, doc = run_json(capsys, params, "find_duplicates")
+    assert code == 0
+    assert [set(by_name(g["images"])) for g in doc["groups"]] == [
+        {"original.jpg", "small.jpg"}]
