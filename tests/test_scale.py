@@ -200,3 +200,33 @@ def test_windows_cache_is_written_read_and_rebuilt_when_not_trusted(
     rs.write_container(str(cache), other, arrays, key)
     assert window_run(capsys, params) == first
     assert cache.read_bytes() == written
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_container_arrays_read_back_as_written(tmp_path, n):
+    """read_container's views of one read: every array as written (dtype,
+    shape, values, writable), also when a float32 array leaves the next
+    one unaligned; any changed byte is refused."""
+    rng = np.random.default_rng(n)
+    arrays = {"detail": rng.random(n).astype(np.float32),
+              "hashes": rng.integers(0, 2**63, (n, 3)).astype(np.uint64),
+              "ids": np.arange(n, dtype=np.int64),
+              "small": rng.integers(0, 9, (n, 2, 1)).astype(np.uint16)}
+    path = str(tmp_path / "c.idx")
+    rs.write_container(path, {"kind": "test"}, arrays, b"key")
+    header, back = rs.read_container(path, b"key")
+    assert header["kind"] == "test" and list(back) == list(arrays)
+    for name, a in arrays.items():
+        b = back[name]
+        assert b.dtype == a.dtype and b.shape == a.shape
+        assert np.array_equal(a, b) and b.flags.writeable
+    data = open(path, "rb").read()
+    for at in (len(data) // 2, len(data) - 1):
+        bad = bytearray(data)
+        bad[at] ^= 1
+        open(path, "wb").write(bytes(bad))
+        with pytest.raises(ValueError):
+            rs.read_container(path, b"key")
+    open(path, "wb").write(data + b"\0")
+    with pytest.raises(ValueError):
+        rs.read_container(path, b"key")
