@@ -7642,10 +7642,18 @@ def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
                            WINDOW_CODE + w)
     if not len(windows) or not flat.variants.shape[1]:
         return
-    block = max(1, (1 << 15) // len(windows))  # bounded memory
+    one_word = windows.shape[1] == 1  # no sum over a word axis, blocks in
+    # cache: 1,000,000 images' orientations against 161 windows 2.0 -> 1.4 s
+    block = max(1, (1 << (18 if one_word else 15)) // len(windows) //
+                (flat.variants.shape[1] if one_word else 1))  # bounded memory
     for start in range(0, len(flat.variants), block):
-        d = np.bitwise_count(flat.variants[start:start + block, :, None, :]
-                             ^ windows[None, None]).sum(axis=3, dtype=np.uint16)
+        if one_word:
+            d = np.bitwise_count(flat.variants[start:start + block, :, :1]
+                                 ^ windows[None, None, :, 0])
+        else:
+            d = np.bitwise_count(flat.variants[start:start + block, :, None, :]
+                                 ^ windows[None, None]).sum(axis=3,
+                                                            dtype=np.uint16)
         near = d <= r
         if not near.any():  # most blocks: nonzero() cost 1.3 s at 100,000
             continue
@@ -7658,12 +7666,18 @@ def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
 
 
 def _scan_windows(windows: np.ndarray, query: np.ndarray, radius: int,
-                  block: int = 1 << 15):
+                  block: int = 1 << 12):
     """(image, window, bits) for every stored window within radius of the
     query, by popcount over blocks of images (bounded memory)."""
+    one_word = windows.shape[2] == 1  # (N, K) words, no sum over a word
+    # axis, blocks of 4,096 images in cache: a scan of 1,000,000 images'
+    # 161 windows 0.42 -> 0.14 s
     for start in range(0, len(windows), block):
-        d = np.bitwise_count(windows[start:start + block] ^ query).sum(
-            axis=2, dtype=np.uint16)
+        if one_word:
+            d = np.bitwise_count(windows[start:start + block, :, 0] ^ query[0])
+        else:
+            d = np.bitwise_count(windows[start:start + block] ^ query).sum(
+                axis=2, dtype=np.uint16)
         near = d <= radius
         if not near.any():  # most blocks: skip nonzero(), 3 ms each
             continue

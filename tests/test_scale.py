@@ -230,3 +230,42 @@ def test_container_arrays_read_back_as_written(tmp_path, n):
     open(path, "wb").write(data + b"\0")
     with pytest.raises(ValueError):
         rs.read_container(path, b"key")
+
+
+def turned_before(found, variants, windows, flat, radius, weights):
+    """_search_turned as it was (a sum over the word axis, small blocks)."""
+    r = rs.code_radius(radius, rs.WINDOW_CODE)
+    for k, query in enumerate(variants):
+        for start in range(len(flat.windows)):
+            d = np.bitwise_count(flat.windows[start] ^ query).sum(axis=1)
+            for w in np.flatnonzero(d <= r).tolist():
+                if weights[start] < np.inf and d[w] * weights[start] <= radius:
+                    rs._keep_best(found, start, int(d[w]), weights[start],
+                                  int(rs.turned_code(k, w)),
+                                  k, rs.WINDOW_CODE + w)
+    d = np.bitwise_count(flat.variants[:, :, None, :] ^ windows[None, None]
+                         ).sum(axis=3)
+    for p, k, w in zip(*np.nonzero(d <= r)):
+        p, k, w = int(p), int(k), int(w)
+        if weights[p] < np.inf and d[p, k, w] * weights[p] <= radius:
+            rs._keep_best(found, p, int(d[p, k, w]), weights[p],
+                          int(rs.turned_code(k, w)), rs.WINDOW_CODE + w, k)
+
+
+@pytest.mark.parametrize("words", [1, 4])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_search_turned_finds_what_it_found_before(seed, words):
+    """One search's turned windows (its orientations against the stored
+    windows, the stored orientations against its windows): the same hits,
+    one word or four."""
+    flat = region_flat(seed, n=300, words=words)
+    rng = np.random.default_rng(seed)
+    q = int(rng.integers(0, 300))
+    variants = flat.windows[q, :7] ^ np.uint64(2)  # a turned crop of q...
+    windows = flat.variants[(q + 1) % 300, :3].repeat(30, axis=0)[:80] \
+        ^ np.uint64(1)  # ...and the crop of a turned copy of another
+    weights = rs.window_weight(3.3, flat.detail)
+    got, want = {}, {}
+    rs._search_turned(got, variants, windows, flat, 12, weights)
+    turned_before(want, variants, windows, flat, 12, weights)
+    assert got == want and got
