@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import json
 import os
 import random
 import statistics
@@ -124,12 +125,14 @@ def counted_checks(corpus: str) -> list:
     rs.Verifier.check = spy
     try:
         with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
-            flags = ["--img-dirs", os.path.join(corpus, "images"),
-                     "--db-dir", os.path.join(tmp, "db"),
-                     "--bk-dir", os.path.join(tmp, "index"),
-                     "--output-dir", os.path.join(tmp, "out"),
-                     "--params", os.path.join(tmp, "params.json"),
-                     "--no-html-report", "-q", "--format", "json"]
+            params = os.path.join(tmp, "params.json")
+            with open(params, "w", encoding="utf-8") as fh:
+                json.dump({"img_dirs": [os.path.join(corpus, "images")],
+                           "db_dir": os.path.join(tmp, "db"),
+                           "bk_dir": os.path.join(tmp, "index"),
+                           "output_dir": os.path.join(tmp, "out"),
+                           "html_report": False}, fh)
+            flags = ["--params", params, "-q", "--format", "json"]
             with open(os.devnull, "w") as null:
                 out, sys.stdout = sys.stdout, null
                 try:
