@@ -7190,9 +7190,11 @@ class How:
 # Verified mode also takes whole-hash candidates this many bits past the
 # threshold, each one verified (a sticker moves a copy ~12 bits away).
 VERIFY_EXTRA_BITS = 6
-# Candidates verified per query, nearest first: one costs ~30 ms (features of
-# the stored image ~10, the check ~20), so a search stays under a second
-# however many unrelated pictures a large collection puts near the query.
+# Candidates refused per query before the rest are dropped, nearest first:
+# one check costs ~30 ms (features of the stored image ~10, the check ~20),
+# so a search stays under a second however many unrelated pictures a large
+# collection puts near the query; checks that find a copy do not count (the
+# tough corpus's originals have 16-20 copies each, most of them verified).
 VERIFY_PER_QUERY = 24
 
 
@@ -7243,8 +7245,9 @@ class Judge:
             return How(stage, region) if hit.effective <= limit else None
         if self.left <= 0:
             return None
-        self.left -= 1
         verdict = self.check(path_a, path_b)
+        if not verdict.accepted:  # a check that finds a copy is no waste
+            self.left -= 1
         return How(stage, region, True, verdict.geometry) \
             if verdict.accepted else None
 
@@ -7252,8 +7255,9 @@ class Judge:
         self.left = VERIFY_PER_QUERY
 
     def planned(self, path: str, candidates: Iterable) -> list:
-        """The pairs __call__ verifies for one query, given its candidates
-        (row, hit, limit, detail) in the order it sees them."""
+        """Pairs __call__ is sure to verify for one query, given its
+        candidates (row, hit, limit, detail) in the order it sees them: the
+        first VERIFY_PER_QUERY it wants (more when some find copies)."""
         return [(path, row.path) for row, hit, limit, detail in candidates
                 if self.wants_check(hit, limit, detail)][:VERIFY_PER_QUERY]
 
@@ -8874,28 +8878,36 @@ def _marked(a: ImageRow, b: ImageRow, marks: set) -> bool:
     return bool(marks) and frozenset((a.path, b.path)) in marks
 
 
-# Images in no group that a group's lead may take when verified, nearest
-# first, by the whole hash up to VERIFY_EXTRA_BITS past the threshold (as a
-# search does): a sticker or text over the picture moves a copy 13-18 bits
-# away.  Tough corpus: 14 of 37 such checks found a copy (8 stickers, 3
-# texts); the cost is per group, not per image.
-REACH_CHECKS = 3
+# Images in no group that a group may take when its lead verifies them (or
+# a copy of the lead does: EdgeJudge.through_copies), nearest first: those
+# whose whole hash lies within VERIFY_EXTRA_BITS past the threshold of a
+# member's (as a search reaches): a sticker or text over the picture moves
+# a copy 13-18 bits away.  Tough corpus, the lead's hash alone: 14 of 37
+# checks found a copy (8 stickers, 3 texts); every member's: 28 of 222.
+# The cost is per group, not per image.
+REACH_CHECKS = 4
 
 
 def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
                   adaptive: bool, edges: EdgeJudge, rows: dict, store,
                   marks: set) -> list:
     """verified mode: the groups, each with the images in no group that
-    its lead verifies (at most REACH_CHECKS checks per lead); their rows
-    are added to `rows`."""
+    verification joins to its lead (at most REACH_CHECKS candidates per
+    group, each checked with the lead, and at most REACH_CHECKS more checks
+    with copies of it); their rows are added to `rows`."""
     taken = {p for g in splits for p in g}
     out = []
     for group in splits:
         lead = group[0]
-        near = _farther_images(lead, flat, engine, radius, adaptive, taken)
-        near = near[:REACH_CHECKS]
+        near = np.array(_farther_images(group, flat, engine, radius, adaptive,
+                                        taken)[:REACH_CHECKS], dtype=np.int64)
         edges.ahead(lead, near)
-        found = [p for p in near if edges.check(lead, p)]
+        ok = [k for k, p in enumerate(near.tolist()) if edges.check(lead, p)]
+        edges.farther.update(frozenset((lead, int(near[k]))) for k in ok)
+        ok += edges.through_copies(
+            lead, near, [k for k in range(len(near)) if k not in ok], group,
+            REACH_CHECKS)
+        found = [int(near[k]) for k in sorted(ok)]
         fresh = store.rows_by_id(int(flat.ids[p]) for p in found)
         for p in found:
             row = fresh.get(int(flat.ids[p]))
@@ -8904,26 +8916,28 @@ def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
             rows[p] = row
             group = group + [p]
             taken.add(p)
-            edges.farther.add(frozenset((lead, p)))
         out.append(group)
     return out
 
 
-def _farther_images(lead: int, flat: FlatIndex, engine, radius: int,
+def _farther_images(group: list, flat: FlatIndex, engine, radius: int,
                     adaptive: bool, taken: set) -> list:
-    """Images not `taken` whose whole hash lies past the lead's threshold
-    but within VERIFY_EXTRA_BITS of it, nearest first."""
-    pos, dist = engine.search(flat.hashes[lead], radius + VERIFY_EXTRA_BITS)
-    found = []
-    for images, d in zip(flat.images_of(pos), dist.tolist()):
-        for p in images.tolist():
-            if p in taken:
-                continue
-            limit = pair_threshold(radius, flat.detail[lead], flat.detail[p]) \
-                if adaptive else radius
-            if limit < d <= limit + VERIFY_EXTRA_BITS:
-                found.append((d, p))
-    return [p for d, p in sorted(found)]
+    """Images not `taken` whose whole hash lies within VERIFY_EXTRA_BITS past
+    the threshold of a member's (past it, for the lead's: nearer ones were
+    offered to the lead already), nearest first."""
+    best: dict = {}
+    for m in group:
+        pos, dist = engine.search(flat.hashes[m], radius + VERIFY_EXTRA_BITS)
+        for images, d in zip(flat.images_of(pos), dist.tolist()):
+            for p in images.tolist():
+                if p in taken:
+                    continue
+                limit = pair_threshold(radius, flat.detail[m],
+                                       flat.detail[p]) if adaptive else radius
+                if (m != group[0] or d > limit) and \
+                        d <= limit + VERIFY_EXTRA_BITS:
+                    best[p] = min(best.get(p, d), d)
+    return sorted(best, key=lambda p: (best[p], p))
 
 
 def make_groups(splits: list, flat: FlatIndex, rows: dict, cfg: Config,

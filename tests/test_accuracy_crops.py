@@ -269,3 +269,29 @@ def test_fast_matching_leaves_the_stickered_copy_out(stickered, capsys):
     assert code == 0
     assert [set(by_name(g["images"])) for g in doc["groups"]] == [
         {"original.jpg", "small.jpg"}]
+
+
+# ------------------------------------- a search's checks that find copies --
+
+def test_checks_that_find_copies_do_not_use_up_a_searchs_budget(
+        tmp_path, capsys, monkeypatch):
+    """With room for one refused check per query, a search still verifies
+    and finds every crop of the query (each found by a window, so each
+    verified), and nothing unrelated."""
+    imgs, queries = tmp_path / "imgs", tmp_path / "queries"
+    imgs.mkdir()
+    queries.mkdir()
+    original = photo(8)
+    original.save(queries / "original.jpg", quality=92)
+    for k, box in enumerate(((0.0, 0.0, 0.8, 0.85), (0.15, 0.1, 1.0, 0.9),
+                             (0.1, 0.2, 0.95, 1.0))):
+        crop(original, *box).save(imgs / f"crop{k}.jpg", quality=90)
+    for seed in (21, 22):
+        photo(seed).save(imgs / f"other{seed}.jpg", quality=90)
+    monkeypatch.setattr(rs, "VERIFY_PER_QUERY", 1)
+    params = write_params(tmp_path)
+    code, doc = run_json(capsys, params, "search")
+    assert code == 0
+    matches = by_name(doc["queries"][0]["matches"])
+    assert set(matches) == {"crop0.jpg", "crop1.jpg", "crop2.jpg"}
+    assert all(m["how"]["verified"] for m in matches.values())
