@@ -1618,9 +1618,9 @@ def _one_blas_thread() -> None:
     products, in one process on 2 busy cores: 9 ms of wall, not 0.6)."""
     try:
         import threadpoolctl
-    except ImportError:  # still right, only slower on a busy machine
+        threadpoolctl.threadpool_limits(1, user_api="blas")
+    except Exception:  # absent or unable: still right, only slower when busy
         return
-    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 @functools.lru_cache(maxsize=256)  # photos share a few sizes
@@ -1634,7 +1634,7 @@ def _resize_weights(n: int, out: int) -> np.ndarray | None:
     from PIL import Image
     if n == out:  # Pillow skips the pass: weights that change nothing
         return np.eye(n) * 2.0 ** 22
-    probe = Image.fromarray(np.eye(n, dtype=np.int32) * 2 ** 22, "I")
+    probe = Image.fromarray(np.eye(n, dtype=np.int32) * 2 ** 22)  # mode I
     weights = np.asarray(probe.resize((out, n), Image.Resampling.LANCZOS),
                          dtype=np.float64).T
     return weights if np.array_equal(weights[::-1], weights[:, ::-1]) \
@@ -1683,19 +1683,24 @@ def _noise(h: int, w: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _pass_order(out: int):
     """The rule of PASS_ORDERS this Pillow follows, checked on noise of
-    _order_probes; None: none does (every hash is made the plain way)."""
-    from PIL import Image
+    _order_probes; None: none does, or this Pillow cannot be asked (every
+    hash is then made the plain way)."""
     for rule in PASS_ORDERS:
-        for h, w in _order_probes(out):
-            noise = _noise(h, w)
-            want = Image.fromarray(noise, "L").resize(
-                (out, out), Image.Resampling.LANCZOS)
-            got = _exact_resize(noise.astype(np.float64), out, rule(h, w, out))
-            if got is None or not np.array_equal(got, np.asarray(want)):
-                break
-        else:
-            return rule
+        try:
+            if all(_follows(rule, h, w, out) for h, w in _order_probes(out)):
+                return rule
+        except Exception:  # a Pillow that resizes 32-bit images otherwise
+            return None
     return None
+
+
+def _follows(rule, h: int, w: int, out: int) -> bool:
+    """Whether Pillow resizes noise of h x w pixels as `rule` says."""
+    from PIL import Image
+    noise = _noise(h, w)
+    want = Image.fromarray(noise).resize((out, out), Image.Resampling.LANCZOS)
+    got = _exact_resize(noise.astype(np.float64), out, rule(h, w, out))
+    return got is not None and np.array_equal(got, np.asarray(want))
 
 
 # Pillow's transposes of VARIANTS as numpy sees them: (axes swapped after

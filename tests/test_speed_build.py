@@ -182,3 +182,17 @@ def test_bits_to_ints_packs_as_hash_to_int(bits):
     side = int(bits ** 0.5)
     assert rs._bits_to_ints(rows) == [
         rs.hash_to_int(imagehash.ImageHash(row.reshape(side, side))) for row in rows]
+
+
+def test_a_pillow_of_another_pass_order_is_hashed_the_plain_way(monkeypatch):
+    """When no known rule gives this Pillow's pixels (a future version),
+    nothing is made the fast way: every hash is the plain one."""
+    monkeypatch.setattr(rs, "PASS_ORDERS", (lambda h, w, out: False,))
+    rs._pass_order.cache_clear()
+    try:
+        spec = rs.HashSpec(orientations=True, centres=True)
+        im = photo(5, (150, 100)).convert("L")
+        assert rs._exact_smalls(im, spec) is None
+        assert rs.whole_hashes(im, spec) == rs._plain_whole_hashes(im, spec)
+    finally:
+        rs._pass_order.cache_clear()
