@@ -153,3 +153,33 @@ def brute_groups(n, near):
     for p in range(n):
         comps.setdefault(root(p), []).append(p)
     return sorted(g for g in comps.values() if len(g) > 1)
+
+
+# ---- the browser (Debian's chromium through playwright) ----
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _no_browser(reason):
+    if os.environ.get("REVERSE_SEARCH_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}, and REVERSE_SEARCH_REQUIRE_BROWSER=1")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Debian chromium for the whole session (a launch costs
+    about a second); each test opens its own pages."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("the playwright package is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        _no_browser("no chromium on PATH (Debian: apt-get install chromium)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -21,7 +21,6 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, picture, rs, write_params
-from test_report_browser import browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(os.name != "posix",
                                 reason="the stand-in browser is a shell script")

@@ -373,7 +373,7 @@ def test_every_missing_folder_is_named_at_once(tmp_path, capsys):
 
 # ---- item 15: the report explains itself ----
 
-from test_report_browser import browser, open_page, page_data  # noqa: E402,F401
+from test_report_browser import open_page, page_data  # noqa: E402,F401
 
 
 def test_the_report_gives_scale_reason_and_what_move_takes(collection, capsys, open_page):

@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import pathlib
-import shutil
 import sys
 import tempfile
 import time
@@ -19,9 +18,6 @@ from PIL import Image
 from conftest import picture, rs, write_params
 write_html_report = rs.write_html_report
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 SHOTS = os.environ.get("REVERSE_SEARCH_SHOTS", tempfile.gettempdir())  # screenshots
 POSIX = sys.platform != "win32"
 BAD_NAME = b"bad\xff name.jpg"  # not UTF-8: the report shows it as bad\xff
@@ -146,27 +142,6 @@ def page_data(page):
 
 
 # ---- in the browser ----
-
-def _no_browser(reason):
-    if os.environ.get("REVERSE_SEARCH_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason}, and REVERSE_SEARCH_REQUIRE_BROWSER=1")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _no_browser("the playwright package is not installed")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        _no_browser("no chromium on PATH (Debian: apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
 
 @pytest.fixture
 def open_page(browser):

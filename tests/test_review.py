@@ -21,7 +21,6 @@ from PIL import Image
 
 from conftest import ROOT, picture, rs, write_params
 from test_actions import tree_digest as tree
-from test_report_browser import browser  # noqa: F401 (a fixture)
 
 SCRIPT = os.path.join(ROOT, "reverse_search.py")
 
