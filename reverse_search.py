@@ -1703,6 +1703,26 @@ def _follows(rule, h: int, w: int, out: int) -> bool:
     return got is not None and np.array_equal(got, np.asarray(want))
 
 
+# What a database records of the Pillow that hashed it: hashes made under
+# another rule differ for tall pictures (Pillow 13: 7 of 76 phone-shaped
+# photos' phash by 2 bits, 24 dhash by 1-6), so they are not mixed.
+RESIZE_RULES = ("rows first (Pillow 12 and earlier)",
+                "columns first for tall pictures (Pillow 13)")
+
+
+def resize_rule(version: str | None = None) -> str:
+    """The way this process's Pillow resizes, named; with `version`, the
+    way that Pillow version does (databases that recorded only it)."""
+    if version is not None:
+        major = version.split(".")[0]
+        return RESIZE_RULES[int(major) >= 13] if major.isdigit() else \
+            f"Pillow {version}'s own"
+    import PIL
+    rule = _pass_order(32)
+    return RESIZE_RULES[PASS_ORDERS.index(rule)] if rule is not None \
+        else f"Pillow {PIL.__version__}'s own"
+
+
 # Pillow's transposes of VARIANTS as numpy sees them: (axes swapped after
 # left and right, top and bottom are reversed); ROTATE_90 turns anticlockwise.
 _ORIENTED = ((False, True, False), (False, False, True), (True, True, False),
@@ -3549,8 +3569,24 @@ def kind_meta(spec: HashSpec) -> dict:
     return dict(hash_kind=spec.kind, hash_method=spec.method,
                 hash_size=spec.size, hash_bits=spec.bits, hash_mode=spec.mode,
                 colorhash_binbits=spec.binbits, pillow=PIL.__version__,
+                resize=resize_rule(),
                 imagehash=getattr(imagehash, "__version__", "?"),
                 tool=__version__)
+
+
+def stored_resize(meta: dict) -> str | None:
+    """The resize rule a database's hashes were made under (databases
+    older than the record: from the Pillow version they noted), or None."""
+    if "resize" in meta:
+        return meta["resize"]
+    return resize_rule(meta["pillow"]) if "pillow" in meta else None
+
+
+def comparable(meta: dict, spec: HashSpec) -> bool:
+    """Whether the hashes a database recorded under `meta` compare with
+    this process's: the same kind, made by a Pillow resizing the same way."""
+    return meta.get("hash_kind") == spec.kind and \
+        stored_resize(meta) in (None, resize_rule())
 
 
 # ---- which folders a database covers ----
@@ -3928,8 +3964,9 @@ class Store(Scoped):
 
     # ---- writes: each call is one transaction ----
     def start_kind(self, spec: HashSpec) -> None:
-        """Record the hash kind; drop hashes of any other kind."""
-        if self.hash_kind() != spec.kind:
+        """Record the hash kind; drop hashes of any other kind or made by a
+        Pillow that resized another way."""
+        if not comparable(self.meta(), spec):
             with self.db:
                 self.db.execute("DELETE FROM images")
                 self._bump()
@@ -5665,7 +5702,7 @@ def pg_switch_kind(db: PgLink, spec: HashSpec) -> None:
     kind (every machine's: hashes of two kinds cannot be compared)."""
     # exclusive: no writer is between its kind check and its commit
     db.sql("SELECT pg_advisory_xact_lock(%s)", (KIND_LOCK,))
-    if pg_meta(db).get("hash_kind") != spec.kind:
+    if not comparable(pg_meta(db), spec):
         db.sql("DELETE FROM images")
         pg_bump(db)
     if pg_meta(db).get("chunk_layout") != chunk_layout(spec.bits):
@@ -6771,6 +6808,15 @@ def _job(cfg: Config) -> HashJob:
                    cfg.max_decode_mb * 2**20)
 
 
+def resized_otherwise(store: HashStore, spec: HashSpec) -> str | None:
+    """The rule of a database of this hash kind whose hashes another
+    Pillow made, resizing another way; None when they compare."""
+    meta = store.meta()
+    if meta.get("hash_kind") != spec.kind or comparable(meta, spec):
+        return None  # rehashed anyway, or nothing to do
+    return stored_resize(meta)
+
+
 def sync_store(cfg: Config, store: HashStore, ui: Console, operation: str,
                rehash: bool = False) -> UpdateReport:
     """Bring the database in line with the files under img_dirs."""
@@ -6778,6 +6824,10 @@ def sync_store(cfg: Config, store: HashStore, ui: Console, operation: str,
     if store.hash_kind() not in (None, spec.kind):
         ui.notice(f"{store.path} holds {store.hash_kind()} hashes; params ask "
                   f"for {spec.kind}: rehashing every file.")
+    elif other := resized_otherwise(store, spec):
+        ui.notice(f"{store.path} was hashed by a Pillow that resizes {other}; "
+                  f"this one resizes {resize_rule()}, and tall pictures' "
+                  f"hashes differ: rehashing every file.")
     store.start_kind(spec)
     store.use_roots(cfg.img_dirs)
     states = store.states(cfg.img_dirs)
@@ -7042,7 +7092,8 @@ def ready_store(cfg: Config, ui: Console) -> HashStore:
         ui.notice(f"no database at {cfg.db_name} yet: building it first.")
         build_store(cfg, ui)
     store = _open_store(cfg)
-    if store.hash_kind() != cfg.spec.kind:
+    if store.hash_kind() != cfg.spec.kind or \
+            resized_otherwise(store, cfg.spec):
         store.close()
         update_store(cfg, ui)
         store = _open_store(cfg)
