@@ -168,10 +168,12 @@ def _no_browser(reason):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Debian chromium for the whole session (a launch costs
-    about a second); each test opens its own pages."""
+    """One headless Debian chromium per test module; each test opens its own
+    pages.  Not one for the session: its driver's thread would stay alive,
+    and with a second thread the tool starts workers by spawn, not fork, so
+    the tests that follow would run another path than a user's."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
