@@ -8537,7 +8537,9 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
             splits += split_group(ranked, flat, radius, rows, marks, connected,
                                   adaptive, edges, table)
         if edges is not None:
-            splits = reach_further(splits, flat, engine, radius, adaptive,
+            further = flat.engine(cfg.engine, radius + VERIFY_EXTRA_BITS,
+                                  True, bktree)
+            splits = reach_further(splits, flat, further, radius, adaptive,
                                    edges, rows, store, marks)
         groups = make_groups(splits, flat, rows, cfg, radius, adaptive, edges)
         groups.sort(key=lambda g: (-len(g.images), -_reclaimable(g),
@@ -8950,13 +8952,15 @@ def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
     """verified mode: the groups, each with the images in no group that
     verification joins to its lead (at most REACH_CHECKS candidates per
     group, each checked with the lead, and at most REACH_CHECKS more checks
-    with copies of it); their rows are added to `rows`."""
+    with copies of it); their rows are added to `rows`.  `engine` answers
+    within radius + VERIFY_EXTRA_BITS (any exact engine)."""
     taken = {p for g in splits for p in g}
     out = []
-    for group in splits:
+    farther = farther_images(splits, flat, engine, radius, adaptive)
+    for group, ranked in zip(splits, farther):
         lead = group[0]
-        near = np.array(_farther_images(group, flat, engine, radius, adaptive,
-                                        taken)[:REACH_CHECKS], dtype=np.int64)
+        near = np.array([p for p in ranked if p not in taken][:REACH_CHECKS],
+                        dtype=np.int64)
         edges.ahead(lead, near)
         ok = [k for k, p in enumerate(near.tolist()) if edges.check(lead, p)]
         edges.farther.update(frozenset((lead, int(near[k]))) for k in ok)
@@ -8976,24 +8980,47 @@ def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
     return out
 
 
-def _farther_images(group: list, flat: FlatIndex, engine, radius: int,
-                    adaptive: bool, taken: set) -> list:
-    """Images not `taken` whose whole hash lies within VERIFY_EXTRA_BITS past
-    the threshold of a member's (past it, for the lead's: nearer ones were
-    offered to the lead already), nearest first."""
-    best: dict = {}
-    for m in group:
-        pos, dist = engine.search(flat.hashes[m], radius + VERIFY_EXTRA_BITS)
-        for images, d in zip(flat.images_of(pos), dist.tolist()):
-            for p in images.tolist():
-                if p in taken:
-                    continue
-                limit = pair_threshold(radius, flat.detail[m],
-                                       flat.detail[p]) if adaptive else radius
-                if (m != group[0] or d > limit) and \
-                        d <= limit + VERIFY_EXTRA_BITS:
-                    best[p] = min(best.get(p, d), d)
-    return sorted(best, key=lambda p: (best[p], p))
+def farther_images(splits: list, flat: FlatIndex, engine, radius: int,
+                   adaptive: bool) -> list:
+    """For each group, the images in no group at the start whose whole hash
+    lies within VERIFY_EXTRA_BITS past the threshold of a member's (past
+    it, for the lead's: nearer ones were offered to the lead already),
+    nearest first, then by position.  One engine.cross of every member's
+    hash, not one search each (100,000 images, 38,000 members: ~45 s of
+    CPU -> ~2 s)."""
+    sizes = np.array([len(g) for g in splits], dtype=np.int64)
+    if not len(sizes):
+        return []
+    members = np.fromiter((p for g in splits for p in g), np.int64,
+                          int(sizes.sum()))
+    group_of = np.repeat(np.arange(len(splits)), sizes)
+    is_lead = np.zeros(len(members), dtype=bool)
+    is_lead[np.cumsum(sizes) - sizes] = True
+    found = list(engine.cross(flat.hashes[members],
+                              radius + VERIFY_EXTRA_BITS))
+    if not found:
+        return [[] for _ in splits]
+    qi, pos, d = (np.concatenate([np.asarray(f[k], np.int64) for f in found])
+                  for k in range(3))
+    at, images = flat.expand(pos)
+    qi, d = qi[at], d[at]
+    m = members[qi]
+    limit = pair_threshold(radius, flat.detail[m], flat.detail[images]) \
+        if adaptive else radius
+    grouped = np.zeros(len(flat.ids), dtype=bool)
+    grouped[members] = True
+    ok = ~grouped[images] & (~is_lead[qi] | (d > limit)) & \
+        (d <= limit + VERIFY_EXTRA_BITS)
+    g, p, d = group_of[qi[ok]], images[ok], d[ok]
+    best = np.lexsort((d, p, g))  # each (group, image) at its least d
+    g, p, d = g[best], p[best], d[best]
+    first = np.ones(len(g), dtype=bool)
+    first[1:] = (g[1:] != g[:-1]) | (p[1:] != p[:-1])
+    g, p, d = g[first], p[first], d[first]
+    ranked = np.lexsort((p, d, g))
+    g, p = g[ranked], p[ranked]
+    cuts = np.searchsorted(g, np.arange(1, len(splits)))
+    return [part.tolist() for part in np.split(p, cuts)]
 
 
 def make_groups(splits: list, flat: FlatIndex, rows: dict, cfg: Config,

@@ -1,0 +1,64 @@
+"""Large collections (session 7): batched engine calls give exactly what
+one search per query gave.  Nothing here is timed: bench/bench_peers.py
+--scale measures the speed."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import rs
+from test_scale import clustered
+
+
+def farther_one_by_one(group, flat, radius, adaptive, taken):
+    """reach_further's candidates as they were found before: a brute-force
+    search of each member's whole hash, images in `taken` left out."""
+    extra = rs.VERIFY_EXTRA_BITS
+    best = {}
+    for m in group:
+        d = np.bitwise_count(flat.hashes ^ flat.hashes[m]).sum(axis=1)
+        for p in np.flatnonzero(d <= radius + extra).tolist():
+            if p in taken:
+                continue
+            limit = rs.pair_threshold(radius, flat.detail[m], flat.detail[p]) \
+                if adaptive else radius
+            if (m != group[0] or d[p] > limit) and d[p] <= limit + extra:
+                best[p] = min(best.get(p, d[p]), d[p])
+    return sorted(best, key=lambda p: (best[p], p))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), words=st.sampled_from([1, 2]),
+       adaptive=st.booleans(), radius=st.integers(2, 10),
+       name=st.sampled_from(["scan", "mih", "auto"]))
+def test_farther_images_in_one_cross_equal_one_search_each(
+        seed, words, adaptive, radius, name):
+    """Every group's far candidates, nearest first, from one engine call
+    over all members: the same lists as a search of each member, for any
+    exact engine (images of one hash, details from flat to busy)."""
+    rng = np.random.default_rng(seed)
+    n = 240
+    hashes = clustered(rng, n, words, flips=5)
+    hashes[rng.integers(0, n, 20)] = hashes[rng.integers(0, n, 20)]
+    detail = rng.choice(np.array([0.3, 1.0, 1.6, 2.5, 3.3], np.float32), n)
+    flat = rs.FlatIndex.from_arrays(np.arange(n), hashes, 64 * words,
+                                    detail=detail)
+    perm = rng.permutation(n)[:120].tolist()
+    cuts = sorted(set(rng.integers(1, 120, 30).tolist()))
+    splits = [g for g in np.split(np.array(perm), cuts) if len(g)]
+    splits = [[int(p) for p in g] for g in splits]
+    taken = {p for g in splits for p in g}
+    engine = flat.engine(name, radius + rs.VERIFY_EXTRA_BITS, True)
+    got = rs.farther_images(splits, flat, engine, radius, adaptive)
+    assert got == [farther_one_by_one(g, flat, radius, adaptive, taken)
+                   for g in splits]
+    assert any(got)  # the clusters give candidates to compare
+
+
+def test_farther_images_of_no_groups():
+    flat = rs.FlatIndex.from_arrays(np.arange(3), np.arange(3, dtype=np.uint64
+                                                            ).reshape(3, 1), 64)
+    assert rs.farther_images([], flat, flat.engine("scan", 14, True), 8,
+                             False) == []
+    assert rs.farther_images([[0]], flat, flat.engine("mih", 14, True), 0,
+                             False) == [[1, 2]]
