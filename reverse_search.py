@@ -3125,13 +3125,40 @@ def verify_features(a: Features, b: Features) -> Verdict:
 
 
 def _ratio_matches(da: np.ndarray, db: np.ndarray) -> np.ndarray:
-    """(k, 2) index pairs that pass the ratio test."""
+    """(k, 2) index pairs that pass the ratio test: each descriptor of da
+    with its nearest in db when that is nearer than RATIO x the second.
+
+    The two nearest come from one float32 matrix product of the bits as
+    +-1 (a dot product is 256 - 2 x the Hamming distance; the sums are
+    small integers, so exact), rows in blocks that stay in the cache:
+    7.4 against cv2.BFMatcher.knnMatch's 11 ms for 1,000 x 1,000, 27
+    against 37 ms for the fine 2,000 x 2,000 (load 4).  The pairs are
+    knnMatch's, in its order: a row that passes has one nearest (d1 <
+    RATIO x d2 <= d2), so how ties are broken cannot matter."""
     if len(da) < 2 or len(db) < 2:
         return np.zeros((0, 2), np.int64)
-    matcher = _cv2().BFMatcher(_cv2().NORM_HAMMING)
-    pairs = [(m[0].queryIdx, m[0].trainIdx) for m in matcher.knnMatch(da, db, k=2)
-             if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-    return np.array(pairs, np.int64).reshape(-1, 2)
+    bits = 8 * da.shape[1]
+    signs_b = _signs(db).T.copy()
+    signs_a = _signs(da)
+    out = []
+    for start in range(0, len(signs_a), MATCH_BLOCK):
+        dots = signs_a[start:start + MATCH_BLOCK] @ signs_b
+        rows = np.arange(len(dots))
+        first = dots.argmax(axis=1)
+        d1 = (bits - dots[rows, first].astype(np.float64)) / 2
+        dots[rows, first] = -np.inf
+        d2 = (bits - dots.max(axis=1).astype(np.float64)) / 2
+        ok = np.flatnonzero(d1 < RATIO * d2)
+        out.append(np.stack([ok + start, first[ok]], axis=1))
+    return np.concatenate(out).astype(np.int64).reshape(-1, 2)
+
+
+MATCH_BLOCK = 256  # rows of one product: 256 x 2,000 float32 stay in L2
+
+
+def _signs(desc: np.ndarray) -> np.ndarray:
+    """Binary descriptors as rows of +1 and -1 (float32), one per bit."""
+    return np.unpackbits(desc, axis=1).astype(np.float32) * 2 - 1
 
 
 def _verify_oriented(a: Features, b: Features, mirror: bool) -> Verdict:
@@ -3403,6 +3430,7 @@ class Verifier:
     """verify() for pairs of files, each file's features found once a run."""
 
     def __init__(self, max_pixels: int, cache_size: int = 4096):
+        _one_blas_thread()  # the matcher's products: one of a crew of workers
         self.max_pixels = max_pixels
         self.cache: dict = {}
         self.cache_size = cache_size  # 4096 x ~300 KB: bounded memory

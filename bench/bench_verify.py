@@ -5,6 +5,8 @@ pictures, and what do features cost, stored at build time or found per run?
     python3 bench/bench_verify.py --corpus /work/data/tough
     python3 bench/bench_verify.py --corpus /work/data/std --pairs 300
     python3 bench/bench_verify.py --corpus /work/data/std --checks
+    python3 bench/bench_verify.py --corpus /work/data/std --checks --record std.json
+    python3 bench/bench_verify.py --replay std.json --against OLD/reverse_search.py
 
 --checks: the checks the operations themselves make.  The corpus is built
 into a temporary folder with the shipped defaults, then find_duplicates and
@@ -13,6 +15,11 @@ check is counted by who asked for it (find_duplicates' edges, a group's lead
 with its members, the lead with members linked through the group, a search
 query, a report line) and by verdict, with its CPU time (features found
 on first use included).  The refused checks are the waste to cut.
+--record FILE writes each of those checks (its two paths and its verdict)
+to FILE.  --replay FILE makes them again in their order, in one process, and
+says whether every verdict is the recorded one (accepted and geometry: what
+the operations use; a refusal's reason and inliers counted apart) and the
+CPU seconds; --against OLD.py runs another version pair by pair beside it.
 
 Pairs, from the corpus's truth.csv: every original with each of its copies
 (accepted % per edit), and different pictures: an original with distractors,
@@ -106,9 +113,19 @@ CALLERS = (("trusted", "find_duplicates: lead with its members"),
            ("query_result", "search: candidates"))
 
 
-def counted_checks(corpus: str) -> list:
+def verdict_record(verdict) -> dict:
+    """A verdict as JSON: what the operations use (accepted, geometry) and
+    what they do not (reason and inliers of a refusal)."""
+    g = verdict.geometry
+    return {"accepted": verdict.accepted, "reason": verdict.reason,
+            "inliers": verdict.inliers,
+            "geometry": None if g is None else g.as_json()}
+
+
+def counted_checks(corpus: str, record: list | None = None) -> list:
     """(caller, accepted, reason, CPU seconds) of every check that
-    find_duplicates and a search of every original make on the corpus."""
+    find_duplicates and a search of every original make on the corpus;
+    each check's paths and verdict appended to `record` if given."""
     made = []
     check = rs.Verifier.check
 
@@ -119,6 +136,9 @@ def counted_checks(corpus: str) -> list:
         verdict = check(self, path_a, path_b)
         made.append((who, verdict.accepted, verdict.reason,
                      time.process_time() - started))
+        if record is not None:
+            record.append({"a": path_a, "b": path_b, "who": who,
+                           **verdict_record(verdict)})
         return verdict
     originals = sorted(os.path.join(corpus, r["file"]) for r in read_truth(
         corpus) if r["category"] == "original")
@@ -167,9 +187,65 @@ def checks_table(made: list) -> str:
                  "found on first use counted in the check)")
 
 
+def load_other(path: str):
+    """Another reverse_search.py, imported beside the one under test."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reverse_search_against",
+                                                  os.path.abspath(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def replay(path: str, against: str | None) -> int:
+    """Every recorded check again, in its order, in one process (features
+    found on first use, as in a run): is each verdict the recorded one, and
+    what does it cost?  With `against`, that version too, pair by pair
+    (which goes first alternates), so both see the same load."""
+    with open(path, encoding="utf-8") as fh:
+        recorded = json.load(fh)
+    tools = [("this", rs)] + ([("against", load_other(against))]
+                              if against else [])
+    verifiers = {name: m.Verifier(10 ** 9, cache_size=10 ** 6)
+                 for name, m in tools}
+    cpu = {(name, kind): 0.0 for name, _ in tools
+           for kind in ("accepted", "refused")}
+    differ = {name: [] for name, _ in tools}
+    reasons = {name: 0 for name, _ in tools}
+    for k, check in enumerate(recorded):
+        for name, _ in (tools if k % 2 == 0 else tools[::-1]):
+            started = time.process_time()
+            verdict = verifiers[name].check(check["a"], check["b"])
+            took = time.process_time() - started
+            got = verdict_record(verdict)
+            cpu[(name, "accepted" if check["accepted"] else "refused")] += took
+            if (got["accepted"], got["geometry"]) != (check["accepted"],
+                                                      check["geometry"]):
+                differ[name].append((check, got))
+            elif got != {key: check[key] for key in got}:
+                reasons[name] += 1
+    print(f"# {machine()}")
+    print(f"replay of {len(recorded)} checks recorded in {path}\n")
+    n_acc = sum(c["accepted"] for c in recorded)
+    lines = [[name, f"{cpu[(name, 'accepted')]:.1f}",
+              f"{cpu[(name, 'refused')]:.1f}",
+              f"{cpu[(name, 'accepted')] + cpu[(name, 'refused')]:.1f}",
+              len(differ[name]), reasons[name]] for name, _ in tools]
+    print(table(["version", f"CPU s: {n_acc} accepted",
+                 f"{len(recorded) - n_acc} refused", "all",
+                 "verdicts differ", "same verdict, other reason"], lines))
+    for name, wrong in differ.items():
+        for check, got in wrong[:20]:
+            print(f"  {name}: {check['a']} / {check['b']}: recorded "
+                  f"{check['accepted']} ({check['reason']}), now "
+                  f"{got['accepted']} ({got['reason']})")
+    return 1 if any(differ.values()) else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", required=True, help="folder with truth.csv")
+    ap.add_argument("--corpus", help="folder with truth.csv")
     ap.add_argument("--pairs", type=int, default=25,
                     help="pairs per kind of different pictures (default 25)")
     ap.add_argument("--cost-images", type=int, default=150,
@@ -178,13 +254,30 @@ def main(argv=None) -> int:
     ap.add_argument("--checks", action="store_true",
                     help="count the checks find_duplicates and search make "
                          "(see above) instead of verifying labelled pairs")
+    ap.add_argument("--record", metavar="FILE",
+                    help="with --checks: write every check (paths, verdict) "
+                         "as JSON to FILE, for --replay")
+    ap.add_argument("--replay", metavar="FILE",
+                    help="verify the checks recorded in FILE again: same "
+                         "verdicts? CPU seconds (exit 1 if a verdict differs)")
+    ap.add_argument("--against", metavar="OLD.py",
+                    help="with --replay: another reverse_search.py, pair by "
+                         "pair beside this one")
     args = ap.parse_args(argv)
     if rs._cv2() is None:
         print("OpenCV is not installed: pip install opencv-python-headless")
         return 2
+    if args.replay:
+        return replay(args.replay, args.against)
+    if not args.corpus:
+        ap.error("--corpus is needed (or --replay)")
     started = machine()
     if args.checks:
-        made = counted_checks(args.corpus)
+        record = [] if args.record else None
+        made = counted_checks(args.corpus, record)
+        if record is not None:
+            with open(args.record, "w", encoding="utf-8") as fh:
+                json.dump(record, fh)
         print(f"# {started}")
         print(f"reverse_search {rs.__version__}: checks on {args.corpus}\n")
         print(checks_table(made))
