@@ -4,7 +4,8 @@
     python examples/make_examples.py
 
 The pictures are drawn here (seeded, so every run gives the same pixels):
-five originals, edited copies of some of them, and queries.  The tests draw
+five originals, edited copies of some of them (one cropped), and queries (one
+a phone screenshot of a picture).  The tests draw
 their images with the same `picture` function.
 """
 
@@ -54,10 +55,30 @@ def main() -> None:
     ImageEnhance.Brightness(originals["meadow"]).enhance(1.2).save(
         os.path.join(edited, "meadow_bright.jpg"), quality=80)
     originals["city"].save(os.path.join(edited, "city_q30.jpg"), quality=30)
+    # a copy that moves the picture: its top-left 75 % (a whole-picture hash
+    # moves 10 bits; the tool finds it and says "cropped to 56 %")
+    originals["forest"].crop((0, 0, 480, 360)).save(
+        os.path.join(edited, "forest_cropped.jpg"), quality=88)
     originals["forest"].resize((200, 150), Image.LANCZOS).save(
         os.path.join(queries, "forest_thumbnail.jpg"), quality=70)
     originals["meadow"].convert("L").save(os.path.join(queries, "meadow_grey.png"))
     picture(99).save(os.path.join(queries, "unrelated.jpg"), quality=85)
+    screenshot(originals["desert"]).save(
+        os.path.join(queries, "desert_screenshot.png"))
+
+
+def screenshot(im: Image.Image) -> Image.Image:
+    """`im` as a phone shows it: a tall page, a dark status bar, the picture
+    across the width and grey lines of text under it."""
+    page = Image.new("RGB", (540, 1170), (245, 245, 245))
+    draw = ImageDraw.Draw(page)
+    draw.rectangle([0, 0, 540, 90], fill=(30, 30, 30))
+    draw.text((20, 35), "12:41   photos", fill=(255, 255, 255))
+    page.paste(im.resize((540, 405), Image.LANCZOS), (0, 260))
+    for i in range(6):
+        draw.rectangle([24, 720 + 40 * i, 324 + 25 * (i % 3), 735 + 40 * i],
+                       fill=(120, 120, 120))
+    return page
 
 
 if __name__ == "__main__":
