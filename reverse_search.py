@@ -74,8 +74,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterable, Iterator, NamedTuple, Protocol, Sequence
 from urllib.parse import unquote
 
-import numpy as np
-
 __version__ = "1.0.0"
 
 PARAMS_NAME = "params.json"
@@ -118,6 +116,32 @@ class FileRefused(ReverseSearchError):
 
 class PlanError(ReverseSearchError):
     """The plan as a whole cannot be used; nothing has moved."""
+
+
+# What pip installs for a module the script imports (requirements.txt).
+PACKAGES = {"PIL": "Pillow", "imagehash": "ImageHash", "numpy": "numpy",
+            "pybktree": "pybktree", "threadpoolctl": "threadpoolctl",
+            "psycopg": "psycopg[binary]"}
+
+
+def missing_package(module: str | None) -> ReverseSearchError:
+    """A module the run needs is not where this Python looks: most often
+    the project's virtual environment is not active."""
+    top = (module or "?").split(".")[0]
+    return ReverseSearchError(
+        f"this Python ({sys.executable}) has no {PACKAGES.get(top, top)}: "
+        f"install the requirements with `python -m pip install -r "
+        f"requirements.txt`, in the project's virtual environment if you "
+        f"made one (activate it first: `. .venv/bin/activate`; on Windows "
+        f"`.venv\\Scripts\\activate`)")
+
+
+try:  # numpy is used everywhere below; without it, say how to get it
+    import numpy as np
+except ModuleNotFoundError as _exc:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"reverse_search: error: {missing_package(_exc.name)}")
 
 
 # ============================================================================
@@ -10725,6 +10749,10 @@ def _run(argv: list, desktop: bool = False) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted. Everything hashed so far is saved; run "
                      "update to continue.", 130, argv, run)
+    except ModuleNotFoundError as exc:  # run outside its environment
+        if debug:
+            raise
+        return _fail(f"error: {missing_package(exc.name)}", 1, argv, run)
     except OSError as exc:
         if debug:
             raise
