@@ -8235,9 +8235,14 @@ class EdgeJudge:
     def ahead(self, a: int, others: Iterable) -> None:
         """Verify together the pairs (a, b) for b in others not yet checked:
         the caller is about to check each of them."""
-        others = [int(b) for b in others]
-        self._load_paths(others + [a])
-        self.judge.prefetch([(self.paths[a], self.paths[b]) for b in others
+        self.ahead_pairs([(a, int(b)) for b in others])
+
+    def ahead_pairs(self, pairs: list) -> None:
+        """ahead() of pairs (a, b) of image positions, of many leads at
+        once: one round to the workers, not one per lead."""
+        pairs = [(int(a), int(b)) for a, b in pairs]
+        self._load_paths([p for pair in pairs for p in pair])
+        self.judge.prefetch([(self.paths[a], self.paths[b]) for a, b in pairs
                              if frozenset((a, b)) not in self.verdicts
                              and None not in (self.paths[a], self.paths[b])])
 
@@ -8383,10 +8388,14 @@ class EdgeJudge:
         if not len(copies) or not refused:
             return []
         found, left = [], most
-        for k in refused:
-            member = int(members[k])
-            near = copies[np.argsort(self.flat.match_distances(
-                member, copies).effective, kind="stable")][:THROUGH_COPIES]
+        # every refused member against every copy in one call (5,245 calls
+        # at 100,000 images: 5.7 -> 0.5 s)
+        far = np.asarray([int(members[k]) for k in refused], dtype=np.int64)
+        nearest = np.argsort(self.flat.match_distances(
+            np.repeat(far, len(copies)), np.tile(copies, len(far))).effective
+            .reshape(len(far), len(copies)), axis=1, kind="stable")
+        for k, member, by in zip(refused, far.tolist(), nearest):
+            near = copies[by[:THROUGH_COPIES]]
             for copy in near.tolist():
                 if left <= 0:
                     return found
@@ -9009,6 +9018,7 @@ def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
     taken = {p for g in splits for p in g}
     out = []
     farther = farther_images(splits, flat, engine, radius, adaptive)
+    edges.ahead_pairs(sure_reach(splits, farther))
     for group, ranked in zip(splits, farther):
         lead = group[0]
         near = np.array([p for p in ranked if p not in taken][:REACH_CHECKS],
@@ -9030,6 +9040,22 @@ def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
             taken.add(p)
         out.append(group)
     return out
+
+
+def sure_reach(splits: list, farther: list) -> list:
+    """(lead, image) pairs that reach_further is sure to check, whatever
+    the verdicts: the first REACH_CHECKS of a group's candidates while
+    none of them is a candidate of an earlier group (which may take it).
+    Verified together up front: one round to the workers, not one per
+    group (100,000 images: 11,160 rounds)."""
+    pairs, seen = [], set()
+    for group, ranked in zip(splits, farther):
+        for p in ranked[:REACH_CHECKS]:
+            if p in seen:
+                break
+            pairs.append((group[0], p))
+        seen.update(ranked)
+    return pairs
 
 
 def farther_images(splits: list, flat: FlatIndex, engine, radius: int,

@@ -62,3 +62,28 @@ def test_farther_images_of_no_groups():
                              False) == []
     assert rs.farther_images([[0]], flat, flat.engine("mih", 14, True), 0,
                              False) == [[1, 2]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_pairs_sure_to_be_checked_are_checked_whatever_the_verdicts(seed):
+    """sure_reach's pairs (verified up front, together) are among the pairs
+    reach_further checks, for any verdicts: candidates shared by groups,
+    taken by an earlier group or not."""
+    rng = np.random.default_rng(seed)
+    splits = [[100 + 10 * g + k for k in range(rng.integers(2, 4))]
+              for g in range(8)]
+    farther = [rng.permutation(12)[:rng.integers(0, 8)].tolist()
+               for _ in splits]
+    sure = rs.sure_reach(splits, farther)
+    assert len(sure) == len(set(sure))
+    for _ in range(20):
+        taken, checked = set(), set()
+        for group, ranked in zip(splits, farther):
+            near = [p for p in ranked if p not in taken][:rs.REACH_CHECKS]
+            checked.update((group[0], p) for p in near)
+            taken.update(p for p in near if rng.random() < 0.5)
+        assert set(sure) <= checked
+    alone = [[p + 20 * g for p in ranked] for g, ranked in enumerate(farther)]
+    assert len(rs.sure_reach(splits, alone)) == sum(
+        min(len(r), rs.REACH_CHECKS) for r in alone)  # nothing shared
