@@ -3049,16 +3049,28 @@ class Features:
     _box: tuple | None = None
     _fine: Features | None = None
     fine_of: bool = False  # these are the fine keypoints
+    _plain_rows: dict = field(default_factory=dict)  # mirror -> fine_in_plain
 
     def fine(self) -> Features:
         """The same picture with the fine keypoints (FINE_FAST, twice as
         many), found once."""
         if self._fine is None:
             self._fine = dataclasses.replace(
-                self, _mirrored=None, _fine=None, fine_of=True)
+                self, _mirrored=None, _fine=None, fine_of=True,
+                _plain_rows={})
             self._fine.points, self._fine.descriptors = _orb_features(
                 self.grey, True)
         return self._fine
+
+    def fine_in_plain(self, mirror: bool) -> np.ndarray:
+        """For each fine keypoint (of the mirror if asked), the plain one it
+        is (the same place and descriptor), or -1.  FAST's lower threshold
+        finds the plain corners again and ORB keeps the strongest, so most
+        plain keypoints are fine ones (all 1,000 in most pictures)."""
+        if mirror not in self._plain_rows:
+            self._plain_rows[mirror] = _same_keypoints(
+                self.fine().oriented(mirror), self.oriented(mirror))
+        return self._plain_rows[mirror]
 
     @property
     def box(self) -> tuple | None:
@@ -3091,6 +3103,27 @@ class Features:
             self._mirrored = _orb_features(np.ascontiguousarray(
                 self.grey[:, ::-1]), self.fine_of)
         return self._mirrored
+
+
+def _same_keypoints(fine: tuple, plain: tuple) -> np.ndarray:
+    """Index of each of `fine`'s keypoints among `plain`'s ((points,
+    descriptors) both), -1 if absent; a keypoint found twice in either set
+    is left out (-1), so the pairing is one to one."""
+    def once(points, desc) -> tuple:  # sorted keys found once, their indices
+        raw = np.hstack([points.view(np.uint8).reshape(len(points), 8),
+                         desc.reshape(len(points), desc.shape[-1])])
+        keys = np.ascontiguousarray(raw).view(f"V{raw.shape[1]}").ravel()
+        keys, first, count = np.unique(keys, return_index=True,
+                                       return_counts=True)
+        return keys[count == 1], first[count == 1]
+    (fine_keys, fine_at), (plain_keys, plain_at) = once(*fine), once(*plain)
+    out = np.full(len(fine[1]), -1, np.int64)
+    if len(plain_keys):
+        k = np.minimum(np.searchsorted(plain_keys, fine_keys),
+                       len(plain_keys) - 1)
+        same = plain_keys[k] == fine_keys
+        out[fine_at[same]] = plain_at[k[same]]
+    return out
 
 
 def _orb_features(grey: np.ndarray, fine: bool = False) -> tuple:
@@ -3136,46 +3169,127 @@ def verify_features(a: Features, b: Features) -> Verdict:
     (Features.fine): fog, snow, dark frames and heavy text leave few
     corners above ORB's usual contrast."""
     best, mirrored = Verdict(False, "too few matching keypoints"), False
+    near = {}
     for mirror in (False, True):
-        verdict = _verify_oriented(a, b, mirror)
+        near[mirror] = _nearest(a.oriented(mirror)[1], b.descriptors)
+        verdict = _verify_oriented(a, b, mirror, near[mirror])
         if verdict.accepted:
             return verdict
         if verdict.inliers > best.inliers:
             best, mirrored = verdict, mirror
     if best.reason not in _TOO_FEW:
         return best
-    # the fine keypoints cost 4x a plain check: only the likelier mirror
-    fine = _verify_oriented(a.fine(), b.fine(), mirrored)
+    # the fine keypoints cost 3-4x a plain check: only the likelier mirror
+    fine = _verify_oriented(a.fine(), b.fine(), mirrored,
+                            _fine_nearest(a, b, mirrored, near[mirrored]))
     return fine if fine.accepted or fine.inliers > best.inliers else best
+
+
+@dataclass
+class Nearest:
+    """Each descriptor's two nearest among `columns` others, by Hamming
+    distance: d1 <= d2 (float64, inf where there are fewer) and their
+    indices i1, i2 (-1 where none)."""
+
+    d1: np.ndarray
+    i1: np.ndarray
+    d2: np.ndarray
+    i2: np.ndarray
+    columns: int
+
+    def pairs(self) -> np.ndarray:
+        """(k, 2) index pairs that pass Lowe's ratio test: knnMatch's with
+        k=2, in its order.  A row that passes has one nearest (d1 < RATIO
+        x d2 <= d2), so how ties are broken cannot matter."""
+        if len(self.d1) < 2 or self.columns < 2:
+            return np.zeros((0, 2), np.int64)
+        ok = np.flatnonzero(self.d1 < RATIO * self.d2)
+        return np.stack([ok, self.i1[ok]], axis=1).astype(np.int64)
+
+    def take(self, rows: np.ndarray, columns: np.ndarray) -> Nearest:
+        """These rows, their indices renumbered by `columns` (old index ->
+        new; -1 stays -1 when columns[-1] is -1)."""
+        return Nearest(self.d1[rows], columns[self.i1[rows]], self.d2[rows],
+                       columns[self.i2[rows]], self.columns)
+
+    def merged(self, other: Nearest) -> Nearest:
+        """The two nearest over both sets of columns (apart, their indices
+        of one numbering): the smaller of the firsts, and the smaller of
+        the other first and the two seconds."""
+        first = other.d1 < self.d1
+        d2 = np.minimum(np.maximum(self.d1, other.d1),
+                        np.minimum(self.d2, other.d2))
+        one_two = np.where(self.d1 <= other.d2, self.i1, other.i2)
+        two_one = np.where(other.d1 <= self.d2, other.i1, self.i2)
+        return Nearest(np.minimum(self.d1, other.d1),
+                       np.where(first, other.i1, self.i1), d2,
+                       np.where(first, one_two, two_one),
+                       self.columns + other.columns)
+
+
+def _nearest(da: np.ndarray, db: np.ndarray) -> Nearest:
+    """Each descriptor of da's two nearest in db.
+
+    One float32 matrix product of the bits as +-1 (a dot product is 256 -
+    2 x the Hamming distance; the sums are small integers, so exact), rows
+    in blocks that stay in the cache: 7.4 against cv2.BFMatcher.knnMatch's
+    11 ms for 1,000 x 1,000, 27 against 37 ms for the fine 2,000 x 2,000
+    (load 4).  The nearest is the first of equals, as knnMatch's."""
+    n = len(da)
+    d1, d2 = np.full(n, np.inf), np.full(n, np.inf)
+    i1, i2 = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    if n and len(db):
+        bits = 8 * da.shape[1]
+        signs_b = _signs(db).T.copy()
+        for start in range(0, n, MATCH_BLOCK):
+            dots = _signs(da[start:start + MATCH_BLOCK]) @ signs_b
+            rows, at = np.arange(len(dots)), slice(start, start + len(dots))
+            i1[at] = dots.argmax(axis=1)
+            d1[at] = (bits - dots[rows, i1[at]].astype(np.float64)) / 2
+            if len(db) > 1:
+                dots[rows, i1[at]] = -np.inf
+                i2[at] = dots.argmax(axis=1)
+                d2[at] = (bits - dots[rows, i2[at]].astype(np.float64)) / 2
+    return Nearest(d1, i1, d2, i2, len(db))
 
 
 def _ratio_matches(da: np.ndarray, db: np.ndarray) -> np.ndarray:
     """(k, 2) index pairs that pass the ratio test: each descriptor of da
-    with its nearest in db when that is nearer than RATIO x the second.
+    with its nearest in db when that is nearer than RATIO x the second."""
+    return _nearest(da, db).pairs()
 
-    The two nearest come from one float32 matrix product of the bits as
-    +-1 (a dot product is 256 - 2 x the Hamming distance; the sums are
-    small integers, so exact), rows in blocks that stay in the cache:
-    7.4 against cv2.BFMatcher.knnMatch's 11 ms for 1,000 x 1,000, 27
-    against 37 ms for the fine 2,000 x 2,000 (load 4).  The pairs are
-    knnMatch's, in its order: a row that passes has one nearest (d1 <
-    RATIO x d2 <= d2), so how ties are broken cannot matter."""
-    if len(da) < 2 or len(db) < 2:
-        return np.zeros((0, 2), np.int64)
-    bits = 8 * da.shape[1]
-    signs_b = _signs(db).T.copy()
-    signs_a = _signs(da)
-    out = []
-    for start in range(0, len(signs_a), MATCH_BLOCK):
-        dots = signs_a[start:start + MATCH_BLOCK] @ signs_b
-        rows = np.arange(len(dots))
-        first = dots.argmax(axis=1)
-        d1 = (bits - dots[rows, first].astype(np.float64)) / 2
-        dots[rows, first] = -np.inf
-        d2 = (bits - dots.max(axis=1).astype(np.float64)) / 2
-        ok = np.flatnonzero(d1 < RATIO * d2)
-        out.append(np.stack([ok + start, first[ok]], axis=1))
-    return np.concatenate(out).astype(np.int64).reshape(-1, 2)
+
+def _fine_nearest(a: Features, b: Features, mirror: bool,
+                  plain: Nearest) -> Nearest:
+    """The fine keypoints' two nearest (a's, of the mirror if asked, among
+    b's), taking from `plain` (the plain ones' two nearest) what it holds.
+
+    Most plain keypoints are fine ones (Features.fine_in_plain).  A fine
+    keypoint that is a plain one whose two nearest are both plain keypoints
+    of b that are fine ones has those two nearest among them too: only the
+    fine keypoints of b that are not plain ones remain to compare it with
+    (~1,000 x 1,000 of 2,000 x 2,000: 3 products of 1,000 x 1,000, not 4).
+    Exactly the two nearest of comparing all with all (the values, and
+    the nearest wherever it passes the ratio test)."""
+    da, db = a.fine().oriented(mirror)[1], b.fine().descriptors
+    rows, cols = a.fine_in_plain(mirror), b.fine_in_plain(False)
+    back = np.full(len(b.descriptors) + 1, -1, np.int64)  # plain -> fine; -1 -> -1
+    back[cols[cols >= 0]] = np.flatnonzero(cols >= 0)
+    known = rows >= 0
+    if known.any():  # ... and the plain two nearest both fine ones of b
+        k = rows[known]
+        known[known] = (back[plain.i1[k]] >= 0) & (back[plain.i2[k]] >= 0)
+    out = Nearest(np.empty(len(da)), np.empty(len(da), np.int64),
+                  np.empty(len(da)), np.empty(len(da), np.int64), len(db))
+    rest, known = np.flatnonzero(~known), np.flatnonzero(known)
+    new = np.flatnonzero(cols < 0)
+    both = plain.take(rows[known], back).merged(
+        _nearest(da[known], db[new]).take(slice(None), np.append(new, -1)))
+    rest_near = _nearest(da[rest], db)
+    for at, part in ((known, both), (rest, rest_near)):
+        out.d1[at], out.i1[at], out.d2[at], out.i2[at] = \
+            part.d1, part.i1, part.d2, part.i2
+    return out
 
 
 MATCH_BLOCK = 256  # rows of one product: 256 x 2,000 float32 stay in L2
@@ -3186,9 +3300,12 @@ def _signs(desc: np.ndarray) -> np.ndarray:
     return np.unpackbits(desc, axis=1).astype(np.float32) * 2 - 1
 
 
-def _verify_oriented(a: Features, b: Features, mirror: bool) -> Verdict:
-    points, desc = a.oriented(mirror)
-    pairs = _ratio_matches(desc, b.descriptors)
+def _verify_oriented(a: Features, b: Features, mirror: bool,
+                     near: Nearest) -> Verdict:
+    """One try: a (mirrored if asked) against b, given the two nearest of
+    each of a's keypoints among b's."""
+    points = a.oriented(mirror)[0]
+    pairs = near.pairs()
     if len(pairs) < MIN_INLIERS:
         return Verdict(False, "too few matching keypoints", len(pairs))
     src, dst = points[pairs[:, 0]], b.points[pairs[:, 1]]

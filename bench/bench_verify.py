@@ -187,26 +187,28 @@ def checks_table(made: list) -> str:
                  "found on first use counted in the check)")
 
 
-def load_other(path: str):
+def load_other(path: str, k: int = 0):
     """Another reverse_search.py, imported beside the one under test."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("reverse_search_against",
-                                                  os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(
+        f"reverse_search_against{k}", os.path.abspath(path))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
 
-def replay(path: str, against: str | None) -> int:
+def replay(path: str, against: list | None) -> int:
     """Every recorded check again, in its order, in one process (features
     found on first use, as in a run): is each verdict the recorded one, and
-    what does it cost?  With `against`, that version too, pair by pair
-    (which goes first alternates), so both see the same load."""
+    what does it cost?  With `against` (other reverse_search.py files),
+    those too, pair by pair (the order turns round at each pair), so all
+    see the same load."""
     with open(path, encoding="utf-8") as fh:
         recorded = json.load(fh)
-    tools = [("this", rs)] + ([("against", load_other(against))]
-                              if against else [])
+    tools = [("this", rs)] + [(os.path.basename(os.path.dirname(
+        os.path.abspath(path))) + "/" + os.path.basename(path),
+        load_other(path, k)) for k, path in enumerate(against or [])]
     verifiers = {name: m.Verifier(10 ** 9, cache_size=10 ** 6)
                  for name, m in tools}
     cpu = {(name, kind): 0.0 for name, _ in tools
@@ -214,7 +216,8 @@ def replay(path: str, against: str | None) -> int:
     differ = {name: [] for name, _ in tools}
     reasons = {name: 0 for name, _ in tools}
     for k, check in enumerate(recorded):
-        for name, _ in (tools if k % 2 == 0 else tools[::-1]):
+        turn = k % len(tools)
+        for name, _ in tools[turn:] + tools[:turn]:
             started = time.process_time()
             verdict = verifiers[name].check(check["a"], check["b"])
             took = time.process_time() - started
@@ -260,9 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--replay", metavar="FILE",
                     help="verify the checks recorded in FILE again: same "
                          "verdicts? CPU seconds (exit 1 if a verdict differs)")
-    ap.add_argument("--against", metavar="OLD.py",
+    ap.add_argument("--against", metavar="OLD.py", action="append",
                     help="with --replay: another reverse_search.py, pair by "
-                         "pair beside this one")
+                         "pair beside this one (may be given more than once)")
     args = ap.parse_args(argv)
     if rs._cv2() is None:
         print("OpenCV is not installed: pip install opencv-python-headless")

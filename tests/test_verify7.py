@@ -72,3 +72,84 @@ def test_matcher_is_knnmatch_on_real_keypoints(tmp_path):
             found.append(len(got))
     copies, others = found[:6], found[6:]
     assert min(copies[0], copies[3]) > 50 > max(others)
+
+
+def drawn_features(rng, plain_n, fine_extra, levels, shuffle):
+    """Features whose fine keypoints are some of the plain ones (with their
+    places and descriptors) plus others, in any order, repeats included:
+    what _fine_nearest must not trust blindly."""
+    values = rng.integers(0, 256, levels, dtype=np.uint8)
+
+    def drawn(n):
+        return (rng.integers(0, 40, (n, 2)).astype(np.float32),
+                values[rng.integers(0, levels, (n, 32))])
+    points, desc = drawn(plain_n)
+    keep = rng.random(plain_n) < 0.8
+    more_p, more_d = drawn(fine_extra)
+    fine_p = np.vstack([points[keep], more_p])
+    fine_d = np.vstack([desc[keep], more_d])
+    if len(fine_p) and shuffle:
+        order = rng.permutation(len(fine_p))
+        fine_p, fine_d = fine_p[order], fine_d[order]
+    grey = np.zeros((40, 40), np.uint8)
+    fine = rs.Features(40, 40, grey, fine_p, fine_d, fine_of=True)
+    return rs.Features(40, 40, grey, points, desc, _fine=fine)
+
+
+@settings(max_examples=60, deadline=None)
+@given(na=st.integers(0, 300), nb=st.integers(0, 300),
+       extra_a=st.integers(0, 300), extra_b=st.integers(0, 300),
+       levels=st.integers(1, 256), shuffle=st.booleans(),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_fine_nearest_is_all_against_all(na, nb, extra_a, extra_b, levels,
+                                         shuffle, seed):
+    """The fine try's two nearest taken partly from the plain try's are
+    those of comparing every fine keypoint with every other: the same
+    distances, and the same pairs through the ratio test."""
+    rng = np.random.default_rng(seed)
+    a = drawn_features(rng, na, extra_a, levels, shuffle)
+    b = drawn_features(rng, nb, extra_b, levels, shuffle)
+    plain = rs._nearest(a.descriptors, b.descriptors)
+    got = rs._fine_nearest(a, b, False, plain)
+    want = rs._nearest(a.fine().descriptors, b.fine().descriptors)
+    assert np.array_equal(got.d1, want.d1) and np.array_equal(got.d2, want.d2)
+    assert np.array_equal(got.pairs(), want.pairs())
+    assert np.array_equal(got.pairs(), knn_pairs(a.fine().descriptors,
+                                                 b.fine().descriptors))
+
+
+def test_fine_nearest_on_real_keypoints(tmp_path):
+    """Real pictures (a copy with text over it, a different picture), the
+    mirror too: the plain keypoints are mostly fine ones, and the fine
+    try's pairs are knnMatch's on all fine keypoints."""
+    im = photo(8, (720, 540))
+    im.save(tmp_path / "a.jpg", quality=90)
+    w, h = im.size
+    im.crop((0, 0, w * 3 // 4, h)).save(tmp_path / "b.jpg", quality=80)
+    photo(12, (600, 600)).save(tmp_path / "c.jpg", quality=85)
+    a, b, c = (rs.load_features(str(tmp_path / f"{n}.jpg"), 10 ** 9)
+               for n in "abc")
+    for other in (b, c):
+        for mirror in (False, True):
+            plain = rs._nearest(a.oriented(mirror)[1], other.descriptors)
+            got = rs._fine_nearest(a, other, mirror, plain)
+            fa = a.fine().oriented(mirror)[1]
+            assert np.array_equal(got.pairs(),
+                                  knn_pairs(fa, other.fine().descriptors))
+    shared = a.fine_in_plain(False)
+    assert (shared >= 0).sum() > 0.9 * len(a.descriptors)
+    assert len(set(shared[shared >= 0])) == (shared >= 0).sum()
+
+
+def test_same_keypoints_pairs_one_to_one():
+    """A keypoint in both sets is paired; one found twice in either set,
+    or absent, is not."""
+    pts = np.array([[1, 1], [2, 2], [3, 3], [4, 4]], np.float32)
+    desc = np.arange(4 * 32, dtype=np.uint8).reshape(4, 32)
+    plain = (pts[[0, 1, 2, 2]], desc[[0, 1, 2, 2]])   # the third twice
+    fine = (pts[[3, 1, 0, 2]], desc[[3, 1, 0, 2]])
+    assert rs._same_keypoints(fine, plain).tolist() == [-1, 1, 0, -1]
+    other = desc.copy()
+    other[1, 0] ^= 1  # same place, another descriptor: not the same
+    assert rs._same_keypoints((pts, other), (pts, desc)).tolist() == \
+        [0, -1, 2, 3]
