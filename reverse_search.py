@@ -8469,6 +8469,7 @@ class EdgeJudge:
         self.codes: dict = {}  # pair -> code of its nearest weak edge
         self.hash_of = flat.distinct_of_images()  # image -> its distinct hash
         self.accepted: set = set()  # frozensets of two distinct hashes
+        self.links: dict = {}  # position -> positions verified with it
 
     def _load_paths(self, positions) -> None:
         """Paths of image positions; None for a row an update removed
@@ -8492,6 +8493,8 @@ class EdgeJudge:
                                        self.paths[a], self.paths[b]))
             if self.verdicts[pair][1].accepted:
                 self.accepted.add(frozenset(self.hash_of[[a, b]].tolist()))
+                self.links.setdefault(a, []).append(b)
+                self.links.setdefault(b, []).append(a)
         return self.verdicts[pair][1].accepted
 
     def ahead(self, a: int, others: Iterable) -> None:
@@ -8613,7 +8616,9 @@ class EdgeJudge:
         a 180° turn near only a crop that led its group was split off
         (rot180 90.8 % grouped with its original, transpose 93.4 %).
         Those the lead refuses are then tried with copies of it (through()):
-        members of its `group` (positions) near it by the whole picture."""
+        members of its `group` (positions) near it by the whole picture.
+        A free member already verified with a member the lead took (by
+        its hash or its check) joins through that member (vouched())."""
         ks = np.flatnonzero(free)
         if not len(ks):
             return []
@@ -8623,8 +8628,28 @@ class EdgeJudge:
         found = [int(k) for k in order.tolist()
                  if self.check(lead, int(members[k]))]
         self.joined.update(frozenset((lead, int(members[k]))) for k in found)
+        found += self.vouched(lead, members, ks, found, group)
         refused = [int(k) for k in order.tolist() if int(k) not in found]
         return found + self.through_copies(lead, members, refused, group, most)
+
+    def vouched(self, lead: int, members: np.ndarray, free: np.ndarray,
+                found: list, group: Sequence) -> list:
+        """Indices of free members (not found) that a check made already
+        found to be the picture of a member the lead took (its `group`,
+        and those found): joined through it, with no check more.  Tough
+        corpus: a 180° turn verified with the original, which a post of it
+        led, was put in a group of its own (and so were a caption and a
+        text copy)."""
+        took = {int(p) for p in group} | {int(members[k]) for k in found}
+        took.add(lead)
+        out = []
+        for k in free.tolist():
+            member = int(members[k])
+            via = [c for c in self.links.get(member, ()) if c in took]
+            if k not in found and via:
+                out.append(k)
+                self.through[frozenset((lead, member))] = min(via)
+        return out
 
     def copies_of(self, lead: int, group: Sequence) -> np.ndarray:
         """Members of the lead's group within half the threshold of it by

@@ -4,6 +4,7 @@ verified with the query).  Real pictures drawn with Pillow in tmp_path."""
 
 import os
 
+import numpy as np
 import pytest
 
 from conftest import rs, run_json, write_params
@@ -82,3 +83,64 @@ def test_expansion_checks_are_bounded_per_query(chain, capsys, monkeypatch):
     code, doc = run_json(capsys, write_params(chain), "search")
     assert code == 0
     assert set(by_name(doc["queries"][0]["matches"])) == {"crop.jpg"}
+
+
+# --------------------------- find_duplicates: joined through a vouched link --
+
+def test_a_member_verified_with_the_leads_member_joins_with_no_check_more(
+        tmp_path, monkeypatch):
+    """The lead (a copy with text) refuses a turned crop; a check made
+    earlier (an edge's) found the turned crop to be the picture of the
+    original, which the lead took: it joins through the original, says so,
+    and no check is made for it but the lead's.  Without that earlier verdict (and with no
+    check through copies allowed) it stays out; an unrelated photo never
+    joins."""
+    from PIL import Image
+
+    from test_accuracy_crops import with_text
+    from test_verify import photo
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (tmp_path / "queries").mkdir()
+    original = photo(5)
+    with_text(original).save(imgs / "meme.jpg", quality=88)
+    original.save(imgs / "original.jpg", quality=92)
+    w, h = original.size
+    original.crop((40, 30, w - 40, h - 30)).transpose(
+        Image.Transpose.ROTATE_180).save(imgs / "turned.jpg", quality=90)
+    photo(21).save(imgs / "other.jpg", quality=90)
+    params = write_params(tmp_path)
+    assert rs.main(["build", "--params", params, "-q"]) == 0
+    cfg = rs.config_from(rs.read_params(params), params, {})
+    store = rs._open_store(cfg)
+    judge = rs.Judge(cfg, rs.Console(quiet=True))
+    monkeypatch.setattr(rs, "THROUGH_COPIES", 0)  # no check through copies
+    try:
+        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
+        rows = store.rows_by_id(int(i) for i in flat.ids)
+        at = {os.path.basename(rows[int(i)].path): p
+              for p, i in enumerate(flat.ids)}
+        members = np.array([at[n] for n in ("meme.jpg", "original.jpg",
+                                            "turned.jpg", "other.jpg")])
+        free = np.array([False, False, True, True])
+        lead = at["meme.jpg"]
+
+        def joiners(edges):
+            return edges.joiners(lead, members, free, group=members[:2])
+
+        assert joiners(rs.EdgeJudge(judge, flat, store,
+                                    cfg.distance_threshold)) == []
+        edges = rs.EdgeJudge(judge, flat, store, cfg.distance_threshold)
+        assert edges.check(at["original.jpg"], at["turned.jpg"])
+        asked = []
+        monkeypatch.setattr(judge, "check", lambda a, b: asked.append(
+            (a, b)) or rs.Judge.check(judge, a, b))
+        assert joiners(edges) == [2]
+        turned = [a + b for a, b in asked if "turned" in a + b]
+        assert len(turned) == 1 and "meme" in turned[0]  # the lead's only
+        how = edges.how(lead, at["turned.jpg"], -1)
+        assert how.stage == "keypoints through a copy" and how.verified
+        assert how.geometry.turn == 180
+    finally:
+        judge.close()
+        store.close()
