@@ -9361,12 +9361,20 @@ def farther_images(splits: list, flat: FlatIndex, engine, radius: int,
     group_of = np.repeat(np.arange(len(splits)), sizes)
     is_lead = np.zeros(len(members), dtype=bool)
     is_lead[np.cumsum(sizes) - sizes] = True
-    found = list(engine.cross(flat.hashes[members],
+    # each distinct hash asked once (members that share one: copies)
+    asked, of_member = np.unique(flat.distinct_of_images()[members],
+                                 return_inverse=True)
+    found = list(engine.cross(flat.distinct[asked],
                               radius + VERIFY_EXTRA_BITS))
     if not found:
         return [[] for _ in splits]
-    qi, pos, d = (np.concatenate([np.asarray(f[k], np.int64) for f in found])
+    ui, pos, d = (np.concatenate([np.asarray(f[k], np.int64) for f in found])
                   for k in range(3))
+    by = np.argsort(of_member, kind="stable")  # members of each asked hash
+    per = np.bincount(of_member, minlength=len(asked))
+    at = _expand((np.cumsum(per) - per)[ui], per[ui])
+    qi = by[at]
+    pos, d = np.repeat(pos, per[ui]), np.repeat(d, per[ui])
     at, images = flat.expand(pos)
     qi, d = qi[at], d[at]
     m = members[qi]

@@ -87,3 +87,4 @@ def test_pairs_sure_to_be_checked_are_checked_whatever_the_verdicts(seed):
     alone = [[p + 20 * g for p in ranked] for g, ranked in enumerate(farther)]
     assert len(rs.sure_reach(splits, alone)) == sum(
         min(len(r), rs.REACH_CHECKS) for r in alone)  # nothing shared
+
