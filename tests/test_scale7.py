@@ -88,3 +88,32 @@ def test_pairs_sure_to_be_checked_are_checked_whatever_the_verdicts(seed):
     assert len(rs.sure_reach(splits, alone)) == sum(
         min(len(r), rs.REACH_CHECKS) for r in alone)  # nothing shared
 
+
+
+@pytest.mark.parametrize("use", ["cross", "search", "pairs"])
+def test_a_cached_order_is_checked_when_its_table_is_first_used(use):
+    """A bucket table's order from a cache is checked on first use, not
+    when the engine is made: a right one gives what a fresh engine gives,
+    one that does not sort the hashes is refused (ValueError) by every
+    way of using the table."""
+    rng = np.random.default_rng(7)
+    hashes = np.unique(clustered(rng, 2000, 1), axis=0)
+    fresh = rs.MIHEngine(hashes, 64, 4)
+    queries = hashes[:200] ^ np.uint64(3)
+
+    def run(engine):
+        if use == "cross":
+            return [a.tolist() for a in next(engine.cross(queries, 5))]
+        if use == "search":
+            return [a.tolist() for a in engine.search(queries[0], 5)]
+        return [a.tolist() for a in next(engine.pairs(5))]
+    cached = rs.MIHEngine(hashes, 64, 4, [o.astype(np.int32)
+                                          for o in fresh.orders()])
+    assert all(c.bits <= fresh.table_bits for c in fresh.chunks)
+    assert not any(cached.checked)
+    assert run(cached) == run(fresh)
+    wrong = rs.MIHEngine(hashes, 64, 4, [np.roll(o, 1) for o in fresh.orders()])
+    with pytest.raises(ValueError):
+        run(wrong)
+    with pytest.raises(ValueError):  # out of range: refused at once
+        rs.MIHEngine(hashes, 64, 4, [o + 1 for o in fresh.orders()])
