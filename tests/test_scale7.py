@@ -115,5 +115,12 @@ def test_a_cached_order_is_checked_when_its_table_is_first_used(use):
     wrong = rs.MIHEngine(hashes, 64, 4, [np.roll(o, 1) for o in fresh.orders()])
     with pytest.raises(ValueError):
         run(wrong)
+    for k in range(len(fresh.chunks)):  # checked in blocks that overlap
+        again = rs.MIHEngine(hashes, 64, 4, fresh.orders())
+        again._trusted(k, block=7)
+        assert again.checked[k]
+        with pytest.raises(ValueError):
+            rs.MIHEngine(hashes, 64, 4, [np.roll(o, 1) for o in
+                                         fresh.orders()])._trusted(k, block=7)
     with pytest.raises(ValueError):  # out of range: refused at once
         rs.MIHEngine(hashes, 64, 4, [o + 1 for o in fresh.orders()])
