@@ -8029,16 +8029,19 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
                 weight = weights[p] if code >= WINDOW_CODE else 1
                 if weight < np.inf and d * weight <= radius:
                     _keep_best(found, p, d, weight, code, code)
+    turned = regions.turned and regions.scan_windows and flat.windows.shape[1]
     if regions.scan_windows and flat.windows.shape[1]:
-        for p, k, d in _scan_windows(flat.windows, whole,
-                                     code_radius(radius, WINDOW_CODE)):
+        near = window_hits(flat.windows, np.concatenate(
+            [whole[None, :], extra[:v] if turned else extra[:0]]),
+            code_radius(radius, WINDOW_CODE))
+        for p, k, d in near[0]:
             if weights[p] < np.inf and d * weights[p] <= radius:
                 _keep_best(found, p, d, weights[p], WINDOW_CODE + k, -1,
                            WINDOW_CODE + k)
-    if regions.turned and regions.scan_windows and flat.windows.shape[1]:
+    if turned:
         _search_turned(found, extra[:v], np.array([q for q, c in mine if
                                                    c >= WINDOW_CODE]),
-                       flat, radius, weights)
+                       flat, radius, weights, near[1:])
     for view in (regions.content, regions.windows):
         if view is None:
             continue
@@ -8058,13 +8061,17 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
 
 
 def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
-                   flat: FlatIndex, radius: int, weights: np.ndarray) -> None:
+                   flat: FlatIndex, radius: int, weights: np.ndarray,
+                   near: list | None = None) -> None:
     """Turned windows of one query (TURNED_CODE): its orientations against
-    the stored windows (the query is a turned crop), and the stored
-    orientations against its windows (a stored turned crop of the query)."""
+    the stored windows (the query is a turned crop; `near`: their
+    window_hits when the caller has them), and the stored orientations
+    against its windows (a stored turned crop of the query)."""
     r = code_radius(radius, WINDOW_CODE)
-    for k, query in enumerate(variants):
-        for p, w, d in _scan_windows(flat.windows, query, r):
+    if near is None:
+        near = window_hits(flat.windows, variants, r)
+    for k, hits in enumerate(near):
+        for p, w, d in hits:
             if weights[p] < np.inf and d * weights[p] <= radius:
                 _keep_best(found, p, d, weights[p], int(turned_code(k, w)), k,
                            WINDOW_CODE + w)
@@ -8091,6 +8098,31 @@ def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
             if weights[p] < np.inf and dist * weights[p] <= radius:
                 _keep_best(found, p, dist, weights[p], int(turned_code(k, w)),
                            WINDOW_CODE + w, k)
+
+
+def window_hits(windows: np.ndarray, queries: np.ndarray, radius: int,
+                block: int = 1 << 9) -> list:
+    """For each query, _scan_windows' list: [(image, window, bits)] of every
+    stored window within radius.  One-word hashes: one pass over the
+    windows for all queries, a block of 512 images (660 KB) at a time
+    while it is in the CPU's cache (8 queries over 100,000 images' 161
+    windows: 0.23-0.26 -> 0.17 s)."""
+    if windows.shape[2] != 1 or len(queries) < 2:
+        return [list(_scan_windows(windows, q, radius)) for q in queries]
+    hits = [[] for _ in queries]
+    ws = windows[:, :, 0]
+    xor = np.empty((min(block, len(ws)), ws.shape[1]), np.uint64)
+    d = np.empty(xor.shape, np.uint8)
+    for start in range(0, len(ws), block):
+        part = ws[start:start + block]
+        x, dd = xor[:len(part)], d[:len(part)]
+        for k, q in enumerate(queries[:, 0]):
+            np.bitwise_count(np.bitwise_xor(part, q, out=x), out=dd)
+            near = dd <= radius
+            if near.any():  # most blocks: no nonzero()
+                hits[k] += [(start + p, w, int(dd[p, w])) for p, w in
+                            zip(*(a.tolist() for a in np.nonzero(near)))]
+    return hits
 
 
 def _scan_windows(windows: np.ndarray, query: np.ndarray, radius: int,

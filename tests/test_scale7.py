@@ -124,3 +124,17 @@ def test_a_cached_order_is_checked_when_its_table_is_first_used(use):
                                          fresh.orders()])._trusted(k, block=7)
     with pytest.raises(ValueError):  # out of range: refused at once
         rs.MIHEngine(hashes, 64, 4, [o + 1 for o in fresh.orders()])
+
+
+@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("block", [3, 512])
+def test_window_hits_are_each_querys_scan(words, block):
+    """window_hits: for each query, what _scan_windows yields, in its order
+    (image, then window), one word or more, blocks of any size."""
+    rng = np.random.default_rng(words)
+    windows = clustered(rng, 300 * 20, words, flips=2).reshape(300, 20, words)
+    queries = np.concatenate([windows[[3, 70, 71], 5],
+                              clustered(rng, 4, words)])
+    got = rs.window_hits(windows, queries, 5, block)
+    want = [list(rs._scan_windows(windows, q, 5)) for q in queries]
+    assert got == want and sum(map(len, want)) > 3
