@@ -138,3 +138,21 @@ def test_window_hits_are_each_querys_scan(words, block):
     got = rs.window_hits(windows, queries, 5, block)
     want = [list(rs._scan_windows(windows, q, 5)) for q in queries]
     assert got == want and sum(map(len, want)) > 3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("budget", [1 << 6, 1 << 10, 1 << 18])
+def test_a_one_word_cross_in_small_windows_equals_brute_force(seed, budget):
+    """_cross_word, its candidates cut into windows of any size: every pair
+    within the radius once, in (query, hash) order, as brute force finds."""
+    rng = np.random.default_rng(seed)
+    hashes = np.unique(clustered(rng, 3000, 1), axis=0)
+    queries = np.concatenate([clustered(rng, 500, 1), hashes[:300]])
+    engine = rs.MIHEngine(hashes, 64, 3)
+    got = [(int(a), int(b), int(c)) for i, j, d in
+           engine._cross_word(queries[:, 0], 5, budget=budget)
+           for a, b, c in zip(i, j, d)]
+    d = np.bitwise_count(queries[:, None, 0] ^ hashes[None, :, 0])
+    i, j = np.nonzero(d <= 5)
+    assert got == [(a, b, int(d[a, b])) for a, b in zip(i.tolist(), j.tolist())]
+    assert len(got) > 300
