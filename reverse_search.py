@@ -10584,10 +10584,11 @@ def _review_handler(session: ReviewSession, token: str, port_of, nonce: str):
             try:
                 query = self.check(post)
                 route = urlsplit(self.path).path
-                if post:
-                    self.do_change(route)
-                else:
-                    self.do_read(route, query)
+                with self.server.answering():
+                    if post:
+                        self.do_change(route)
+                    else:
+                        self.do_read(route, query)
             except ReviewRefused as exc:
                 self.send_json({"error": str(exc)}, exc.status)
             except ReverseSearchError as exc:
@@ -10722,6 +10723,7 @@ class ReviewServer:
     def __init__(self, session: ReviewSession, port: int, idle: float):
         import http.server
         import secrets
+        import threading
         self.token = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(16)
         handler = _review_handler(session, self.token, lambda: self.port, nonce)
@@ -10738,8 +10740,10 @@ class ReviewServer:
                 f"free port each run.") from None
         self.httpd.daemon_threads = True
         self.httpd.touch, self.httpd.stop = self.touch, self.stop
+        self.httpd.answering = self.answering
         self.port = self.httpd.server_address[1]
         self.idle, self.last = idle, time.monotonic()
+        self.busy, self.busy_lock = 0, threading.Lock()  # requests answered now
         self.why = "idle"
 
     @property
@@ -10748,6 +10752,21 @@ class ReviewServer:
 
     def touch(self) -> None:
         self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def answering(self):
+        """While a request is answered the server is not idle, however long
+        the answer takes (the map of a large collection, a frozen
+        executable's first import of scikit-learn); quiet starts when the
+        last answer has gone."""
+        with self.busy_lock:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.busy_lock:
+                self.busy -= 1
+                self.touch()
 
     def stop(self, why: str) -> None:
         """Stop serving (from a request's thread: serve_forever must not
@@ -10762,7 +10781,7 @@ class ReviewServer:
         import threading
 
         def watch():
-            while time.monotonic() - self.last < self.idle:
+            while self.busy or time.monotonic() - self.last < self.idle:
                 time.sleep(min(1.0, self.idle / 10))
             self.httpd.shutdown()
         threading.Thread(target=watch, daemon=True).start()
