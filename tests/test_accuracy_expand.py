@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import rs, run_json, write_params
+from test_accuracy_crops import meme  # noqa: F401 (a fixture used here)
 from test_candidates import crop, phone_screenshot, photo
 
 pytest.importorskip("cv2")
@@ -88,28 +89,14 @@ def test_expansion_checks_are_bounded_per_query(chain, capsys, monkeypatch):
 # --------------------------- find_duplicates: joined through a vouched link --
 
 def test_a_member_verified_with_the_leads_member_joins_with_no_check_more(
-        tmp_path, monkeypatch):
+        meme, monkeypatch):
     """The lead (a copy with text) refuses a turned crop; a check made
     earlier (an edge's) found the turned crop to be the picture of the
     original, which the lead took: it joins through the original, says so,
-    and no check is made for it but the lead's.  Without that earlier verdict (and with no
-    check through copies allowed) it stays out; an unrelated photo never
-    joins."""
-    from PIL import Image
-
-    from test_accuracy_crops import with_text
-    from test_verify import photo
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    (tmp_path / "queries").mkdir()
-    original = photo(5)
-    with_text(original).save(imgs / "meme.jpg", quality=88)
-    original.save(imgs / "original.jpg", quality=92)
-    w, h = original.size
-    original.crop((40, 30, w - 40, h - 30)).transpose(
-        Image.Transpose.ROTATE_180).save(imgs / "turned.jpg", quality=90)
-    photo(21).save(imgs / "other.jpg", quality=90)
-    params = write_params(tmp_path)
+    and no check is made for it but the lead's.  Without that earlier
+    verdict (and with no check through copies allowed) it stays out; an
+    unrelated photo never joins."""
+    params = write_params(meme)
     assert rs.main(["build", "--params", params, "-q"]) == 0
     cfg = rs.config_from(rs.read_params(params), params, {})
     store = rs._open_store(cfg)
