@@ -8776,12 +8776,15 @@ class EdgeJudge:
         if not len(copies) or not refused:
             return []
         found, left = [], most
-        # every refused member against every copy in one call (5,245 calls
-        # at 100,000 images: 5.7 -> 0.5 s)
+        # every refused member against every copy in one call, none for one
+        # copy (100,000 images: 5,245 calls -> 4,073 -> 2,897, 1.3 s of CPU
+        # left; 37 % of the leads there have one copy)
         far = np.asarray([int(members[k]) for k in refused], dtype=np.int64)
-        nearest = np.argsort(self.flat.match_distances(
-            np.repeat(far, len(copies)), np.tile(copies, len(far))).effective
-            .reshape(len(far), len(copies)), axis=1, kind="stable")
+        nearest = np.zeros((len(far), 1), dtype=np.int64) if len(copies) == 1 \
+            else np.argsort(self.flat.match_distances(
+                np.repeat(far, len(copies)), np.tile(copies, len(far)))
+                .effective.reshape(len(far), len(copies)), axis=1,
+                kind="stable")
         for k, member, by in zip(refused, far.tolist(), nearest):
             near = copies[by[:THROUGH_COPIES]]
             for copy in near.tolist():
