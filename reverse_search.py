@@ -8614,11 +8614,22 @@ class EdgeJudge:
 
     def solid(self, a, b, bits) -> np.ndarray:
         """Whole-hash distances that vouch: pictures with detail enough, or
-        within half the (adaptive) limit (see Judge)."""
-        d = self.flat.detail
+        within half the (adaptive) limit (see Judge); a framed picture's
+        only within a quarter of it.  Its whole hash is much its frame's:
+        captions, posts or screenshots of different pictures in one layout
+        lie within the threshold of each other (a white caption band over
+        30 photos: 13 of them in one group, 8-12 bits apart)."""
+        d, bits = self.flat.detail, np.asarray(bits)
         least = np.minimum(d[a], d[b])
-        return (least >= DETAIL_FULL) | (
-            2 * np.asarray(bits) <= pair_threshold(self.radius, least, least))
+        limit = pair_threshold(self.radius, least, least)
+        framed = self.framed[a] | self.framed[b]
+        return np.where(framed, 4 * bits <= limit,
+                        (least >= DETAIL_FULL) | (2 * bits <= limit))
+
+    @functools.cached_property
+    def framed(self) -> np.ndarray:
+        """Images whose content box is not the whole picture."""
+        return self.flat.boxes != np.uint64(FULL_BOX_WORD)
 
     def _same_hash(self) -> tuple:
         """(a, b) image positions joining each image to the first image of
