@@ -7493,6 +7493,28 @@ VERIFY_EXTRA_BITS = 6
 VERIFY_PER_QUERY = 24
 
 
+class Candidate(NamedTuple):
+    """A query's hit the judge decides on: the stored row, the hit, the
+    pair's (adaptive) limit, the lesser of the two pictures' detail, and
+    whether either is framed (see Judge.wants_check)."""
+
+    row: ImageRow
+    hit: Hit
+    limit: float
+    detail: float
+    framed: bool
+
+
+def framed(extra: bytes | None, spec: HashSpec) -> bool:
+    """Whether a picture's content box, stored among its extra hashes, is
+    not the whole picture (a frame, a band, a page around it)."""
+    if not extra or not spec.content_count:
+        return False
+    size = 8 * spec.words
+    at = (spec.variant_count + spec.centre_count + 1) * size
+    return int.from_bytes(extra[at:at + size], "big") != FULL_BOX_WORD
+
+
 class Judge:
     """Which hash candidates become matches.  fast: every one within the
     threshold.  verified: a whole-picture hash within the threshold is
@@ -7523,21 +7545,27 @@ class Judge:
     def extra_bits(self) -> int:
         return VERIFY_EXTRA_BITS if self.verifier else 0
 
-    def wants_check(self, hit: Hit, limit, detail: float) -> bool:
+    def wants_check(self, hit: Hit, limit, detail: float,
+                    framed: bool = False) -> bool:
         """Whether __call__ verifies this hit (budget aside).  detail: the
         lesser of the two pictures' detail_bits; below DETAIL_FULL even a
         whole-hash match is verified (dark frames with one blob collide: 4
         of the tough corpus's 150 distractors), unless within half the
-        limit (their copies are: dark frames verify badly)."""
+        limit (their copies are: dark frames verify badly).  framed: either
+        picture's content box is not the whole of it; its whole hash is
+        then much the frame's (one caption band or app page over different
+        pictures), so it vouches only within a quarter of the limit."""
         strong = hit.effective <= limit and hit.code < 0 and (
+            4 * hit.bits <= limit if framed else
             detail >= DETAIL_FULL or 2 * hit.bits <= limit)
         return self.verifier is not None and not strong
 
     def __call__(self, path_a: str, path_b: str, hit: Hit, limit,
-                 detail: float = DETAIL_FULL) -> How | None:
+                 detail: float = DETAIL_FULL, framed: bool = False
+                 ) -> How | None:
         stage = stage_of(hit.code)
         region = MATCH_NAMES[hit.code] if hit.code >= 0 else None
-        if not self.wants_check(hit, limit, detail):
+        if not self.wants_check(hit, limit, detail, framed):
             return How(stage, region) if hit.effective <= limit else None
         if self.left <= 0:
             return None
@@ -7552,10 +7580,11 @@ class Judge:
 
     def planned(self, path: str, candidates: Iterable) -> list:
         """Pairs __call__ is sure to verify for one query, given its
-        candidates (row, hit, limit, detail) in the order it sees them: the
-        first VERIFY_PER_QUERY it wants (more when some find copies)."""
-        return [(path, row.path) for row, hit, limit, detail in candidates
-                if self.wants_check(hit, limit, detail)][:VERIFY_PER_QUERY]
+        Candidates in the order it sees them: the first VERIFY_PER_QUERY it
+        wants (more when some find copies)."""
+        return [(path, c.row.path) for c in candidates
+                if self.wants_check(c.hit, c.limit, c.detail, c.framed)
+                ][:VERIFY_PER_QUERY]
 
     def check(self, path_a: str, path_b: str) -> Verdict:
         """The verdict on a pair, checked once per run (expand() asks again
@@ -7829,11 +7858,12 @@ def query_result(cfg: Config, judge: Judge, result: HashResult,
                         hash_hex(result.hash, cfg.spec.bits),
                         error=result.error)
     judge.next_query()
-    for row, hit, limit, detail in candidates:
-        how = judge(result.path, row.path, hit, limit, detail)
+    for c in candidates:
+        how = judge(result.path, c.row.path, c.hit, c.limit, c.detail,
+                    c.framed)
         if how is not None:
-            query.matches.append(_match(row, cfg.spec.bits, hit.bits,
-                                        hit.code, how))
+            query.matches.append(_match(c.row, cfg.spec.bits, c.hit.bits,
+                                        c.hit.code, how))
     query.matches.sort(key=lambda m: (m.distance, m.path))
     if cfg.stop_on_first_match:
         query.matches = query.matches[:1]
@@ -7886,8 +7916,7 @@ class Expansion:
         self.hashes = {(result.hash, result.extra)}  # searched already
 
     def run(self, candidates: list) -> None:
-        copies = [row for row, _, _, _ in candidates
-                  if row.path in self.tried]
+        copies = [c.row for c in candidates if c.row.path in self.tried]
         searched = 0
         while copies and searched < EXPAND_COPIES and self.left > 0:
             copies = self.fresh(copies)[:EXPAND_COPIES - searched]
@@ -7964,11 +7993,11 @@ class Expansion:
 
 
 def _candidates(cfg: Config, result: HashResult, hits: dict, rows: dict,
-                marks: set) -> Iterator[tuple]:
-    """(row, hit, limit, detail) of a query's hits, nearest first, that the
-    judge decides on: not removed by an update since the search, not marked
-    "not a duplicate"."""
-    radius = cfg.distance_threshold
+                marks: set) -> Iterator[Candidate]:
+    """The Candidates of a query's hits, nearest first, that the judge
+    decides on: not removed by an update since the search, not marked "not
+    a duplicate"."""
+    radius, boxed = cfg.distance_threshold, framed(result.extra, cfg.spec)
     for image, hit in sorted(hits.items(), key=lambda kv: kv[1].effective):
         row = rows.get(image)
         if row is None:  # removed by an update since the search
@@ -7977,7 +8006,8 @@ def _candidates(cfg: Config, result: HashResult, hits: dict, rows: dict,
             if cfg.adaptive_threshold else radius
         if marks and frozenset((result.path, row.path)) in marks:
             continue
-        yield row, hit, limit, min(result.detail, row.detail)
+        yield Candidate(row, hit, limit, min(result.detail, row.detail),
+                        boxed or framed(row.extra, cfg.spec))
 
 
 def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,

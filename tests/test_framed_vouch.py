@@ -39,3 +39,21 @@ def test_one_layout_over_different_pictures_is_not_a_group(tmp_path, capsys):
     pictures = [{re.sub(r"\D", "", n) for n in g} for g in groups]
     assert all(len(p) == 1 for p in pictures), groups  # one picture each
     assert ["meme1.jpg", "photo1.jpg"] in groups, groups
+
+
+def test_a_search_with_one_layout_finds_only_its_picture(tmp_path, capsys):
+    """The same in a search: a meme as the query finds its own copy (and
+    the photo under its band), not the other pictures of the template."""
+    imgs, queries = tmp_path / "imgs", tmp_path / "queries"
+    imgs.mkdir()
+    queries.mkdir()
+    for seed in range(2, 17):
+        captioned(picture(seed)).save(imgs / f"meme{seed}.jpg", quality=90)
+    captioned(picture(1)).resize((320, 360)).save(imgs / "meme1_small.jpg")
+    picture(1).save(imgs / "photo1.jpg", quality=90)
+    captioned(picture(1)).save(queries / "meme1.jpg", quality=90)
+    code, doc = run_json(capsys, write_params(tmp_path), "search")
+    assert code == 0
+    found = sorted(os.path.basename(m["path"])
+                   for m in doc["queries"][0]["matches"])
+    assert found == ["meme1_small.jpg", "photo1.jpg"], found
