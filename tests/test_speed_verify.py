@@ -149,6 +149,7 @@ def edge_judge(n, judge, same=None):
     first = np.array([int(np.flatnonzero(same == h)[0]) if (same == h).any()
                       else 0 for h in range(n)], np.int64)
     flat = types.SimpleNamespace(ids=np.arange(n), detail=np.full(n, 4.0),
+                                 boxes=np.full(n, rs.FULL_BOX_WORD, np.uint64),
                                  distinct_of_images=lambda: same,
                                  first_images=lambda: first)
     store = types.SimpleNamespace(rows_by_id=lambda ids: {
