@@ -3253,12 +3253,6 @@ def _nearest(da: np.ndarray, db: np.ndarray) -> Nearest:
     return Nearest(d1, i1, d2, i2, len(db))
 
 
-def _ratio_matches(da: np.ndarray, db: np.ndarray) -> np.ndarray:
-    """(k, 2) index pairs that pass the ratio test: each descriptor of da
-    with its nearest in db when that is nearer than RATIO x the second."""
-    return _nearest(da, db).pairs()
-
-
 def _fine_nearest(a: Features, b: Features, mirror: bool,
                   plain: Nearest) -> Nearest:
     """The fine keypoints' two nearest (a's, of the mirror if asked, among
@@ -7505,6 +7499,19 @@ class Candidate(NamedTuple):
     framed: bool
 
 
+def vouches(bits, limit, detail, framed):
+    """Whether a whole-hash distance within the limit counts without a
+    check on the pixels (verified mode), for scalars or arrays alike:
+    pictures with detail enough, or within half the limit (dark frames with
+    one blob collide: 4 of the tough corpus's 150 distractors; their copies
+    verify badly); a framed picture only within a quarter of it (its whole
+    hash is much its frame's: one caption band over 30 photos put 13 of
+    them in one group, 8-12 bits apart)."""
+    bits = np.asarray(bits)
+    return np.where(framed, 4 * bits <= limit,
+                    (np.asarray(detail) >= DETAIL_FULL) | (2 * bits <= limit))
+
+
 def framed(extra: bytes | None, spec: HashSpec) -> bool:
     """Whether a picture's content box, stored among its extra hashes, is
     not the whole picture (a frame, a band, a page around it)."""
@@ -7547,17 +7554,12 @@ class Judge:
 
     def wants_check(self, hit: Hit, limit, detail: float,
                     framed: bool = False) -> bool:
-        """Whether __call__ verifies this hit (budget aside).  detail: the
-        lesser of the two pictures' detail_bits; below DETAIL_FULL even a
-        whole-hash match is verified (dark frames with one blob collide: 4
-        of the tough corpus's 150 distractors), unless within half the
-        limit (their copies are: dark frames verify badly).  framed: either
-        picture's content box is not the whole of it; its whole hash is
-        then much the frame's (one caption band or app page over different
-        pictures), so it vouches only within a quarter of the limit."""
-        strong = hit.effective <= limit and hit.code < 0 and (
-            4 * hit.bits <= limit if framed else
-            detail >= DETAIL_FULL or 2 * hit.bits <= limit)
+        """Whether __call__ verifies this hit (budget aside): any but a
+        whole-hash match within the limit that vouches().  detail: the
+        lesser of the two pictures' detail_bits; framed: either picture's
+        content box is not the whole of it."""
+        strong = hit.effective <= limit and hit.code < 0 and \
+            bool(vouches(hit.bits, limit, detail, framed))
         return self.verifier is not None and not strong
 
     def __call__(self, path_a: str, path_b: str, hit: Hit, limit,
@@ -8643,18 +8645,12 @@ class EdgeJudge:
                              and None not in (self.paths[a], self.paths[b])])
 
     def solid(self, a, b, bits) -> np.ndarray:
-        """Whole-hash distances that vouch: pictures with detail enough, or
-        within half the (adaptive) limit (see Judge); a framed picture's
-        only within a quarter of it.  Its whole hash is much its frame's:
-        captions, posts or screenshots of different pictures in one layout
-        lie within the threshold of each other (a white caption band over
-        30 photos: 13 of them in one group, 8-12 bits apart)."""
-        d, bits = self.flat.detail, np.asarray(bits)
+        """Whole-hash distances that vouch() at the pair's (adaptive)
+        limit."""
+        d = self.flat.detail
         least = np.minimum(d[a], d[b])
-        limit = pair_threshold(self.radius, least, least)
-        framed = self.framed[a] | self.framed[b]
-        return np.where(framed, 4 * bits <= limit,
-                        (least >= DETAIL_FULL) | (2 * bits <= limit))
+        return vouches(bits, pair_threshold(self.radius, least, least), least,
+                       self.framed[a] | self.framed[b])
 
     @functools.cached_property
     def framed(self) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Cheaper checks, the same verdicts.
 
-The matcher (_ratio_matches) must give exactly the pairs OpenCV's
+The matcher (_nearest(...).pairs()) must give exactly the pairs OpenCV's
 BFMatcher(NORM_HAMMING).knnMatch(k=2) with the ratio test gives, in the
 same order: RANSAC's seeded generator then sees the same input, and the
 verdict is the same.  No timings here (bench/bench_verify.py --replay
@@ -43,7 +43,7 @@ def test_matcher_is_knnmatch_on_drawn_descriptors(n, m, levels, seed):
         flips = rng.integers(0, 2, (n // 2, 32), dtype=np.uint8) << \
             rng.integers(0, 8, (n // 2, 32), dtype=np.uint8)
         da[: n // 2] = db[near] ^ (flips * (rng.random((n // 2, 32)) < .05))
-    got = rs._ratio_matches(da, db)
+    got = rs._nearest(da, db).pairs()
     assert got.dtype == np.int64 and got.shape[1] == 2
     assert np.array_equal(got, knn_pairs(da, db))
 
@@ -67,7 +67,7 @@ def test_matcher_is_knnmatch_on_real_keypoints(tmp_path):
         for da, db in ((a.descriptors, b.descriptors),
                        (a.oriented(True)[1], b.descriptors),
                        (a.fine().descriptors, b.fine().descriptors)):
-            got = rs._ratio_matches(da, db)
+            got = rs._nearest(da, db).pairs()
             assert np.array_equal(got, knn_pairs(da, db))
             found.append(len(got))
     copies, others = found[:6], found[6:]
