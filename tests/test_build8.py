@@ -1,0 +1,124 @@
+"""Hashing made cheaper: what may change, by how much, and what must not.
+
+The region windows' products run in BLAS (another order of sums than
+before): their hashes must stay within rounding of the same products in
+extended precision, and near the plain pHash of each window's crop.  A
+picture refused for its size is never decoded, whatever its format."""
+
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT, rs
+from test_speed_build import photo
+
+
+def reference_windows(a: np.ndarray, size: int) -> list:
+    """The window hashes from the same products as _phash_windows, summed
+    in extended precision (np.longdouble) in numpy's own loops."""
+    wide = np.longdouble
+    ys = rs._span_matrix(a.shape[0], size).astype(wide)
+    xs = rs._span_matrix(a.shape[1], size).astype(wide)
+    rows = np.einsum("ij,jk->ik", ys, a.astype(wide))
+    k = len(rs.WINDOW_SPANS)
+    low = np.einsum("ij,kj->ik", rows, xs).reshape(k, size, k, size)
+    hashes = []
+    for x, y in rs.WINDOWS:
+        block = low[rs.WINDOW_SPANS.index(y), :, rs.WINDOW_SPANS.index(x), :]
+        values = block.astype(np.float64).ravel()
+        hashes.append(rs._bits_to_ints((values > np.median(values))[None])[0])
+    return hashes
+
+
+def bits(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def photos() -> list:
+    """Grey photo-like pictures of the shapes hashing meets (after the
+    decode at 1/8 and the reduction: 96 to 191 pixels on the short side),
+    and a picture on a flat page, whose page windows are nearly flat."""
+    shapes = [(144, 96), (96, 144), (191, 250), (120, 120), (100, 380)]
+    ims = [photo(k + 3, size).convert("L") for k, size in enumerate(shapes)]
+    page = Image.new("L", (150, 220), 245)
+    page.paste(photo(9, (110, 80)).convert("L"), (20, 90))
+    return ims + [page]
+
+
+def test_blas_windows_equal_extended_precision_but_for_rounding():
+    """Of the 161 windows of each picture, nearly all are the same hash as
+    the products in extended precision; a near tie at the median may flip
+    a few bits, never many."""
+    spec = rs.HashSpec()
+    differ = 0
+    for im in photos():
+        got = rs.window_hashes(im, spec)
+        want = reference_windows(np.asarray(im, dtype=np.float64), spec.size)
+        assert len(got) == len(want) == len(rs.WINDOWS)
+        distances = [bits(g, w) for g, w in zip(got, want)]
+        differ += sum(d > 0 for d in distances)
+        assert max(distances) <= 4, distances
+    assert differ <= 2  # of 966 window hashes
+
+
+def test_blas_windows_stay_near_each_crops_plain_phash():
+    """A window is the pHash of its crop in floating point (Pillow rounds
+    after each pass): within 4 bits for every window, 0-2 for most."""
+    spec = rs.HashSpec()
+    for im in photos()[:3]:
+        w, h = im.size
+        got = rs.window_hashes(im, spec)
+        near = 0
+        for ((x0, x1), (y0, y1)), value in zip(rs.WINDOWS, got):
+            left, top = round(x0 * w), round(y0 * h)
+            crop = im.crop((left, top, max(left + 1, round(x1 * w)),
+                            max(top + 1, round(y1 * h))))
+            plain = rs.hash_to_int(rs.phash_numpy(crop, spec.size))
+            assert bits(value, plain) <= 4
+            near += bits(value, plain) <= 2
+        assert near >= 0.9 * len(got)
+
+
+def write_png(path, width: int, height: int) -> None:
+    """A black 1-bit PNG of width x height, written a row at a time (a
+    large one is small on disk and huge once decoded)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + \
+            struct.pack(">I", zlib.crc32(kind + body))
+    pack = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    idat = b"".join(pack.compress(row) for _ in range(height)) + pack.flush()
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+            ">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+PEAK = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import reverse_search as rs
+job = rs.HashJob(rs.HashSpec(), int(sys.argv[3]), 2**30)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = rs.hash_file(rs.HashTask(sys.argv[2]), job)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(after - before, result.error)
+"""
+
+
+def test_a_png_over_the_pixel_limit_is_never_decoded(tmp_path):
+    """Its EXIF could follow the pixels, so asking Pillow for it decoded
+    them all: 12000 x 12000 pixels took 140 MB before it was refused."""
+    path = tmp_path / "bomb.png"
+    write_png(path, 12000, 12000)
+    out = subprocess.run([sys.executable, "-c", PEAK, ROOT, str(path),
+                          "1000000"], capture_output=True, text=True,
+                         check=True).stdout
+    grew_kb, error = out.strip().split(" ", 1)
+    assert error.startswith("too many pixels: 12000x12000")
+    assert int(grew_kb) < 40_000, out  # decoded: 103,524 KB more
