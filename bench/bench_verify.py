@@ -106,7 +106,9 @@ def costs(paths: list, corpus: str) -> dict:
 
 
 # who asked for a check: the first of these functions on the stack
-CALLERS = (("trusted", "find_duplicates: lead with its members"),
+CALLERS = (("through_copies", "find_duplicates: refused member with a copy of the lead"),
+           ("reach_further", "find_duplicates: reach past the group"),
+           ("trusted", "find_duplicates: lead with its members"),
            ("joiners", "find_duplicates: lead with linked members"),
            ("how", "find_duplicates: report line"),
            ("duplicate_groups", "find_duplicates: edges"),
