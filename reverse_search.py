@@ -7527,6 +7527,126 @@ def framed(extra: bytes | None, spec: HashSpec) -> bool:
     return int.from_bytes(extra[at:at + size], "big") != FULL_BOX_WORD
 
 
+VERDICTS_NAME = "verdicts.idx"  # in bk_dir: verdicts of earlier runs
+VERDICTS_KEPT = 250_000  # most recent verdicts kept (~150 bytes each)
+
+
+def program_stamp() -> str:
+    """What this program is, for caches whose content its code decides: the
+    script's SHA-256 (any edit is another program), or the executable's
+    size and time when frozen (no script file to read there)."""
+    if getattr(sys, "frozen", False):
+        st = os.stat(sys.executable)
+        return f"exe:{st.st_size}:{st.st_mtime_ns}"
+    with open(__file__, "rb") as fh:
+        return "py:" + hashlib.sha256(fh.read()).hexdigest()
+
+
+def _file_stamp(path: str) -> str:
+    """A file as a verdict depends on it: its path and what changes when its
+    bytes do (size, times, inode); "" when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0" \
+           f"{st.st_ino}"
+
+
+def _verdict_json(verdict: Verdict) -> list:
+    g = verdict.geometry
+    return [verdict.accepted, verdict.reason, verdict.inliers, None if g is None
+            else [g.inner, list(g.box), g.scale, g.turn, g.angle, g.mirror,
+                  g.share, g.inliers, list(g.outer_size)]]
+
+
+def _verdict_of(item: list) -> Verdict:
+    accepted, reason, inliers, g = item
+    if g is not None:
+        inner, box, scale, turn, angle, mirror, share, gin, outer = g
+        g = Geometry(str(inner), tuple(box), float(scale), int(turn),
+                     float(angle), bool(mirror), float(share), int(gin),
+                     tuple(outer))
+    return Verdict(bool(accepted), str(reason), int(inliers), g)
+
+
+class VerdictMemory:
+    """Verdicts of earlier runs, so that find_duplicates or a search run
+    again (after review, after an update that added a few files) checks on
+    the pixels only the pairs it has not checked before.
+
+    A verdict is kept under a digest of the program (program_stamp: another
+    version checks afresh), max_image_pixels and both files' stamps
+    (_file_stamp: a file rewritten, replaced or moved is checked again).
+    The file (bk_dir/verdicts.idx) is a cache like the index: signed with
+    the database's key, JSON and arrays only (nothing unpickled), written
+    fresh and renamed into place; damaged or another program's, it is
+    ignored and rewritten."""
+
+    def __init__(self, path: str, key: bytes, rules: str):
+        self.path, self.key, self.rules = path, key, rules
+        self.known: dict = {}  # digest -> verdict as JSON, oldest first
+        self.stamps: dict = {}  # path -> _file_stamp
+        self.changed = False
+        self.remembered = 0  # checks of this run answered from the file
+        with contextlib.suppress(Exception):  # unreadable: start empty
+            self._load()
+
+    def _load(self) -> None:
+        header, arrays = read_container(self.path, self.key)
+        if header.get("format") != "verdicts" or \
+                header.get("rules") != self.rules:
+            return  # another program's verdicts: checked afresh
+        items = json.loads(arrays["items"].tobytes().decode("utf-8"))
+        digests = arrays["digests"]
+        if len(items) == len(digests) and digests.shape[1:] == (16,):
+            self.known = dict(zip((d.tobytes() for d in digests), items))
+
+    def _digest(self, path_a: str, path_b: str) -> bytes | None:
+        for p in (path_a, path_b):
+            if p not in self.stamps:
+                self.stamps[p] = _file_stamp(p)
+        a, b = self.stamps[path_a], self.stamps[path_b]
+        if not a or not b:
+            return None  # a file gone: its check says so, never remembered
+        text = f"{self.rules}\0{a}\0\0{b}"
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
+                               digest_size=16).digest()
+
+    def get(self, path_a: str, path_b: str) -> Verdict | None:
+        digest = self._digest(path_a, path_b)
+        item = self.known.get(digest) if digest else None
+        if item is None:
+            return None
+        self.remembered += 1
+        return _verdict_of(item)
+
+    def put(self, path_a: str, path_b: str, verdict: Verdict) -> None:
+        digest = self._digest(path_a, path_b)
+        if digest is not None:
+            self.known.pop(digest, None)  # newest last: the oldest go first
+            self.known[digest] = _verdict_json(verdict)
+            self.changed = True
+
+    def save(self, say) -> None:
+        if not self.changed:
+            return
+        kept = list(self.known.items())[-VERDICTS_KEPT:]
+        digests = np.frombuffer(b"".join(d for d, _ in kept), dtype=np.uint8
+                                ).reshape(len(kept), 16)
+        text = json.dumps([item for _, item in kept]).encode("utf-8")
+        try:
+            write_container(self.path, {"format": "verdicts",
+                                        "rules": self.rules},
+                            {"digests": digests,
+                             "items": np.frombuffer(text, dtype=np.uint8)},
+                            self.key)
+        except OSError as exc:
+            say(f"cannot save the checks made ({self.path}: "
+                f"{exc.strerror or exc}; check bk_dir): the next run makes "
+                f"them again.")
+
+
 class Judge:
     """Which hash candidates become matches.  fast: every one within the
     threshold.  verified: a whole-picture hash within the threshold is
@@ -7544,6 +7664,8 @@ class Judge:
         self.pool: VerifyPool | None = None
         self.ready: dict = {}  # (path a, path b) -> Verdict found ahead
         self.verdicts: dict = {}  # (path a, path b) -> Verdict, as checked
+        self.memory: VerdictMemory | None = None
+        self.say = ui.notice
         if cfg.matching == "verified":
             if _cv2() is None:
                 ui.notice("OpenCV is not installed (pip install "
@@ -7556,6 +7678,14 @@ class Judge:
     @property
     def extra_bits(self) -> int:
         return VERIFY_EXTRA_BITS if self.verifier else 0
+
+    def remember(self, cfg: Config, key: bytes) -> None:
+        """Take the verdicts of earlier runs from bk_dir (VerdictMemory)
+        and keep this run's there when it closes."""
+        if self.verifier is not None:
+            self.memory = VerdictMemory(
+                os.path.join(cfg.bk_dir, VERDICTS_NAME), key,
+                f"{program_stamp()}\0{cfg.max_image_pixels}")
 
     def wants_check(self, hit: Hit, limit, detail: float,
                     framed: bool = False) -> bool:
@@ -7598,26 +7728,48 @@ class Judge:
         for pairs a query refused, to skip them)."""
         key = (path_a, path_b)
         if key not in self.verdicts:
-            self.verdicts[key] = self.ready.pop(key, None) or \
-                self.verifier.check(path_a, path_b)
+            verdict = self.ready.pop(key, None) or self._recalled(key)
+            if verdict is None:
+                verdict = self.verifier.check(path_a, path_b)
+                if self.memory is not None:
+                    self.memory.put(path_a, path_b, verdict)
+            self.verdicts[key] = verdict
         return self.verdicts[key]
+
+    def _recalled(self, pair: tuple) -> Verdict | None:
+        return None if self.memory is None else self.memory.get(*pair)
 
     def prefetch(self, pairs: list) -> None:
         """Verify these pairs now, spread over the workers; check() takes
         the verdicts.  Only pairs certain to be checked are given, so no
         work is wasted and the results are those of checking one by one."""
-        pairs = list(dict.fromkeys(p for p in pairs if p not in self.ready))
+        pairs = list(dict.fromkeys(p for p in pairs if p not in self.ready
+                                   and p not in self.verdicts))
+        if self.memory is not None:
+            for pair in pairs:
+                if (verdict := self.memory.get(*pair)) is not None:
+                    self.ready[pair] = verdict
+            pairs = [p for p in pairs if p not in self.ready]
         if self.verifier is None or self.workers <= 1 or len(pairs) < 2:
             return  # one check: as fast here, when check() asks for it
         if self.pool is None:
             self.pool = VerifyPool(self.job, self.workers).__enter__()
         for found in self.pool.map([VerifyTask(a, b) for a, b in pairs]):
             self.ready[(found.path_a, found.path_b)] = found.verdict
+            if self.memory is not None:
+                self.memory.put(found.path_a, found.path_b, found.verdict)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.__exit__(None, None, None)
             self.pool = None
+        if self.memory is not None:
+            if self.memory.remembered:
+                self.say(f"{self.memory.remembered} checks on the pixels "
+                         f"remembered from an earlier run "
+                         f"({self.memory.path}).")
+            self.memory.save(self.say)
+            self.memory = None
         if self.verifier is not None:
             _VERIFIERS.pop(self.job.run, None)  # the features, for the GC
 
@@ -7752,6 +7904,7 @@ def op_search(run: Run, ui: Console) -> SearchReport:
     store, judge = ready_store(cfg, ui), None
     try:
         judge = Judge(cfg, ui)
+        judge.remember(cfg, cache_key(store))
         reach = cfg.distance_threshold + judge.extra_bits  # the judge decides
         results = hash_queries(cfg, paths)
         store.snapshot()  # the index and the rows it names: one state
@@ -9002,6 +9155,7 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
         regions = flat.region_engines(cfg.engine, radius, True, bktree)
         adaptive = cfg.adaptive_threshold
         judge = Judge(cfg, ui)
+        judge.remember(cfg, flat.key)
         regions.turned = judge.verifier is not None  # each one is verified
         edges = EdgeJudge(judge, flat, store, radius) if judge.verifier else None
         components = duplicate_groups(flat, engine, radius, adaptive, regions,
