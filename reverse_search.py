@@ -7739,6 +7739,16 @@ class Judge:
     def _recalled(self, pair: tuple) -> Verdict | None:
         return None if self.memory is None else self.memory.get(*pair)
 
+    def known(self, path_a: str, path_b: str) -> Verdict | None:
+        """check()'s verdict when it is found already (checked, verified
+        ahead, or remembered from an earlier run), else None: nothing is
+        checked."""
+        key = (path_a, path_b)
+        found = self.verdicts.get(key) or self.ready.get(key)
+        if found is None and (found := self._recalled(key)) is not None:
+            self.ready[key] = found  # as prefetch() takes it: counted once
+        return found
+
     def prefetch(self, pairs: list) -> None:
         """Verify these pairs now, spread over the workers; check() takes
         the verdicts.  Only pairs certain to be checked are given, so no
@@ -8777,16 +8787,21 @@ class EdgeJudge:
     def check(self, a: int, b: int) -> bool:
         pair = frozenset((a, b))
         if pair not in self.verdicts:
-            self._load_paths((a, b))
-            gone = self.paths[a] is None or self.paths[b] is None
-            self.verdicts[pair] = (a, Verdict(False, "no longer stored") if gone
-                                   else self.judge.check(
-                                       self.paths[a], self.paths[b]))
-            if self.verdicts[pair][1].accepted:
+            verdict = self._verdict(a, b)
+            if verdict is None:  # a Rehearsal's pair not checked yet
+                return False
+            self.verdicts[pair] = (a, verdict)
+            if verdict.accepted:
                 self.accepted.add(frozenset(self.hash_of[[a, b]].tolist()))
                 self.links.setdefault(a, []).append(b)
                 self.links.setdefault(b, []).append(a)
         return self.verdicts[pair][1].accepted
+
+    def _verdict(self, a: int, b: int) -> Verdict | None:
+        self._load_paths((a, b))
+        if self.paths[a] is None or self.paths[b] is None:
+            return Verdict(False, "no longer stored")
+        return self.judge.check(self.paths[a], self.paths[b])
 
     def ahead(self, a: int, others: Iterable) -> None:
         """Verify together the pairs (a, b) for b in others not yet checked:
@@ -8798,9 +8813,13 @@ class EdgeJudge:
         once: one round to the workers, not one per lead."""
         pairs = [(int(a), int(b)) for a, b in pairs]
         self._load_paths([p for pair in pairs for p in pair])
-        self.judge.prefetch([(self.paths[a], self.paths[b]) for a, b in pairs
-                             if frozenset((a, b)) not in self.verdicts
-                             and None not in (self.paths[a], self.paths[b])])
+        self.prefetch([(self.paths[a], self.paths[b]) for a, b in pairs
+                       if frozenset((a, b)) not in self.verdicts
+                       and None not in (self.paths[a], self.paths[b])])
+
+    def prefetch(self, pairs: list) -> None:
+        """Verify these (path a, path b) pairs ahead, in the workers."""
+        self.judge.prefetch(pairs)
 
     def solid(self, a, b, bits) -> np.ndarray:
         """Whole-hash distances that vouch() at the pair's (adaptive)
@@ -8823,6 +8842,14 @@ class EdgeJudge:
         return first, np.arange(len(first), dtype=np.int64)
 
     def __call__(self, edges: Edges) -> np.ndarray:
+        # std corpus: 151 of its 171 checks verified in the first round
+        # (_sure's rounds of up to 64 pairs, one after another, before)
+        rehearse(self, lambda twin: twin.keep(edges), hope=True)
+        return self.keep(edges)
+
+    def keep(self, edges: Edges) -> np.ndarray:
+        """Which edges stand: weak ones that would join two groups are
+        verified, nearest first."""
         keep = (edges.code == -1) & self.solid(edges.a, edges.b, edges.bits)
         # images of one hash start in one group: else a mirrored copy was
         # verified against each of them (std corpus: 898 -> 245 checks in all,
@@ -8850,7 +8877,7 @@ class EdgeJudge:
             if self.judge.workers > 1 and frozenset((a, b)) not in \
                     self.verdicts and (self.paths[a], self.paths[b]) \
                     not in self.judge.ready:
-                self.judge.prefetch(self._sure(edges, order, i, find))
+                self.prefetch(self._sure(edges, order, i, find))
             if self.check(a, b):
                 roots[max(ra, rb)] = min(ra, rb)
                 keep[k] = True
@@ -9029,6 +9056,69 @@ class EdgeJudge:
         return geometry
 
 
+class Rehearsal(EdgeJudge):
+    """An EdgeJudge that checks nothing, to plan with (rehearse): a copy of
+    the real one's state (nothing it does reaches the real one) whose
+    check() takes a verdict found already, and notes a pair not checked yet
+    in `wanted`, taking it as refused, or as accepted when it is told to
+    hope (where most pairs checked are copies)."""
+
+    def __init__(self, real: EdgeJudge, hope: bool):  # a copy: no super()
+        self.__dict__.update(real.__dict__)
+        for name in ("verdicts", "through", "codes"):
+            setattr(self, name, dict(getattr(real, name)))
+        for name in ("joined", "farther", "accepted"):
+            setattr(self, name, set(getattr(real, name)))
+        self.links = {p: list(v) for p, v in real.links.items()}
+        self.wanted: list = []
+        self.hope = hope
+
+    def _verdict(self, a: int, b: int) -> Verdict | None:
+        self._load_paths((a, b))
+        key = (self.paths[a], self.paths[b])
+        if None in key:
+            return super()._verdict(a, b)
+        found = self.judge.known(*key)
+        if found is None:
+            self.wanted.append(key)
+            if self.hope:
+                return Verdict(True, "hoped")
+        return found
+
+    def prefetch(self, pairs: list) -> None:
+        pass  # what it would check is in `wanted`
+
+
+# rehearse() stops after this many rounds, or at a round that would verify
+# fewer pairs than REHEARSE_LEAST: a rehearsal of EdgeJudge.keep costs
+# 0.1-0.2 s on the std corpus, more than two checks done at once save
+# (30-100 ms each); the phase then checks those few as it did before.
+REHEARSALS, REHEARSE_LEAST = 8, 8
+
+
+def rehearse(edges: EdgeJudge, phase, hope: bool) -> None:
+    """Verify ahead, together, in the workers, the pairs a phase of
+    find_duplicates will check one after another: phase(twin) runs it with
+    a Rehearsal; the pairs it asked for and could not have are verified in
+    one round; again with the verdicts found, until it asks for few.  A
+    pair's verdict is the same wherever it is computed, and the phase then
+    runs with the real EdgeJudge, so the results are those of checking one
+    by one.  Hope (unknown verdicts taken as accepted) asks for no pair the
+    phase does not check where an accepted pair only ever joins groups
+    (EdgeJudge.keep: groups joined in hope hold those joined in fact, so
+    an edge left apart in hope is left apart in fact); else refused is the
+    likelier guess (a farther image is mostly another picture)."""
+    if edges.judge.workers <= 1:
+        return
+    for _ in range(REHEARSALS):
+        twin = Rehearsal(edges, hope)
+        phase(twin)
+        wanted = list(dict.fromkeys(twin.wanted))
+        if len(wanted) < REHEARSE_LEAST:
+            return
+        edges.prefetch(wanted)
+
+
 @dataclass
 class Group:
     images: list  # of Match; the first leads, `keep` marks the one kept
@@ -9180,10 +9270,8 @@ def op_find_duplicates(run: Run, ui: Console) -> DuplicatesReport:
                 [np.asarray(ranks[k], dtype=np.int64) for k in want], flat,
                 radius, adaptive, edges)):
             tables[k] = table
-        splits = []
-        for ranked, table in zip(ranks, tables):
-            splits += split_group(ranked, flat, radius, rows, marks, connected,
-                                  adaptive, edges, table)
+        splits = split_all(ranks, tables, flat, radius, rows, marks,
+                           connected, adaptive, edges)
         if edges is not None:
             further = flat.engine(cfg.engine, radius + VERIFY_EXTRA_BITS,
                                   True, bktree)
@@ -9462,6 +9550,20 @@ def split_group(members: list, flat: FlatIndex, radius: int, rows: dict,
     return representative_groups(near, leads, rows, marks)
 
 
+def split_all(ranks: list, tables: list, flat: FlatIndex, radius: int,
+              rows: dict, marks: set, connected: bool, adaptive: bool,
+              edges: EdgeJudge | None) -> list:
+    """split_group of each component (ranked members, NearTable or None),
+    rehearsed first in verified mode."""
+    def split(judge: EdgeJudge | None) -> list:
+        return [g for ranked, table in zip(ranks, tables)
+                for g in split_group(ranked, flat, radius, rows, marks,
+                                     connected, adaptive, judge, table)]
+    if edges is not None:  # std corpus: 39 of 167 checks in this process -> 2
+        rehearse(edges, split, hope=True)
+    return split(edges)
+
+
 @dataclass
 class Nearness:
     """Which members of a component lie within the threshold of one."""
@@ -9602,10 +9704,20 @@ def reach_further(splits: list, flat: FlatIndex, engine, radius: int,
     group, each checked with the lead, and at most REACH_CHECKS more checks
     with copies of it); their rows are added to `rows`.  `engine` answers
     within radius + VERIFY_EXTRA_BITS (any exact engine)."""
-    taken = {p for g in splits for p in g}
-    out = []
     farther = farther_images(splits, flat, engine, radius, adaptive)
     edges.ahead_pairs(sure_reach(splits, farther))
+    # std corpus: 126 of its 189 checks were made in this process one by
+    # one (through_copies, after each lead's) while the workers waited: 0
+    rehearse(edges, lambda twin: _reach(splits, farther, flat, twin, dict(rows),
+                                        store, marks), hope=False)
+    return _reach(splits, farther, flat, edges, rows, store, marks)
+
+
+def _reach(splits: list, farther: list, flat: FlatIndex, edges: EdgeJudge,
+           rows: dict, store, marks: set) -> list:
+    """reach_further, given each group's farther_images."""
+    taken = {p for g in splits for p in g}
+    out = []
     for group, ranked in zip(splits, farther):
         lead = group[0]
         near = np.array([p for p in ranked if p not in taken][:REACH_CHECKS],
