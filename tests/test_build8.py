@@ -1,9 +1,11 @@
 """Hashing made cheaper: what may change, by how much, and what must not.
 
-The region windows' products run in BLAS (another order of sums than
-before): their hashes must stay within rounding of the same products in
-extended precision, and near the plain pHash of each window's crop.  A
-picture refused for its size is never decoded, whatever its format."""
+The region windows' products run in BLAS in float32 (another order of
+sums than before, and rounder): their hashes must stay within rounding of
+the same products in extended precision, and near the plain pHash of each
+window's crop.  The content box's line tests and the packing of hashes,
+rewritten to take fewer numpy calls, must give what they gave.  A picture
+refused for its size is never decoded, whatever its format."""
 
 import os
 import struct
@@ -12,6 +14,7 @@ import sys
 import zlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import ROOT, rs
@@ -22,8 +25,8 @@ def reference_windows(a: np.ndarray, size: int) -> list:
     """The window hashes from the same products as _phash_windows, summed
     in extended precision (np.longdouble) in numpy's own loops."""
     wide = np.longdouble
-    ys = rs._span_matrix(a.shape[0], size).astype(wide)
-    xs = rs._span_matrix(a.shape[1], size).astype(wide)
+    ys = rs._span_matrix(a.shape[0], size, np.float64).astype(wide)
+    xs = rs._span_matrix(a.shape[1], size, np.float64).astype(wide)
     rows = np.einsum("ij,jk->ik", ys, a.astype(wide))
     k = len(rs.WINDOW_SPANS)
     low = np.einsum("ij,kj->ik", rows, xs).reshape(k, size, k, size)
@@ -122,3 +125,72 @@ def test_a_png_over_the_pixel_limit_is_never_decoded(tmp_path):
     grew_kb, error = out.strip().split(" ", 1)
     assert error.startswith("too many pixels: 12000x12000")
     assert int(grew_kb) < 40_000, out  # decoded: 103,524 KB more
+
+
+def plain_lines_by_histogram(a: np.ndarray) -> np.ndarray:
+    """_plain_lines as first written: a 64-bin histogram of each row."""
+    n = len(a)
+    bins = np.bincount((a // 4 + 64 * np.arange(n)[:, None]).ravel(),
+                       minlength=64 * n).reshape(n, 64)
+    spread = bins[:, :-2] + bins[:, 1:-1] + bins[:, 2:]
+    background = spread.max(axis=1) >= 0.5 * a.shape[1]
+    smooth = (np.abs(np.diff(a, axis=1)) <= 3).mean(axis=1) >= 0.9
+    return background | smooth
+
+
+def edge_runs_by_marks(a: np.ndarray, step: int = 8) -> np.ndarray:
+    """_edge_runs as first written: each run's start and end marked."""
+    pad = np.vstack([a[:1], a, a[-1:]])
+    edge = np.abs(pad[2:] - pad[:-2]) >= step
+    n, m = edge.shape
+    marks = np.zeros((n, m + 2), dtype=np.int8)
+    marks[:, 1:-1] = edge
+    steps = np.diff(marks, axis=1)
+    rows, starts = np.nonzero(steps == 1)
+    _, ends = np.nonzero(steps == -1)
+    best = np.zeros(n, dtype=np.int64)
+    np.maximum.at(best, rows, ends - starts)
+    return best / m
+
+
+def page_pixels() -> list:
+    """Grey pixels as content_box meets them: photos, a photo on a page
+    with a caption band, bands of 12 levels, stripes, flat and tiny."""
+    rng = np.random.default_rng(5)
+    page = np.full((150, 110), 240, dtype=np.int16)
+    page[30:120, 10:100] = np.asarray(photo(11, (90, 90)).convert("L"))
+    page[5:12, 15:80] = 20  # a caption line
+    bands = np.repeat(np.arange(0, 256, 6, dtype=np.int16)[:, None], 90, 1)
+    bands[::7, ::3] += rng.integers(0, 14, bands[::7, ::3].shape,
+                                    dtype=np.int16)
+    np.minimum(bands, 255, out=bands)
+    stripes = np.tile((np.arange(97) % 9 * 28).astype(np.int16), (40, 1))
+    arrays = [np.asarray(im, dtype=np.int16) for im in photos()]
+    arrays += [page, bands, stripes, np.full((30, 31), 7, dtype=np.int16),
+               rng.integers(0, 256, (33, 64), dtype=np.int16),
+               np.zeros((1, 1), dtype=np.int16),
+               rng.integers(0, 256, (5, 2), dtype=np.int16)]
+    return arrays + [a.T for a in arrays] + [a[::-1, 1:] for a in arrays
+                                              if a.shape[1] > 1]
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_plain_lines_and_edge_runs_equal_their_first_forms():
+    """The cheaper forms judge every line as the first ones did (so every
+    content box is the same), along rows and along columns."""
+    for a in page_pixels():
+        assert np.array_equal(rs._plain_lines(a), plain_lines_by_histogram(a))
+        assert np.array_equal(rs._edge_runs(a), edge_runs_by_marks(a))
+
+
+def test_hashes_pack_into_the_same_words():
+    rng = np.random.default_rng(2)
+    values = [0, 1, 2**63, 2**64 - 1] + \
+        [int(v) for v in rng.integers(0, 2**63, 168, dtype=np.int64)]
+    for bits in (9, 64):
+        kept = [v % 2**bits for v in values]
+        assert rs.pack_hashes(kept, bits) == b"".join(
+            v.to_bytes(8, "big") for v in kept)
+    assert rs.pack_hashes([], 64) == b""
+    assert rs.pack_hashes([2**70 + 5], 128) == (2**70 + 5).to_bytes(16, "big")
