@@ -194,3 +194,33 @@ def test_hashes_pack_into_the_same_words():
             v.to_bytes(8, "big") for v in kept)
     assert rs.pack_hashes([], 64) == b""
     assert rs.pack_hashes([2**70 + 5], 128) == (2**70 + 5).to_bytes(16, "big")
+
+
+def hashed_image_by_image(path: str, spec) -> tuple:
+    """Every hash of `path` with each function reading the prepared image
+    itself (hash_image_bytes hands them the grey pixels it read once)."""
+    im = Image.open(path)
+    rs.draft(im, spec)
+    orientation = rs._exif_orientation(im)
+    im, outer = rs.prepare_image(im, spec, orientation, with_box=True)
+    value, variants, centres = rs.whole_hashes(im, spec)
+    return value, variants, centres, rs.content_hashes(
+        im, spec, value, outer) + rs.window_hashes(im, spec)
+
+
+def test_pixels_read_once_give_every_hash_as_the_image_does(tmp_path):
+    """Trimmed borders, a picture on a page, EXIF turns, greys, a palette,
+    transparency and odd shapes: the same hashes either way."""
+    from test_speed_build import draw_collection
+    names = draw_collection(tmp_path / "imgs")
+    spec = rs.HashSpec(orientations=True, centres=True, content=True,
+                       windows=True)
+    boxed = 0
+    for name in names:
+        path = str(tmp_path / "imgs" / name)
+        with open(path, "rb") as fh:
+            hashed = rs.hash_image_bytes(fh.read(), spec, 10**9)
+        got = (hashed.hash, hashed.variants, hashed.centres, hashed.regions)
+        assert got == hashed_image_by_image(path, spec), name
+        boxed += hashed.regions[1] != rs.FULL_BOX_WORD
+    assert boxed >= 1  # the page's picture was found in it
