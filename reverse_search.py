@@ -4932,6 +4932,238 @@ def _dedupe_pairs(found: list, n: int):
     yield i[first], j[first], d[first]
 
 
+# ---- block files: arrays read in part, each block checked when first read ----
+#
+# A search of a large collection reads a few thousand scattered blocks of
+# its tables (search.idx), not the whole file: reading and MACing all of
+# hashes.idx was 8 of the 10 s of one search at 1,000,000 images.  So a
+# block file is checked a block at a time.  Layout: BLOCK_MAGIC padded to
+# one block; each array's bytes from a block boundary, zero-padded to the
+# next; then each array's block digests (the first DIGEST_BYTES of the
+# SHA-256 of each BLOCK_BYTES of it); then the header (JSON) and its length
+# (8 bytes, little-endian).  The header names every array (dtype, shape,
+# where it starts, where its digests start, the SHA-256 of its digests) and
+# carries an HMAC-SHA256 of itself keyed by the database's secret, as
+# write_container's do.  Trust is a chain: the header's MAC (the key), then
+# an array's digests against the header's SHA-256 of them, then a block
+# against its digest (a second preimage of a truncated SHA-256: 2^128 work,
+# against the 2^256 of the whole-file MAC, which no one can do either).  A
+# block is copied out of the file into the reader's own memory and checked
+# there, and only that copy is used, so the file changing after the check
+# changes nothing (as read_container's one read did).  A changed, cut or
+# crafted file raises CacheDamaged before any of its wrong bytes is used.
+
+BLOCK_MAGIC = b"REVERSE-SEARCH-BLOCKS\n"
+BLOCK_BYTES = 4096  # the least a scattered read costs (one page)
+DIGEST_BYTES = 16
+
+
+class CacheDamaged(ValueError):
+    """A block file that is not what this tool wrote (ValueError: any
+    cache loader's 'damaged, rebuild it')."""
+
+
+def _block_digests(raw: np.ndarray) -> bytes:
+    """The digest of each BLOCK_BYTES of raw (uint8), concatenated; the
+    last block zero-padded, as the file holds it."""
+    view, sha = memoryview(raw), hashlib.sha256
+    full = len(raw) - len(raw) % BLOCK_BYTES
+    out = [sha(view[at:at + BLOCK_BYTES]).digest()[:DIGEST_BYTES]
+           for at in range(0, full, BLOCK_BYTES)]
+    if full < len(raw):
+        out.append(sha(bytes(view[full:]).ljust(BLOCK_BYTES, b"\0"))
+                   .digest()[:DIGEST_BYTES])
+    return b"".join(out)
+
+
+def write_blocks(path: str, header: dict, arrays: dict, key: bytes) -> None:
+    """A block file of `arrays` (name -> array, or a function making it,
+    called when it is written so only one is in memory at a time), created
+    fresh and renamed into place."""
+    import hmac
+
+    def write(fh):
+        fh.write(BLOCK_MAGIC.ljust(BLOCK_BYTES, b"\0"))
+        at, layout, digests = BLOCK_BYTES, {}, []
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array() if callable(array) else array)
+            if array.dtype.kind not in "uif" or array.ndim < 1:
+                raise ValueError(f"{name}: not a plain array")
+            raw = array.reshape(-1).view(np.uint8)
+            pad = -len(raw) % BLOCK_BYTES
+            fh.write(raw.data)
+            fh.write(b"\0" * pad)
+            digests.append(_block_digests(raw))
+            layout[name] = {"dtype": array.dtype.str, "shape": list(array.shape),
+                            "at": at, "digests": hashlib.sha256(
+                                digests[-1]).hexdigest()}
+            at += len(raw) + pad
+        for spec, digest in zip(layout.values(), digests):
+            spec["digests_at"] = at
+            fh.write(digest)
+            at += len(digest)
+        blob = json.dumps(dict(header, arrays=layout, block=BLOCK_BYTES,
+                               mac=MAC_HOLE)).encode("utf-8")
+        mac = hmac.new(key, blob, "sha256").hexdigest().encode()
+        hole = blob.rindex(MAC_HOLE.encode())  # "mac" is the last key
+        fh.write(blob[:hole] + mac + blob[hole + len(mac):])
+        fh.write(len(blob).to_bytes(8, "little"))
+    _atomic_write(path, write, binary=True, sync=True)
+
+
+@dataclass
+class _BlockArray:
+    """One array of a block file: where it lies, and what is checked."""
+
+    dtype: np.dtype
+    shape: tuple
+    at: int
+    nbytes: int
+    digests: np.ndarray   # (blocks, DIGEST_BYTES) uint8, checked
+    own: np.ndarray       # (nbytes,) uint8: the checked copy of each block
+    checked: np.ndarray   # (blocks,) bool
+
+    def view(self) -> np.ndarray:
+        return self.own[:self.nbytes].view(self.dtype).reshape(self.shape)
+
+
+def _own_pages(nbytes: int) -> np.ndarray:
+    """nbytes of zeroed memory, given a page when first written: np.empty
+    of a large array asks for huge pages, and a few thousand scattered
+    blocks then took 2 MB each (100,000 images: 2.1 s and 970 MB)."""
+    import mmap
+    memory = mmap.mmap(-1, max(1, nbytes))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, np.uint8, nbytes)
+
+
+class BlockFile:
+    """A block file opened for reading: its header checked, its arrays
+    read in part (take, ranges) or whole, each block checked on first use.
+    Only arrays of plain numbers: nothing is unpickled or executed."""
+
+    def __init__(self, path: str, key: bytes):
+        import mmap
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < BLOCK_BYTES + 8 or \
+                    fh.read(len(BLOCK_MAGIC)) != BLOCK_MAGIC:
+                raise CacheDamaged("not a block file")
+            fh.seek(size - 8)
+            length = int.from_bytes(fh.read(8), "little")
+            if not 0 < length < min(2**24, size - BLOCK_BYTES - 8):
+                raise CacheDamaged("damaged header")
+            fh.seek(size - 8 - length)
+            blob = fh.read(length)
+            self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.header = self._checked_header(blob, key)
+        self.size, self.raw = size - 8 - length, np.frombuffer(self.map, np.uint8)
+        self.arrays: dict = {}
+
+    @staticmethod
+    def _checked_header(blob: bytes, key: bytes) -> dict:
+        import hmac
+        try:
+            header = json.loads(blob.decode("utf-8"))
+            mac = header["mac"]
+            hole = blob.rindex(mac.encode())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CacheDamaged("damaged header") from None
+        blank = blob[:hole] + MAC_HOLE.encode() + blob[hole + len(mac):]
+        if len(mac) != len(MAC_HOLE) or not hmac.compare_digest(
+                hmac.new(key, blank, "sha256").hexdigest(), mac):
+            raise CacheDamaged("checksum does not match")
+        if header.get("block") != BLOCK_BYTES or \
+                not isinstance(header.get("arrays"), dict):
+            raise CacheDamaged("from another version")
+        return header
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.header["arrays"]
+
+    def _array(self, name: str) -> _BlockArray:
+        """The array's record, its digests checked (on its first use)."""
+        if name in self.arrays:
+            return self.arrays[name]
+        spec = self.header["arrays"].get(name)
+        try:
+            dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
+            at, dat = int(spec["at"]), int(spec["digests_at"])
+        except (TypeError, KeyError, ValueError):
+            raise CacheDamaged(f"no array {name}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        blocks = -(-nbytes // BLOCK_BYTES)
+        if dtype.kind not in "uif" or min(shape, default=0) < 0 or \
+                BLOCK_BYTES % dtype.itemsize or at % BLOCK_BYTES or \
+                not BLOCK_BYTES <= at <= at + blocks * BLOCK_BYTES <= self.size or \
+                not 0 <= dat <= dat + blocks * DIGEST_BYTES <= self.size:
+            raise CacheDamaged(f"array {name} out of place")
+        digests = bytes(self.raw[dat:dat + blocks * DIGEST_BYTES])
+        if hashlib.sha256(digests).hexdigest() != spec.get("digests"):
+            raise CacheDamaged(f"array {name}: digests do not match")
+        record = _BlockArray(dtype, shape, at, nbytes, np.frombuffer(
+            digests, np.uint8).reshape(blocks, DIGEST_BYTES),
+            _own_pages(blocks * BLOCK_BYTES), np.zeros(blocks, bool))
+        self.arrays[name] = record
+        return record
+
+    def _check(self, a: _BlockArray, blocks: np.ndarray) -> None:
+        """Copy the blocks (sorted, unique) not checked yet out of the file
+        in one step, then check each copy against its digest (one copy
+        and a compare for all: 14,000 blocks 0.32 -> 0.05 s)."""
+        todo = blocks[~a.checked[blocks]]
+        if not len(todo):
+            return
+        own = a.own.reshape(-1, BLOCK_BYTES)
+        own[todo] = self.raw[a.at:a.at + len(own) * BLOCK_BYTES].reshape(
+            -1, BLOCK_BYTES)[todo]
+        sha = hashlib.sha256
+        got = b"".join([sha(own[b]).digest()[:DIGEST_BYTES]
+                        for b in todo.tolist()])
+        if not np.array_equal(np.frombuffer(got, np.uint8).reshape(
+                -1, DIGEST_BYTES), a.digests[todo]):
+            raise CacheDamaged("a block does not match its digest")
+        a.checked[todo] = True
+
+    def shape(self, name: str) -> tuple:
+        return self._array(name).shape
+
+    def whole(self, name: str) -> np.ndarray:
+        """The whole array, every block checked."""
+        a = self._array(name)
+        self._check(a, np.arange(len(a.checked)))
+        return a.view()
+
+    def take(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Elements `index` of a 1-D array (only their blocks checked)."""
+        a = self._array(name)
+        index = np.asarray(index, np.int64)
+        if len(a.shape) != 1 or len(index) and (
+                index.min() < 0 or index.max() >= a.shape[0]):
+            raise CacheDamaged("an index out of range")
+        self._check(a, np.unique(index * a.dtype.itemsize // BLOCK_BYTES))
+        return a.view()[index]
+
+    def ranges(self, name: str, first: np.ndarray, count: np.ndarray
+               ) -> np.ndarray:
+        """Elements [first, first + count) of a 1-D array, concatenated."""
+        a = self._array(name)
+        first, count = np.asarray(first, np.int64), np.asarray(count, np.int64)
+        live = count > 0
+        first, count = first[live], count[live]
+        if not len(first):
+            return a.view()[:0]
+        if count.min() < 0 or first.min() < 0 or \
+                (first + count).max() > a.shape[0]:
+            raise CacheDamaged("a range out of range")
+        size = a.dtype.itemsize
+        b0 = first * size // BLOCK_BYTES
+        b1 = ((first + count) * size - 1) // BLOCK_BYTES
+        self._check(a, np.unique(_expand(b0, b1 - b0 + 1)))
+        return a.view()[_expand(first, count)]
+
+
 class BKTreeEngine:
     """pybktree over the distinct hashes, with an integer popcount distance.
 
@@ -5134,6 +5366,7 @@ class Regions:
     windows: WindowRows | None = None
     scan_windows: bool = False  # search: scan flat.windows, no index of them
     turned: bool = False  # also orientations against windows (TURNED_CODE)
+    tables: object = None  # SearchTables: windows and orientations from them
 
 
 class MatchDistances(NamedTuple):
@@ -5614,6 +5847,341 @@ def _save_cache(path: str, header: dict, arrays: dict, flat: FlatIndex) -> None:
         flat.say(f"cannot save the index cache {path} "
                  f"({exc.strerror or exc}; check bk_dir): searching from "
                  f"memory, and the next run rebuilds it.")
+
+
+# ---- search tables: what one search reads of a large index ----
+#
+# search.idx (a block file) holds, for each set of stored one-word hashes a
+# search looks up, multi-index tables: for each chunk of the hash, the
+# hashes sorted by that chunk's value ("S.vJ"), their rows ("S.rJ") and
+# each value's first position ("S.sJ", 2**bits + 1).  A lookup within r
+# bits probes the chunks' neighbourhoods (chunk_radii) and reads only their
+# buckets, so a search of 1,000,000 images reads a few MB, not the 1.4 GB
+# of hashes.idx.  Sets, and what a row is:
+#   whole      image position p (the images' whole hashes)
+#   centreK    p (centre region K)
+#   content    i: image content.owner[i], whose content box is not whole
+#   variants   p * V + k (orientation k of image p)
+#   windows    p * K + w (window w of image p)
+# with "ids" and "detail" of each image.  A cache like hashes.idx: rebuilt
+# when the database changes, never trusted unchecked (BlockFile).
+
+SEARCH_NAME = "search.idx"
+# The sets with tables: the others are read whole (a few MB each at
+# 1,000,000 images) and scanned (scan_near); the windows, 161 per image,
+# are looked up in their tables (8 queries: a few thousand blocks of 1.3 GB)
+TABLED = ("windows",)
+# Below this many images a search reads hashes.idx whole and writes no
+# tables: at 100,000 both ways took 0.6 s inside the tool (the tables cost
+# 12 s to write after each change), at 1,000,000 the tables 2.2 s, the
+# whole index 10-15 s.
+SEARCH_TABLES_FROM = 250_000
+
+
+def table_parts(rows: int, bits: int) -> int:
+    """Chunks of one set's tables: about log2(rows) bits each (a few rows
+    to a bucket), at most 22 (a bucket table of 16 MB), at least 8."""
+    return -(-bits // min(22, max(8, rows.bit_length())))
+
+
+def scan_near(values: np.ndarray, queries: np.ndarray, radius: int,
+              bits: int) -> tuple:
+    """(query index, row, bits) of every value ((M,) uint64) within radius
+    of each query ((Q,) uint64), by query, then row: one pass over the
+    values.  Few queries: popcount against each.  Many (a query's 161
+    windows): multi-index hashing turned round, over the queries' chunk
+    neighbourhoods (a bit per chunk value: chunks of about 22 bits, so
+    161 windows mark a few % of them), the values only looked up there
+    (161 windows against 7,000,000 stored orientations: a table of each
+    chunk read 216 MB of it, block by block, 0.5 s; this reads 56 MB)."""
+    found = []
+    if len(queries) <= 4 or not len(values):
+        for k, q in enumerate(queries.tolist()):
+            d = np.bitwise_count(values ^ np.uint64(q))
+            rows = np.flatnonzero(d <= radius)
+            found.append((np.full(len(rows), k), rows, d[rows]))
+    else:
+        chunks, buf = plan_chunks(bits, 1, -(-bits // 22)), \
+            np.empty_like(values)
+        for _, chunk, most in probed_chunks(chunks, radius):
+            probes = (chunk.values(queries[:, None])[:, None] ^
+                      _flip_masks(chunk.bits, most)).ravel()
+            owner = np.repeat(np.arange(len(queries)),
+                              len(probes) // len(queries))
+            # a bit per chunk value (2^22 bits stay in the CPU's cache)
+            # to find the candidates, then the queries probing each
+            # candidate's value as CSR (no binary search per candidate:
+            # 7,000,000 values, 0.77 -> 0.1 s)
+            probes = probes.astype(np.int64)
+            owner = owner[np.argsort(probes, kind="stable")]
+            starts = np.zeros((1 << chunk.bits) + 1, np.int64)
+            np.cumsum(np.bincount(probes, minlength=1 << chunk.bits),
+                      out=starts[1:])
+            marked = starts[1:] > starts[:-1]
+            # the chunk's values in place, as int64 (numpy gathers with a
+            # uint64 index 2.4x slower; fresh arrays cost 35 -> 13 ms)
+            vals = np.right_shift(values, np.uint64(chunk.shift), out=buf)
+            vals = np.bitwise_and(vals, np.uint64((1 << chunk.bits) - 1),
+                                  out=buf).view(np.int64)
+            rows = np.flatnonzero(marked[vals])
+            at = vals[rows]
+            lo = starts[at]
+            count = starts[at + 1] - lo
+            asked = owner[_expand(lo, count)]
+            rows = np.repeat(rows, count)
+            d = np.bitwise_count(values[rows] ^ queries[asked])
+            near = d <= radius
+            found.append((asked[near], rows[near], d[near]))
+    if not found:
+        return (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.uint8),)
+    qi, rows, d = (np.concatenate(f) for f in zip(*found))
+    _, first = np.unique(qi * max(1, len(values)) + rows, return_index=True)
+    return qi[first], rows[first], d[first]
+
+
+def _table_arrays(name: str, values: np.ndarray, bits: int) -> dict:
+    """The arrays of set `name`'s tables over `values` ((M,) uint64), as
+    functions (write_blocks makes one at a time; a chunk's sort is shared
+    by its three arrays)."""
+    chunks = plan_chunks(bits, 1, table_parts(len(values), bits))
+    small = len(values) < 2**32
+    memo: dict = {}
+
+    def sorted_by(j: int):
+        if memo.get("j") != j:
+            memo.clear()
+            vals = chunks[j].values(values[:, None])
+            order = stable_order(vals, chunks[j].bits)
+            starts = np.zeros((1 << chunks[j].bits) + 1, np.int64)
+            np.cumsum(np.bincount(vals.astype(np.int64),
+                                  minlength=1 << chunks[j].bits),
+                      out=starts[1:])
+            del vals
+            memo.update(j=j, order=order, starts=starts)
+        return memo
+
+    out = {}
+    for j in range(len(chunks)):
+        out[f"{name}.v{j}"] = lambda j=j: values[sorted_by(j)["order"]]
+        out[f"{name}.r{j}"] = lambda j=j: sorted_by(j)["order"].astype(
+            np.uint32 if small else np.uint64)
+        out[f"{name}.s{j}"] = lambda j=j: sorted_by(j)["starts"].astype(
+            np.uint32 if small else np.uint64)
+    return out
+
+
+def table_sets(flat: FlatIndex) -> dict:
+    """{set name: (M,) uint64 hashes} of a one-word index (see above)."""
+    sets = {"whole": flat.hashes[:, 0]}
+    for k in range(flat.centres.shape[1]):
+        sets[f"centre{k}"] = flat.centres[:, k, 0]
+    if flat.content.shape[1]:
+        sets["content"] = flat.content[flat.has_box(), 0, 0]
+    sets["variants"] = flat.variants[:, :, 0].reshape(-1)
+    sets["windows"] = flat.windows[:, :, 0].reshape(-1)
+    return sets
+
+
+def save_tables(path: str, flat: FlatIndex) -> None:
+    """Write search.idx for a one-word index (fresh, renamed into place)."""
+    sets = table_sets(flat)
+    arrays = {"ids": flat.ids, "detail": flat.detail,
+              "content.owner": flat.has_box()}
+    for name, values in sets.items():
+        values = np.ascontiguousarray(values)
+        if name in TABLED and len(values):
+            arrays.update(_table_arrays(name, values, flat.bits))
+        else:
+            arrays[name] = values
+    header = dict(index_header(flat.kind, flat.bits, flat.fingerprint,
+                               "tables"),
+                  sets={name: len(v) for name, v in sets.items()},
+                  distinct=len(flat.distinct),
+                  counts=[flat.variants.shape[1], flat.centres.shape[1],
+                          flat.content.shape[1], flat.windows.shape[1]])
+    write_blocks(path, header, arrays, flat.key)
+
+
+class SearchTables:
+    """search.idx opened: lookups in its sets (near) and its per-image
+    arrays, every block checked on first use (BlockFile)."""
+
+    def __init__(self, path: str, key: bytes, spec: HashSpec,
+                 fingerprint: str):
+        self.file, bits = BlockFile(path, key), spec.bits
+        head = self.file.header
+        why = _check_header(head, spec, fingerprint, "tables")
+        if why is None and head.get("bits") != bits:
+            why = "is from another version"
+        if why is not None:
+            raise CacheDamaged(why)
+        try:
+            self.sets = {str(k): int(v) for k, v in head["sets"].items()}
+            self.images = int(self.file.shape("ids")[0])
+            self.distinct = int(head["distinct"])
+            v, c, content, k = (int(x) for x in head["counts"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheDamaged("damaged header") from None
+        self.counts, self.bits = (v, c, content, k), bits
+        want = {"whole": self.images, "variants": self.images * v,
+                "windows": self.images * k}
+        want.update({f"centre{j}": self.images for j in range(c)})
+        if content:
+            want["content"] = int(self.file.shape("content.owner")[0])
+        if self.sets != want:
+            raise CacheDamaged("sets do not fit the images")
+        self.chunks = {name: plan_chunks(bits, 1, table_parts(m, bits))
+                       for name, m in self.sets.items()}
+        self._masks: dict = {}
+
+    def masks(self, bits: int, most: int) -> np.ndarray:
+        if (bits, most) not in self._masks:
+            self._masks[bits, most] = _flip_masks(bits, most)
+        return self._masks[bits, most]
+
+    def near(self, name: str, queries: np.ndarray, radius: int) -> tuple:
+        """(query index, row, bits, hash) of every row of set `name` within
+        radius of each of queries ((Q,) uint64), by query, then row."""
+        if name not in TABLED:
+            values = self.file.whole(name) if self.sets.get(name) else \
+                np.zeros(0, np.uint64)
+            if values.shape != (self.sets.get(name, 0),):
+                raise CacheDamaged(f"{name} does not fit the images")
+            qi, rows, d = scan_near(values, queries, radius, self.bits)
+            return qi, rows, d, values[rows]
+        m, found = self.sets.get(name, 0), []
+        for j, chunk, most in probed_chunks(self.chunks[name], radius) \
+                if m and len(queries) else []:
+            masks = self.masks(chunk.bits, most)
+            probes = (chunk.values(queries[:, None])[:, None] ^ masks).ravel()
+            owner = np.repeat(np.arange(len(queries)), len(masks))
+            p = probes.astype(np.int64)
+            s = self.file.take(f"{name}.s{j}", np.concatenate([p, p + 1]))
+            first = s[:len(p)].astype(np.int64)
+            count = s[len(p):].astype(np.int64) - first
+            vals = self.file.ranges(f"{name}.v{j}", first, count)
+            count = np.maximum(count, 0)
+            d = np.bitwise_count(vals ^ np.repeat(queries[owner], count))
+            hit = np.flatnonzero(d <= radius)
+            at = _expand(first, count)[hit]
+            if len(hit):  # (a rows array is read only for hits)
+                found.append((np.repeat(owner, count)[hit], self.file.take(
+                    f"{name}.r{j}", at).astype(np.int64), d[hit], vals[hit]))
+        if not found:
+            none = np.zeros(0, np.int64)
+            return none, none, none.astype(np.uint8), none.astype(np.uint64)
+        qi, rows, d, vals = (np.concatenate(f) for f in zip(*found))
+        if len(rows) and (rows.min() < 0 or rows.max() >= m):
+            raise CacheDamaged("a row out of range")
+        _, first = np.unique(qi * m + rows, return_index=True)
+        return qi[first], rows[first], d[first], vals[first]
+
+    def window_hits(self, queries: np.ndarray, radius: int) -> list:
+        """window_hits(flat.windows, queries, radius) from the tables: for
+        each query [(image, window, bits)] by image, then window."""
+        k, out = self.counts[3], [[] for _ in queries]
+        qi, rows, d, _ = self.near("windows", queries[:, 0], radius)
+        for q, row, bits in zip(qi.tolist(), rows.tolist(), d.tolist()):
+            out[q].append((row // k, row % k, bits))
+        return out
+
+    def turned_hits(self, windows: np.ndarray, radius: int) -> Iterator:
+        """(image, orientation, query window, bits) of every stored
+        orientation within radius of one of windows ((Q, 1)), in the order
+        of _search_turned's scan: image, orientation, window."""
+        v = self.counts[0]
+        qi, rows, d, _ = self.near("variants", windows[:, 0], radius)
+        for at in np.lexsort((qi, rows)).tolist():
+            yield int(rows[at]) // v, int(rows[at]) % v, int(qi[at]), \
+                int(d[at])
+
+
+class _ShapeOnly(NamedTuple):
+    """An array that the tables stand in for: only its shape (indexing
+    it fails loudly, it never reads as zeros)."""
+
+    shape: tuple
+
+
+class _Elements:
+    """arr[p] of one array of a block file, read as asked."""
+
+    def __init__(self, file: BlockFile, name: str):
+        self.file, self.name = file, name
+
+    def __getitem__(self, p: int):
+        return self.file.take(self.name, np.array([p]))[0]
+
+
+class TableEngine:
+    """An engine over one set of the search tables: search(query, radius)
+    -> (image or row positions, bits), in the order the in-memory engines
+    give them (by hash, then position)."""
+
+    name = "tables"
+
+    def __init__(self, tables: SearchTables, set_name: str):
+        self.tables, self.set_name = tables, set_name
+
+    def search(self, query: np.ndarray, radius: int):
+        return self.search_many(query[None, :], [radius])[0]
+
+    def search_many(self, queries: np.ndarray, radii: list) -> list:
+        """[search(query, radius)] of each, in one lookup per radius (162
+        regions of a query against 1,000,000 wholes: one call each cost
+        4 ms)."""
+        out = [None] * len(queries)
+        radii = np.asarray(radii)
+        for r in np.unique(radii).tolist():
+            ask = np.flatnonzero(radii == r)
+            qi, rows, d, vals = self.tables.near(self.set_name,
+                                                 queries[ask, 0], r)
+            order = np.lexsort((rows, vals, qi))
+            qi, rows, d = qi[order], rows[order], d[order]
+            cut = np.searchsorted(qi, np.arange(len(ask) + 1))
+            for k, at in enumerate(ask.tolist()):
+                out[at] = rows[cut[k]:cut[k + 1]], d[cut[k]:cut[k + 1]]
+        return out
+
+
+class TableIndex:
+    """What a search reads of a FlatIndex, from the search tables: the
+    shapes, each image's detail and id; images_of/expand of a table's rows,
+    which are images already (or, the content set, rows of content.owner)."""
+
+    def __init__(self, tables: SearchTables):
+        n, (v, c, content, k) = tables.images, tables.counts
+        self.tables = tables
+        self.distinct = _ShapeOnly((tables.distinct, 1))
+        self.variants, self.centres = _ShapeOnly((n, v, 1)), _ShapeOnly((n, c, 1))
+        self.content, self.windows = _ShapeOnly((n, content, 1)), \
+            _ShapeOnly((n, k, 1))
+        self.detail = tables.file.whole("detail")
+        self.ids = _Elements(tables.file, "ids")
+        if self.detail.shape != (n,) or not np.isfinite(self.detail).all():
+            raise CacheDamaged("detail does not fit the images")
+
+    @staticmethod
+    def images_of(pos: np.ndarray) -> list:
+        return [pos[i:i + 1] for i in range(len(pos))]
+
+    @staticmethod
+    def expand(pos: np.ndarray) -> tuple:
+        return np.arange(len(pos)), np.asarray(pos, np.int64)
+
+    def regions(self, radius: int, turned: bool) -> Regions:
+        """The Regions of a search (region_engines' for a search)."""
+        t = self.tables
+        out = Regions([(self, TableEngine(t, f"centre{k}"))
+                       for k in range(self.centres.shape[1])], radius,
+                      scan_windows=True, turned=turned, tables=t)
+        if t.sets.get("content"):
+            owner = t.file.whole("content.owner").astype(np.int64)
+            if owner.min() < 0 or owner.max() >= t.images:
+                raise CacheDamaged("content.owner out of range")
+            out.content = RegionView(self, owner, np.full(
+                len(owner), CONTENT_CODE), TableEngine(t, "content"))
+        return out
 
 
 # ============================================================================
@@ -8017,33 +8585,82 @@ def pick_searcher(cfg: Config, store: HashStore, ui: Console, reach: int,
 
 class IndexSearcher:
     """Candidates from the local index (bk_dir): engine name, images
-    searched, and hits(result) -> {image id: Hit}."""
+    searched, and hits(result) -> {image id: Hit}.
+
+    One-word hashes (hash_size 8 or less) are looked up in the search
+    tables (search.idx, SearchTables) when they fit the database: a search
+    then reads a few MB of the index, not all of it (1,000,000 images:
+    hashes.idx is 1.4 GB).  Else, and when a table's block turns out
+    damaged (the hits are then found again), the whole index is read and
+    the tables written for the next search (SEARCH_TABLES_FROM images or
+    more).  Both give the same hits, in the same order."""
 
     def __init__(self, cfg: Config, store: HashStore, ui: Console,
                  reach: int, turned: bool):
-        self.flat = load_index(cfg, store, ui)
-        bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
-        self.engine = self.flat.engine(cfg.engine, reach, False, bktree)
-        self.regions = self.flat.region_engines(cfg.engine, reach, False,
-                                                bktree)
-        self.regions.turned = turned
-        self.name, self.images = self.engine.name, len(self.flat.ids)
+        self.cfg, self.store, self.ui, self.turned = cfg, store, ui, turned
         self.reach, self.adaptive = reach, cfg.adaptive_threshold
+        self.tables_path = os.path.join(cfg.bk_dir, SEARCH_NAME) \
+            if cfg.spec.words == 1 and cfg.engine in ("auto", "scan", "mih") \
+            else ""
+        try:
+            self._from_tables(SearchTables(self.tables_path, cache_key(store),
+                                           cfg.spec, store.fingerprint()))
+        except (OSError, ValueError):  # none (or not for these hashes),
+            self._from_index()  # stale, damaged: read the whole index
+
+    def _from_tables(self, tables: SearchTables) -> None:
+        self.flat = TableIndex(tables)
+        self.engine = TableEngine(tables, "whole")
+        self.regions = self.flat.regions(self.reach, self.turned)
+        self.images = tables.images
+        # the engine the whole index would use (what the report names)
+        self.name = self.cfg.engine if self.cfg.engine != "auto" else \
+            choose_engine(tables.distinct, tables.bits, 1, self.reach, False)
+
+    def _from_index(self) -> None:
+        cfg = self.cfg
+        self.flat = load_index(cfg, self.store, self.ui)
+        bktree = os.path.join(cfg.bk_dir, BKTREE_NAME)
+        self.engine = self.flat.engine(cfg.engine, self.reach, False, bktree)
+        self.regions = self.flat.region_engines(cfg.engine, self.reach, False,
+                                                bktree)
+        self.regions.turned = self.turned
+        self.name, self.images = self.engine.name, len(self.flat.ids)
+        if self.tables_path and self.images >= SEARCH_TABLES_FROM:
+            self.ui.notice(f"writing the search tables {self.tables_path} "
+                           f"(once after each change of the database).")
+            try:  # a stale one first: 6 GB at 1,000,000 images
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tables_path)
+                save_tables(self.tables_path, self.flat)
+            except OSError as exc:
+                self.ui.notice(f"cannot save the search tables "
+                               f"{self.tables_path} ({exc.strerror or exc}; "
+                               f"check bk_dir): the next search reads the "
+                               f"whole index again.")
+
+    def _answer(self, row, radius: int, turned: bool) -> dict:
+        """{image id: Hit} of a query (or stored row) within radius."""
+        regions = dataclasses.replace(self.regions, radius=radius,
+                                      turned=turned)
+        try:
+            _, best = _search_one(row, self.flat, self.engine, radius,
+                                  regions, self.adaptive)
+            return {int(self.flat.ids[p]): hit for p, hit in best.items()}
+        except CacheDamaged as exc:  # a block of the tables: start again
+            self.ui.notice(f"search tables {self.tables_path} are damaged "
+                           f"({exc}): reading the whole index.")
+            self._from_index()
+            return self._answer(row, radius, turned)
 
     def hits(self, result: HashResult) -> dict:
-        _, best = _search_one(result, self.flat, self.engine, self.reach,
-                              self.regions, self.adaptive)
-        return {int(self.flat.ids[p]): hit for p, hit in best.items()}
+        return self._answer(result, self.reach, self.turned)
 
     def near(self, row: ImageRow, radius: int) -> dict:
         """hits() of a stored picture within radius, without turned windows
         (expand(): 90 % of a search's time at 100,000 images, and the
         query's own search has crossed its turns already)."""
-        regions = dataclasses.replace(self.regions, radius=radius,
-                                      turned=False)
-        _, best = _search_one(row, self.flat, self.engine, radius, regions,
-                              self.adaptive)
-        return {int(self.flat.ids[p]): hit for p, hit in best.items()}
+        return self._answer(row, radius, False)
 
 
 class PgSearcher:
@@ -8235,6 +8852,14 @@ def _candidates(cfg: Config, result: HashResult, hits: dict, rows: dict,
                         boxed or framed(row.extra, cfg.spec))
 
 
+def _search_each(engine, queries: np.ndarray, radii: list) -> list:
+    """[engine.search(query, radius)] of each query, in one call where the
+    engine takes many (TableEngine.search_many)."""
+    if hasattr(engine, "search_many") and len(queries):
+        return engine.search_many(queries, radii)
+    return [engine.search(q, r) for q, r in zip(queries, radii)]
+
+
 def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
                 regions: Regions | None = None, adaptive: bool = False
                 ) -> tuple:
@@ -8248,12 +8873,12 @@ def _search_one(result: HashResult, flat: FlatIndex, engine, radius: int,
         np.uint64).reshape(-1, words)  # stored layout: see split_extra
     whole = int_to_words(result.hash, words)
     best, region = {}, {}
-    searches = [(engine, flat, -1, whole)]
-    searches += [(engine, flat, k, extra[k]) for k in range(v)]
-    for searcher, index, variant, query in searches:
+    codes = list(range(-1, v))  # the whole hash, then each orientation
+    for variant, (pos, dist) in zip(codes, _search_each(
+            engine, np.concatenate([whole[None, :], extra[:v]]),
+            [code_radius(radius, code) for code in codes])):
         weight = code_weight(variant)
-        pos, dist = searcher.search(query, code_radius(radius, variant))
-        for images, d in zip(index.images_of(pos), dist.tolist()):
+        for images, d in zip(flat.images_of(pos), dist.tolist()):
             for p in images.tolist():
                 _keep_best(best, p, d, weight, variant)
     regions = _as_regions(regions, radius)
@@ -8292,8 +8917,10 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
     w0 = v + c + 2 * bool(flat.content.shape[1])
     mine += [(extra[w0 + k], WINDOW_CODE + k)
              for k in range(flat.windows.shape[1])]
-    for query, code in mine:  # the query's region against stored wholes
-        pos, dist = engine.search(query, code_radius(radius, code))
+    for (query, code), (pos, dist) in zip(mine, _search_each(
+            engine, np.array([q for q, _ in mine]),
+            [code_radius(radius, code) for _, code in mine])):
+        # the query's region against stored wholes
         for images, d in zip(flat.images_of(pos), dist.tolist()):
             for p in images.tolist():
                 weight = weights[p] if code >= WINDOW_CODE else 1
@@ -8301,9 +8928,10 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
                     _keep_best(found, p, d, weight, code, code)
     turned = regions.turned and regions.scan_windows and flat.windows.shape[1]
     if regions.scan_windows and flat.windows.shape[1]:
-        near = window_hits(flat.windows, np.concatenate(
-            [whole[None, :], extra[:v] if turned else extra[:0]]),
-            code_radius(radius, WINDOW_CODE))
+        near = (regions.tables.window_hits if regions.tables is not None else
+                functools.partial(window_hits, flat.windows))(np.concatenate(
+                    [whole[None, :], extra[:v] if turned else extra[:0]]),
+                    code_radius(radius, WINDOW_CODE))
         for p, k, d in near[0]:
             if weights[p] < np.inf and d * weights[p] <= radius:
                 _keep_best(found, p, d, weights[p], WINDOW_CODE + k, -1,
@@ -8311,7 +8939,7 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
     if turned:
         _search_turned(found, extra[:v], np.array([q for q, c in mine if
                                                    c >= WINDOW_CODE]),
-                       flat, radius, weights, near[1:])
+                       flat, radius, weights, near[1:], regions.tables)
     for view in (regions.content, regions.windows):
         if view is None:
             continue
@@ -8332,11 +8960,12 @@ def _search_regions(found: dict, extra: np.ndarray, whole: np.ndarray,
 
 def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
                    flat: FlatIndex, radius: int, weights: np.ndarray,
-                   near: list | None = None) -> None:
+                   near: list | None = None, tables=None) -> None:
     """Turned windows of one query (TURNED_CODE): its orientations against
     the stored windows (the query is a turned crop; `near`: their
     window_hits when the caller has them), and the stored orientations
-    against its windows (a stored turned crop of the query)."""
+    against its windows (a stored turned crop of the query); from the
+    search tables when given (SearchTables)."""
     r = code_radius(radius, WINDOW_CODE)
     if near is None:
         near = window_hits(flat.windows, variants, r)
@@ -8347,6 +8976,17 @@ def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
                            WINDOW_CODE + w)
     if not len(windows) or not flat.variants.shape[1]:
         return
+    for p, k, w, dist in (_turned_scan(flat, windows, r) if tables is None
+                          else tables.turned_hits(windows, r)):
+        if weights[p] < np.inf and dist * weights[p] <= radius:
+            _keep_best(found, p, dist, weights[p], int(turned_code(k, w)),
+                       WINDOW_CODE + w, k)
+
+
+def _turned_scan(flat: FlatIndex, windows: np.ndarray, r: int) -> Iterator:
+    """(image, orientation, query window, bits) of every stored
+    orientation within r of one of the query's windows, by image,
+    orientation, then window."""
     one_word = windows.shape[1] == 1  # no sum over a word axis, blocks in
     # cache: 1,000,000 images' orientations against 161 windows 2.0 -> 1.4 s
     block = max(1, (1 << (18 if one_word else 15)) // len(windows) //
@@ -8363,11 +9003,7 @@ def _search_turned(found: dict, variants: np.ndarray, windows: np.ndarray,
         if not near.any():  # most blocks: nonzero() cost 1.3 s at 100,000
             continue
         for p, k, w in zip(*np.nonzero(near)):
-            p, k, w = start + int(p), int(k), int(w)
-            dist = int(d[p - start, k, w])
-            if weights[p] < np.inf and dist * weights[p] <= radius:
-                _keep_best(found, p, dist, weights[p], int(turned_code(k, w)),
-                           WINDOW_CODE + w, k)
+            yield start + int(p), int(k), int(w), int(d[p, k, w])
 
 
 def window_hits(windows: np.ndarray, queries: np.ndarray, radius: int,

@@ -26,10 +26,12 @@ Store: 62 % unrelated images, the rest in near-duplicate clusters of 2-6 with
 up to 3 bits changed per hash, centre hashes alike; the 400 images of the 50
 largest clusters are real 64x64 JPEGs so the report's first page has
 pictures): `find_duplicates` (r=8) with a missing index file, again with the
-index file, again without the HTML report, and `search` of one image, each a
-whole process: wall, CPU, peak memory (the process and its children).
+index file, again without the HTML report, and `search` of one image (warm,
+then with the index folder's files dropped from the page cache first), each
+a whole process: wall, CPU, peak memory (the process and its children).
 --against OLD.py runs another version of the script after each run of this
-one (interleaved) and adds the ratio of their wall times.
+one (interleaved) and adds the ratio of their wall times; --only search runs
+only the runs whose name holds that text.
 
 Scores against truth.csv (bench/evaluate.py's rules): pair precision (pairs
 inside reported groups that are true, `related` and `hard` pairs left out),
@@ -309,10 +311,21 @@ def make_scale_fixture(rs, n: int, folder: str) -> str:
     return params
 
 
-def scale(sizes: list, reps: int, against: str | None = None) -> int:
+def drop_from_page_cache(folder: str) -> None:
+    """The files in folder out of the page cache (posix_fadvise DONTNEED:
+    as after a reboot, for these files only; pages another process maps
+    stay)."""
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def scale(sizes: list, reps: int, against: str | None = None,
+          only: str = "") -> int:
     """The --scale table; with `against` (another reverse_search.py), each
     run of this checkout's script is followed by the same run of that one
-    (interleaved, so load falls on both alike), and the ratio is shown."""
+    (interleaved, so load falls on both alike), and the ratio is shown.
+    only: just the runs whose name holds this text (e.g. "search")."""
     rs = load_impl()
     started = machine()
     tools = [("this", TOOL)] + ([("against", os.path.abspath(against))]
@@ -327,14 +340,18 @@ def scale(sizes: list, reps: int, against: str | None = None) -> int:
                  ("find_duplicates", ["find_duplicates"], False),
                  ("find_duplicates, no HTML report",
                   ["find_duplicates", "--no-html-report"], False),
-                 ("search, one image", ["search", query], False)]
-        for name, args, cold in cases:
+                 ("search, one image", ["search", query], False),
+                 ("search, one image, index out of the page cache",
+                  ["search", query], False)]
+        for name, args, cold in [c for c in cases if only in c[0]]:
             took = {label: [] for label, _ in tools}
             for _ in range(1 if cold else reps):
                 for label, tool in tools:
                     if cold:
                         shutil.rmtree(os.path.join(folder, "index"),
                                       ignore_errors=True)
+                    if "page cache" in name:
+                        drop_from_page_cache(os.path.join(folder, "index"))
                     load = os.getloadavg()[0]
                     cmd = [sys.executable, tool, "--params", params, "-q", *args]
                     took[label].append((*measure_process(cmd), load))
@@ -350,6 +367,8 @@ def scale(sizes: list, reps: int, against: str | None = None) -> int:
                                    ".2f"))
                 rows.append(row)
                 log("  " + "  ".join(row))
+        if "find_duplicates" not in only and only:
+            continue
         with open(os.path.join(folder, "out", "find_duplicates.json")) as fh:
             doc = json.load(fh)
         rows.append([f"{n:,}", f"({doc['group_count']:,} groups, "
@@ -384,13 +403,16 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", metavar="SIZES", default="",
                     help="instead: reverse_search alone on synthetic databases "
                          "of these sizes, e.g. 100k,1M (see above)")
+    ap.add_argument("--only", metavar="TEXT", default="",
+                    help="with --scale: only the runs whose name holds TEXT, "
+                         "e.g. 'search'")
     ap.add_argument("--against", metavar="OLD.py",
                     help="with --scale: also run this other reverse_search.py, "
                          "interleaved, and show the ratio")
     args = ap.parse_args(argv)
     if args.scale:
         return scale([parse_size(x) for x in args.scale.split(",") if x],
-                     args.reps, args.against)
+                     args.reps, args.against, args.only)
     corpus = os.path.abspath(args.corpus)
     if not os.path.isfile(os.path.join(corpus, "truth.csv")):
         print(f"bench_peers: no truth.csv in {corpus}; build a corpus with "
