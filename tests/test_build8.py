@@ -224,3 +224,23 @@ def test_pixels_read_once_give_every_hash_as_the_image_does(tmp_path):
         assert got == hashed_image_by_image(path, spec), name
         boxed += hashed.regions[1] != rs.FULL_BOX_WORD
     assert boxed >= 1  # the page's picture was found in it
+
+
+def test_weight_bands_hold_every_weight():
+    """The bands each pass multiplies by hold every non-zero weight of
+    Pillow's Lanczos resize, so the sums are the dense product's (exact:
+    integers in float64), shrinking, enlarging and keeping the size."""
+    for n in (1, 2, 5, 31, 32, 33, 64, 97, 240, 1000):
+        for out in (8, 32):
+            weights = rs._resize_weights(n, out)
+            bands = rs._weight_bands(n, out)
+            assert (weights is None) == (bands is None)
+            if weights is None:
+                continue
+            rebuilt = np.zeros_like(weights)
+            for rows, cols, block in bands:
+                rebuilt[rows, cols] = block.T
+            assert np.array_equal(rebuilt, weights), (n, out)
+            a = np.asarray(photo(n, (n, 7)).convert("L"), dtype=np.float64)
+            assert np.array_equal(rs._resize_pass(a, bands, out), np.clip(
+                np.floor((a @ weights.T + 2.0 ** 21) / 2.0 ** 22), 0, 255))
