@@ -8422,8 +8422,8 @@ class Judge:
             self.pool = None
         if self.memory is not None:
             if self.memory.remembered:
-                self.say(f"{self.memory.remembered} checks on the pixels "
-                         f"remembered from an earlier run "
+                self.say(f"{counted(self.memory.remembered, 'check')} on the "
+                         f"pixels remembered from an earlier run "
                          f"({self.memory.path}).")
             self.memory.save(self.say)
             self.memory = None

@@ -26,7 +26,7 @@ def run(capsys, params, *args):
 
 
 def remembered(err: str) -> int:
-    found = re.search(r"(\d+) checks on the pixels remembered", err)
+    found = re.search(r"(\d+) checks? on the pixels remembered", err)
     return int(found.group(1)) if found else 0
 
 
