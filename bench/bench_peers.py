@@ -19,6 +19,10 @@ median of each column, and the 1-minute load average around every run.
     python3 bench/bench_peers.py                      # /work/data/std-like corpus
     python3 bench/bench_peers.py --corpus DIR --reps 5 --json out.json
     python3 bench/bench_peers.py --tools reverse_search,czkawka
+    python3 bench/bench_peers.py --tools reverse_search,czkawka --against OLD.py
+
+--against OLD.py adds another version of reverse_search.py to the turns, a
+row of its own: before and after in one run, under the same load.
 
 --scale 100k,1M runs reverse_search alone end to end at those sizes on a
 synthetic database (bench/data/scale/<N>/, made once through the script's own
@@ -137,14 +141,15 @@ def run_steps(run: Run, steps: list) -> None:
         run.steps[name] = wall
 
 
-def run_reverse_search(images: str, work: str, extra: list) -> tuple[Run, list]:
+def run_reverse_search(images: str, work: str, extra: list,
+                       script: str = TOOL) -> tuple[Run, list]:
     params = os.path.join(work, "params.json")
     with open(params, "w", encoding="utf-8") as fh:
         json.dump({"img_dirs": [images], "input_dir": images,
                    "db_dir": os.path.join(work, "db"),
                    "bk_dir": os.path.join(work, "index"),
                    "output_dir": os.path.join(work, "out")}, fh)
-    base = [sys.executable, TOOL, "--params", params, "-q", *extra]
+    base = [sys.executable, script, "--params", params, "-q", *extra]
     run = Run(load=os.getloadavg()[0])
     run_steps(run, [("build", base[:2] + ["build"] + base[2:]),
                     ("find_duplicates", base[:2] + ["find_duplicates"] + base[2:])])
@@ -407,8 +412,9 @@ def main(argv=None) -> int:
                     help="with --scale: only the runs whose name holds TEXT, "
                          "e.g. 'search'")
     ap.add_argument("--against", metavar="OLD.py",
-                    help="with --scale: also run this other reverse_search.py, "
-                         "interleaved, and show the ratio")
+                    help="also run this other reverse_search.py, interleaved: "
+                         "a row of its own in the table (with --scale: and "
+                         "the ratio)")
     args = ap.parse_args(argv)
     if args.scale:
         return scale([parse_size(x) for x in args.scale.split(",") if x],
@@ -429,9 +435,14 @@ def main(argv=None) -> int:
     tools = [t for t in wanted if available(t)]
     for t in set(wanted) - set(tools):
         print(f"bench_peers: {t} is not installed, left out", file=sys.stderr)
+    against = os.path.abspath(args.against) if args.against else None
+    if against:  # another version, in turn with this one
+        tools.insert(tools.index("reverse_search") + 1 if "reverse_search"
+                     in tools else 0, "against")
     extra = args.tool_args.split()
     czk_args = [] if args.czkawka_level is None else [str(args.czkawka_level)]
-    label = {t: version(t) for t in tools}
+    label = {t: tool_version(against) if t == "against" else version(t)
+             for t in tools}
     if "czkawka" in label:
         label["czkawka"] += (f", level {args.czkawka_level}"
                              if czk_args else ", its default level")
@@ -443,6 +454,9 @@ def main(argv=None) -> int:
             try:
                 if tool == "reverse_search":
                     run, groups = run_reverse_search(images, work, extra)
+                elif tool == "against":
+                    run, groups = run_reverse_search(images, work, extra,
+                                                     against)
                 elif tool == "czkawka":
                     run, groups = run_peer(CZKAWKA, images, work, czk_args)
                 else:
