@@ -147,6 +147,9 @@ def test_table_lookups_equal_brute_force(tmp_path_factory, seed, n, radius,
         qi, rows, d, vals = tables.near(name, queries, radius)
         assert list(zip(qi.tolist(), rows.tolist(), d.tolist())) == want
         assert np.array_equal(vals, values[rows])
+    for pairs in (0, 10**9):  # scan_near one pass for all, one per query
+        qi, rows, d = rs.scan_near(values, queries, radius, bits, pairs)
+        assert list(zip(qi.tolist(), rows.tolist(), d.tolist())) == want
     assert "windows.v0" in tables.file and "whole" in tables.file
 
 
