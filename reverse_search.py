@@ -2844,7 +2844,7 @@ class Hasher:
             self.crew.append(_start_worker(self.ctx, self.job))
         # Bigger chunks cost less to pass between processes; 16 per worker
         # or more keep the last chunks from leaving a worker idle at the end.
-        chunk = max(1, min(16, len(tasks) // (16 * self.workers)))
+        chunk = max(1, min(self.MOST_CHUNK, len(tasks) // (16 * self.workers)))
         todo = list(reversed(tasks))  # popped from the end
         while todo or any(w.busy for w in self.crew):
             for worker in list(self.crew):
@@ -2852,8 +2852,14 @@ class Hasher:
                     yield from self._feed(worker, todo, chunk)
             yield from self._collect(todo)
 
+    MOST_CHUNK = 16  # tasks sent at once
+
+    def _take(self, worker: Worker, todo: list, count: int) -> list:
+        """The next `count` tasks for this worker (todo's end is next)."""
+        return [todo.pop() for _ in range(min(count, len(todo)))]
+
     def _feed(self, worker: Worker, todo: list, chunk: int):
-        part = [todo.pop() for _ in range(min(chunk, len(todo)))]
+        part = self._take(worker, todo, chunk)
         try:
             worker.conn.send(part)
             worker.busy += part
@@ -3719,9 +3725,34 @@ class VerifyTask:
 
 class VerifyPool(Hasher):
     """The hashing workers, for pairs: a check costs 5-10 hashes, so two
-    are worth a forked worker (seven a spawned one)."""
+    are worth a forked worker (seven a spawned one).
+
+    A pair goes to the worker that has seen more of its two files, among
+    the next AFFINITY pairs: each process finds a file's features once a
+    run (Verifier.features), so a file sent to both is decoded and its
+    keypoints found twice."""
 
     SMALL_JOB = {"fork": 2, "spawn": 8, "forkserver": 8}
+    # one check at a time (and one queued): a check is 30-100 ms, so the
+    # last of a round no longer waits behind a chunk of a busy worker's
+    MOST_CHUNK = 1
+    AFFINITY = 64
+
+    def __init__(self, job: VerifyJob, workers: int):
+        super().__init__(job, workers)
+        self.seen: dict = {}  # worker's pid -> the files sent to it
+
+    def _take(self, worker: Worker, todo: list, count: int) -> list:
+        seen = self.seen.setdefault(worker.process.pid, set())
+        part = []
+        for _ in range(min(count, len(todo))):
+            near = todo[-self.AFFINITY:]  # the end is next: ties go to it
+            at = max(range(len(near)), key=lambda i: (
+                (near[i].path_a in seen) + (near[i].path_b in seen), i))
+            task = todo.pop(len(todo) - len(near) + at)
+            seen.update((task.path_a, task.path_b))
+            part.append(task)
+        return part
 
 
 # ============================================================================

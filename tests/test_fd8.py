@@ -143,3 +143,28 @@ def test_a_rehearsal_leaves_the_edge_judge_as_it_was(pictures):
     finally:
         judge.close()
         store.close()
+
+
+def test_a_pair_goes_to_the_worker_that_has_seen_its_files(tmp_path):
+    """VerifyPool._take: of the next pairs, the one with more files the
+    worker was sent before (each process finds a file's features once),
+    the next in order on a tie; every pair is taken once."""
+    job = rs.VerifyJob(10 ** 8, "affinity")
+    ctx = rs.multiprocessing.get_context(rs.start_method())
+    pool = rs.VerifyPool(job, 2)
+    one, two = rs._start_worker(ctx, job), rs._start_worker(ctx, job)
+    try:
+        pairs = [("a", "b"), ("x", "y"), ("a", "c"), ("y", "z"), ("c", "b"),
+                 ("q", "r")]
+        todo = [rs.VerifyTask(a, b) for a, b in reversed(pairs)]  # end: next
+        order = [(w, pool._take(w, todo, 1)[0]) for w in
+                 (one, two, two, one, one, two)]
+        got = [(w is one, (t.path_a, t.path_b)) for w, t in order]
+        assert got == [(True, ("a", "b")), (False, ("x", "y")),
+                       (False, ("y", "z")), (True, ("a", "c")),
+                       (True, ("c", "b")), (False, ("q", "r"))]
+        assert not todo
+        assert pool.seen[one.process.pid] == {"a", "b", "c"}
+    finally:
+        one.stop(wait=True)
+        two.stop(wait=True)
