@@ -63,23 +63,31 @@ def pictures(tmp_path):
 class Watch:
     """What each run's Judge did, read when find_duplicates closes it: the
     pairs asked (with their verdicts), how many the parent process checked
-    itself, how many rehearsals ran."""
+    itself, the rounds of pairs sent to the workers; and how many
+    rehearsals ran."""
 
     def __init__(self, monkeypatch):
-        self.runs, self.rehearsals = [], 0
+        self.runs, self.rounds, self.rehearsals = [], [], 0
         close, init = rs.Judge.close, rs.Rehearsal.__init__
+        send = rs.VerifyPool.map
 
         def closing(judge):
             self.runs.append(({k: (v.accepted, v.reason, v.inliers)
                                for k, v in judge.verdicts.items()},
-                              judge.verifier.checked))
+                              judge.verifier.checked, self.rounds))
+            self.rounds = []
             close(judge)
 
         def counting(twin, *args):
             self.rehearsals += 1
             init(twin, *args)
+
+        def sending(pool, tasks):
+            self.rounds.append(len(tasks))
+            return send(pool, tasks)
         monkeypatch.setattr(rs.Judge, "close", closing)
         monkeypatch.setattr(rs.Rehearsal, "__init__", counting)
+        monkeypatch.setattr(rs.VerifyPool, "map", sending)
 
 
 def run(folder, workers):
@@ -103,11 +111,15 @@ def test_rehearsed_checks_run_in_the_workers_with_the_same_results(
     assert watch.rehearsals >= 3
     monkeypatch.setattr(rs, "REHEARSALS", 0)  # as before rehearsals
     assert run(pictures, 2) == one
-    (asked, alone), (asked_two, parent), (asked_before, before) = watch.runs
+    (asked, alone, _), (asked_two, parent, rounds), \
+        (asked_before, parent_before, rounds_before) = watch.runs
     assert asked == asked_two == asked_before  # the same pairs, verdicts
     assert alone == len(asked) >= 8
-    # the parent checked a pair only when it was the one left in a round
-    assert parent <= 1 < before
+    # with workers, every check is made in them (but a first one alone)
+    assert parent <= 1 and parent_before <= 1
+    assert sum(rounds) + parent == sum(rounds_before) + parent_before \
+        == len(asked)  # each pair checked once
+    assert len(rounds) < len(rounds_before)  # rehearsed: fewer, larger rounds
     text = (pictures / "out2" / "find_duplicates.json").read_text()
     assert "exact hash, verified" in text  # a sticker: reach_further
     assert "other2" not in text
