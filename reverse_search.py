@@ -4437,6 +4437,8 @@ class RunLock:
 # version, hash kind, database fingerprint) and numpy arrays, loaded without
 # pickle.  Engines work on the distinct hashes only; images that share a hash
 # are found through img_order/img_starts (a CSR map, outside any tree).
+# From SEARCH_TABLES_FROM images a search reads search.idx instead, a block
+# file read in part (see "search tables" below).
 
 def bit_distance(a: int, b: int) -> int:
     """Hamming distance of two hashes held as Python ints."""
@@ -5063,7 +5065,9 @@ def write_blocks(path: str, header: dict, arrays: dict, key: bytes) -> None:
         hole = blob.rindex(MAC_HOLE.encode())  # "mac" is the last key
         fh.write(blob[:hole] + mac + blob[hole + len(mac):])
         fh.write(len(blob).to_bytes(8, "little"))
-    _atomic_write(path, write, binary=True, sync=True)
+    # no fsync (6 GB at 1,000,000 images): a file that a crash leaves half
+    # on disk fails its digests when read, and is written again
+    _atomic_write(path, write, binary=True)
 
 
 @dataclass

@@ -291,9 +291,22 @@ def test_search_writes_the_tables_then_answers_from_them(small_collection,
     first = results(folder)
     assert "p1_small.jpg" in first and "imgs/p2.jpg" in first
     stamp = os.stat(tables).st_mtime_ns
+    os.unlink(folder / "index" / rs.INDEX_NAME)  # the tables answer alone
     assert rs.main(["search", "--params", params, "-q"]) == 0
     assert results(folder) == first
     assert os.stat(tables).st_mtime_ns == stamp  # read, not written again
+    assert not (folder / "index" / rs.INDEX_NAME).exists()
+
+
+def test_no_tables_below_their_size(small_collection, monkeypatch):
+    folder, params = small_collection
+    monkeypatch.setattr(rs, "SEARCH_TABLES_FROM", 13)  # 13 images stored
+    assert rs.main(["search", "--params", params, "-q"]) == 0
+    assert (folder / "index" / rs.SEARCH_NAME).is_file()
+    os.unlink(folder / "index" / rs.SEARCH_NAME)
+    monkeypatch.setattr(rs, "SEARCH_TABLES_FROM", 14)
+    assert rs.main(["search", "--params", params, "-q"]) == 0
+    assert not (folder / "index" / rs.SEARCH_NAME).exists()
 
 
 def test_damaged_tables_give_the_same_results_and_are_rewritten(
