@@ -115,6 +115,16 @@ def test_wrong_key_cut_file_or_crafted_header_are_refused(tmp_path):
         rs.BlockFile(crafted, KEY)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_folder_in_place_of_the_tables_is_refused(tmp_path):
+    """Not read (a FIFO would block the search), refused at once."""
+    os.mkfifo(tmp_path / "fifo.idx")
+    (tmp_path / "folder.idx").mkdir()
+    for name in ("fifo.idx", "folder.idx"):
+        with pytest.raises((rs.CacheDamaged, OSError)):
+            rs.BlockFile(str(tmp_path / name), KEY)
+
+
 def brute_near(values: np.ndarray, queries: np.ndarray, radius: int) -> list:
     d = np.bitwise_count(queries[:, None] ^ values[None, :])
     qi, rows = np.nonzero(d <= radius)
