@@ -180,3 +180,36 @@ def test_a_pair_goes_to_the_worker_that_has_seen_its_files(tmp_path):
     finally:
         one.stop(wait=True)
         two.stop(wait=True)
+
+
+@pytest.mark.parametrize("hope, rehearsals", [(False, 1), (True, 2)])
+def test_a_round_that_bears_out_every_guess_is_the_last(
+        pictures, monkeypatch, hope, rehearsals):
+    """Three unrelated photos: every check refuses.  Guessed refused, the
+    first round bears the guesses out and no rehearsal follows (it would
+    take the same path); guessed accepted, one more finds nothing new."""
+    monkeypatch.setattr(rs, "REHEARSE_LEAST", 2)
+    params = write_params(pictures, workers=2)
+    assert rs.main(["build", "--params", params, "-q"]) == 0
+    cfg = rs.config_from(rs.read_params(params), params, {})
+    store = rs._open_store(cfg)
+    judge = rs.Judge(cfg, rs.Console(quiet=True))
+    made = []
+    init = rs.Rehearsal.__init__
+    monkeypatch.setattr(rs.Rehearsal, "__init__", lambda twin, *args: (
+        made.append(1), init(twin, *args))[1])
+    try:
+        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
+        rows = store.rows_by_id(int(i) for i in flat.ids)
+        others = np.array([p for p, i in enumerate(flat.ids)
+                           if "other" in rows[int(i)].path], dtype=np.int64)
+        edges = rs.EdgeJudge(judge, flat, store, cfg.distance_threshold)
+        free = np.array([False, True, True])
+        rs.rehearse(edges, lambda twin: twin.joiners(others[0], others, free),
+                    hope)
+        assert len(made) == rehearsals
+        assert edges.joiners(others[0], others, free) == []
+        assert judge.verifier.checked == 0  # both checks made in the workers
+    finally:
+        judge.close()
+        store.close()
