@@ -8305,7 +8305,6 @@ class VerdictMemory:
         self.known: dict = {}  # digest -> verdict as JSON, oldest first
         self.stamps: dict = {}  # path -> _file_stamp
         self.changed = False
-        self.remembered = 0  # checks of this run answered from the file
         with contextlib.suppress(Exception):  # unreadable: start empty
             self._load()
 
@@ -8335,10 +8334,7 @@ class VerdictMemory:
             ) -> Verdict | None:
         digest = self._digest(path_a, path_b, plain)
         item = self.known.get(digest) if digest else None
-        if item is None:
-            return None
-        self.remembered += 1
-        return _verdict_of(item)
+        return None if item is None else _verdict_of(item)
 
     def put(self, path_a: str, path_b: str, verdict: Verdict,
             plain: bool = False) -> None:
@@ -8386,7 +8382,8 @@ class Judge:
         self.verdicts: dict = {}  # (path a, path b) -> Verdict, as checked
         self.memory: VerdictMemory | None = None
         self.say = ui.notice
-        self.plain: set = set()  # (path a, path b) checked plain (PLAIN_CHECKS)
+        self.plain: set = set()  # (path a, path b): first try only (plainly())
+        self.recalled: set = set()  # pairs whose verdict the memory gave
         if cfg.matching == "verified":
             if _cv2() is None:
                 ui.notice("OpenCV is not installed (pip install "
@@ -8462,8 +8459,11 @@ class Judge:
         return self.verdicts[key]
 
     def _recalled(self, pair: tuple) -> Verdict | None:
-        return None if self.memory is None else \
+        found = None if self.memory is None else \
             self.memory.get(*pair, pair in self.plain)
+        if found is not None:
+            self.recalled.add(pair)
+        return found
 
     def _remember(self, pair: tuple, verdict: Verdict) -> None:
         if self.memory is not None:
@@ -8505,8 +8505,9 @@ class Judge:
             self.pool.__exit__(None, None, None)
             self.pool = None
         if self.memory is not None:
-            if self.memory.remembered:
-                self.say(f"{counted(self.memory.remembered, 'check')} on the "
+            # counted when used: a rehearsal may look up more than it uses
+            if used := sum(p in self.verdicts for p in self.recalled):
+                self.say(f"{counted(used, 'check')} on the "
                          f"pixels remembered from an earlier run "
                          f"({self.memory.path}).")
             self.memory.save(self.say)
