@@ -3,6 +3,7 @@ and the session's one throw-away PostgreSQL server.
 
 pytest.ini puts the checkout, tests/ and examples/ on sys.path."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,6 +120,23 @@ def write_params(folder, **keys):
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(base, fh)
     return path
+
+
+@contextlib.contextmanager
+def edge_judge(params):
+    """`build`, then what find_duplicates judges pairs with: (flat index,
+    store, Judge, EdgeJudge), closed afterwards."""
+    assert rs.main(["build", "--params", params, "-q"]) == 0
+    cfg = rs.config_from(rs.read_params(params), params, {})
+    store = rs._open_store(cfg)
+    judge = rs.Judge(cfg, rs.Console(quiet=True))
+    try:
+        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
+        yield flat, store, judge, rs.EdgeJudge(judge, flat, store,
+                                               cfg.distance_threshold)
+    finally:
+        judge.close()
+        store.close()
 
 
 def run_json(capsys, params, *args):

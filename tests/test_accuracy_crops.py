@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import rs, run_json, write_params
+from conftest import edge_judge, rs, run_json, write_params
 from test_verify import photo
 
 pytest.importorskip("cv2")
@@ -186,16 +186,10 @@ def test_a_lead_with_text_joins_a_turned_copy_through_its_unedited_copy(meme):
     its copy within half the threshold (the original) does: the turned
     crop joins, saying so, and an unrelated photo does not."""
     params = write_params(meme)
-    assert rs.main(["build", "--params", params, "-q"]) == 0
-    cfg = rs.config_from(rs.read_params(params), params, {})
-    store = rs._open_store(cfg)
-    judge = rs.Judge(cfg, rs.Console(quiet=True))
-    try:
-        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
+    with edge_judge(params) as (flat, store, judge, edges):
         rows = store.rows_by_id(int(i) for i in flat.ids)
         at = {os.path.basename(rows[int(i)].path): p
               for p, i in enumerate(flat.ids)}
-        edges = rs.EdgeJudge(judge, flat, store, cfg.distance_threshold)
         members = np.array([at[n] for n in ("meme.jpg", "original.jpg",
                                             "turned.jpg", "other.jpg")])
         free = np.array([False, False, True, True])
@@ -211,9 +205,6 @@ def test_a_lead_with_text_joins_a_turned_copy_through_its_unedited_copy(meme):
         assert "keypoints through a copy, verified" in how.text()
         # without a copy of the lead in its group nothing is joined
         assert edges.joiners(lead, members, free, group=members[:1]) == []
-    finally:
-        judge.close()
-        store.close()
 
 
 # ------------------------------------------ a group's lead reaches further --

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import rs, write_params
+from conftest import edge_judge, rs, write_params
 from test_accuracy_crops import with_sticker, with_text
 from test_speed_verify import results
 from test_verify import photo
@@ -129,13 +129,7 @@ def test_a_rehearsal_leaves_the_edge_judge_as_it_was(pictures):
     """Everything a Rehearsal records is its own: the real EdgeJudge's
     verdicts, links and joins are those of the checks it made itself."""
     params = write_params(pictures, workers=2)
-    assert rs.main(["build", "--params", params, "-q"]) == 0
-    cfg = rs.config_from(rs.read_params(params), params, {})
-    store = rs._open_store(cfg)
-    judge = rs.Judge(cfg, rs.Console(quiet=True))
-    try:
-        flat = rs.load_index(cfg, store, rs.Console(quiet=True))
-        edges = rs.EdgeJudge(judge, flat, store, cfg.distance_threshold)
+    with edge_judge(params) as (flat, _, judge, edges):
         n = len(flat.ids)
         members = np.arange(n, dtype=np.int64)
         for hope in (True, False):
@@ -152,9 +146,6 @@ def test_a_rehearsal_leaves_the_edge_judge_as_it_was(pictures):
         assert edges.joined == {frozenset((0, int(members[k]))) for k in found
                                 if frozenset((0, int(members[k])))
                                 not in edges.through}
-    finally:
-        judge.close()
-        store.close()
 
 
 def test_a_pair_goes_to_the_worker_that_has_seen_its_files(tmp_path):
