@@ -8334,7 +8334,12 @@ class VerdictMemory:
             ) -> Verdict | None:
         digest = self._digest(path_a, path_b, plain)
         item = self.known.get(digest) if digest else None
-        return None if item is None else _verdict_of(item)
+        if item is None:
+            return None
+        try:
+            return _verdict_of(item)
+        except (TypeError, ValueError):  # not one this tool wrote: a database
+            return None  # from before its key signs with a plain checksum
 
     def put(self, path_a: str, path_b: str, verdict: Verdict,
             plain: bool = False) -> None:

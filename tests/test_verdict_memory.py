@@ -134,3 +134,22 @@ def test_search_again_checks_nothing_twice(crops, capsys):
     code, second, err = run(capsys, params, "search")
     assert remembered(err) >= 1
     assert second["queries"] == first["queries"]
+
+
+def test_a_verdict_of_another_shape_is_checked_afresh(tmp_path):
+    """A database written before it kept a key signs its caches with a
+    plain checksum: a memory file written by anyone may hold anything."""
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    picture(1).save(a)
+    picture(2).save(b)
+    path = str(tmp_path / "v.idx")
+    memory = rs.VerdictMemory(path, b"", "rules")
+    memory.put(str(a), str(b), rs.Verdict(False, "too few matching keypoints"))
+    memory.save(print)
+    header, arrays = rs.read_container(path, b"")
+    import numpy as np
+    text = json.dumps([[True, "verified", "many", ["a", [1, 2]]]]).encode()
+    rs.write_container(path, {k: header[k] for k in ("format", "rules")},
+                       {"digests": arrays["digests"],
+                        "items": np.frombuffer(text, dtype=np.uint8)}, b"")
+    assert rs.VerdictMemory(path, b"", "rules").get(str(a), str(b)) is None
