@@ -9620,11 +9620,16 @@ class EdgeJudge:
     def ahead_pairs(self, pairs: list) -> None:
         """ahead() of pairs (a, b) of image positions, of many leads at
         once: one round to the workers, not one per lead."""
+        self.prefetch([paths for (a, b), paths in self._stored(pairs)
+                       if frozenset((a, b)) not in self.verdicts])
+
+    def _stored(self, pairs: list) -> list:
+        """((a, b), (path a, path b)) of the pairs of image positions whose
+        two images are still stored."""
         pairs = [(int(a), int(b)) for a, b in pairs]
         self._load_paths([p for pair in pairs for p in pair])
-        self.prefetch([(self.paths[a], self.paths[b]) for a, b in pairs
-                       if frozenset((a, b)) not in self.verdicts
-                       and None not in (self.paths[a], self.paths[b])])
+        return [((a, b), (self.paths[a], self.paths[b])) for a, b in pairs
+                if None not in (self.paths[a], self.paths[b])]
 
     def prefetch(self, pairs: list) -> None:
         """Verify these (path a, path b) pairs ahead, in the workers."""
@@ -9633,11 +9638,7 @@ class EdgeJudge:
     def plainly(self, pairs: list) -> None:
         """These (a, b) pairs of image positions are checked plain, with the
         first try only (verify_features)."""
-        pairs = [(int(a), int(b)) for a, b in pairs]
-        self._load_paths([p for pair in pairs for p in pair])
-        self.judge.plain.update((self.paths[a], self.paths[b])
-                                for a, b in pairs
-                                if None not in (self.paths[a], self.paths[b]))
+        self.judge.plain.update(paths for _, paths in self._stored(pairs))
 
     def solid(self, a, b, bits) -> np.ndarray:
         """Whole-hash distances that vouch() at the pair's (adaptive)
